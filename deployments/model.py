@@ -1,0 +1,33 @@
+"""Model replica deployment: one per served model, each with its own resources and scaling.
+
+A thin shell over `serve_app.generation.ModelWorker`. torch and diffusers are imported in
+the constructor, so composing the app (and the ingress and tracker processes) never loads
+them; only the replica process does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator
+
+from ray import serve
+
+from serve_app.registry import ModelSpec
+from serve_app.schemas import GenerationTask, ReplicaEvent
+from serve_app.settings import Settings
+
+
+@serve.deployment(max_ongoing_requests=1, health_check_period_s=10)
+class ModelReplica:
+    def __init__(self, spec: ModelSpec, settings: Settings) -> None:
+        from serve_app.generation.runner import ModelRunner
+        from serve_app.generation.worker import ModelWorker
+
+        context = serve.get_replica_context()
+        name = f"{spec.id}#{context.replica_id.unique_id}"
+        self._worker = ModelWorker(ModelRunner(spec, settings), replica_name=name)
+
+    async def run(self, task: GenerationTask) -> AsyncGenerator[ReplicaEvent, None]:
+        """Streams Started, Progress per denoising step, then Finished. A caller that
+        cancels the stream interrupts the pipeline at its next step."""
+        async for event in self._worker.stream(task):
+            yield event

@@ -1,0 +1,120 @@
+"""Job tracker deployment: the one actor that owns job state (a thin shell over JobTracker).
+
+It talks to each model's deployment through a streaming handle: the replica's events
+(started, progress, result) come back on the call itself, so replicas never need a handle
+to the tracker and cancelling the call is how a running job is interrupted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncGenerator
+from typing import Any
+
+from ray import serve
+from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+from ray.serve.handle import DeploymentHandle
+
+from serve_app.errors import ReplicaLost
+from serve_app.registry import Registry
+from serve_app.schemas import GenerationTask, ReplicaEvent, Submission
+from serve_app.settings import Settings
+from serve_app.store import open_store
+from serve_app.tracker import JobTracker
+
+log = logging.getLogger(__name__)
+
+PRUNE_EVERY_S = 300
+
+
+def model_deployment_name(model_id: str) -> str:
+    return f"model-{model_id}"
+
+
+class ServeDispatcher:
+    """Routes a task to its model's deployment and streams the replica's events back."""
+
+    def __init__(self, handles: dict[str, DeploymentHandle]) -> None:
+        self._handles = {m: h.options(stream=True) for m, h in handles.items()}
+
+    async def run(self, model_id: str, task: GenerationTask) -> AsyncGenerator[ReplicaEvent, None]:
+        response = self._handles[model_id].run.remote(task)
+        finished = False
+        try:
+            async for event in response:
+                yield event
+            finished = True
+        except (ActorDiedError, ActorUnavailableError, RayActorError) as exc:
+            finished = True
+            raise ReplicaLost(f"model replica died ({type(exc).__name__})") from exc
+        finally:
+            if not finished:
+                response.cancel()  # interrupts the pipeline at its next step
+
+    async def replica_counts(self) -> dict[str, int]:
+        status = await asyncio.to_thread(serve.status)
+        app = status.applications.get(serve.get_replica_context().app_name)
+        counts: dict[str, int] = {}
+        for model_id in self._handles:
+            dep = app.deployments.get(model_deployment_name(model_id)) if app else None
+            counts[model_id] = dep.replica_states.get("RUNNING", 0) if dep else 0
+        return counts
+
+
+@serve.deployment(num_replicas=1, max_ongoing_requests=10_000, ray_actor_options={"num_cpus": 0})
+class Tracker:
+    def __init__(
+        self,
+        settings: Settings,
+        registry: Registry,
+        served: frozenset[str],
+        models: dict[str, DeploymentHandle],
+    ) -> None:
+        store = open_store(settings.store, data_dir=settings.data_dir,
+                           redis_url=settings.redis_url)
+        self._tracker = JobTracker(
+            settings=settings, registry=registry, store=store,
+            dispatcher=ServeDispatcher(models), served=served,
+        )
+        self._started: asyncio.Task[None] | None = None
+
+    async def _ready(self) -> JobTracker:
+        # Recovery needs the replica's event loop, which the constructor does not run on.
+        if self._started is None:
+            recovered = self._tracker.recover()
+            log.info("tracker started; %d unfinished job(s) re-queued", recovered)
+            self._started = asyncio.get_running_loop().create_task(self._prune_forever())
+        return self._tracker
+
+    async def _prune_forever(self) -> None:
+        while True:
+            try:
+                self._tracker.prune()
+            except Exception:
+                log.exception("pruning finished jobs failed; will retry")
+            await asyncio.sleep(PRUNE_EVERY_S)
+
+    async def check_health(self) -> None:
+        await self._ready()
+
+    async def submit(self, sub: Submission) -> dict[str, Any]:
+        return (await self._ready()).submit(sub)
+
+    async def get(self, job_id: str) -> bytes:
+        return (await self._ready()).get(job_id)
+
+    async def image(self, job_id: str, index: int) -> tuple[bytes, str]:
+        return (await self._ready()).image(job_id, index)
+
+    async def list(self, **filters: Any) -> dict[str, Any]:
+        return (await self._ready()).list(**filters)
+
+    async def cancel(self, job_id: str) -> dict[str, Any]:
+        return (await self._ready()).cancel(job_id)
+
+    async def queue_status(self) -> dict[str, Any]:
+        return (await self._ready()).queue_status()
+
+    async def models(self) -> dict[str, Any]:
+        return await (await self._ready()).models()

@@ -1,0 +1,72 @@
+"""The app builder: `import_path: serve_app.builder:build_app` in config/serve.yaml.
+
+Composes the three kinds of deployment: one model replica deployment per served model
+(its own name, resources and autoscaling), the job tracker that owns job state, and the
+HTTP ingress. `serve run config/serve.yaml` and `serve deploy config/serve.yaml` both land
+here with the YAML's `args`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+from ray.serve import Application
+
+from deployments.ingress import Ingress
+from deployments.model import ModelReplica
+from deployments.tracker import Tracker, model_deployment_name
+from serve_app.errors import ConfigError
+from serve_app.registry import ModelSpec, Registry, load_registry, parse_registry
+from serve_app.settings import Settings, load_settings
+
+
+class AppArgs(BaseModel):
+    """The `args` of the application in a serve config."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # Path to the model registry (absolute, relative to the working directory, or to
+    # the project), or the registry inline as `{"models": [...]}`.
+    models: str | dict[str, Any] = "config/models.yaml"
+    # Overrides of `serve_app.settings.Settings` fields; environment variables win.
+    settings: dict[str, Any] = {}
+
+
+def model_options(spec: ModelSpec) -> dict[str, Any]:
+    """Serve deployment options for one model, from its registry entry."""
+    return {
+        "name": model_deployment_name(spec.id),
+        "ray_actor_options": spec.resources.ray_actor_options(),
+        "autoscaling_config": spec.scaling.autoscaling_config(),
+        "max_ongoing_requests": spec.scaling.max_batch_size,
+        "graceful_shutdown_timeout_s": spec.scaling.graceful_shutdown_timeout_s,
+    }
+
+
+def resolve(args: AppArgs) -> tuple[Settings, Registry, list[ModelSpec]]:
+    settings = load_settings(args.settings)
+    registry = (
+        load_registry(args.models)
+        if isinstance(args.models, str)
+        else parse_registry(args.models, "inline models")
+    )
+    served = registry.served(settings)
+    served_ids = {m.id for m in served}
+    if settings.default_model not in served_ids:
+        raise ConfigError(
+            f"The default model {settings.default_model!r} is not served: "
+            + ("it is not in the registry" if registry.get(settings.default_model) is None
+               else f"its weights are missing under MODEL_PATH={settings.model_path}")
+        )
+    return settings, registry, served
+
+
+def build_app(args: AppArgs | dict[str, Any] | None = None) -> Application:
+    args = AppArgs.model_validate(args or {})
+    settings, registry, served = resolve(args)
+    models = {spec.id: ModelReplica.options(**model_options(spec)).bind(spec, settings)
+              for spec in served}
+    served_ids = frozenset(models)
+    tracker = Tracker.bind(settings, registry, served_ids, models)
+    return Ingress.bind(tracker, settings, registry, served_ids)

@@ -1,0 +1,64 @@
+"""Domain errors. Only the HTTP layer (`serve_app.http`) maps them to status codes.
+
+Every message is written for the person who sent the request: what is wrong and how to
+fix it. They cross Ray handles (they pickle), so keep them plain.
+"""
+
+from __future__ import annotations
+
+
+class ServiceError(Exception):
+    """Base class of every error the API reports to a client."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def __reduce__(self) -> tuple[type, tuple[str]]:
+        return (type(self), (self.message,))
+
+
+class InvalidRequest(ServiceError):
+    """The request is malformed or asks for something outside the limits (400)."""
+
+
+class ModelNotAvailable(ServiceError):
+    """The model exists in the registry but is not served here (400)."""
+
+
+class JobNotFound(ServiceError):
+    """No job has this id (404)."""
+
+    def __init__(self, message: str = "Job not found") -> None:
+        super().__init__(message)
+
+
+class ImageNotFound(ServiceError):
+    """The job has no image at that index (404)."""
+
+
+class JobNotCancellable(ServiceError):
+    """The job already ended (409)."""
+
+
+class QueueFull(ServiceError):
+    """The queue is at MAX_QUEUE_SIZE (429); `retry_after_s` goes in the Retry-After header."""
+
+    def __init__(self, message: str, retry_after_s: int = 5) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+    def __reduce__(self) -> tuple[type, tuple[str, int]]:  # type: ignore[override]
+        return (type(self), (self.message, self.retry_after_s))
+
+
+class IllegalTransition(ServiceError):
+    """A job was asked to move to a state it cannot reach from where it is (a bug, 500)."""
+
+
+class ReplicaLost(Exception):
+    """The replica running a job died or became unreachable; the job may be retried."""
+
+
+class ConfigError(Exception):
+    """The service's own configuration is wrong; raised at start, never per request."""

@@ -1,0 +1,221 @@
+"""The model registry: `config/models.yaml` parsed, checked and resolved against MODEL_PATH.
+
+A model is *served* when its weights are present (or, for the embedded tiny models, when
+they can be built locally); the app builder creates one replica deployment per served model.
+Unknown keys anywhere stop the start with a message naming them: Ray silently ignores
+unknown autoscaling keys, so this is the only place a typo can be caught.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from serve_app.errors import ConfigError
+from serve_app.schemas import SAMPLERS
+from serve_app.settings import PROJECT_ROOT, Settings
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Defaults(Strict):
+    """What a request gets for each field it leaves out."""
+
+    width: int = 512
+    height: int = 512
+    steps: int = 30
+    guidance_scale: float = 7.5
+    sampler: str = "euler_a"
+
+    @model_validator(mode="after")
+    def _known_sampler(self) -> Defaults:
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {self.sampler!r}; valid: {', '.join(SAMPLERS)}")
+        return self
+
+
+class Scaling(Strict):
+    """Per-model replica scaling, translated to Ray Serve's `autoscaling_config`."""
+
+    min_replicas: int = Field(0, ge=0)
+    max_replicas: int = Field(1, ge=1)
+    initial_replicas: int | None = Field(None, ge=0)
+    target_ongoing_requests: float = Field(1.0, gt=0)
+    # Seconds a model sits idle before its last replica goes away (scale to zero).
+    idle_timeout_s: float = Field(300.0, ge=0)
+    upscale_delay_s: float = Field(2.0, ge=0)
+    downscale_delay_s: float = Field(60.0, ge=0)
+    # Jobs one replica runs at once; more run as one batched pipeline call.
+    max_batch_size: int = Field(1, ge=1, le=64)
+    # A downscale waits this long for the running job before killing the replica.
+    graceful_shutdown_timeout_s: float = Field(600.0, ge=0)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> Scaling:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError("min_replicas must not exceed max_replicas")
+        return self
+
+    def autoscaling_config(self) -> dict[str, Any]:
+        initial = self.initial_replicas if self.initial_replicas is not None else self.min_replicas
+        return {
+            "min_replicas": self.min_replicas,
+            "initial_replicas": initial,
+            "max_replicas": self.max_replicas,
+            "target_ongoing_requests": self.target_ongoing_requests,
+            "upscale_delay_s": self.upscale_delay_s,
+            "downscale_delay_s": self.downscale_delay_s,
+            "downscale_to_zero_delay_s": self.idle_timeout_s,
+        }
+
+
+class Resources(Strict):
+    """Per-replica resources, passed to Ray as `ray_actor_options`."""
+
+    num_cpus: float = Field(1.0, ge=0)
+    num_gpus: float = Field(0.0, ge=0)
+    memory_gb: float | None = Field(None, gt=0)
+
+    def ray_actor_options(self) -> dict[str, Any]:
+        options: dict[str, Any] = {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus}
+        if self.memory_gb is not None:
+            options["memory"] = int(self.memory_gb * 1024**3)
+        return options
+
+
+class Runtime(Strict):
+    """How the replica loads and runs the pipeline (CUDA knobs are ignored on a CPU)."""
+
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    channels_last: bool = False
+    compile: bool = False
+    vae_tiling: bool = False
+    vae_slicing: bool = False
+    attention_slicing: bool = False
+
+
+class ModelSpec(Strict):
+    """One registry entry."""
+
+    id: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]{0,63}$")
+    name: str
+    description: str
+    type: Literal["base", "inpainting", "turbo", "refiner"] = "base"
+    version: str = "1.0"
+    pipeline: Literal["sd", "sdxl"] = "sd"
+    # `tiny` / `tiny-inpaint`: built locally from fixed seeds. Otherwise `path` (relative to
+    # MODEL_PATH, or absolute) is a diffusers folder or a single .safetensors/.ckpt file.
+    source: Literal["path", "tiny", "tiny-inpaint"] = "path"
+    path: str | None = None
+    inpainting_model: str | None = None
+    ip_adapter: str | None = None
+    image_encoder: str | None = None
+    defaults: Defaults = Defaults()
+    scaling: Scaling = Scaling()
+    resources: Resources = Resources()
+    runtime: Runtime = Runtime()
+
+    @model_validator(mode="after")
+    def _path_for_real_models(self) -> ModelSpec:
+        if self.source == "path" and not self.path:
+            raise ValueError("a model with source 'path' needs a 'path'")
+        return self
+
+    @property
+    def is_tiny(self) -> bool:
+        return self.source != "path"
+
+    def weights_path(self, settings: Settings) -> Path:
+        if self.is_tiny:
+            return Path(settings.cache_dir) / self.id
+        assert self.path is not None  # checked by the validator above
+        path = Path(self.path).expanduser()
+        return path if path.is_absolute() else Path(settings.model_path) / path
+
+    def weights_present(self, settings: Settings) -> bool:
+        """Whether this model can be served here: tiny models always can (built on demand)."""
+        if self.is_tiny:
+            return True
+        path = self.weights_path(settings)
+        if path.is_dir():
+            return (path / "model_index.json").is_file()
+        return path.is_file()
+
+
+class Registry(Strict):
+    models: list[ModelSpec]
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Registry:
+        ids = [m.id for m in self.models]
+        duplicates = sorted({i for i in ids if ids.count(i) > 1})
+        if duplicates:
+            raise ValueError(f"duplicate model ids: {', '.join(duplicates)}")
+        for m in self.models:
+            if m.inpainting_model and m.inpainting_model not in ids:
+                raise ValueError(
+                    f"model {m.id!r} names inpainting_model {m.inpainting_model!r}, "
+                    "which is not in the registry"
+                )
+        return self
+
+    def get(self, model_id: str) -> ModelSpec | None:
+        return next((m for m in self.models if m.id == model_id), None)
+
+    def served(self, settings: Settings) -> list[ModelSpec]:
+        return [m for m in self.models if m.weights_present(settings)]
+
+
+def resolve_config_path(path: str | Path) -> Path:
+    """A config path as given, else relative to the working directory, else to the project."""
+    p = Path(path).expanduser()
+    if p.is_absolute() or p.exists():
+        return p
+    return PROJECT_ROOT / p
+
+
+def parse_registry(data: Any, source: str = "models config") -> Registry:
+    try:
+        return Registry.model_validate(data)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            loc = _describe_location(data, err["loc"])
+            msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+            problems.append(f"{loc}: {msg}")
+        raise ConfigError(f"Invalid {source}: " + "; ".join(problems)) from None
+
+
+def load_registry(path: str | Path) -> Registry:
+    resolved = resolve_config_path(path)
+    try:
+        data = yaml.safe_load(resolved.read_text())
+    except OSError as exc:
+        raise ConfigError(f"Cannot read models config {resolved}: {exc}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"Models config {resolved} is not valid YAML: {exc}") from None
+    return parse_registry(data, f"models config {resolved}")
+
+
+def _describe_location(data: Any, loc: tuple[int | str, ...]) -> str:
+    """`models[2] (sdxl).scaling.min_replica` rather than `models.2.scaling.min_replica`."""
+    parts: list[str] = []
+    node = data
+    for item in loc:
+        if isinstance(item, int):
+            label = f"[{item}]"
+            if isinstance(node, list) and item < len(node) and isinstance(node[item], dict):
+                model_id = node[item].get("id")
+                label += f" ({model_id})" if model_id else ""
+            parts.append(label)
+            node = node[item] if isinstance(node, list) and item < len(node) else None
+        else:
+            parts.append(("." if parts else "") + str(item))
+            node = node.get(item) if isinstance(node, dict) else None
+    return "".join(parts) or "top level"

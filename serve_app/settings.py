@@ -1,0 +1,109 @@
+"""Settings: code defaults, overridden by the serve config's `args`, then by the environment.
+
+This is the only module that reads environment variables. Everything else receives a
+`Settings` value (it crosses Ray handles as plain data, so replicas never read the
+environment of whatever machine they land on).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from serve_app.errors import ConfigError
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _default_home() -> Path:
+    xdg = os.environ.get("XDG_DATA_HOME")
+    return Path(xdg) / "imagegen" if xdg else Path.home() / ".local" / "share" / "imagegen"
+
+
+class Limits(BaseModel):
+    """Bounds on what a request may ask for. Checked by the ingress before anything runs."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    min_size: int = 64
+    max_size: int = 2048
+    max_pixels: int = 2048 * 2048
+    max_steps: int = 150
+    min_guidance: float = 0.0
+    max_guidance: float = 30.0
+    max_prompt_chars: int = 2000
+    max_images: int = 4
+    max_input_bytes: int = 20 * 1024 * 1024
+    max_input_pixels: int = 4096 * 4096
+
+
+class Settings(BaseModel):
+    """Everything a deployment needs to know about its environment."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    port: int = Field(3003, ge=1, le=65535)
+    host: str = "127.0.0.1"
+    max_concurrent_jobs: int = Field(4, ge=1)
+    max_queue_size: int = Field(100, ge=1)
+    job_timeout_ms: int = Field(300_000, ge=1000)
+    model_path: str = "/models"
+    enable_nsfw_filter: bool = False
+    data_dir: str = Field(default_factory=lambda: str(_default_home() / "data"))
+    cache_dir: str = Field(default_factory=lambda: str(_default_home() / "models"))
+    default_model: str = "tiny-sd"
+    # "sqlite" (one node, the default), "redis" (clusters) or "memory" (nothing persists).
+    store: str = Field("sqlite", pattern="^(sqlite|redis|memory)$")
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    # A job whose replica died is re-run this many times in all before it fails.
+    max_attempts: int = Field(3, ge=1)
+    # Finished jobs (and their images) are deleted after this age or beyond this count.
+    retention_s: int = Field(7 * 24 * 3600, ge=60)
+    retention_max_jobs: int = Field(100_000, ge=10)
+    limits: Limits = Limits()
+
+
+# Environment variable -> settings field. The first six are the seed document's.
+ENV_VARS: dict[str, str] = {
+    "PORT": "port",
+    "MAX_CONCURRENT_JOBS": "max_concurrent_jobs",
+    "MODEL_PATH": "model_path",
+    "MAX_QUEUE_SIZE": "max_queue_size",
+    "JOB_TIMEOUT": "job_timeout_ms",
+    "ENABLE_NSFW_FILTER": "enable_nsfw_filter",
+    "IMAGEGEN_HOST": "host",
+    "IMAGEGEN_DATA_DIR": "data_dir",
+    "IMAGEGEN_CACHE_DIR": "cache_dir",
+    "IMAGEGEN_DEFAULT_MODEL": "default_model",
+    "IMAGEGEN_STORE": "store",
+    "IMAGEGEN_REDIS_URL": "redis_url",
+    "IMAGEGEN_MAX_ATTEMPTS": "max_attempts",
+    "IMAGEGEN_RETENTION_S": "retention_s",
+    "IMAGEGEN_RETENTION_MAX_JOBS": "retention_max_jobs",
+}
+
+
+def load_settings(
+    overrides: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None
+) -> Settings:
+    """Defaults, then `overrides` (the serve config's args), then environment variables."""
+    env = os.environ if env is None else env
+    values: dict[str, Any] = dict(overrides or {})
+    for var, field in ENV_VARS.items():
+        raw = env.get(var)
+        if raw is not None and raw.strip() != "":
+            values[field] = raw.strip()
+    try:
+        return Settings.model_validate(values)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            field = ".".join(str(p) for p in err["loc"])
+            var = next((v for v, f in ENV_VARS.items() if f == field), None)
+            where = f"{field} (environment variable {var})" if var and var in env else field
+            problems.append(f"{where}: {err['msg']}")
+        raise ConfigError("Invalid settings: " + "; ".join(problems)) from None

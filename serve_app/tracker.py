@@ -1,0 +1,461 @@
+"""The job tracker: owns every job, queues them per model, dispatches them, hears back.
+
+Plain Python on one asyncio loop; the Ray actor in `deployments/tracker.py` is a thin shell
+around it. What it needs from the outside is injected: the store (persistence), the
+dispatcher (how a task reaches a model replica and how its events come back) and the clock.
+
+A job's path: `submit` saves it and pushes it on its model's priority queue; `_pump`
+releases queued jobs to the model's deployment while it has capacity; `_run` consumes the
+replica's event stream (started, per-step progress, result) and records each transition.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import dataclasses
+import heapq
+import json
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import AsyncGenerator, Callable
+from contextlib import aclosing
+from typing import Any, Protocol
+
+from serve_app.errors import (
+    ImageNotFound,
+    InvalidRequest,
+    JobNotCancellable,
+    JobNotFound,
+    QueueFull,
+    ReplicaLost,
+)
+from serve_app.jobs import Job, JobResult, JobStatus, new_job_id
+from serve_app.registry import Registry
+from serve_app.schemas import (
+    Finished,
+    GenerationResult,
+    GenerationTask,
+    JobType,
+    Progress,
+    ReplicaEvent,
+    Started,
+    Submission,
+)
+from serve_app.settings import Settings
+from serve_app.store import JobFilter, JobStore
+
+log = logging.getLogger(__name__)
+
+RECENT_RECORDS = 512
+MAX_PAGE = 500
+
+
+class Dispatcher(Protocol):
+    """How tasks reach model replicas. Closing the stream early must cancel the task."""
+
+    def run(self, model_id: str, task: GenerationTask) -> AsyncGenerator[ReplicaEvent, None]: ...
+
+    async def replica_counts(self) -> dict[str, int]: ...
+
+
+def wall_clock_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class JobTracker:
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        registry: Registry,
+        store: JobStore,
+        dispatcher: Dispatcher,
+        served: frozenset[str],
+        clock: Callable[[], int] = wall_clock_ms,
+    ) -> None:
+        self._settings = settings
+        self._registry = registry
+        self._store = store
+        self._dispatcher = dispatcher
+        self._served = served
+        self._clock = clock
+        self._active: dict[str, Job] = {}
+        self._queues: dict[str, list[tuple[int, int, str]]] = {m: [] for m in served}
+        self._sequence = 0
+        self._running: dict[str, asyncio.Task[None]] = {}
+        self._inflight: dict[str, int] = dict.fromkeys(served, 0)
+        self._recent: OrderedDict[str, bytes] = OrderedDict()
+        self._waiting = 0  # queued in the tracker, not yet handed to a replica
+        self._closing = False
+        self._counts = dict.fromkeys(JobStatus, 0)
+        self._done_count = 0
+        self._done_ms = 0
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    def recover(self) -> int:
+        """Load what the store holds: counters, and unfinished jobs back onto the queues."""
+        self._counts.update(self._store.counts())
+        self._done_count, self._done_ms = self._store.processing_time()
+        recovered = 0
+        for job in self._store.unfinished():
+            if job.model not in self._served or job.task is None:
+                reason = f"Model {job.model} is no longer served here"
+                self._finish(job, lambda j, r=reason: j.fail(r, self._clock()))
+                continue
+            if job.status is JobStatus.PROCESSING:
+                if job.attempts >= self._settings.max_attempts:
+                    error = self._gave_up(job, "the service restarted while it ran")
+                    self._finish(job, lambda j, e=error: j.fail(e, self._clock()))
+                    continue
+                self._transition(job, JobStatus.PROCESSING, JobStatus.QUEUED,
+                                 lambda j: j.requeue("the service restarted while it ran"))
+            self._active[job.id] = job
+            self._enqueue(job)
+            recovered += 1
+        for model in self._queues:
+            self._pump(model)
+        return recovered
+
+    def prune(self) -> int:
+        cutoff = self._clock() - self._settings.retention_s * 1000
+        removed = self._store.prune(cutoff, self._settings.retention_max_jobs)
+        if removed:
+            self._counts.update(self._store.counts())
+            self._done_count, self._done_ms = self._store.processing_time()
+            self._recent.clear()
+        return removed
+
+    async def close(self) -> None:
+        self._closing = True
+        for task in list(self._running.values()):
+            task.cancel()
+        await asyncio.gather(*self._running.values(), return_exceptions=True)
+
+    # -- API -------------------------------------------------------------------------
+
+    def submit(self, sub: Submission) -> dict[str, Any]:
+        if sub.idempotency_key:
+            existing = self._store.find_idempotent(sub.idempotency_key)
+            if existing is not None:
+                return json.loads(self.get(existing))
+        if sub.model not in self._served:
+            raise InvalidRequest(f"Model {sub.model} is not served here")
+        if self._waiting >= self._settings.max_queue_size:
+            raise QueueFull(
+                f"Queue is full ({self._waiting} jobs waiting, MAX_QUEUE_SIZE is "
+                f"{self._settings.max_queue_size}); retry later",
+                retry_after_s=self._retry_after_s(),
+            )
+        now = self._clock()
+        job = Job(
+            id=new_job_id(now),
+            type=sub.type,
+            model=sub.model,
+            request=sub.request,
+            created_at_ms=now,
+            priority=sub.priority,
+            idempotency_key=sub.idempotency_key,
+        )
+        job.task = dataclasses.replace(sub.task, job_id=job.id)
+        self._store.save(job)
+        self._active[job.id] = job
+        self._counts[JobStatus.QUEUED] += 1
+        self._enqueue(job)
+        self._pump(job.model)
+        return job.to_wire(self._queue_position(job))
+
+    def get(self, job_id: str) -> bytes:
+        """The record as JSON bytes: finished records are rendered once and cached."""
+        job = self._active.get(job_id)
+        if job is not None:
+            return json.dumps(job.to_wire(self._queue_position(job))).encode()
+        cached = self._recent.get(job_id)
+        if cached is not None:
+            self._recent.move_to_end(job_id)
+            return cached
+        stored = self._store.load(job_id)
+        if stored is None:
+            raise JobNotFound()
+        return self._remember(stored)
+
+    def image(self, job_id: str, index: int) -> tuple[bytes, str]:
+        job = self._active.get(job_id) or self._store.load(job_id)
+        if job is None:
+            raise JobNotFound()
+        if job.result is None:
+            raise ImageNotFound(f"Job {job_id} has no images yet: it is {job.status}")
+        if not 0 <= index < len(job.result.images):
+            raise ImageNotFound(
+                f"Image {index} does not exist: job {job_id} has {len(job.result.images)} "
+                f"image(s), numbered from 0"
+            )
+        _, _, payload = job.result.images[index].partition(",")
+        return base64.b64decode(payload), job.result.content_type
+
+    def list(
+        self,
+        *,
+        status: JobStatus | None = None,
+        type: JobType | None = None,
+        model: str | None = None,
+        limit: int = 100,
+        cursor: str | None = None,
+    ) -> dict[str, Any]:
+        if not 1 <= limit <= MAX_PAGE:
+            raise InvalidRequest(f"limit must be between 1 and {MAX_PAGE} (got {limit})")
+        try:
+            page = self._store.query(JobFilter(status, type, model), limit, cursor)
+        except ValueError:
+            raise InvalidRequest(
+                "cursor is not valid: pass the nextCursor of a previous page"
+            ) from None
+        summaries = []
+        for stored in page.jobs:
+            live = self._active.get(stored.id)
+            summaries.append((live or stored).summary())
+        return {"jobs": summaries, "nextCursor": page.next_cursor}
+
+    def cancel(self, job_id: str) -> dict[str, Any]:
+        job = self._active.get(job_id)
+        if job is None:
+            if self._store.load(job_id) is None:
+                raise JobNotFound()
+            stored = self._store.load(job_id)
+            status = stored.status if stored else "finished"
+            raise JobNotCancellable(f"Job {job_id} cannot be cancelled: it is already {status}")
+        running = self._running.get(job_id)
+        if running is None:
+            self._waiting -= 1
+        self._finish(job, lambda j: j.cancel(self._clock()))
+        if running is not None:
+            # Closing the replica's stream interrupts the pipeline at its next step.
+            running.cancel()
+        return {"success": True, "id": job_id, "status": job.status.value}
+
+    def queue_status(self) -> dict[str, Any]:
+        avg = self._done_ms // self._done_count if self._done_count else 0
+        return {
+            "queuedJobs": self._counts[JobStatus.QUEUED],
+            "processingJobs": self._counts[JobStatus.PROCESSING],
+            "completedJobs": self._counts[JobStatus.COMPLETED],
+            "failedJobs": self._counts[JobStatus.FAILED],
+            "cancelledJobs": self._counts[JobStatus.CANCELLED],
+            "averageProcessingTime": avg,
+            "maxQueueSize": self._settings.max_queue_size,
+        }
+
+    async def models(self) -> dict[str, Any]:
+        counts = await self._dispatcher.replica_counts()
+        out = []
+        for spec in self._registry.models:
+            served = spec.id in self._served
+            replicas = counts.get(spec.id, 0) if served else 0
+            out.append(
+                {
+                    "id": spec.id,
+                    "name": spec.name,
+                    "description": spec.description,
+                    "type": spec.type,
+                    "loaded": replicas > 0,
+                    "version": spec.version,
+                    "served": served,
+                    "replicas": replicas,
+                    "minReplicas": spec.scaling.min_replicas,
+                    "maxReplicas": spec.scaling.max_replicas,
+                    "maxBatchSize": spec.scaling.max_batch_size,
+                    "defaults": spec.defaults.model_dump(by_alias=False),
+                    "default": spec.id == self._settings.default_model,
+                }
+            )
+        return {"models": out}
+
+    # -- dispatch ----------------------------------------------------------------------
+
+    def _enqueue(self, job: Job) -> None:
+        self._sequence += 1
+        self._waiting += 1
+        heapq.heappush(self._queues[job.model], (job.priority.rank, self._sequence, job.id))
+
+    def _capacity(self, model: str) -> int:
+        # What the replicas can run at once. Requests past one replica's share wait in
+        # Serve's router, where the autoscaler counts them as demand and adds replicas.
+        spec = self._registry.get(model)
+        scaling = spec.scaling if spec else None
+        per_model = scaling.max_replicas * scaling.max_batch_size if scaling else 1
+        return min(per_model, self._settings.max_concurrent_jobs)
+
+    def _pump(self, model: str) -> None:
+        queue = self._queues[model]
+        while not self._closing and queue and self._inflight[model] < self._capacity(model):
+            _, _, job_id = heapq.heappop(queue)
+            job = self._active.get(job_id)
+            if job is None or job.status is not JobStatus.QUEUED or job_id in self._running:
+                continue  # cancelled while it waited (and counted off then)
+            self._waiting -= 1
+            self._inflight[model] += 1
+            job.phase = "dispatched"
+            self._running[job_id] = asyncio.get_running_loop().create_task(
+                self._run(job), name=f"job {job_id}"
+            )
+
+    async def _run(self, job: Job) -> None:
+        assert job.task is not None  # set on submit and kept until the job ends
+        timeout_s = self._settings.job_timeout_ms / 1000
+        loop = asyncio.get_running_loop()
+        try:
+            # The deadline covers the wait for a replica (a cold start included), then
+            # restarts when the replica takes the job.
+            async with (
+                asyncio.timeout(loop.time() + timeout_s) as deadline,
+                aclosing(self._dispatcher.run(job.model, job.task)) as events,
+            ):
+                async for event in events:
+                    if job.status.is_terminal():
+                        break  # cancelled while the replica worked
+                    if isinstance(event, Started):
+                        deadline.reschedule(loop.time() + timeout_s)
+                        self._transition(job, JobStatus.QUEUED, JobStatus.PROCESSING,
+                                         lambda j, e=event: j.start(self._clock(), e.replica))
+                    elif isinstance(event, Progress) and job.status is JobStatus.PROCESSING:
+                        job.report_progress(event.step, event.total)
+                    elif isinstance(event, Finished):
+                        self._complete(job, event.result)
+                        break
+        except TimeoutError:
+            self._fail(job, f"Job timed out after {timeout_s:g} s (JOB_TIMEOUT) and was stopped")
+        except ReplicaLost as exc:
+            self._replica_lost(job, str(exc))
+        except asyncio.CancelledError:
+            # Either cancel() (the job is already terminal) or close(): then the job stays
+            # as stored, and the next start re-queues it.
+            if not job.status.is_terminal() and not self._closing:
+                self._fail(job, "The job's run was cancelled unexpectedly")
+        except Exception as exc:  # the pipeline raised: the job fails, the service goes on
+            log.exception("job %s failed", job.id)
+            self._fail(job, f"Generation failed: {type(exc).__name__}: {exc}")
+        else:
+            if not job.status.is_terminal():
+                self._replica_lost(job, "the replica ended the job without a result")
+        finally:
+            self._running.pop(job.id, None)
+            self._inflight[job.model] -= 1
+            if job.status.is_terminal():
+                self._active.pop(job.id, None)
+            self._pump(job.model)
+
+    def _complete(self, job: Job, result: GenerationResult) -> None:
+        now = self._clock()
+        started = job.started_at_ms or now
+        prefix = f"data:{result.content_type};base64,"
+        job_result = JobResult(
+            images=[prefix + base64.b64encode(img).decode() for img in result.images],
+            seeds=result.seeds,
+            parameters=self._parameters(job, result),
+            time_taken_ms=now - started,
+            content_type=result.content_type,
+            nsfw_detected=result.nsfw_detected,
+        )
+        self._finish(job, lambda j: j.complete(job_result, now))
+        self._done_count += 1
+        self._done_ms += job_result.time_taken_ms
+
+    def _parameters(self, job: Job, result: GenerationResult) -> dict[str, Any]:
+        keys = ("prompt", "negativePrompt", "width", "height", "steps", "guidanceScale",
+                "sampler", "strength", "inpaintingStrength", "styleStrength",
+                "contentStrength", "numImages")
+        params = {k: job.request[k] for k in keys if k in job.request}
+        params["model"] = result.model or job.model
+        params["replica"] = result.replica
+        return params
+
+    def _replica_lost(self, job: Job, reason: str) -> None:
+        if job.status is JobStatus.PROCESSING and job.attempts < self._settings.max_attempts:
+            log.warning("job %s lost its replica (%s); re-queued", job.id, reason)
+            self._transition(job, JobStatus.PROCESSING, JobStatus.QUEUED,
+                             lambda j: j.requeue(reason))
+            self._enqueue(job)
+        elif job.status is JobStatus.QUEUED and job.attempts + 1 < self._settings.max_attempts:
+            # Lost before it started (routing failed, replica died while it waited).
+            job.attempts += 1
+            job.phase = f"retrying: {reason}"
+            self._enqueue(job)
+        else:
+            self._fail(job, self._gave_up(job, reason))
+
+    def _gave_up(self, job: Job, reason: str) -> str:
+        return f"Job failed after {job.attempts} attempt(s): {reason}"
+
+    def _fail(self, job: Job, error: str) -> None:
+        if not job.status.is_terminal():
+            self._finish(job, lambda j: j.fail(error, self._clock()))
+
+    def _finish(self, job: Job, transition: Callable[[Job], None]) -> None:
+        before = job.status
+        transition(job)
+        self._counts[before] -= 1
+        self._counts[job.status] += 1
+        self._store.save(job)
+        if job.id not in self._running:
+            self._active.pop(job.id, None)
+        self._remember(job)
+
+    def _transition(self, job: Job, before: JobStatus, after: JobStatus,
+                    step: Callable[[Job], None]) -> None:
+        step(job)
+        self._counts[before] -= 1
+        self._counts[after] += 1
+        self._store.save(job)
+
+    def _remember(self, job: Job) -> bytes:
+        rendered = json.dumps(job.to_wire()).encode()
+        self._recent[job.id] = rendered
+        self._recent.move_to_end(job.id)
+        while len(self._recent) > RECENT_RECORDS:
+            self._recent.popitem(last=False)
+        return rendered
+
+    def _queue_position(self, job: Job) -> int | None:
+        """1-based place among the model's waiting jobs; 0 once handed to a replica."""
+        if job.status is not JobStatus.QUEUED:
+            return None
+        if job.id in self._running:
+            return 0
+        waiting = sorted(e for e in self._queues.get(job.model, ()) if e[2] in self._active)
+        ids = [e[2] for e in waiting if self._active[e[2]].status is JobStatus.QUEUED]
+        return ids.index(job.id) + 1 if job.id in ids else None
+
+    def _retry_after_s(self) -> int:
+        avg_s = (self._done_ms / self._done_count / 1000) if self._done_count else 5.0
+        slots = max(1, sum(self._capacity(m) for m in self._served))
+        return max(1, min(300, round(avg_s * self._waiting / slots)))
+
+
+class InProcessBackend:
+    """The `JobsBackend` the HTTP layer needs, over a tracker in the same process."""
+
+    def __init__(self, tracker: JobTracker) -> None:
+        self.tracker = tracker
+
+    async def submit(self, sub: Submission) -> dict[str, Any]:
+        return self.tracker.submit(sub)
+
+    async def get(self, job_id: str) -> bytes:
+        return self.tracker.get(job_id)
+
+    async def image(self, job_id: str, index: int) -> tuple[bytes, str]:
+        return self.tracker.image(job_id, index)
+
+    async def list(self, **filters: Any) -> dict[str, Any]:
+        return self.tracker.list(**filters)
+
+    async def cancel(self, job_id: str) -> dict[str, Any]:
+        return self.tracker.cancel(job_id)
+
+    async def queue_status(self) -> dict[str, Any]:
+        return self.tracker.queue_status()
+
+    async def models(self) -> dict[str, Any]:
+        return await self.tracker.models()

@@ -1,0 +1,26 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from serve_app.registry import Registry, load_registry
+from serve_app.settings import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture(scope="session")
+def registry() -> Registry:
+    return load_registry(ROOT / "config" / "models.yaml")
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    return Settings(data_dir=str(tmp_path / "data"), cache_dir=str(tmp_path / "models"),
+                    model_path=str(tmp_path / "weights"), store="memory")

@@ -1,0 +1,72 @@
+"""Hand-written fakes: a replica dispatcher and a clock, for tests that need no Ray."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass, field
+
+from serve_app.errors import ReplicaLost
+from serve_app.schemas import (
+    Finished,
+    GenerationResult,
+    GenerationTask,
+    Progress,
+    ReplicaEvent,
+    Started,
+)
+
+
+class FakeClock:
+    def __init__(self, start_ms: int = 1_700_000_000_000) -> None:
+        self.now = start_ms
+
+    def __call__(self) -> int:
+        return self.now
+
+    def advance(self, ms: int) -> None:
+        self.now += ms
+
+
+def fake_image(task: GenerationTask, seed: int) -> bytes:
+    return f"{task.prompt}|{seed}|{task.width}x{task.height}".encode()
+
+
+@dataclass
+class FakeDispatcher:
+    """Plays the model replicas. Each run: Started, one Progress per step, Finished.
+
+    `hold` (when set) parks every run after Started until released; `lose` makes the next
+    N runs die like a killed replica (after Started); `explode` makes runs raise.
+    """
+
+    hold: asyncio.Event | None = None
+    lose: int = 0
+    explode: str | None = None
+    replicas: dict[str, int] = field(default_factory=dict)
+    calls: list[tuple[str, GenerationTask]] = field(default_factory=list)
+    closed: list[str] = field(default_factory=list)
+    started: list[str] = field(default_factory=list)
+
+    async def run(self, model_id: str, task: GenerationTask) -> AsyncGenerator[ReplicaEvent, None]:
+        self.calls.append((model_id, task))
+        try:
+            yield Started(replica=f"{model_id}#fake")
+            self.started.append(task.job_id)
+            if self.lose > 0:
+                self.lose -= 1
+                raise ReplicaLost("fake replica killed")
+            if self.explode:
+                raise RuntimeError(self.explode)
+            for step in range(1, task.steps + 1):
+                yield Progress(step, task.steps)
+                if self.hold is not None and step == 1:
+                    await self.hold.wait()
+            images = [fake_image(task, s) for s in task.seeds]
+            yield Finished(GenerationResult(images, task.seeds, "image/png", model=model_id,
+                                            replica=f"{model_id}#fake"))
+        finally:
+            self.closed.append(task.job_id)
+
+    async def replica_counts(self) -> dict[str, int]:
+        return dict(self.replicas)

@@ -1,0 +1,111 @@
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from serve_app.errors import IllegalTransition
+from serve_app.jobs import Job, JobResult, JobStatus, iso, new_job_id
+from serve_app.schemas import JobType
+
+
+def make_job() -> Job:
+    return Job(id="job_1_abc", type=JobType.TEXT2IMG, model="tiny-sd",
+               request={"prompt": "x"}, created_at_ms=1_699_363_200_000)
+
+
+def result() -> JobResult:
+    return JobResult(images=["data:image/png;base64,AA=="], seeds=[42], parameters={},
+                     time_taken_ms=10, content_type="image/png")
+
+
+def test_job_ids_have_the_seed_shape() -> None:
+    assert re.fullmatch(r"job_1699363200000_[a-z0-9]{9}", new_job_id(1_699_363_200_000))
+    assert new_job_id(1) != new_job_id(1)
+
+
+def test_timestamps_render_as_iso_with_milliseconds() -> None:
+    assert iso(1_699_363_200_000) == "2023-11-07T13:20:00.000Z"
+    assert iso(1_699_363_200_042) == "2023-11-07T13:20:00.042Z"
+
+
+def test_terminal_statuses() -> None:
+    assert {s for s in JobStatus if s.is_terminal()} == {
+        JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED}
+
+
+def test_happy_path_stamps_each_transition() -> None:
+    job = make_job()
+    job.start(1_699_363_205_000, "r1")
+    job.report_progress(15, 30)
+    assert (job.status, job.progress, job.attempts) == (JobStatus.PROCESSING, 50, 1)
+    job.report_progress(30, 30)
+    assert job.progress == 99  # 100 only once the images exist
+    job.complete(result(), 1_699_363_220_000)
+    wire = job.to_wire()
+    assert wire["status"] == "completed" and wire["progress"] == 100
+    assert wire["startedAt"] == "2023-11-07T13:20:05.000Z"
+    assert wire["completedAt"] == "2023-11-07T13:20:20.000Z"
+    assert wire["result"]["seed"] == 42 and wire["result"]["timeTaken"] == 10
+
+
+def test_submit_record_has_the_seed_fields() -> None:
+    wire = make_job().to_wire(queue_position=1)
+    assert {"id", "type", "status", "request", "createdAt", "progress"} <= wire.keys()
+    assert (wire["status"], wire["progress"], wire["queuePosition"]) == ("queued", 0, 1)
+    assert "result" not in wire and "startedAt" not in wire
+
+
+def test_progress_never_goes_backwards() -> None:
+    job = make_job()
+    job.start(0)
+    job.report_progress(20, 30)
+    job.report_progress(10, 30)
+    assert job.progress == 66
+
+
+def test_cancel_keeps_progress_where_it_stopped() -> None:
+    job = make_job()
+    job.start(0)
+    job.report_progress(12, 30)
+    job.cancel(5)
+    assert (job.status, job.progress) == (JobStatus.CANCELLED, 40)
+
+
+@pytest.mark.parametrize("status_after", ["complete", "fail", "cancel"])
+def test_terminal_jobs_refuse_every_transition(status_after: str) -> None:
+    job = make_job()
+    job.start(0)
+    {"complete": lambda: job.complete(result(), 1), "fail": lambda: job.fail("x", 1),
+     "cancel": lambda: job.cancel(1)}[status_after]()
+    for attempt in (lambda: job.start(2), lambda: job.cancel(2), lambda: job.fail("y", 2),
+                    lambda: job.complete(result(), 2), lambda: job.requeue("z")):
+        with pytest.raises(IllegalTransition):
+            attempt()
+
+
+def test_queued_job_cannot_complete_or_report_progress() -> None:
+    job = make_job()
+    with pytest.raises(IllegalTransition):
+        job.complete(result(), 1)
+    with pytest.raises(IllegalTransition):
+        job.report_progress(1, 2)
+
+
+def test_requeue_resets_the_run_but_counts_the_attempt() -> None:
+    job = make_job()
+    job.start(10, "r1")
+    job.report_progress(5, 10)
+    job.requeue("replica died")
+    assert (job.status, job.progress, job.started_at_ms, job.attempts) == (
+        JobStatus.QUEUED, 0, None, 1)
+    assert job.phase == "retrying: replica died"
+
+
+def test_summary_has_no_payloads() -> None:
+    job = make_job()
+    job.start(0)
+    job.complete(result(), 1)
+    summary = job.summary()
+    assert "result" not in summary and "request" not in summary
+    assert summary["status"] == "completed"

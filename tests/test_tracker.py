@@ -1,0 +1,244 @@
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from serve_app.errors import JobNotCancellable, JobNotFound, QueueFull
+from serve_app.jobs import JobStatus
+from serve_app.registry import Registry
+from serve_app.schemas import JobType, Submission
+from serve_app.settings import Settings
+from serve_app.store import MemoryStore
+from serve_app.tracker import JobTracker
+from serve_app.validation import build_submission
+from tests.fakes import FakeClock, FakeDispatcher, fake_image
+
+pytestmark = pytest.mark.anyio
+SERVED = frozenset({"tiny-sd", "tiny-sd-inpaint"})
+
+
+def submission(registry: Registry, settings: Settings, key: str | None = None,
+               **body: Any) -> Submission:
+    body = {"prompt": "a lake", "steps": 3, "width": 64, "height": 64, "seed": 7} | body
+    return build_submission(JobType.TEXT2IMG, body, settings=settings, registry=registry,
+                            served=SERVED, idempotency_key=key)
+
+
+_open: list[JobTracker] = []
+
+
+def make_tracker(registry: Registry, settings: Settings, dispatcher: FakeDispatcher,
+                 store: MemoryStore | None = None, clock: FakeClock | None = None) -> JobTracker:
+    tracker = JobTracker(settings=settings, registry=registry, store=store or MemoryStore(),
+                         dispatcher=dispatcher, served=SERVED, clock=clock or FakeClock())
+    _open.append(tracker)
+    return tracker
+
+
+@pytest.fixture(autouse=True)
+async def close_trackers() -> AsyncIterator[None]:
+    yield
+    while _open:
+        await _open.pop().close()
+
+
+def record(tracker: JobTracker, job_id: str) -> dict[str, Any]:
+    return json.loads(tracker.get(job_id))
+
+
+async def settle() -> None:
+    for _ in range(50):
+        await asyncio.sleep(0)
+
+
+async def test_a_submitted_job_runs_to_completion_with_its_images(registry, settings) -> None:
+    clock = FakeClock()
+    tracker = make_tracker(registry, settings, FakeDispatcher(), clock=clock)
+    sub = submission(registry, settings, numImages=2)
+    queued = tracker.submit(sub)
+    assert (queued["status"], queued["progress"], queued["type"]) == ("queued", 0, "text2img")
+    await settle()
+    done = record(tracker, queued["id"])
+    assert done["status"] == "completed" and done["progress"] == 100
+    result = done["result"]
+    assert result["seed"] == 7 and result["seeds"] == [7, 8]
+    decoded = [base64.b64decode(uri.split(",", 1)[1]) for uri in result["images"]]
+    assert decoded == [fake_image(sub.task, 7), fake_image(sub.task, 8)]
+    assert result["parameters"]["model"] == "tiny-sd"
+    assert result["parameters"]["steps"] == 3 and result["parameters"]["sampler"] == "euler_a"
+    assert tracker.image(queued["id"], 1) == (fake_image(sub.task, 8), "image/png")
+
+
+async def test_higher_priority_overtakes_jobs_queued_before_it(registry, settings) -> None:
+    hold = asyncio.Event()
+    dispatcher = FakeDispatcher(hold=hold)
+    tracker = make_tracker(registry, settings, dispatcher)
+    first = tracker.submit(submission(registry, settings))
+    await settle()
+    low1 = tracker.submit(submission(registry, settings, priority="low"))
+    low2 = tracker.submit(submission(registry, settings, priority="low"))
+    high = tracker.submit(submission(registry, settings, priority="high"))
+    assert record(tracker, low1["id"])["queuePosition"] == 2
+    assert record(tracker, high["id"])["queuePosition"] == 1
+    hold.set()
+    for _ in range(10):
+        await settle()
+    order = [task.job_id for _, task in dispatcher.calls]
+    assert order == [first["id"], high["id"], low1["id"], low2["id"]]
+
+
+async def test_cancelling_a_queued_job_removes_it_at_once(registry, settings) -> None:
+    hold = asyncio.Event()
+    dispatcher = FakeDispatcher(hold=hold)
+    tracker = make_tracker(registry, settings, dispatcher)
+    tracker.submit(submission(registry, settings))
+    await settle()
+    waiting = tracker.submit(submission(registry, settings))
+    assert tracker.cancel(waiting["id"])["success"] is True
+    assert record(tracker, waiting["id"])["status"] == "cancelled"
+    hold.set()
+    await settle()
+    assert waiting["id"] not in [t.job_id for _, t in dispatcher.calls]
+    with pytest.raises(JobNotCancellable):
+        tracker.cancel(waiting["id"])
+
+
+async def test_cancelling_a_running_job_closes_its_stream_and_frees_the_slot(
+    registry, settings
+) -> None:
+    dispatcher = FakeDispatcher(hold=asyncio.Event())
+    tracker = make_tracker(registry, settings, dispatcher)
+    running = tracker.submit(submission(registry, settings, steps=4))
+    await settle()
+    nxt = tracker.submit(submission(registry, settings))
+    assert record(tracker, running["id"])["progress"] == 25
+    tracker.cancel(running["id"])
+    await settle()
+    cancelled = record(tracker, running["id"])
+    assert (cancelled["status"], cancelled["progress"]) == ("cancelled", 25)
+    assert running["id"] in dispatcher.closed
+    assert [t.job_id for _, t in dispatcher.calls] == [running["id"], nxt["id"]]
+
+
+async def test_a_full_queue_refuses_with_a_retry_hint(registry, settings) -> None:
+    settings = settings.model_copy(update={"max_queue_size": 2})
+    tracker = make_tracker(registry, settings, FakeDispatcher(hold=asyncio.Event()))
+    for _ in range(3):  # one goes straight to the replica, two wait
+        tracker.submit(submission(registry, settings))
+    with pytest.raises(QueueFull) as exc:
+        tracker.submit(submission(registry, settings))
+    assert "MAX_QUEUE_SIZE" in exc.value.message and exc.value.retry_after_s >= 1
+
+
+async def test_a_lost_replica_requeues_the_job_which_then_completes(registry, settings) -> None:
+    dispatcher = FakeDispatcher(lose=1)
+    tracker = make_tracker(registry, settings, dispatcher)
+    job = tracker.submit(submission(registry, settings))
+    await settle()
+    done = record(tracker, job["id"])
+    assert done["status"] == "completed" and done["attempts"] == 2
+    assert len(dispatcher.calls) == 2
+
+
+async def test_a_job_that_keeps_losing_replicas_fails_after_max_attempts(
+    registry, settings
+) -> None:
+    tracker = make_tracker(registry, settings, FakeDispatcher(lose=99))
+    job = tracker.submit(submission(registry, settings))
+    await settle()
+    failed = record(tracker, job["id"])
+    assert failed["status"] == "failed"
+    assert "after 3 attempt(s)" in failed["error"]
+
+
+async def test_a_pipeline_error_fails_only_that_job(registry, settings) -> None:
+    dispatcher = FakeDispatcher(explode="CUDA out of memory")
+    tracker = make_tracker(registry, settings, dispatcher)
+    bad = tracker.submit(submission(registry, settings))
+    await settle()
+    dispatcher.explode = None
+    good = tracker.submit(submission(registry, settings))
+    await settle()
+    assert "CUDA out of memory" in record(tracker, bad["id"])["error"]
+    assert record(tracker, good["id"])["status"] == "completed"
+    status = tracker.queue_status()
+    assert (status["failedJobs"], status["completedJobs"], status["queuedJobs"]) == (1, 1, 0)
+
+
+async def test_a_job_past_the_timeout_fails_and_frees_its_replica(registry, settings) -> None:
+    settings = settings.model_copy(update={"job_timeout_ms": 1000})
+    dispatcher = FakeDispatcher(hold=asyncio.Event())
+    tracker = make_tracker(registry, settings, dispatcher)
+    job = tracker.submit(submission(registry, settings))
+    await asyncio.sleep(1.2)
+    failed = record(tracker, job["id"])
+    assert failed["status"] == "failed" and "timed out" in failed["error"]
+    assert job["id"] in dispatcher.closed
+
+
+async def test_an_idempotency_key_returns_the_same_job(registry, settings) -> None:
+    tracker = make_tracker(registry, settings, FakeDispatcher())
+    first = tracker.submit(submission(registry, settings, key="abc"))
+    again = tracker.submit(submission(registry, settings, key="abc"))
+    other = tracker.submit(submission(registry, settings, key="xyz"))
+    assert again["id"] == first["id"] and other["id"] != first["id"]
+
+
+async def test_a_restart_requeues_unfinished_jobs_and_runs_them(registry, settings) -> None:
+    store = MemoryStore()
+    clock = FakeClock()
+    hold = asyncio.Event()
+    before = make_tracker(registry, settings, FakeDispatcher(hold=hold), store, clock)
+    running = before.submit(submission(registry, settings))
+    await settle()
+    waiting = before.submit(submission(registry, settings))
+    assert record(before, running["id"])["status"] == "processing"
+    # the process dies here: nothing is closed, the store is all that remains
+    after = make_tracker(registry, settings, FakeDispatcher(), store, clock)
+    assert after.recover() == 2
+    await settle()
+    for job in (running, waiting):
+        assert record(after, job["id"])["status"] == "completed"
+    assert record(after, running["id"])["attempts"] == 2
+    assert after.queue_status()["completedJobs"] == 2
+
+
+async def test_list_filters_and_pages(registry, settings) -> None:
+    clock = FakeClock()
+    dispatcher = FakeDispatcher()
+    tracker = make_tracker(registry, settings, dispatcher, clock=clock)
+    ids = []
+    for i in range(5):
+        clock.advance(1)
+        dispatcher.explode = "boom" if i == 2 else None
+        ids.append(tracker.submit(submission(registry, settings))["id"])
+        await settle()
+    page = tracker.list(limit=2)
+    assert [j["id"] for j in page["jobs"]] == [ids[4], ids[3]]
+    rest = tracker.list(limit=10, cursor=page["nextCursor"])
+    assert [j["id"] for j in rest["jobs"]] == [ids[2], ids[1], ids[0]]
+    assert rest["nextCursor"] is None
+    failed = tracker.list(status=JobStatus.FAILED)
+    assert [j["id"] for j in failed["jobs"]] == [ids[2]]
+    assert all("result" not in j and "request" not in j for j in page["jobs"])
+
+
+async def test_unknown_jobs_are_not_found(registry, settings) -> None:
+    tracker = make_tracker(registry, settings, FakeDispatcher())
+    for call in (lambda: tracker.get("job_1_x"), lambda: tracker.cancel("job_1_x"),
+                 lambda: tracker.image("job_1_x", 0)):
+        with pytest.raises(JobNotFound):
+            call()
+
+
+async def test_models_report_live_replicas(registry, settings) -> None:
+    tracker = make_tracker(registry, settings, FakeDispatcher(replicas={"tiny-sd": 1}))
+    models = {m["id"]: m for m in (await tracker.models())["models"]}
+    assert models["tiny-sd"]["loaded"] is True and models["tiny-sd"]["replicas"] == 1
+    assert models["tiny-sd-inpaint"]["loaded"] is False
+    assert models["sdxl"]["served"] is False and models["sdxl"]["loaded"] is False
