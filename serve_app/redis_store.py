@@ -1,0 +1,291 @@
+"""A JobStore in Redis: shared by every node of a cluster.
+
+Keys, all under one namespace `ns`:
+    {ns}:job:{id}             the record (the JSON codec's text)
+    {ns}:meta:{id}            the few fields the indexes are built from (small JSON), so a
+                              save need not read back a record that may carry images
+    {ns}:idx:all              listing indexes: sorted sets whose members are
+    {ns}:idx:status:{s}       "{created_at:013d}:{id}", all scored 0, so Redis orders them
+    {ns}:idx:type:{t}         by (created_at, id) and ZREVRANGEBYLEX pages through them
+    {ns}:idx:model:{m}        newest first with an exact keyset bound
+    {ns}:idx:unfinished       the same, for queued and processing jobs
+    {ns}:idx:finished         the same, for finished jobs (prune's keep_last)
+    {ns}:idx:finished_at      finished job ids scored by completed_at (prune's cutoff)
+    {ns}:idempotency          hash: Idempotency-Key -> job id (the first holder keeps it)
+    {ns}:stats                hash: completed, completed_ms (processing_time's sums)
+
+A save reads the job's old meta under WATCH and rewrites record, meta, indexes and stats
+in one MULTI/EXEC, so indexes and counters move exactly once per change of state.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import astuple, dataclass
+from typing import Any
+
+import redis
+from redis.client import Pipeline
+
+from serve_app.jobs import Job, JobStatus
+from serve_app.store import JobFilter, Page, decode_cursor, dumps, loads
+
+_MS_DIGITS = 13  # zero-padded creation time in index members: good until the year 2286
+_SCAN_CHUNK = 200  # members read per round when a filter is checked against other indexes
+_PRUNE_CHUNK = 500
+
+
+def _member(created_at_ms: int, job_id: str) -> str:
+    return f"{created_at_ms:0{_MS_DIGITS}d}:{job_id}"
+
+
+def _text(value: object) -> str:
+    """A reply as text: the client decodes replies, but its types cannot say so."""
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _member_parts(member: str) -> tuple[int, str]:
+    return int(member[:_MS_DIGITS]), member[_MS_DIGITS + 1 :]
+
+
+@dataclass(frozen=True)
+class _Meta:
+    """What a job is indexed by. `time_taken` is set only for completed jobs with a result:
+    those are the ones processing_time counts."""
+
+    status: JobStatus
+    type: str
+    model: str
+    created_at: int
+    completed_at: int | None
+    time_taken: int | None
+    idempotency_key: str | None
+
+    @classmethod
+    def of(cls, job: Job) -> _Meta:
+        done = job.status is JobStatus.COMPLETED and job.result is not None
+        return cls(
+            job.status,
+            job.type.value,
+            job.model,
+            job.created_at_ms,
+            job.completed_at_ms,
+            job.result.time_taken_ms if done and job.result else None,
+            job.idempotency_key,
+        )
+
+    def dump(self) -> str:
+        return json.dumps(astuple(self), separators=(",", ":"))
+
+    @classmethod
+    def parse(cls, text: str) -> _Meta:
+        status, *rest = json.loads(text)
+        return cls(JobStatus(status), *rest)
+
+
+class RedisStore:
+    """A JobStore on redis-py's synchronous client. Safe to share between threads (the
+    client pools its connections); several processes may write through it at once."""
+
+    def __init__(self, url: str, namespace: str = "imagegen") -> None:
+        self._r = redis.Redis.from_url(url, decode_responses=True)
+        self._ns = namespace
+
+    # -- keys --------------------------------------------------------------------------
+
+    def _key(self, *parts: str) -> str:
+        return ":".join((self._ns, *parts))
+
+    def _indexes(self, meta: _Meta) -> list[str]:
+        """The listing indexes (and unfinished/finished) that hold this job's member."""
+        return [
+            self._key("idx", "all"),
+            self._key("idx", "status", meta.status.value),
+            self._key("idx", "type", meta.type),
+            self._key("idx", "model", meta.model),
+            self._key("idx", "finished" if meta.status.is_terminal() else "unfinished"),
+        ]
+
+    # -- writes ------------------------------------------------------------------------
+
+    def _index(self, pipe: Pipeline, job_id: str, meta: _Meta, sign: int) -> None:
+        """Queue the commands that add (sign=1) or remove (sign=-1) a job's index entries."""
+        member = _member(meta.created_at, job_id)
+        for key in self._indexes(meta):
+            if sign > 0:
+                pipe.zadd(key, {member: 0})
+            else:
+                pipe.zrem(key, member)
+        if meta.status.is_terminal():
+            finished_at = self._key("idx", "finished_at")
+            if sign > 0:
+                pipe.zadd(finished_at, {job_id: meta.completed_at or 0})
+            else:
+                pipe.zrem(finished_at, job_id)
+        if meta.time_taken is not None:
+            pipe.hincrby(self._key("stats"), "completed", sign)
+            pipe.hincrby(self._key("stats"), "completed_ms", sign * meta.time_taken)
+
+    def save(self, job: Job) -> None:
+        meta_key = self._key("meta", job.id)
+        new = _Meta.of(job)
+        record = dumps(job)
+
+        def write(pipe: Pipeline) -> None:
+            # Runs again if another writer changes this job's meta before EXEC.
+            raw = pipe.get(meta_key)
+            old = _Meta.parse(_text(raw)) if raw else None
+            pipe.multi()
+            pipe.set(self._key("job", job.id), record)
+            if old != new:
+                if old is not None:
+                    self._index(pipe, job.id, old, -1)
+                self._index(pipe, job.id, new, 1)
+                pipe.set(meta_key, new.dump())
+            if job.idempotency_key:
+                pipe.hsetnx(self._key("idempotency"), job.idempotency_key, job.id)
+
+        self._r.transaction(write, meta_key)
+
+    def prune(self, finished_before_ms: int, keep_last: int) -> int:
+        beyond = self._r.zrevrangebylex(
+            self._key("idx", "finished"), "+", "-", start=max(keep_last, 0), num=-1
+        )
+        too_old = self._r.zrangebyscore(
+            self._key("idx", "finished_at"), "-inf", f"({finished_before_ms}"
+        )
+        doomed = sorted({_member_parts(_text(m))[1] for m in beyond} | {_text(i) for i in too_old})
+        deleted = 0
+        for i in range(0, len(doomed), _PRUNE_CHUNK):
+            deleted += self._delete_finished(doomed[i : i + _PRUNE_CHUNK])
+        return deleted
+
+    def _delete_finished(self, ids: Sequence[str]) -> int:
+        meta_keys = [self._key("meta", i) for i in ids]
+        deleted: list[str] = []
+
+        def delete(pipe: Pipeline) -> None:
+            # Runs again if one of these jobs is saved meanwhile.
+            deleted.clear()
+            metas = [_Meta.parse(_text(m)) if m else None for m in pipe.mget(meta_keys)]
+            owners = self._idempotency_owners(pipe, metas)
+            pipe.multi()
+            for job_id, meta, owner in zip(ids, metas, owners, strict=True):
+                if meta is None or not meta.status.is_terminal():
+                    continue
+                self._index(pipe, job_id, meta, -1)
+                pipe.delete(self._key("job", job_id), self._key("meta", job_id))
+                if meta.idempotency_key and owner == job_id:
+                    pipe.hdel(self._key("idempotency"), meta.idempotency_key)
+                deleted.append(job_id)
+
+        self._r.transaction(delete, *meta_keys)
+        return len(deleted)
+
+    def _idempotency_owners(self, pipe: Pipeline, metas: list[_Meta | None]) -> list[str | None]:
+        """Which job holds each job's Idempotency-Key (it may be another, earlier job)."""
+        keys = [m.idempotency_key if m else None for m in metas]
+        wanted = [k for k in keys if k]
+        if not wanted:
+            return [None] * len(keys)
+        holders = pipe.hmget(self._key("idempotency"), wanted)
+        found = {k: _text(h) if h else None for k, h in zip(wanted, holders, strict=True)}
+        return [found[k] if k else None for k in keys]
+
+    # -- reads -------------------------------------------------------------------------
+
+    def _load_many(self, ids: Iterable[str]) -> list[Job]:
+        keys = [self._key("job", i) for i in ids]
+        if not keys:
+            return []
+        # A record pruned between the index read and this one is skipped.
+        return [loads(raw) for raw in self._r.mget(keys) if raw is not None]
+
+    def load(self, job_id: str) -> Job | None:
+        raw = self._r.get(self._key("job", job_id))
+        return loads(raw) if raw is not None else None
+
+    def unfinished(self) -> list[Job]:
+        members = self._r.zrangebylex(self._key("idx", "unfinished"), "-", "+")
+        return self._load_many(_member_parts(_text(m))[1] for m in members)
+
+    def find_idempotent(self, key: str) -> str | None:
+        raw = self._r.hget(self._key("idempotency"), key)
+        if raw is None:
+            return None
+        job_id = _text(raw)
+        return job_id if self._r.exists(self._key("job", job_id)) else None
+
+    def query(self, flt: JobFilter, limit: int, cursor: str | None) -> Page:
+        upper = "+"
+        if cursor is not None:
+            ms, job_id = decode_cursor(cursor)
+            if ms < 0:
+                return Page([], None)
+            if ms < 10**_MS_DIGITS:
+                upper = "(" + _member(ms, job_id)
+        base, *others = self._filter_indexes(flt)
+        want = max(limit, 0) + 1
+        found = self._walk(base, others, upper, want)
+        page = found[:limit]
+        jobs = self._load_many(_member_parts(m)[1] for m in page)
+        if len(found) > limit and page:
+            # The cursor comes from the index member, the same text encode_cursor makes,
+            # so it holds even if the last record vanished since.
+            ms, job_id = _member_parts(page[-1])
+            return Page(jobs, f"{ms}:{job_id}")
+        return Page(jobs, None)
+
+    def _filter_indexes(self, flt: JobFilter) -> list[str]:
+        """The indexes a filter reads, smallest first (the one to walk)."""
+        keys = []
+        if flt.status is not None:
+            keys.append(self._key("idx", "status", flt.status.value))
+        if flt.type is not None:
+            keys.append(self._key("idx", "type", flt.type.value))
+        if flt.model is not None:
+            keys.append(self._key("idx", "model", flt.model))
+        if not keys:
+            return [self._key("idx", "all")]
+        if len(keys) == 1:
+            return keys
+        with self._r.pipeline(transaction=False) as pipe:
+            for key in keys:
+                pipe.zcard(key)
+            sizes = pipe.execute()
+        return [k for _, k in sorted(zip(sizes, keys, strict=True))]
+
+    def _walk(self, base: str, others: list[str], upper: str, want: int) -> list[str]:
+        """Up to `want` members of `base` below `upper`, newest first, that every index in
+        `others` also holds."""
+        chunk = want if not others else max(want, _SCAN_CHUNK)
+        found: list[str] = []
+        while len(found) < want:
+            batch = [_text(m) for m in self._r.zrevrangebylex(base, upper, "-", 0, chunk)]
+            kept = batch
+            if others and batch:
+                with self._r.pipeline(transaction=False) as pipe:
+                    for key in others:
+                        pipe.zmscore(key, batch)
+                    scores: list[list[Any]] = pipe.execute()
+                kept = [m for i, m in enumerate(batch) if all(s[i] is not None for s in scores)]
+            found.extend(kept)
+            if len(batch) < chunk:
+                break
+            upper = "(" + batch[-1]
+        return found[:want]
+
+    def counts(self) -> dict[JobStatus, int]:
+        with self._r.pipeline(transaction=False) as pipe:
+            for status in JobStatus:
+                pipe.zcard(self._key("idx", "status", status.value))
+            sizes = pipe.execute()
+        return dict(zip(JobStatus, sizes, strict=True))
+
+    def processing_time(self) -> tuple[int, int]:
+        count, total = self._r.hmget(self._key("stats"), ["completed", "completed_ms"])
+        return int(count or 0), int(total or 0)
+
+    def close(self) -> None:
+        self._r.close()

@@ -1,0 +1,202 @@
+"""A JobStore in one SQLite file: durable on a single node, no server to run.
+
+The full record is the JSON codec's text; the columns beside it exist only to be indexed,
+so every method is one or two statements over an index, fast at hundreds of thousands of
+rows. Listing is keyset-paginated on (created_at, id), newest first.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from pathlib import Path
+
+from serve_app.jobs import Job, JobStatus
+from serve_app.store import JobFilter, Page, decode_cursor, dumps, encode_cursor, loads
+
+SCHEMA_VERSION = 1
+
+_FINISHED = "('completed', 'failed', 'cancelled')"
+_UNFINISHED = "('queued', 'processing')"
+
+# jobs_status_time covers counts() and processing_time(). The partial indexes serve
+# prune(); their condition is repeated verbatim in its statements (SQLite uses a partial
+# index only for a query whose WHERE clause contains the index's own condition).
+_SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY,
+    status TEXT NOT NULL,
+    type TEXT NOT NULL,
+    model TEXT NOT NULL,
+    created_at INTEGER NOT NULL,
+    completed_at INTEGER,
+    time_taken INTEGER,
+    idempotency_key TEXT UNIQUE,
+    record TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS jobs_created ON jobs (created_at, id);
+CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status, created_at, id);
+CREATE INDEX IF NOT EXISTS jobs_type ON jobs (type, created_at, id);
+CREATE INDEX IF NOT EXISTS jobs_model ON jobs (model, created_at, id);
+CREATE INDEX IF NOT EXISTS jobs_status_time ON jobs (status, time_taken);
+CREATE INDEX IF NOT EXISTS jobs_finished ON jobs (created_at, id)
+    WHERE status IN {_FINISHED};
+CREATE INDEX IF NOT EXISTS jobs_finished_at ON jobs (completed_at)
+    WHERE status IN {_FINISHED};
+"""
+
+# Insert or replace by id. A job may name an Idempotency-Key another job already holds
+# (the first holder keeps it, as in MemoryStore); it is then left out of the unique column
+# instead of failing the write. The record still carries it.
+_UPSERT = """
+INSERT INTO jobs (id, status, type, model, created_at, completed_at, time_taken,
+                  idempotency_key, record)
+VALUES (:id, :status, :type, :model, :created_at, :completed_at, :time_taken,
+        CASE WHEN EXISTS (SELECT 1 FROM jobs WHERE idempotency_key = :key AND id != :id)
+             THEN NULL ELSE :key END,
+        :record)
+ON CONFLICT (id) DO UPDATE SET
+    status = excluded.status, type = excluded.type, model = excluded.model,
+    created_at = excluded.created_at, completed_at = excluded.completed_at,
+    time_taken = excluded.time_taken, idempotency_key = excluded.idempotency_key,
+    record = excluded.record
+"""
+
+# prune()'s two deletes. Without statistics the planner prefers jobs_status for
+# `status IN (...)` and then reads every finished row, so each names its partial index.
+# Every terminal transition stamps completed_at, so a finished job's is never NULL.
+_PRUNE_OLD = f"""
+DELETE FROM jobs INDEXED BY jobs_finished_at
+WHERE status IN {_FINISHED} AND completed_at < ?
+"""
+_PRUNE_BEYOND = f"""
+DELETE FROM jobs WHERE id IN (
+    SELECT id FROM jobs INDEXED BY jobs_finished WHERE status IN {_FINISHED}
+    ORDER BY created_at DESC, id DESC LIMIT -1 OFFSET ?)
+"""
+
+
+class SchemaTooNew(RuntimeError):
+    """The file was written by a newer version of this service."""
+
+
+class SQLiteStore:
+    """A JobStore on stdlib sqlite3 (WAL mode). One connection, guarded by a lock, so the
+    tracker may call it from any thread; records survive restarts of the process."""
+
+    def __init__(self, path: str | Path, busy_timeout_ms: int = 5000) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        # Autocommit: a lone statement is its own transaction; prune() opens one for its two.
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        try:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
+            self._migrate()
+        except BaseException:
+            self._db.close()
+            raise
+
+    def _migrate(self) -> None:
+        (version,) = self._db.execute("PRAGMA user_version").fetchone()
+        if version > SCHEMA_VERSION:
+            raise SchemaTooNew(
+                f"job database schema version {version} is newer than this service's "
+                f"{SCHEMA_VERSION}; upgrade the service or point it at another file"
+            )
+        if version < SCHEMA_VERSION:
+            self._db.executescript(
+                f"BEGIN IMMEDIATE; {_SCHEMA} PRAGMA user_version={SCHEMA_VERSION}; COMMIT;"
+            )
+
+    def save(self, job: Job) -> None:
+        params = {
+            "id": job.id,
+            "status": job.status.value,
+            "type": job.type.value,
+            "model": job.model,
+            "created_at": job.created_at_ms,
+            "completed_at": job.completed_at_ms,
+            "time_taken": job.result.time_taken_ms if job.result else None,
+            "key": job.idempotency_key,
+            "record": dumps(job),
+        }
+        with self._lock:
+            self._db.execute(_UPSERT, params)
+
+    def load(self, job_id: str) -> Job | None:
+        with self._lock:
+            row = self._db.execute("SELECT record FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return loads(row[0]) if row else None
+
+    def unfinished(self) -> list[Job]:
+        sql = f"SELECT record FROM jobs WHERE status IN {_UNFINISHED} ORDER BY created_at, id"
+        with self._lock:
+            rows = self._db.execute(sql).fetchall()
+        return [loads(r[0]) for r in rows]
+
+    def find_idempotent(self, key: str) -> str | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT id FROM jobs WHERE idempotency_key = ?", (key,)
+            ).fetchone()
+        return row[0] if row else None
+
+    def query(self, flt: JobFilter, limit: int, cursor: str | None) -> Page:
+        where: list[str] = []
+        args: list[object] = []
+        if cursor is not None:
+            where.append("(created_at, id) < (?, ?)")
+            args.extend(decode_cursor(cursor))
+        for column, value in (
+            ("status", flt.status.value if flt.status else None),
+            ("type", flt.type.value if flt.type else None),
+            ("model", flt.model),
+        ):
+            if value is not None:
+                where.append(f"{column} = ?")
+                args.append(value)
+        sql = "SELECT record FROM jobs"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY created_at DESC, id DESC LIMIT ?"
+        args.append(max(limit, 0) + 1)
+        with self._lock:
+            rows = self._db.execute(sql, args).fetchall()
+        jobs = [loads(r[0]) for r in rows[:limit]]
+        more = len(rows) > limit
+        return Page(jobs, encode_cursor(jobs[-1]) if more and jobs else None)
+
+    def counts(self) -> dict[JobStatus, int]:
+        with self._lock:
+            rows = self._db.execute("SELECT status, COUNT(*) FROM jobs GROUP BY status").fetchall()
+        out = dict.fromkeys(JobStatus, 0)
+        out.update({JobStatus(status): n for status, n in rows})
+        return out
+
+    def processing_time(self) -> tuple[int, int]:
+        sql = (
+            "SELECT COUNT(time_taken), COALESCE(SUM(time_taken), 0) FROM jobs "
+            "WHERE status = 'completed'"
+        )
+        with self._lock:
+            count, total = self._db.execute(sql).fetchone()
+        return count, total
+
+    def prune(self, finished_before_ms: int, keep_last: int) -> int:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                old = self._db.execute(_PRUNE_OLD, (finished_before_ms,)).rowcount
+                beyond = self._db.execute(_PRUNE_BEYOND, (keep_last,)).rowcount
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+        return old + beyond
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
