@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from fastapi import FastAPI
 from ray import serve
 from ray.exceptions import RayTaskError
 from ray.serve.handle import DeploymentHandle
@@ -13,9 +14,6 @@ from serve_app.http import ApiContext, attach, create_api
 from serve_app.registry import Registry
 from serve_app.schemas import Submission
 from serve_app.settings import Settings
-
-api = create_api()
-
 
 class HandleBackend:
     """The routes' JobsBackend over a handle to the tracker deployment."""
@@ -55,8 +53,11 @@ class HandleBackend:
 
 
 @serve.deployment(max_ongoing_requests=1000, ray_actor_options={"num_cpus": 0})
-@serve.ingress(api)
+@serve.ingress()
 class Ingress:
+    """The app is built per replica (late-bound ingress), so each replica wires its own
+    FastAPI instance to its own tracker handle."""
+
     def __init__(
         self,
         tracker: DeploymentHandle,
@@ -64,4 +65,8 @@ class Ingress:
         registry: Registry,
         served: frozenset[str],
     ) -> None:
-        attach(api, ApiContext(HandleBackend(tracker), settings, registry, served))
+        self._api = create_api()
+        attach(self._api, ApiContext(HandleBackend(tracker), settings, registry, served))
+
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        return self._api

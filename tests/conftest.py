@@ -24,3 +24,15 @@ def registry() -> Registry:
 def settings(tmp_path: Path) -> Settings:
     return Settings(data_dir=str(tmp_path / "data"), cache_dir=str(tmp_path / "models"),
                     model_path=str(tmp_path / "weights"), store="memory")
+
+
+@pytest.fixture(scope="session")
+def serve_harness(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """One local Ray + Serve for the whole session, with the default app deployed."""
+    from tests import serve_harness as harness_module
+
+    gen = harness_module.start(tmp_path_factory.mktemp("e2e"))
+    harness = next(gen)
+    harness.deploy()
+    yield harness
+    gen.close()
