@@ -15,6 +15,7 @@ from serve_app.registry import Registry
 from serve_app.schemas import Submission
 from serve_app.settings import Settings
 
+
 class HandleBackend:
     """The routes' JobsBackend over a handle to the tracker deployment."""
 
