@@ -92,7 +92,10 @@ def serve_forever(config_path: str) -> None:
     except KeyboardInterrupt:
         pass
     finally:
+        import ray
+
         serve.shutdown()
+        ray.shutdown()
 
 
 def build_tiny_models() -> None:
