@@ -1,0 +1,200 @@
+"""Loading a model's pipeline and deriving the per-mode pipelines from it.
+
+Contract:
+- `load_pipeline(spec, settings, device, dtype)` is the default pipeline factory that
+  `ModelRunner` takes (injectable, so tests and benchmarks can pass their own). It loads a
+  diffusers folder with `from_pretrained`, a single `.safetensors`/`.ckpt` file with
+  `from_single_file`, and builds the embedded tiny models on first use. Nothing here ever
+  reaches a model hub (`local_files_only=True`).
+- Runtime knobs (`spec.runtime`): device `auto` means CUDA when present; half precision
+  and `torch.compile` are CUDA knobs and are ignored on a CPU (float16 matmuls there are
+  slow or unsupported); channels-last, VAE tiling/slicing and attention slicing apply
+  everywhere. SDPA attention is diffusers' default.
+- `PipelineSet` derives img2img and inpainting pipelines lazily with
+  `AutoPipelineFor*.from_pipe`, which shares the loaded modules (no extra memory). A model
+  with a 9-channel inpainting UNet cannot run the plain text2img/img2img pipelines, so its
+  set routes every mode through the inpainting pipeline (see `needs_inpaint_route`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from diffusers import (
+    AutoPipelineForImage2Image,
+    AutoPipelineForInpainting,
+    DiffusionPipeline,
+    StableDiffusionInpaintPipeline,
+    StableDiffusionPipeline,
+    StableDiffusionXLInpaintPipeline,
+    StableDiffusionXLPipeline,
+)
+
+from serve_app.errors import ConfigError
+from serve_app.generation.batching import BatchInvariantUNet
+from serve_app.generation.tiny import ensure_tiny_model
+from serve_app.registry import ModelSpec, Runtime
+from serve_app.settings import Settings
+
+log = logging.getLogger(__name__)
+
+PipelineLoader = Callable[[ModelSpec, Settings, str, torch.dtype], DiffusionPipeline]
+
+_PIPELINE_CLASSES: dict[tuple[str, bool], type[DiffusionPipeline]] = {
+    ("sd", False): StableDiffusionPipeline,
+    ("sd", True): StableDiffusionInpaintPipeline,
+    ("sdxl", False): StableDiffusionXLPipeline,
+    ("sdxl", True): StableDiffusionXLInpaintPipeline,
+}
+_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+SINGLE_FILE_SUFFIXES: tuple[str, ...] = (".safetensors", ".ckpt")
+
+
+def resolve_device(requested: str, override: str | None = None) -> str:
+    """`override` if given, else the spec's device; `auto` (and `cuda` without one) -> cpu."""
+    device = override or requested
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        log.warning("device %r requested but CUDA is not available; running on the CPU", device)
+        return "cpu"
+    return device
+
+
+def resolve_dtype(name: str, device: str) -> torch.dtype:
+    """The spec's dtype on CUDA; always float32 on a CPU."""
+    if not device.startswith("cuda"):
+        return torch.float32
+    return _DTYPES[name]
+
+
+def resolve_model_file(settings: Settings, path: str) -> Path:
+    """A registry path: absolute as is, else relative to MODEL_PATH (as `weights_path`)."""
+    p = Path(path).expanduser()
+    return p if p.is_absolute() else Path(settings.model_path) / p
+
+
+def load_pipeline(
+    spec: ModelSpec, settings: Settings, device: str, dtype: torch.dtype
+) -> DiffusionPipeline:
+    """Load `spec`'s pipeline onto `device` with `dtype` and apply its runtime knobs."""
+    path = spec.weights_path(settings)
+    if spec.is_tiny:
+        ensure_tiny_model(spec.source, path)
+    cls = _PIPELINE_CLASSES[(spec.pipeline, _is_inpainting(spec, path))]
+    kwargs: dict[str, object] = {"dtype": dtype, "local_files_only": True}
+    if spec.pipeline == "sd" and not settings.enable_nsfw_filter:
+        # Not loading the checker at all saves its ~1.2 GB when the filter is off.
+        kwargs.update(safety_checker=None, requires_safety_checker=False)
+    if path.is_dir():
+        pipe = cls.from_pretrained(path, **kwargs)
+    elif path.is_file() and path.suffix in SINGLE_FILE_SUFFIXES:
+        pipe = _from_single_file(cls, path, kwargs)
+    else:
+        raise ConfigError(
+            f"model {spec.id!r}: {path} is neither a diffusers folder nor a "
+            f"{'/'.join(SINGLE_FILE_SUFFIXES)} file"
+        )
+    pipe.to(device)
+    apply_runtime(pipe, spec.runtime, device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _from_single_file(
+    cls: type[DiffusionPipeline], path: Path, kwargs: dict[str, object]
+) -> DiffusionPipeline:
+    """`from_single_file` needs the pipeline's component configs; offline they come from a
+    folder beside the file named after it (`sd15.safetensors` -> `sd15/`, configs and
+    tokenizer only), else from a local Hugging Face cache."""
+    config_dir = path.with_suffix("")
+    if (config_dir / "model_index.json").is_file():
+        kwargs = {**kwargs, "config": str(config_dir)}
+    try:
+        return cls.from_single_file(str(path), **kwargs)  # type: ignore[attr-defined]
+    except (OSError, ValueError) as exc:
+        raise ConfigError(
+            f"cannot load {path} as a single-file checkpoint offline ({exc}). Put the "
+            f"pipeline's configs (model_index.json, component config.json files and the "
+            f"tokenizer) in {config_dir}/, or convert the checkpoint to a diffusers folder"
+        ) from exc
+
+
+def _is_inpainting(spec: ModelSpec, path: Path) -> bool:
+    if spec.source == "tiny-inpaint" or spec.type == "inpainting":
+        return True
+    unet_config = path / "unet" / "config.json"
+    if unet_config.is_file():
+        return json.loads(unet_config.read_text()).get("in_channels") == 9
+    return False
+
+
+def apply_runtime(pipe: DiffusionPipeline, runtime: Runtime, device: str) -> None:
+    """Apply the spec's speed/memory knobs to a loaded pipeline (see module docstring)."""
+    on_cuda = device.startswith("cuda")
+    if runtime.channels_last:
+        pipe.unet.to(memory_format=torch.channels_last)
+        pipe.vae.to(memory_format=torch.channels_last)
+    if runtime.vae_tiling:
+        pipe.vae.enable_tiling()
+    if runtime.vae_slicing:
+        # PipelineSet turns slicing on for every model anyway (batch invariance).
+        pipe.vae.enable_slicing()
+    if runtime.attention_slicing:
+        pipe.enable_attention_slicing()
+    if runtime.compile and on_cuda:
+        # In place: the UNet keeps its type and config, so from_pipe and IP-Adapter work.
+        # Default mode: autotuning would add minutes to every replica start, and CUDA
+        # graphs fit badly with per-task sizes and batch splits.
+        pipe.unet.compile()
+    elif runtime.compile:
+        log.info("runtime.compile is ignored on %s", device)
+
+
+def needs_inpaint_route(pipe: DiffusionPipeline) -> bool:
+    """Whether the UNet takes 9 channels (latents + mask + masked image)."""
+    return int(pipe.unet.config.in_channels) == 9
+
+
+class PipelineSet:
+    """The loaded pipeline and the per-mode pipelines derived from it, created once each.
+
+    All of them share one UNet made batch-invariant and a VAE in slicing mode (see
+    `serve_app.generation.batching`). Not thread-safe: the runner calls it under its lock.
+    """
+
+    def __init__(self, base: DiffusionPipeline) -> None:
+        self.base = base
+        self.inpaint_route = needs_inpaint_route(base)
+        self.unet = BatchInvariantUNet(base.unet)
+        base.vae.enable_slicing()
+        self._img2img: DiffusionPipeline | None = None
+        self._inpaint: DiffusionPipeline | None = None
+
+    def text2img(self) -> DiffusionPipeline:
+        return self.inpaint() if self.inpaint_route else self.base
+
+    def img2img(self) -> DiffusionPipeline:
+        if self.inpaint_route:
+            return self.inpaint()
+        if self._img2img is None:
+            self._img2img = self._derive(AutoPipelineForImage2Image)
+        return self._img2img
+
+    def inpaint(self) -> DiffusionPipeline:
+        if self._inpaint is None:
+            self._inpaint = self._derive(AutoPipelineForInpainting)
+        return self._inpaint
+
+    def _derive(self, auto: type) -> DiffusionPipeline:
+        pipe = auto.from_pipe(self.base)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe

@@ -1,0 +1,293 @@
+"""`ModelRunner`: one loaded model, one `GenerationTask` -> one pipeline call -> a result.
+
+The plain class a Ray Serve replica wraps (through `ModelWorker`); testable without Ray.
+
+Contract of `generate(task, on_step, should_stop)`:
+- Calls are serialized by a lock (a diffusers pipeline is not thread-safe), so several
+  threads may call it; they run one after another.
+- All `task.num_images` images come from ONE pipeline call with one CPU
+  `torch.Generator` per seed, so an image made in a batch is byte-identical to the same
+  seed made alone, on any device.
+- `on_step(step, total)` runs after every denoising step (`total` is the pipeline's
+  timestep count, which second-order samplers make larger than `task.steps`).
+- When `should_stop()` turns true, the pipeline stops at the end of the current step and
+  `generate` raises `Interrupted` instead of returning a partial result.
+- Images are encoded in `task.output_format`; for inpainting, pixels outside the mask are
+  exactly the input's. Style transfer is described in `serve_app.generation.style`.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from diffusers import DiffusionPipeline
+from PIL import Image
+
+from serve_app.errors import InvalidRequest
+from serve_app.generation.images import (
+    binarize_mask,
+    decode_mask,
+    decode_rgb,
+    encode_image,
+    fit,
+    keep_unmasked,
+)
+from serve_app.generation.pipelines import (
+    PipelineLoader,
+    PipelineSet,
+    load_pipeline,
+    resolve_device,
+    resolve_dtype,
+    resolve_model_file,
+)
+from serve_app.generation.samplers import SamplerFactory
+from serve_app.generation.style import IPAdapter, adain_start_image, style_denoise_strength
+from serve_app.registry import ModelSpec
+from serve_app.schemas import GenerationResult, GenerationTask, InputImage, JobType
+from serve_app.settings import Settings
+
+StepCallback = Callable[[int, int], None]
+StopCheck = Callable[[], bool]
+
+
+class Interrupted(Exception):
+    """`should_stop` asked the task to stop; no result was produced."""
+
+
+class ModelRunner:
+    """One model's pipelines on one device. See the module docstring for the contract."""
+
+    def __init__(
+        self,
+        spec: ModelSpec,
+        settings: Settings,
+        *,
+        device: str | None = None,
+        loader: PipelineLoader = load_pipeline,
+    ) -> None:
+        self.spec = spec
+        self.device = resolve_device(spec.runtime.device, device)
+        self.dtype = resolve_dtype(spec.runtime.dtype, self.device)
+        base = loader(spec, settings, self.device, self.dtype)
+        if not settings.enable_nsfw_filter and getattr(base, "safety_checker", None) is not None:
+            # A custom loader may bring a checker the settings do not want.
+            base.safety_checker = None
+        self._pipes = PipelineSet(base)
+        self._samplers = SamplerFactory(base.scheduler.config)
+        self._ip_adapter = _ip_adapter(spec, settings)
+        self._lock = threading.Lock()
+
+    @property
+    def pipeline(self) -> DiffusionPipeline:
+        """The loaded (text2img or inpainting) pipeline."""
+        return self._pipes.base
+
+    def warmup(self) -> None:
+        """One 1-step 64 px text2img, so the first real job does not pay for lazy setup."""
+        task = GenerationTask(
+            job_id="warmup",
+            mode=JobType.TEXT2IMG,
+            prompt="warmup",
+            negative_prompt="",
+            width=64,
+            height=64,
+            steps=1,
+            guidance_scale=1.0,
+            seed=0,
+            sampler=self.spec.defaults.sampler,
+        )
+        self.generate(task)
+
+    def generate(
+        self,
+        task: GenerationTask,
+        on_step: StepCallback | None = None,
+        should_stop: StopCheck | None = None,
+    ) -> GenerationResult:
+        with self._lock:
+            # Timed from here: waiting for the lock is queueing, not generation.
+            started = time.perf_counter()
+            if should_stop is not None and should_stop():
+                raise Interrupted(f"task {task.job_id} was stopped before it started")
+            images, nsfw = self._run(task, _StepHook(on_step, should_stop))
+        encoded = [encode_image(img, task.output_format, task.quality) for img in images]
+        return GenerationResult(
+            images=encoded,
+            seeds=task.seeds,
+            content_type=task.output_format.content_type,
+            nsfw_detected=nsfw,
+            time_taken_ms=round((time.perf_counter() - started) * 1000),
+            model=self.spec.id,
+        )
+
+    # -- one pipeline call per mode -------------------------------------------------------
+
+    def _run(self, task: GenerationTask, hook: _StepHook) -> tuple[list[Image.Image], list[bool]]:
+        multiple = int(self._pipes.base.vae_scale_factor)
+        if task.width % multiple or task.height % multiple:
+            raise InvalidRequest(
+                f"width and height must be multiples of {multiple} for model {self.spec.id!r} "
+                f"(got {task.width}x{task.height})"
+            )
+        if task.mode is JobType.TEXT2IMG:
+            if self._pipes.inpaint_route:
+                return self._inpaint(task, hook, *_blank_canvas(task), strength=1.0)
+            return self._call(
+                self._pipes.text2img(), task, hook, width=task.width, height=task.height
+            )
+        if task.mode is JobType.IMG2IMG:
+            init = _input_rgb(task, task.init_image, "init_image")
+            return self._img2img(task, hook, init, task.strength)
+        if task.mode is JobType.INPAINT:
+            image = _input_rgb(task, task.init_image, "image")
+            mask = decode_mask(_need(task.mask_image, "mask", task))
+            return self._inpaint(task, hook, image, mask, strength=task.strength)
+        if task.mode is JobType.STYLE_TRANSFER:
+            return self._style(task, hook)
+        raise InvalidRequest(f"unsupported mode {task.mode!r}")
+
+    def _img2img(
+        self,
+        task: GenerationTask,
+        hook: _StepHook,
+        init: Image.Image,
+        strength: float,
+        **extra: Any,
+    ) -> tuple[list[Image.Image], list[bool]]:
+        if self._pipes.inpaint_route:
+            # A 9-channel UNet does img2img as inpainting with an all-white mask.
+            white = Image.new("L", init.size, 255)
+            return self._inpaint(task, hook, init, white, strength=strength, **extra)
+        pipe = self._pipes.img2img()
+        return self._call(
+            pipe, task, hook, image=init, strength=_strength(strength, task.steps), **extra
+        )
+
+    def _inpaint(
+        self,
+        task: GenerationTask,
+        hook: _StepHook,
+        image: Image.Image,
+        mask: Image.Image,
+        strength: float,
+        **extra: Any,
+    ) -> tuple[list[Image.Image], list[bool]]:
+        mask = binarize_mask(mask, task.width, task.height)
+        images, nsfw = self._call(
+            self._pipes.inpaint(),
+            task,
+            hook,
+            image=image,
+            mask_image=mask,
+            width=task.width,
+            height=task.height,
+            strength=_strength(strength, task.steps),
+            **extra,
+        )
+        flagged = nsfw or [False] * len(images)
+        # A flagged image stays blacked out; others get the exact input outside the mask.
+        images = [
+            img if bad else keep_unmasked(img, image, mask)
+            for img, bad in zip(images, flagged, strict=True)
+        ]
+        return images, nsfw
+
+    def _style(self, task: GenerationTask, hook: _StepHook) -> tuple[list[Image.Image], list[bool]]:
+        content = _input_rgb(task, task.init_image, "content_image")
+        style = decode_rgb(_need(task.style_image, "style_image", task))
+        if task.style_strength <= 0:
+            # No style asked for: the content itself (a VAE round trip would only blur it).
+            return [content] * task.num_images, []
+        strength = style_denoise_strength(task.style_strength, task.content_strength)
+        if self._ip_adapter is not None:
+            pipe = self._pipes.img2img()
+            with self._ip_adapter.attached(pipe, scale=task.style_strength):
+                return self._img2img(task, hook, content, strength, ip_adapter_image=style)
+        start = adain_start_image(self._pipes.base, content, style, task.style_strength)
+        return self._img2img(task, hook, start, strength)
+
+    def _call(
+        self, pipe: DiffusionPipeline, task: GenerationTask, hook: _StepHook, **kwargs: Any
+    ) -> tuple[list[Image.Image], list[bool]]:
+        # Fresh scheduler per call: schedulers keep per-run state.
+        pipe.scheduler = self._samplers.make(task.sampler)
+        # Same test as the pipelines' `do_classifier_free_guidance`.
+        cfg = task.guidance_scale > 1 and pipe.unet.config.time_cond_proj_dim is None
+        self._pipes.unet.blocks = 2 if cfg else 1
+        output = pipe(
+            prompt=task.prompt,
+            negative_prompt=task.negative_prompt or None,
+            num_inference_steps=task.steps,
+            guidance_scale=task.guidance_scale,
+            num_images_per_prompt=task.num_images,
+            # CPU generators: the same seed gives the same image on any device.
+            generator=[torch.Generator(device="cpu").manual_seed(s) for s in task.seeds],
+            callback_on_step_end=hook,
+            output_type="pil",
+            **kwargs,
+        )
+        if hook.stopped:
+            raise Interrupted(f"task {task.job_id} was stopped after {hook.steps} step(s)")
+        flags = output.nsfw_content_detected
+        return list(output.images), [bool(f) for f in flags] if flags is not None else []
+
+
+class _StepHook:
+    """The pipeline's `callback_on_step_end`: reports progress and requests interruption."""
+
+    def __init__(self, on_step: StepCallback | None, should_stop: StopCheck | None) -> None:
+        self._on_step = on_step
+        self._should_stop = should_stop
+        self.steps = 0
+        self.stopped = False
+
+    def __call__(
+        self, pipe: DiffusionPipeline, step: int, timestep: Any, tensors: dict[str, Any]
+    ) -> dict[str, Any]:
+        self.steps = step + 1
+        if self._on_step is not None:
+            self._on_step(step + 1, int(pipe.num_timesteps))
+        if self._should_stop is not None and self._should_stop():
+            # diffusers' supported way to stop: the loop skips the remaining steps.
+            pipe._interrupt = True
+            self.stopped = True
+        return tensors
+
+
+def _strength(strength: float, steps: int) -> float:
+    """At least one denoising step: diffusers refuses `int(steps * strength) == 0`."""
+    floor = (1.0 + 1e-6) / steps
+    return min(1.0, max(strength, floor))
+
+
+def _blank_canvas(task: GenerationTask) -> tuple[Image.Image, Image.Image]:
+    """Image and all-white mask that make an inpainting model draw from scratch."""
+    size = (task.width, task.height)
+    return Image.new("RGB", size, (127, 127, 127)), Image.new("L", size, 255)
+
+
+def _need(image: InputImage | None, name: str, task: GenerationTask) -> InputImage:
+    if image is None:
+        raise InvalidRequest(f"{task.mode.value} needs '{name}'")
+    return image
+
+
+def _input_rgb(task: GenerationTask, image: InputImage | None, name: str) -> Image.Image:
+    """An input image decoded and resized to the task's output size."""
+    return fit(decode_rgb(_need(image, name, task)), task.width, task.height)
+
+
+def _ip_adapter(spec: ModelSpec, settings: Settings) -> IPAdapter | None:
+    if not spec.ip_adapter:
+        return None
+    weights = resolve_model_file(settings, spec.ip_adapter)
+    encoder = (
+        resolve_model_file(settings, spec.image_encoder)
+        if spec.image_encoder
+        else (weights if weights.is_dir() else weights.parent) / "image_encoder"
+    )
+    return IPAdapter(weights, encoder)

@@ -1,0 +1,108 @@
+"""`ModelWorker`: the asyncio bridge a Ray Serve model replica delegates to.
+
+Plain Python, testable without Ray. The replica's event loop must stay free (health checks,
+new requests, cancellations), so the blocking pipeline call runs in a thread
+(`asyncio.to_thread`) and its per-step progress comes back through an `asyncio.Queue` fed
+with `loop.call_soon_threadsafe`.
+
+Contract of `stream(task)`:
+- One pipeline call at a time per worker (an `asyncio.Lock`); other tasks wait their turn.
+- Events, in order: `Started(replica)`, `Progress(step, total)` per denoising step,
+  `Finished(result)` with `result.replica` set. A runner error propagates unchanged.
+- If the consumer goes away (its task is cancelled at an `await`, or it closes the
+  generator with `aclose()`), the runner is told to stop at its next step, and the worker
+  waits for the thread to finish before re-raising: the lock is released only once the
+  pipeline is free, so the next task never overlaps a dying one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import threading
+from collections.abc import AsyncIterator, Callable
+from typing import Protocol, cast
+
+from serve_app.schemas import (
+    Finished,
+    GenerationResult,
+    GenerationTask,
+    Progress,
+    ReplicaEvent,
+    Started,
+)
+
+
+class Runner(Protocol):
+    """What the worker needs of a `ModelRunner` (tests pass hand-written fakes)."""
+
+    def generate(
+        self,
+        task: GenerationTask,
+        on_step: Callable[[int, int], None] | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> GenerationResult: ...
+
+
+_DONE = object()  # queue sentinel: the pipeline thread has finished
+
+
+class ModelWorker:
+    """Runs tasks on one runner, one at a time, streaming their progress."""
+
+    def __init__(self, runner: Runner, replica_name: str) -> None:
+        self.runner = runner
+        self.replica_name = replica_name
+        self._lock = asyncio.Lock()
+
+    @property
+    def busy(self) -> bool:
+        return self._lock.locked()
+
+    async def stream(self, task: GenerationTask) -> AsyncIterator[ReplicaEvent]:
+        async with self._lock:
+            yield Started(self.replica_name)
+            loop = asyncio.get_running_loop()
+            queue: asyncio.Queue[object] = asyncio.Queue()
+            stop = threading.Event()
+
+            def on_step(step: int, total: int) -> None:
+                loop.call_soon_threadsafe(queue.put_nowait, Progress(step, total))
+
+            job = asyncio.ensure_future(
+                asyncio.to_thread(self.runner.generate, task, on_step, stop.is_set)
+            )
+            # Scheduled after every progress item the thread queued, so it arrives last.
+            job.add_done_callback(lambda _: queue.put_nowait(_DONE))
+            try:
+                while (item := await queue.get()) is not _DONE:
+                    yield cast(Progress, item)  # only Progress items and _DONE are queued
+            except BaseException:
+                # Cancelled, closed (GeneratorExit) or failed: stop the pipeline, wait for it.
+                stop.set()
+                await _settle(job)
+                raise
+            result = await job
+        yield Finished(dataclasses.replace(result, replica=self.replica_name))
+
+    async def generate(self, task: GenerationTask) -> GenerationResult:
+        """Run `task` to completion and return its result (progress is dropped)."""
+        stream = self.stream(task)
+        try:
+            async for event in stream:
+                if isinstance(event, Finished):
+                    return event.result
+        finally:
+            await stream.aclose()
+        raise RuntimeError("the worker's stream ended without a result")  # unreachable
+
+
+async def _settle(job: asyncio.Future[GenerationResult]) -> None:
+    """Wait until `job` is done, through repeated cancellations, ignoring its outcome."""
+    while not job.done():
+        # Shielded: cancelling us must not cancel the wait for the thread.
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await asyncio.shield(job)
+    if not job.cancelled():
+        job.exception()  # mark the outcome as retrieved: no "never retrieved" warning
