@@ -26,9 +26,10 @@ def settings(tmp_path: Path) -> Settings:
                     model_path=str(tmp_path / "weights"), store="memory")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def serve_harness(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
-    """One local Ray + Serve for the whole session, with the default app deployed."""
+    """A local Ray + Serve per test module (modules may need differently shaped clusters),
+    with the default app deployed."""
     from tests import serve_harness as harness_module
 
     gen = harness_module.start(tmp_path_factory.mktemp("e2e"))

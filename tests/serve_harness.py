@@ -1,7 +1,8 @@
-"""A real Ray Serve application on loopback, shared by the end-to-end tests of a session.
+"""A real Ray Serve application on loopback, shared by the end-to-end tests of a module.
 
-Ray start-up costs ~15 s a cycle here, so one local Ray and one deployment of the app serve
-every e2e test; tests that need another shape of the app redeploy it with `deploy()`.
+Ray start-up costs ~15 s a cycle here, so each e2e module shares one local Ray and one
+deployment of the app; a test that needs another shape of the app redeploys it with
+`deploy()`.
 """
 
 from __future__ import annotations
