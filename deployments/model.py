@@ -26,8 +26,9 @@ class ModelReplica:
         name = f"{spec.id}#{context.replica_id.unique_id}"
         self._worker = ModelWorker(ModelRunner(spec, settings), replica_name=name)
 
-    async def run(self, task: GenerationTask) -> AsyncGenerator[ReplicaEvent, None]:
-        """Streams Started, Progress per denoising step, then Finished. A caller that
+    async def run(self, tasks: list[GenerationTask]) -> AsyncGenerator[ReplicaEvent, None]:
+        """Streams Started, Progress per denoising step, then one Finished per task (a
+        batch of compatible jobs runs as one pipeline call). A caller that
         cancels the stream interrupts the pipeline at its next step."""
-        async for event in self._worker.stream(task):
+        async for event in self._worker.stream(tasks):
             yield event

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any
 
 from ray import serve
@@ -26,6 +26,7 @@ from serve_app.tracker import JobTracker
 log = logging.getLogger(__name__)
 
 PRUNE_EVERY_S = 300
+REPLICAS_EVERY_S = 1.0
 
 
 def model_deployment_name(model_id: str) -> str:
@@ -38,8 +39,10 @@ class ServeDispatcher:
     def __init__(self, handles: dict[str, DeploymentHandle]) -> None:
         self._handles = {m: h.options(stream=True) for m, h in handles.items()}
 
-    async def run(self, model_id: str, task: GenerationTask) -> AsyncGenerator[ReplicaEvent, None]:
-        response = self._handles[model_id].run.remote(task)
+    async def run(
+        self, model_id: str, tasks: list[GenerationTask]
+    ) -> AsyncGenerator[ReplicaEvent, None]:
+        response = self._handles[model_id].run.remote(tasks)
         finished = False
         try:
             async for event in response:
@@ -78,22 +81,31 @@ class Tracker:
             dispatcher=ServeDispatcher(models), served=served,
         )
         self._started: asyncio.Task[None] | None = None
+        self._watch: asyncio.Task[None] | None = None
 
     async def _ready(self) -> JobTracker:
         # Recovery needs the replica's event loop, which the constructor does not run on.
         if self._started is None:
             recovered = self._tracker.recover()
             log.info("tracker started; %d unfinished job(s) re-queued", recovered)
-            self._started = asyncio.get_running_loop().create_task(self._prune_forever())
+            loop = asyncio.get_running_loop()
+            self._started = loop.create_task(self._every(PRUNE_EVERY_S, self._prune))
+            self._watch = loop.create_task(self._every(REPLICAS_EVERY_S, self._refresh))
         return self._tracker
 
-    async def _prune_forever(self) -> None:
+    async def _prune(self) -> None:
+        self._tracker.prune()
+
+    async def _refresh(self) -> None:
+        await self._tracker.refresh_replicas()
+
+    async def _every(self, period_s: float, work: Callable[[], Awaitable[None]]) -> None:
         while True:
             try:
-                self._tracker.prune()
+                await work()
             except Exception:
-                log.exception("pruning finished jobs failed; will retry")
-            await asyncio.sleep(PRUNE_EVERY_S)
+                log.exception("periodic %s failed; will retry", work.__name__)
+            await asyncio.sleep(period_s)
 
     async def check_health(self) -> None:
         await self._ready()

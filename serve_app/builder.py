@@ -39,7 +39,9 @@ def model_options(spec: ModelSpec) -> dict[str, Any]:
         "name": model_deployment_name(spec.id),
         "ray_actor_options": spec.resources.ray_actor_options(),
         "autoscaling_config": spec.scaling.autoscaling_config(),
-        "max_ongoing_requests": spec.scaling.max_batch_size,
+        # One call at a time per replica (a batch of jobs is one call): calls beyond the
+        # ready replicas queue in Serve's router, which is the demand autoscaling sees.
+        "max_ongoing_requests": 1,
         "graceful_shutdown_timeout_s": spec.scaling.graceful_shutdown_timeout_s,
     }
 

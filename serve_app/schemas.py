@@ -191,6 +191,14 @@ class GenerationTask:
     def seeds(self) -> list[int]:
         return [(self.seed + i) % (MAX_SEED + 1) for i in range(self.num_images)]
 
+    def batch_key(self) -> tuple[Any, ...] | None:
+        """Tasks with equal keys can share one pipeline call (prompts and seeds may
+        differ). Only text2img batches: the other modes carry per-job input images."""
+        if self.mode is not JobType.TEXT2IMG:
+            return None
+        return (self.mode, self.width, self.height, self.steps, self.sampler,
+                self.guidance_scale, self.output_format, self.quality)
+
 
 @dataclass(frozen=True)
 class GenerationResult:
@@ -203,6 +211,7 @@ class GenerationResult:
     time_taken_ms: int = 0
     model: str = ""
     replica: str = ""
+    job_id: str = ""
 
 
 # Events a replica streams back while it works on a task.

@@ -55,7 +55,9 @@ MAX_PAGE = 500
 class Dispatcher(Protocol):
     """How tasks reach model replicas. Closing the stream early must cancel the task."""
 
-    def run(self, model_id: str, task: GenerationTask) -> AsyncGenerator[ReplicaEvent, None]: ...
+    def run(
+        self, model_id: str, tasks: list[GenerationTask]
+    ) -> AsyncGenerator[ReplicaEvent, None]: ...
 
     async def replica_counts(self) -> dict[str, int]: ...
 
@@ -85,9 +87,12 @@ class JobTracker:
         self._queues: dict[str, list[tuple[int, int, str]]] = {m: [] for m in served}
         self._sequence = 0
         self._running: dict[str, asyncio.Task[None]] = {}
-        self._inflight: dict[str, int] = dict.fromkeys(served, 0)
+        self._batches: dict[asyncio.Task[None], list[Job]] = {}
+        self._calls: dict[str, int] = dict.fromkeys(served, 0)  # replica calls in flight
+        self._inflight: dict[str, int] = dict.fromkeys(served, 0)  # jobs in those calls
         self._recent: OrderedDict[str, bytes] = OrderedDict()
         self._waiting = 0  # queued in the tracker, not yet handed to a replica
+        self._replicas: dict[str, int] = {}  # ready replicas per model, as last seen
         self._closing = False
         self._counts = dict.fromkeys(JobStatus, 0)
         self._done_count = 0
@@ -230,8 +235,9 @@ class JobTracker:
         if running is None:
             self._waiting -= 1
         self._finish(job, lambda j: j.cancel(self._clock()))
-        if running is not None:
-            # Closing the replica's stream interrupts the pipeline at its next step.
+        if running is not None and all(j.status.is_terminal() for j in self._batches[running]):
+            # Closing the replica's stream interrupts the pipeline at its next step. A job
+            # cancelled out of a batch with live jobs just has its result dropped.
             running.cancel()
         return {"success": True, "id": job_id, "status": job.status.value}
 
@@ -247,8 +253,18 @@ class JobTracker:
             "maxQueueSize": self._settings.max_queue_size,
         }
 
-    async def models(self) -> dict[str, Any]:
+    async def refresh_replicas(self) -> dict[str, int]:
+        """Ask how many replicas each model has ready; jobs waiting on a cold start learn
+        when their model is up."""
         counts = await self._dispatcher.replica_counts()
+        self._replicas = counts
+        for job in self._active.values():
+            if job.phase == "loading_model" and counts.get(job.model, 0) > 0:
+                job.phase = "waiting_for_replica"
+        return counts
+
+    async def models(self) -> dict[str, Any]:
+        counts = await self.refresh_replicas()
         out = []
         for spec in self._registry.models:
             served = spec.id in self._served
@@ -279,72 +295,133 @@ class JobTracker:
         self._waiting += 1
         heapq.heappush(self._queues[job.model], (job.priority.rank, self._sequence, job.id))
 
-    def _capacity(self, model: str) -> int:
-        # What the replicas can run at once. Requests past one replica's share wait in
-        # Serve's router, where the autoscaler counts them as demand and adds replicas.
+    def _call_slots(self, model: str) -> int:
+        # One pipeline call per replica at a time. Calls past the ready replicas wait in
+        # Serve's router, where the autoscaler sees them as demand and adds replicas, up
+        # to max_replicas; jobs past that wait here, where priority and batching apply.
         spec = self._registry.get(model)
-        scaling = spec.scaling if spec else None
-        per_model = scaling.max_replicas * scaling.max_batch_size if scaling else 1
-        return min(per_model, self._settings.max_concurrent_jobs)
+        return spec.scaling.max_replicas if spec else 1
 
-    def _pump(self, model: str) -> None:
+    def _batch_size(self, model: str) -> int:
+        spec = self._registry.get(model)
+        return spec.scaling.max_batch_size if spec else 1
+
+    def _next_waiting(self, model: str) -> Job | None:
         queue = self._queues[model]
-        while not self._closing and queue and self._inflight[model] < self._capacity(model):
+        while queue:
             _, _, job_id = heapq.heappop(queue)
             job = self._active.get(job_id)
-            if job is None or job.status is not JobStatus.QUEUED or job_id in self._running:
-                continue  # cancelled while it waited (and counted off then)
-            self._waiting -= 1
-            self._inflight[model] += 1
-            job.phase = "dispatched"
-            self._running[job_id] = asyncio.get_running_loop().create_task(
-                self._run(job), name=f"job {job_id}"
-            )
+            if job is not None and job.status is JobStatus.QUEUED and job_id not in self._running:
+                self._waiting -= 1
+                return job
+            # else: cancelled while it waited (and counted off then)
+        return None
 
-    async def _run(self, job: Job) -> None:
-        assert job.task is not None  # set on submit and kept until the job ends
+    def _take_compatible(self, model: str, lead: Job, room: int) -> list[Job]:
+        """Up to `room` waiting jobs that can share `lead`'s pipeline call, in queue order."""
+        assert lead.task is not None
+        key = lead.task.batch_key()
+        if key is None or room <= 0:
+            return []
+        queue = self._queues[model]
+        taken: list[Job] = []
+        for entry in sorted(queue):
+            job = self._active.get(entry[2])
+            if (job is not None and job.status is JobStatus.QUEUED and job.task is not None
+                    and job.id not in self._running and job.task.batch_key() == key):
+                taken.append(job)
+                if len(taken) == room:
+                    break
+        if taken:
+            ids = {j.id for j in taken}
+            queue[:] = [e for e in queue if e[2] not in ids]
+            heapq.heapify(queue)
+            self._waiting -= len(taken)
+        return taken
+
+    def _pump(self, model: str) -> None:
+        loop = asyncio.get_running_loop()
+        while (not self._closing and self._calls[model] < self._call_slots(model)
+               and self._inflight[model] < self._settings.max_concurrent_jobs):
+            lead = self._next_waiting(model)
+            if lead is None:
+                return
+            room = min(self._batch_size(model),
+                       self._settings.max_concurrent_jobs - self._inflight[model]) - 1
+            batch = [lead, *self._take_compatible(model, lead, room)]
+            # With no ready replica the jobs wait for one to start (scale from zero).
+            phase = "loading_model" if self._replicas.get(model, 0) == 0 else "waiting_for_replica"
+            for job in batch:
+                job.phase = phase
+            self._calls[model] += 1
+            self._inflight[model] += len(batch)
+            name = f"jobs {lead.id}+{len(batch) - 1}"
+            task = loop.create_task(self._run(model, batch), name=name)
+            self._batches[task] = batch
+            for job in batch:
+                self._running[job.id] = task
+
+    async def _run(self, model: str, batch: list[Job]) -> None:
+        """One replica call for `batch` (one job, or compatible jobs sharing a pipeline
+        call): consume its events, record each transition, settle every job."""
+        tasks = [job.task for job in batch if job.task is not None]
+        by_id = {job.id: job for job in batch}
         timeout_s = self._settings.job_timeout_ms / 1000
         loop = asyncio.get_running_loop()
+        outcome: tuple[str, str] | None = None
         try:
             # The deadline covers the wait for a replica (a cold start included), then
-            # restarts when the replica takes the job.
+            # restarts when the replica takes the jobs.
             async with (
                 asyncio.timeout(loop.time() + timeout_s) as deadline,
-                aclosing(self._dispatcher.run(job.model, job.task)) as events,
+                aclosing(self._dispatcher.run(model, tasks)) as events,
             ):
                 async for event in events:
-                    if job.status.is_terminal():
-                        break  # cancelled while the replica worked
+                    live = [j for j in batch if not j.status.is_terminal()]
+                    if not live:
+                        break  # every job was cancelled while the replica worked
                     if isinstance(event, Started):
                         deadline.reschedule(loop.time() + timeout_s)
-                        self._transition(job, JobStatus.QUEUED, JobStatus.PROCESSING,
-                                         lambda j, e=event: j.start(self._clock(), e.replica))
-                    elif isinstance(event, Progress) and job.status is JobStatus.PROCESSING:
-                        job.report_progress(event.step, event.total)
+                        for job in live:
+                            self._transition(job, JobStatus.QUEUED, JobStatus.PROCESSING,
+                                             lambda j, e=event: j.start(self._clock(), e.replica))
+                    elif isinstance(event, Progress):
+                        for job in live:
+                            if job.status is JobStatus.PROCESSING:
+                                job.report_progress(event.step, event.total)
                     elif isinstance(event, Finished):
-                        self._complete(job, event.result)
-                        break
+                        job = by_id.get(event.result.job_id) or batch[0]
+                        if not job.status.is_terminal():
+                            self._complete(job, event.result)
         except TimeoutError:
-            self._fail(job, f"Job timed out after {timeout_s:g} s (JOB_TIMEOUT) and was stopped")
+            outcome = ("fail", f"Job timed out after {timeout_s:g} s (JOB_TIMEOUT) and was "
+                               "stopped")
         except ReplicaLost as exc:
-            self._replica_lost(job, str(exc))
+            outcome = ("lost", str(exc))
         except asyncio.CancelledError:
-            # Either cancel() (the job is already terminal) or close(): then the job stays
-            # as stored, and the next start re-queues it.
-            if not job.status.is_terminal() and not self._closing:
-                self._fail(job, "The job's run was cancelled unexpectedly")
-        except Exception as exc:  # the pipeline raised: the job fails, the service goes on
-            log.exception("job %s failed", job.id)
-            self._fail(job, f"Generation failed: {type(exc).__name__}: {exc}")
+            # Either cancel() (the jobs are already terminal) or close(): then the jobs stay
+            # as stored, and the next start re-queues them.
+            if not self._closing:
+                outcome = ("fail", "The job's run was cancelled unexpectedly")
+        except Exception as exc:  # the pipeline raised: its jobs fail, the service goes on
+            log.exception("jobs %s failed", list(by_id))
+            outcome = ("fail", f"Generation failed: {type(exc).__name__}: {exc}")
         else:
-            if not job.status.is_terminal():
-                self._replica_lost(job, "the replica ended the job without a result")
+            outcome = ("lost", "the replica ended the job without a result")
         finally:
-            self._running.pop(job.id, None)
-            self._inflight[job.model] -= 1
-            if job.status.is_terminal():
-                self._active.pop(job.id, None)
-            self._pump(job.model)
+            for job in batch:
+                if outcome is not None and not job.status.is_terminal():
+                    if outcome[0] == "lost":
+                        self._replica_lost(job, outcome[1])
+                    else:
+                        self._fail(job, outcome[1])
+                self._running.pop(job.id, None)
+                if job.status.is_terminal():
+                    self._active.pop(job.id, None)
+            self._batches.pop(asyncio.current_task(), None)  # type: ignore[arg-type]
+            self._calls[model] -= 1
+            self._inflight[model] -= len(batch)
+            self._pump(model)
 
     def _complete(self, job: Job, result: GenerationResult) -> None:
         now = self._clock()
@@ -429,7 +506,7 @@ class JobTracker:
 
     def _retry_after_s(self) -> int:
         avg_s = (self._done_ms / self._done_count / 1000) if self._done_count else 5.0
-        slots = max(1, sum(self._capacity(m) for m in self._served))
+        slots = max(1, sum(self._call_slots(m) * self._batch_size(m) for m in self._served))
         return max(1, min(300, round(avg_s * self._waiting / slots)))
 
 

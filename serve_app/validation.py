@@ -137,7 +137,8 @@ def build_submission(
     )
     for field, img in decoded.items():
         echo[to_camel(field)] = images.describe(img)
-    return Submission(job_type, spec.id, req.priority, echo, task, idempotency_key)
+    return Submission(job_type, _target(job_type, spec, served), req.priority, echo, task,
+                      idempotency_key)
 
 
 def resolve_model(model_id: str, registry: Registry, served: frozenset[str]) -> ModelSpec:
@@ -152,6 +153,15 @@ def resolve_model(model_id: str, registry: Registry, served: frozenset[str]) -> 
             f"(under MODEL_PATH) and restart, or use one of: {', '.join(sorted(served))}"
         )
     return spec
+
+
+def _target(job_type: JobType, spec: ModelSpec, served: frozenset[str]) -> str:
+    """The model that runs the job: inpainting goes to the base model's dedicated
+    inpainting model when the registry names one and it is served, else the base model
+    runs it in legacy (4-channel) mode."""
+    if job_type is JobType.INPAINT and spec.inpainting_model and spec.inpainting_model in served:
+        return spec.inpainting_model
+    return spec.id
 
 
 def _check_text(name: str, value: str, max_chars: int) -> None:

@@ -45,28 +45,34 @@ class FakeDispatcher:
     explode: str | None = None
     replicas: dict[str, int] = field(default_factory=dict)
     calls: list[tuple[str, GenerationTask]] = field(default_factory=list)
+    batches: list[list[str]] = field(default_factory=list)
     closed: list[str] = field(default_factory=list)
     started: list[str] = field(default_factory=list)
 
-    async def run(self, model_id: str, task: GenerationTask) -> AsyncGenerator[ReplicaEvent, None]:
-        self.calls.append((model_id, task))
+    async def run(
+        self, model_id: str, tasks: list[GenerationTask]
+    ) -> AsyncGenerator[ReplicaEvent, None]:
+        self.calls.extend((model_id, task) for task in tasks)
+        self.batches.append([task.job_id for task in tasks])
+        steps = tasks[0].steps
         try:
             yield Started(replica=f"{model_id}#fake")
-            self.started.append(task.job_id)
+            self.started.extend(task.job_id for task in tasks)
             if self.lose > 0:
                 self.lose -= 1
                 raise ReplicaLost("fake replica killed")
             if self.explode:
                 raise RuntimeError(self.explode)
-            for step in range(1, task.steps + 1):
-                yield Progress(step, task.steps)
+            for step in range(1, steps + 1):
+                yield Progress(step, steps)
                 if self.hold is not None and step == 1:
                     await self.hold.wait()
-            images = [fake_image(task, s) for s in task.seeds]
-            yield Finished(GenerationResult(images, task.seeds, "image/png", model=model_id,
-                                            replica=f"{model_id}#fake"))
+            for task in tasks:
+                images = [fake_image(task, s) for s in task.seeds]
+                yield Finished(GenerationResult(images, task.seeds, "image/png", model=model_id,
+                                                replica=f"{model_id}#fake", job_id=task.job_id))
         finally:
-            self.closed.append(task.job_id)
+            self.closed.extend(task.job_id for task in tasks)
 
     async def replica_counts(self) -> dict[str, int]:
         return dict(self.replicas)

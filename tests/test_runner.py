@@ -288,3 +288,29 @@ def test_weights_that_are_neither_folder_nor_checkpoint_are_a_config_error(
 def test_cuda_requested_without_a_gpu_falls_back_to_the_cpu() -> None:
     assert resolve_device("cuda") == "cpu"
     assert resolve_device("auto") == "cpu"
+
+
+@pytest.mark.parametrize("sampler", ["euler_a", "dpm++_2m", "ddim"])
+def test_jobs_batched_into_one_call_equal_each_job_made_alone(
+    runner: ModelRunner, sampler: str
+) -> None:
+    tasks = [
+        make_task(job_id="a", prompt="a red barn", seed=3, sampler=sampler),
+        make_task(job_id="b", prompt="a blue sea", seed=9, num_images=2, sampler=sampler,
+                  negative_prompt="blurry"),
+        make_task(job_id="c", prompt="a red barn", seed=11, sampler=sampler),
+    ]
+    steps: list[tuple[int, int]] = []
+    batched = runner.generate_batch(tasks, on_step=lambda s, t: steps.append((s, t)))
+    alone = [runner.generate(t) for t in tasks]
+    assert [r.job_id for r in batched] == ["a", "b", "c"]
+    assert [r.seeds for r in batched] == [[3], [9, 10], [11]]
+    assert [r.images for r in batched] == [r.images for r in alone]
+    assert len(steps) == len({s for s, _ in steps})  # one progress stream for the batch
+
+
+def test_incompatible_tasks_in_a_batch_run_one_after_another(runner: ModelRunner) -> None:
+    tasks = [make_task(job_id="a"), make_task(job_id="b", width=128)]
+    results = runner.generate_batch(tasks)
+    assert [r.job_id for r in results] == ["a", "b"]
+    assert results[1].images == runner.generate(tasks[1]).images

@@ -242,3 +242,96 @@ async def test_models_report_live_replicas(registry, settings) -> None:
     assert models["tiny-sd"]["loaded"] is True and models["tiny-sd"]["replicas"] == 1
     assert models["tiny-sd-inpaint"]["loaded"] is False
     assert models["sdxl"]["served"] is False and models["sdxl"]["loaded"] is False
+
+
+async def test_a_job_for_a_model_with_no_replica_says_it_waits_for_loading(
+    registry, settings
+) -> None:
+    dispatcher = FakeDispatcher(hold=asyncio.Event())
+    tracker = make_tracker(registry, settings, dispatcher)
+    dispatcher.hold = None
+    # The fake starts jobs at once; stop it from doing so to observe the wait.
+    started = asyncio.Event()
+
+    async def never_started(model_id, task):  # type: ignore[no-untyped-def]
+        await started.wait()
+        yield  # pragma: no cover
+
+    dispatcher.run = never_started  # type: ignore[method-assign]
+    cold = tracker.submit(submission(registry, settings))
+    await settle()
+    assert record(tracker, cold["id"])["phase"] == "loading_model"
+    dispatcher.replicas = {"tiny-sd": 1}
+    await tracker.refresh_replicas()
+    assert record(tracker, cold["id"])["phase"] == "waiting_for_replica"
+
+
+async def test_inpainting_runs_on_the_registry_inpainting_model(registry, settings) -> None:
+    import base64 as b64
+    import io
+
+    from PIL import Image
+
+    def uri(color: str) -> str:
+        buf = io.BytesIO()
+        Image.new("RGB", (64, 64), color).save(buf, "PNG")
+        return "data:image/png;base64," + b64.b64encode(buf.getvalue()).decode()
+
+    sub = build_submission(JobType.INPAINT, {"prompt": "x", "image": uri("red"),
+                                             "mask": uri("white")},
+                           settings=settings, registry=registry, served=SERVED)
+    assert sub.model == "tiny-sd-inpaint" and sub.request["model"] == "tiny-sd"
+    legacy = build_submission(JobType.INPAINT, {"prompt": "x", "image": uri("red"),
+                                                "mask": uri("white")},
+                              settings=settings, registry=registry,
+                              served=frozenset({"tiny-sd"}))
+    assert legacy.model == "tiny-sd"
+
+
+def batching_registry(registry: Registry, size: int) -> Registry:
+    data = registry.model_dump()
+    data["models"][0]["scaling"]["max_batch_size"] = size
+    return Registry.model_validate(data)
+
+
+async def test_compatible_waiting_jobs_share_one_replica_call(registry, settings) -> None:
+    registry = batching_registry(registry, 4)
+    dispatcher = FakeDispatcher(hold=asyncio.Event())
+    tracker = make_tracker(registry, settings, dispatcher)
+    first = tracker.submit(submission(registry, settings))
+    await settle()
+    same = [tracker.submit(submission(registry, settings, prompt=f"p{i}", seed=i))
+            for i in range(5)]
+    other = tracker.submit(submission(registry, settings, width=128))
+    dispatcher.hold.set()
+    for _ in range(5):
+        await settle()
+    assert dispatcher.batches == [
+        [first["id"]],
+        [j["id"] for j in same[:4]],
+        [same[4]["id"]],  # the bigger job cannot join it
+        [other["id"]],
+    ]
+    for job in [first, *same, other]:
+        done = record(tracker, job["id"])
+        assert done["status"] == "completed"
+        assert done["result"]["seed"] == job["request"]["seed"]
+    assert tracker.queue_status()["completedJobs"] == 7
+
+
+async def test_cancelling_one_job_of_a_batch_keeps_the_others(registry, settings) -> None:
+    registry = batching_registry(registry, 4)
+    dispatcher = FakeDispatcher(hold=asyncio.Event())
+    tracker = make_tracker(registry, settings, dispatcher)
+    blocker = tracker.submit(submission(registry, settings))
+    await settle()
+    jobs = [tracker.submit(submission(registry, settings, seed=i)) for i in range(3)]
+    tracker.cancel(blocker["id"])  # the whole first call goes: its only job is cancelled
+    await settle()
+    assert dispatcher.batches[1] == [j["id"] for j in jobs]
+    tracker.cancel(jobs[1]["id"])
+    dispatcher.hold.set()
+    await settle()
+    statuses = [record(tracker, j["id"])["status"] for j in jobs]
+    assert statuses == ["completed", "cancelled", "completed"]
+    assert blocker["id"] in dispatcher.closed

@@ -18,6 +18,7 @@ Contract of `generate(task, on_step, should_stop)`:
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from collections.abc import Callable
@@ -124,6 +125,65 @@ class ModelRunner:
             model=self.spec.id,
         )
 
+    def generate_batch(
+        self,
+        tasks: list[GenerationTask],
+        on_step: StepCallback | None = None,
+        should_stop: StopCheck | None = None,
+    ) -> list[GenerationResult]:
+        """Several jobs' tasks in one pipeline call when they share a `batch_key` (and the
+        pipeline is a plain SD text2img one), else one call after another. Each image is
+        byte-identical to the one its task would make alone."""
+        keys = {t.batch_key() for t in tasks}
+        if len(tasks) == 1 or None in keys or len(keys) > 1 or not self._batchable():
+            return [dataclasses.replace(self.generate(t, on_step, should_stop), job_id=t.job_id)
+                    for t in tasks]
+        started = time.perf_counter()
+        with self._lock:
+            if should_stop is not None and should_stop():
+                raise Interrupted(f"batch of {len(tasks)} was stopped before it started")
+            images, nsfw = self._text2img_batch(tasks, _StepHook(on_step, should_stop))
+        elapsed = round((time.perf_counter() - started) * 1000)
+        results, offset = [], 0
+        for task in tasks:
+            n = task.num_images
+            encoded = [encode_image(img, task.output_format, task.quality)
+                       for img in images[offset:offset + n]]
+            results.append(GenerationResult(
+                images=encoded, seeds=task.seeds, content_type=task.output_format.content_type,
+                nsfw_detected=nsfw[offset:offset + n], time_taken_ms=elapsed,
+                model=self.spec.id, job_id=task.job_id,
+            ))
+            offset += n
+        return results
+
+    def _batchable(self) -> bool:
+        return self.spec.pipeline == "sd" and not self._pipes.inpaint_route
+
+    def _text2img_batch(
+        self, tasks: list[GenerationTask], hook: _StepHook
+    ) -> tuple[list[Image.Image], list[bool]]:
+        first = tasks[0]
+        pipe = self._pipes.text2img()
+        cfg = first.guidance_scale > 1 and pipe.unet.config.time_cond_proj_dim is None
+        # Each prompt is encoded on its own, exactly as an unbatched call encodes it (the
+        # text encoder's output also varies with batch shape).
+        positive, negative = [], []
+        for task in tasks:
+            pe, ne = pipe.encode_prompt(
+                task.prompt, pipe._execution_device, task.num_images, cfg,
+                negative_prompt=task.negative_prompt or None,
+            )
+            positive.append(pe)
+            negative.append(ne)
+        seeds = [s for task in tasks for s in task.seeds]
+        return self._call(
+            pipe, first, hook, seeds=seeds, prompt=None, negative_prompt=None,
+            num_images_per_prompt=1, prompt_embeds=torch.cat(positive),
+            negative_prompt_embeds=torch.cat(negative) if cfg else None,
+            width=first.width, height=first.height,
+        )
+
     # -- one pipeline call per mode -------------------------------------------------------
 
     def _run(self, task: GenerationTask, hook: _StepHook) -> tuple[list[Image.Image], list[bool]]:
@@ -211,24 +271,32 @@ class ModelRunner:
         return self._img2img(task, hook, start, strength)
 
     def _call(
-        self, pipe: DiffusionPipeline, task: GenerationTask, hook: _StepHook, **kwargs: Any
+        self,
+        pipe: DiffusionPipeline,
+        task: GenerationTask,
+        hook: _StepHook,
+        seeds: list[int] | None = None,
+        **kwargs: Any,
     ) -> tuple[list[Image.Image], list[bool]]:
         # Fresh scheduler per call: schedulers keep per-run state.
         pipe.scheduler = self._samplers.make(task.sampler)
         # Same test as the pipelines' `do_classifier_free_guidance`.
         cfg = task.guidance_scale > 1 and pipe.unet.config.time_cond_proj_dim is None
         self._pipes.unet.blocks = 2 if cfg else 1
+        call: dict[str, Any] = {
+            "prompt": task.prompt,
+            "negative_prompt": task.negative_prompt or None,
+            "num_images_per_prompt": task.num_images,
+        } | kwargs
         output = pipe(
-            prompt=task.prompt,
-            negative_prompt=task.negative_prompt or None,
             num_inference_steps=task.steps,
             guidance_scale=task.guidance_scale,
-            num_images_per_prompt=task.num_images,
             # CPU generators: the same seed gives the same image on any device.
-            generator=[torch.Generator(device="cpu").manual_seed(s) for s in task.seeds],
+            generator=[torch.Generator(device="cpu").manual_seed(s)
+                       for s in (seeds or task.seeds)],
             callback_on_step_end=hook,
             output_type="pil",
-            **kwargs,
+            **call,
         )
         if hook.stopped:
             raise Interrupted(f"task {task.job_id} was stopped after {hook.steps} step(s)")

@@ -44,6 +44,13 @@ class Runner(Protocol):
         should_stop: Callable[[], bool] | None = None,
     ) -> GenerationResult: ...
 
+    def generate_batch(
+        self,
+        tasks: list[GenerationTask],
+        on_step: Callable[[int, int], None] | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> list[GenerationResult]: ...
+
 
 _DONE = object()  # queue sentinel: the pipeline thread has finished
 
@@ -60,7 +67,12 @@ class ModelWorker:
     def busy(self) -> bool:
         return self._lock.locked()
 
-    async def stream(self, task: GenerationTask) -> AsyncIterator[ReplicaEvent]:
+    async def stream(
+        self, task: GenerationTask | list[GenerationTask]
+    ) -> AsyncIterator[ReplicaEvent]:
+        """One task, or several jobs' tasks run as one batch: one `Finished` per task, in
+        order, each result tagged with its task's `job_id`."""
+        tasks = task if isinstance(task, list) else [task]
         async with self._lock:
             yield Started(self.replica_name)
             loop = asyncio.get_running_loop()
@@ -70,9 +82,12 @@ class ModelWorker:
             def on_step(step: int, total: int) -> None:
                 loop.call_soon_threadsafe(queue.put_nowait, Progress(step, total))
 
-            job = asyncio.ensure_future(
-                asyncio.to_thread(self.runner.generate, task, on_step, stop.is_set)
-            )
+            def run() -> list[GenerationResult]:
+                if len(tasks) == 1:
+                    return [self.runner.generate(tasks[0], on_step, stop.is_set)]
+                return self.runner.generate_batch(tasks, on_step, stop.is_set)
+
+            job = asyncio.ensure_future(asyncio.to_thread(run))
             # Scheduled after every progress item the thread queued, so it arrives last.
             job.add_done_callback(lambda _: queue.put_nowait(_DONE))
             try:
@@ -83,8 +98,9 @@ class ModelWorker:
                 stop.set()
                 await _settle(job)
                 raise
-            result = await job
-        yield Finished(dataclasses.replace(result, replica=self.replica_name))
+            results = await job
+        for t, result in zip(tasks, results, strict=True):
+            yield Finished(dataclasses.replace(result, replica=self.replica_name, job_id=t.job_id))
 
     async def generate(self, task: GenerationTask) -> GenerationResult:
         """Run `task` to completion and return its result (progress is dropped)."""
@@ -98,7 +114,7 @@ class ModelWorker:
         raise RuntimeError("the worker's stream ended without a result")  # unreachable
 
 
-async def _settle(job: asyncio.Future[GenerationResult]) -> None:
+async def _settle(job: asyncio.Future[list[GenerationResult]]) -> None:
     """Wait until `job` is done, through repeated cancellations, ignoring its outcome."""
     while not job.done():
         # Shielded: cancelling us must not cancel the wait for the thread.
