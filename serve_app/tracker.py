@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import dataclasses
-import heapq
 import json
 import logging
 import time
@@ -32,6 +31,7 @@ from serve_app.errors import (
     ReplicaLost,
 )
 from serve_app.jobs import Job, JobResult, JobStatus, new_job_id
+from serve_app.queues import JobQueues
 from serve_app.registry import Registry
 from serve_app.schemas import (
     Finished,
@@ -84,14 +84,12 @@ class JobTracker:
         self._served = served
         self._clock = clock
         self._active: dict[str, Job] = {}
-        self._queues: dict[str, list[tuple[int, int, str]]] = {m: [] for m in served}
-        self._sequence = 0
+        self._queues = JobQueues(served)
         self._running: dict[str, asyncio.Task[None]] = {}
         self._batches: dict[asyncio.Task[None], list[Job]] = {}
         self._calls: dict[str, int] = dict.fromkeys(served, 0)  # replica calls in flight
         self._inflight: dict[str, int] = dict.fromkeys(served, 0)  # jobs in those calls
         self._recent: OrderedDict[str, bytes] = OrderedDict()
-        self._waiting = 0  # queued in the tracker, not yet handed to a replica
         self._replicas: dict[str, int] = {}  # ready replicas per model, as last seen
         self._closing = False
         self._counts = dict.fromkeys(JobStatus, 0)
@@ -118,9 +116,9 @@ class JobTracker:
                 self._transition(job, JobStatus.PROCESSING, JobStatus.QUEUED,
                                  lambda j: j.requeue("the service restarted while it ran"))
             self._active[job.id] = job
-            self._enqueue(job)
+            self._queues.push(job)
             recovered += 1
-        for model in self._queues:
+        for model in self._queues.models():
             self._pump(model)
         return recovered
 
@@ -148,9 +146,10 @@ class JobTracker:
                 return json.loads(self.get(existing))
         if sub.model not in self._served:
             raise InvalidRequest(f"Model {sub.model} is not served here")
-        if self._waiting >= self._settings.max_queue_size:
+        waiting = len(self._queues)
+        if waiting >= self._settings.max_queue_size:
             raise QueueFull(
-                f"Queue is full ({self._waiting} jobs waiting, MAX_QUEUE_SIZE is "
+                f"Queue is full ({waiting} jobs waiting, MAX_QUEUE_SIZE is "
                 f"{self._settings.max_queue_size}); retry later",
                 retry_after_s=self._retry_after_s(),
             )
@@ -168,7 +167,7 @@ class JobTracker:
         self._store.save(job)
         self._active[job.id] = job
         self._counts[JobStatus.QUEUED] += 1
-        self._enqueue(job)
+        self._queues.push(job)
         self._pump(job.model)
         return job.to_wire(self._queue_position(job))
 
@@ -232,8 +231,7 @@ class JobTracker:
             status = stored.status if stored else "finished"
             raise JobNotCancellable(f"Job {job_id} cannot be cancelled: it is already {status}")
         running = self._running.get(job_id)
-        if running is None:
-            self._waiting -= 1
+        self._queues.remove(job_id)
         self._finish(job, lambda j: j.cancel(self._clock()))
         if running is not None and all(j.status.is_terminal() for j in self._batches[running]):
             # Closing the replica's stream interrupts the pipeline at its next step. A job
@@ -290,11 +288,6 @@ class JobTracker:
 
     # -- dispatch ----------------------------------------------------------------------
 
-    def _enqueue(self, job: Job) -> None:
-        self._sequence += 1
-        self._waiting += 1
-        heapq.heappush(self._queues[job.model], (job.priority.rank, self._sequence, job.id))
-
     def _call_slots(self, model: str) -> int:
         # One pipeline call per replica at a time. Calls past the ready replicas wait in
         # Serve's router, where the autoscaler sees them as demand and adds replicas, up
@@ -306,49 +299,19 @@ class JobTracker:
         spec = self._registry.get(model)
         return spec.scaling.max_batch_size if spec else 1
 
-    def _next_waiting(self, model: str) -> Job | None:
-        queue = self._queues[model]
-        while queue:
-            _, _, job_id = heapq.heappop(queue)
-            job = self._active.get(job_id)
-            if job is not None and job.status is JobStatus.QUEUED and job_id not in self._running:
-                self._waiting -= 1
-                return job
-            # else: cancelled while it waited (and counted off then)
-        return None
-
-    def _take_compatible(self, model: str, lead: Job, room: int) -> list[Job]:
-        """Up to `room` waiting jobs that can share `lead`'s pipeline call, in queue order."""
-        assert lead.task is not None
-        key = lead.task.batch_key()
-        if key is None or room <= 0:
-            return []
-        queue = self._queues[model]
-        taken: list[Job] = []
-        for entry in sorted(queue):
-            job = self._active.get(entry[2])
-            if (job is not None and job.status is JobStatus.QUEUED and job.task is not None
-                    and job.id not in self._running and job.task.batch_key() == key):
-                taken.append(job)
-                if len(taken) == room:
-                    break
-        if taken:
-            ids = {j.id for j in taken}
-            queue[:] = [e for e in queue if e[2] not in ids]
-            heapq.heapify(queue)
-            self._waiting -= len(taken)
-        return taken
-
     def _pump(self, model: str) -> None:
         loop = asyncio.get_running_loop()
         while (not self._closing and self._calls[model] < self._call_slots(model)
                and self._inflight[model] < self._settings.max_concurrent_jobs):
-            lead = self._next_waiting(model)
+            lead = self._queues.pop(model)
             if lead is None:
                 return
             room = min(self._batch_size(model),
                        self._settings.max_concurrent_jobs - self._inflight[model]) - 1
-            batch = [lead, *self._take_compatible(model, lead, room)]
+            key = lead.task.batch_key() if lead.task else None
+            batch = [lead]
+            if key is not None:
+                batch += self._queues.take(model, key, _batch_key, room)
             # With no ready replica the jobs wait for one to start (scale from zero).
             phase = "loading_model" if self._replicas.get(model, 0) == 0 else "waiting_for_replica"
             for job in batch:
@@ -453,12 +416,12 @@ class JobTracker:
             log.warning("job %s lost its replica (%s); re-queued", job.id, reason)
             self._transition(job, JobStatus.PROCESSING, JobStatus.QUEUED,
                              lambda j: j.requeue(reason))
-            self._enqueue(job)
+            self._queues.push(job)
         elif job.status is JobStatus.QUEUED and job.attempts + 1 < self._settings.max_attempts:
             # Lost before it started (routing failed, replica died while it waited).
             job.attempts += 1
             job.phase = f"retrying: {reason}"
-            self._enqueue(job)
+            self._queues.push(job)
         else:
             self._fail(job, self._gave_up(job, reason))
 
@@ -498,16 +461,16 @@ class JobTracker:
         """1-based place among the model's waiting jobs; 0 once handed to a replica."""
         if job.status is not JobStatus.QUEUED:
             return None
-        if job.id in self._running:
-            return 0
-        waiting = sorted(e for e in self._queues.get(job.model, ()) if e[2] in self._active)
-        ids = [e[2] for e in waiting if self._active[e[2]].status is JobStatus.QUEUED]
-        return ids.index(job.id) + 1 if job.id in ids else None
+        return 0 if job.id in self._running else self._queues.position(job)
 
     def _retry_after_s(self) -> int:
         avg_s = (self._done_ms / self._done_count / 1000) if self._done_count else 5.0
         slots = max(1, sum(self._call_slots(m) * self._batch_size(m) for m in self._served))
-        return max(1, min(300, round(avg_s * self._waiting / slots)))
+        return max(1, min(300, round(avg_s * len(self._queues) / slots)))
+
+
+def _batch_key(job: Job) -> Any:
+    return job.task.batch_key() if job.task else None
 
 
 class InProcessBackend:

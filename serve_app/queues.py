@@ -1,0 +1,82 @@
+"""Waiting jobs, one priority queue per model: higher priority first, FIFO within one.
+
+Only jobs the tracker has not yet handed to a replica are here; the count of them is what
+MAX_QUEUE_SIZE bounds. Removal (a cancel) is lazy: the entry is marked dead and skipped.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Callable, Hashable, Iterable
+from dataclasses import dataclass, field
+
+from serve_app.jobs import Job
+
+
+@dataclass(order=True)
+class _Entry:
+    rank: int
+    sequence: int
+    job: Job = field(compare=False)
+    alive: bool = field(default=True, compare=False)
+
+
+class JobQueues:
+    def __init__(self, models: Iterable[str]) -> None:
+        self._heaps: dict[str, list[_Entry]] = {m: [] for m in models}
+        self._entries: dict[str, _Entry] = {}
+        self._sequence = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, job_id: object) -> bool:
+        return job_id in self._entries
+
+    def models(self) -> list[str]:
+        return list(self._heaps)
+
+    def push(self, job: Job) -> None:
+        self._sequence += 1
+        entry = _Entry(job.priority.rank, self._sequence, job)
+        self._entries[job.id] = entry
+        heapq.heappush(self._heaps[job.model], entry)
+
+    def remove(self, job_id: str) -> bool:
+        entry = self._entries.pop(job_id, None)
+        if entry is None:
+            return False
+        entry.alive = False
+        return True
+
+    def pop(self, model: str) -> Job | None:
+        heap = self._heaps[model]
+        while heap:
+            entry = heapq.heappop(heap)
+            if entry.alive:
+                del self._entries[entry.job.id]
+                return entry.job
+        return None
+
+    def take(
+        self, model: str, key: Hashable, key_of: Callable[[Job], Hashable], room: int
+    ) -> list[Job]:
+        """Up to `room` waiting jobs of `model` whose key equals `key`, in queue order."""
+        if room <= 0:
+            return []
+        taken = []
+        for entry in sorted(self._heaps[model]):
+            if entry.alive and key_of(entry.job) == key:
+                taken.append(entry.job)
+                if len(taken) == room:
+                    break
+        for job in taken:
+            self.remove(job.id)
+        return taken
+
+    def position(self, job: Job) -> int | None:
+        """1-based place among the model's waiting jobs; None when it is not waiting."""
+        if job.id not in self._entries:
+            return None
+        ahead = self._entries[job.id]
+        return 1 + sum(1 for e in self._heaps[job.model] if e.alive and e < ahead)
