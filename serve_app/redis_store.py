@@ -29,7 +29,7 @@ import redis
 from redis.client import Pipeline
 
 from serve_app.jobs import Job, JobStatus
-from serve_app.store import JobFilter, Page, decode_cursor, dumps, loads
+from serve_app.store import JobFilter, Page, decode_cursor, dumps, dumps_summary, loads
 
 _MS_DIGITS = 13  # zero-padded creation time in index members: good until the year 2286
 _SCAN_CHUNK = 200  # members read per round when a filter is checked against other indexes
@@ -131,6 +131,7 @@ class RedisStore:
         meta_key = self._key("meta", job.id)
         new = _Meta.of(job)
         record = dumps(job)
+        summary = dumps_summary(job)
 
         def write(pipe: Pipeline) -> None:
             # Runs again if another writer changes this job's meta before EXEC.
@@ -138,6 +139,7 @@ class RedisStore:
             old = _Meta.parse(_text(raw)) if raw else None
             pipe.multi()
             pipe.set(self._key("job", job.id), record)
+            pipe.set(self._key("sum", job.id), summary)
             if old != new:
                 if old is not None:
                     self._index(pipe, job.id, old, -1)
@@ -175,7 +177,8 @@ class RedisStore:
                 if meta is None or not meta.status.is_terminal():
                     continue
                 self._index(pipe, job_id, meta, -1)
-                pipe.delete(self._key("job", job_id), self._key("meta", job_id))
+                pipe.delete(self._key("job", job_id), self._key("meta", job_id),
+                            self._key("sum", job_id))
                 if meta.idempotency_key and owner == job_id:
                     pipe.hdel(self._key("idempotency"), meta.idempotency_key)
                 deleted.append(job_id)
@@ -229,7 +232,9 @@ class RedisStore:
         want = max(limit, 0) + 1
         found = self._walk(base, others, upper, want)
         page = found[:limit]
-        jobs = self._load_many(_member_parts(m)[1] for m in page)
+        keys = [self._key("sum", _member_parts(m)[1]) for m in page]
+        # A job pruned between the index read and this one is skipped.
+        jobs = [json.loads(raw) for raw in (self._r.mget(keys) if keys else []) if raw]
         if len(found) > limit and page:
             # The cursor comes from the index member, the same text encode_cursor makes,
             # so it holds even if the last record vanished since.

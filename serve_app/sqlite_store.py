@@ -7,14 +7,15 @@ rows. Listing is keyset-paginated on (created_at, id), newest first.
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import threading
 from pathlib import Path
 
 from serve_app.jobs import Job, JobStatus
-from serve_app.store import JobFilter, Page, decode_cursor, dumps, encode_cursor, loads
+from serve_app.store import JobFilter, Page, decode_cursor, dumps, dumps_summary, loads
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _FINISHED = "('completed', 'failed', 'cancelled')"
 _UNFINISHED = "('queued', 'processing')"
@@ -32,7 +33,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     completed_at INTEGER,
     time_taken INTEGER,
     idempotency_key TEXT UNIQUE,
-    record TEXT NOT NULL
+    record TEXT NOT NULL,
+    summary TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS jobs_created ON jobs (created_at, id);
 CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status, created_at, id);
@@ -50,16 +52,16 @@ CREATE INDEX IF NOT EXISTS jobs_finished_at ON jobs (completed_at)
 # instead of failing the write. The record still carries it.
 _UPSERT = """
 INSERT INTO jobs (id, status, type, model, created_at, completed_at, time_taken,
-                  idempotency_key, record)
+                  idempotency_key, record, summary)
 VALUES (:id, :status, :type, :model, :created_at, :completed_at, :time_taken,
         CASE WHEN EXISTS (SELECT 1 FROM jobs WHERE idempotency_key = :key AND id != :id)
              THEN NULL ELSE :key END,
-        :record)
+        :record, :summary)
 ON CONFLICT (id) DO UPDATE SET
     status = excluded.status, type = excluded.type, model = excluded.model,
     created_at = excluded.created_at, completed_at = excluded.completed_at,
     time_taken = excluded.time_taken, idempotency_key = excluded.idempotency_key,
-    record = excluded.record
+    record = excluded.record, summary = excluded.summary
 """
 
 # prune()'s two deletes. Without statistics the planner prefers jobs_status for
@@ -106,10 +108,23 @@ class SQLiteStore:
                 f"job database schema version {version} is newer than this service's "
                 f"{SCHEMA_VERSION}; upgrade the service or point it at another file"
             )
+        if version == 1:
+            self._add_summaries()
         if version < SCHEMA_VERSION:
             self._db.executescript(
                 f"BEGIN IMMEDIATE; {_SCHEMA} PRAGMA user_version={SCHEMA_VERSION}; COMMIT;"
             )
+
+    def _add_summaries(self) -> None:
+        """Version 1 had no summary column: add it and fill it from the records."""
+        self._db.execute("BEGIN IMMEDIATE")
+        self._db.execute("ALTER TABLE jobs ADD COLUMN summary TEXT NOT NULL DEFAULT ''")
+        rows = self._db.execute("SELECT record FROM jobs").fetchall()
+        self._db.executemany(
+            "UPDATE jobs SET summary = ? WHERE id = ?",
+            ((dumps_summary(job), job.id) for job in (loads(r[0]) for r in rows)),
+        )
+        self._db.execute("COMMIT")
 
     def save(self, job: Job) -> None:
         params = {
@@ -122,6 +137,7 @@ class SQLiteStore:
             "time_taken": job.result.time_taken_ms if job.result else None,
             "key": job.idempotency_key,
             "record": dumps(job),
+            "summary": dumps_summary(job),
         }
         with self._lock:
             self._db.execute(_UPSERT, params)
@@ -158,16 +174,17 @@ class SQLiteStore:
             if value is not None:
                 where.append(f"{column} = ?")
                 args.append(value)
-        sql = "SELECT record FROM jobs"
+        sql = "SELECT summary, created_at, id FROM jobs"
         if where:
             sql += " WHERE " + " AND ".join(where)
         sql += " ORDER BY created_at DESC, id DESC LIMIT ?"
         args.append(max(limit, 0) + 1)
         with self._lock:
             rows = self._db.execute(sql, args).fetchall()
-        jobs = [loads(r[0]) for r in rows[:limit]]
+        page = rows[:limit]
         more = len(rows) > limit
-        return Page(jobs, encode_cursor(jobs[-1]) if more and jobs else None)
+        cursor_out = f"{page[-1][1]}:{page[-1][2]}" if more and page else None
+        return Page([json.loads(r[0]) for r in page], cursor_out)
 
     def counts(self) -> dict[JobStatus, int]:
         with self._lock:

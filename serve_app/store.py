@@ -27,7 +27,9 @@ class JobFilter:
 
 @dataclass(frozen=True)
 class Page:
-    jobs: list[Job]
+    """One page of a listing: job summaries (`Job.summary()`, no payloads), newest first."""
+
+    jobs: list[dict[str, Any]]
     next_cursor: str | None
 
 
@@ -120,6 +122,11 @@ def dumps(job: Job) -> str:
     return json.dumps(job_to_json(job), separators=(",", ":"))
 
 
+def dumps_summary(job: Job) -> str:
+    """What listings read: stored beside the record so a page never decodes images."""
+    return json.dumps(job.summary(), separators=(",", ":"))
+
+
 def loads(text: str | bytes) -> Job:
     return job_from_json(json.loads(text))
 
@@ -183,7 +190,8 @@ class MemoryStore:
         ]
         page = jobs[:limit]
         more = len(jobs) > limit
-        return Page(page, encode_cursor(page[-1]) if more and page else None)
+        return Page([j.summary() for j in page],
+                    encode_cursor(page[-1]) if more and page else None)
 
     def counts(self) -> dict[JobStatus, int]:
         out = dict.fromkeys(JobStatus, 0)

@@ -216,10 +216,9 @@ class JobTracker:
             raise InvalidRequest(
                 "cursor is not valid: pass the nextCursor of a previous page"
             ) from None
-        summaries = []
-        for stored in page.jobs:
-            live = self._active.get(stored.id)
-            summaries.append((live or stored).summary())
+        # Stored summaries are current but for the progress of running jobs.
+        summaries = [self._active[j["id"]].summary() if j["id"] in self._active else j
+                     for j in page.jobs]
         return {"jobs": summaries, "nextCursor": page.next_cursor}
 
     def cancel(self, job_id: str) -> dict[str, Any]:

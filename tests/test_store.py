@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -132,8 +133,8 @@ def advance(job: Job, status: JobStatus, time_taken_ms: int = 1500) -> Job:
     return job
 
 
-def ids(jobs: list[Job]) -> list[str]:
-    return [j.id for j in jobs]
+def ids(jobs: list[Job] | list[dict[str, Any]]) -> list[str]:
+    return [j["id"] if isinstance(j, dict) else j.id for j in jobs]
 
 
 def walk(store: JobStore, flt: JobFilter, limit: int) -> list[list[str]]:
@@ -414,3 +415,22 @@ def test_sqlite_store_refuses_a_database_from_a_newer_schema(tmp_path: Path) -> 
     db.close()
     with pytest.raises(SchemaTooNew, match="newer"):
         SQLiteStore(path)
+
+
+def test_sqlite_store_upgrades_a_version_1_file_with_summaries(tmp_path: Path) -> None:
+    path = tmp_path / "jobs.sqlite3"
+    store = SQLiteStore(path)
+    done = advance(make_job("job_1", 1_000), JobStatus.COMPLETED, 500)
+    store.save(done)
+    store.close()
+    db = sqlite3.connect(path)  # what version 1 wrote: no summary column
+    db.execute("ALTER TABLE jobs DROP COLUMN summary")
+    db.execute("PRAGMA user_version=1")
+    db.commit()
+    db.close()
+    upgraded = SQLiteStore(path)
+    try:
+        assert upgraded.query(JobFilter(), 10, None).jobs == [done.summary()]
+        assert upgraded.load("job_1") == replace(done, task=None)
+    finally:
+        upgraded.close()
