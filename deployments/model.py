@@ -24,7 +24,15 @@ class ModelReplica:
 
         context = serve.get_replica_context()
         name = f"{spec.id}#{context.replica_id.unique_id}"
-        self._worker = ModelWorker(ModelRunner(spec, settings), replica_name=name)
+        self._runner = ModelRunner(spec, settings)
+        self._worker = ModelWorker(self._runner, replica_name=name)
+
+    def __del__(self) -> None:
+        # Serve calls this on graceful shutdown, after the running call has finished (the
+        # model's graceful_shutdown_timeout_s is sized to outlast a job).
+        runner = getattr(self, "_runner", None)
+        if runner is not None:
+            runner.close()
 
     async def run(self, tasks: list[GenerationTask]) -> AsyncGenerator[ReplicaEvent, None]:
         """Streams Started, Progress per denoising step, then one Finished per task (a

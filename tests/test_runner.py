@@ -314,3 +314,11 @@ def test_incompatible_tasks_in_a_batch_run_one_after_another(runner: ModelRunner
     results = runner.generate_batch(tasks)
     assert [r.job_id for r in results] == ["a", "b"]
     assert results[1].images == runner.generate(tasks[1]).images
+
+
+def test_close_releases_the_pipelines(settings: Settings) -> None:
+    own = ModelRunner(tiny_spec(), settings)
+    own.generate(make_task(steps=1))
+    own.close()
+    with pytest.raises(AttributeError):
+        own.generate(make_task(steps=1))

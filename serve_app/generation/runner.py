@@ -19,6 +19,7 @@ Contract of `generate(task, on_step, should_stop)`:
 from __future__ import annotations
 
 import dataclasses
+import gc
 import threading
 import time
 from collections.abc import Callable
@@ -86,6 +87,15 @@ class ModelRunner:
     def pipeline(self) -> DiffusionPipeline:
         """The loaded (text2img or inpainting) pipeline."""
         return self._pipes.base
+
+    def close(self) -> None:
+        """Drop the pipelines and hand their memory back (on a GPU, to the driver), after
+        the running call, if any, has finished."""
+        with self._lock:
+            self._pipes = None  # type: ignore[assignment]
+            gc.collect()
+            if self.device == "cuda":
+                torch.cuda.empty_cache()
 
     def warmup(self) -> None:
         """One 1-step 64 px text2img, so the first real job does not pay for lazy setup."""
