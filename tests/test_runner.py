@@ -320,5 +320,5 @@ def test_close_releases_the_pipelines(settings: Settings) -> None:
     own = ModelRunner(tiny_spec(), settings)
     own.generate(make_task(steps=1))
     own.close()
-    with pytest.raises(AttributeError):
+    with pytest.raises(RuntimeError, match="unloaded"):
         own.generate(make_task(steps=1))

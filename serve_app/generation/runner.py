@@ -122,6 +122,8 @@ class ModelRunner:
         with self._lock:
             # Timed from here: waiting for the lock is queueing, not generation.
             started = time.perf_counter()
+            if self._pipes is None:
+                raise RuntimeError(f"model {self.spec.id} was unloaded (replica shutting down)")
             if should_stop is not None and should_stop():
                 raise Interrupted(f"task {task.job_id} was stopped before it started")
             images, nsfw = self._run(task, _StepHook(on_step, should_stop))
