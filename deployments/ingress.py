@@ -40,8 +40,8 @@ class HandleBackend:
     async def image(self, job_id: str, index: int) -> tuple[bytes, str]:
         return await self._call("image", job_id, index)
 
-    async def list(self, **filters: Any) -> dict[str, Any]:
-        return await self._call("list", **filters)
+    async def list_jobs(self, **filters: Any) -> dict[str, Any]:
+        return await self._call("list_jobs", **filters)
 
     async def cancel(self, job_id: str) -> dict[str, Any]:
         return await self._call("cancel", job_id)

@@ -15,6 +15,7 @@ from typing import Any
 from ray import serve
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 from ray.serve.handle import DeploymentHandle
+from ray.serve.schema import ReplicaState
 
 from serve_app.errors import ReplicaLost
 from serve_app.registry import Registry
@@ -61,7 +62,7 @@ class ServeDispatcher:
         counts: dict[str, int] = {}
         for model_id in self._handles:
             dep = app.deployments.get(model_deployment_name(model_id)) if app else None
-            counts[model_id] = dep.replica_states.get("RUNNING", 0) if dep else 0
+            counts[model_id] = dep.replica_states.get(ReplicaState.RUNNING, 0) if dep else 0
         return counts
 
 
@@ -119,8 +120,8 @@ class Tracker:
     async def image(self, job_id: str, index: int) -> tuple[bytes, str]:
         return (await self._ready()).image(job_id, index)
 
-    async def list(self, **filters: Any) -> dict[str, Any]:
-        return (await self._ready()).list(**filters)
+    async def list_jobs(self, **filters: Any) -> dict[str, Any]:
+        return (await self._ready()).list_jobs(**filters)
 
     async def cancel(self, job_id: str) -> dict[str, Any]:
         return (await self._ready()).cancel(job_id)

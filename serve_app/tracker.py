@@ -199,7 +199,7 @@ class JobTracker:
         _, _, payload = job.result.images[index].partition(",")
         return base64.b64decode(payload), job.result.content_type
 
-    def list(
+    def list_jobs(
         self,
         *,
         status: JobStatus | None = None,
@@ -487,8 +487,8 @@ class InProcessBackend:
     async def image(self, job_id: str, index: int) -> tuple[bytes, str]:
         return self.tracker.image(job_id, index)
 
-    async def list(self, **filters: Any) -> dict[str, Any]:
-        return self.tracker.list(**filters)
+    async def list_jobs(self, **filters: Any) -> dict[str, Any]:
+        return self.tracker.list_jobs(**filters)
 
     async def cancel(self, job_id: str) -> dict[str, Any]:
         return self.tracker.cancel(job_id)

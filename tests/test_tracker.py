@@ -218,12 +218,12 @@ async def test_list_filters_and_pages(registry, settings) -> None:
         dispatcher.explode = "boom" if i == 2 else None
         ids.append(tracker.submit(submission(registry, settings))["id"])
         await settle()
-    page = tracker.list(limit=2)
+    page = tracker.list_jobs(limit=2)
     assert [j["id"] for j in page["jobs"]] == [ids[4], ids[3]]
-    rest = tracker.list(limit=10, cursor=page["nextCursor"])
+    rest = tracker.list_jobs(limit=10, cursor=page["nextCursor"])
     assert [j["id"] for j in rest["jobs"]] == [ids[2], ids[1], ids[0]]
     assert rest["nextCursor"] is None
-    failed = tracker.list(status=JobStatus.FAILED)
+    failed = tracker.list_jobs(status=JobStatus.FAILED)
     assert [j["id"] for j in failed["jobs"]] == [ids[2]]
     assert all("result" not in j and "request" not in j for j in page["jobs"])
 
