@@ -50,6 +50,10 @@ class Scaling(Strict):
     idle_timeout_s: float = Field(300.0, ge=0)
     upscale_delay_s: float = Field(2.0, ge=0)
     downscale_delay_s: float = Field(60.0, ge=0)
+    # How often load is reported and over what window it is averaged. Serve's defaults
+    # (10 s, 30 s) leave a cold model waiting ~10 s before a replica is even asked for.
+    metrics_interval_s: float = Field(1.0, gt=0)
+    look_back_period_s: float = Field(5.0, gt=0)
     # Jobs one replica runs at once; more run as one batched pipeline call.
     max_batch_size: int = Field(1, ge=1, le=64)
     # A downscale waits this long for the running job before killing the replica.
@@ -71,6 +75,8 @@ class Scaling(Strict):
             "upscale_delay_s": self.upscale_delay_s,
             "downscale_delay_s": self.downscale_delay_s,
             "downscale_to_zero_delay_s": self.idle_timeout_s,
+            "metrics_interval_s": self.metrics_interval_s,
+            "look_back_period_s": self.look_back_period_s,
         }
 
 

@@ -33,7 +33,7 @@ def client(serve_harness: ServeHarness) -> Iterator[httpx.Client]:
 # -- images built in memory ----------------------------------------------------------------
 
 
-def gradient(width: int, height: int, flip: bool = False) -> Image.Image:
+def gradient(width: int, height: int) -> Image.Image:
     """An RGB image where nearly every pixel differs from its neighbours."""
     x = np.arange(width, dtype=np.uint16)[None, :]
     y = np.arange(height, dtype=np.uint16)[:, None]
@@ -41,7 +41,7 @@ def gradient(width: int, height: int, flip: bool = False) -> Image.Image:
     g = (y * 255 // max(1, height - 1)) * np.ones_like(x)
     b = (x * 7 + y * 13) % 256
     rgb = np.stack([r, g, b], axis=-1).astype(np.uint8)
-    return Image.fromarray(rgb[:, ::-1] if flip else rgb, "RGB")
+    return Image.fromarray(rgb, "RGB")
 
 
 def stripes(width: int, height: int, colours: tuple[str, str], period: int = 8) -> Image.Image:
@@ -181,7 +181,9 @@ def test_img2img_without_a_size_keeps_the_input_size_rounded_down_to_multiples_o
     assert image.size == (96, 72)
 
 
-def test_a_job_record_describes_input_images_instead_of_echoing_their_base64(client) -> None:
+def test_a_job_record_describes_input_images_instead_of_echoing_their_base64(
+    client, inpaint_submitted,
+) -> None:
     payload = bare_b64(encode(gradient(72, 64)))
     job = submit(client, "img2img", **img2img(initImage=data_uri_of(base64.b64decode(payload))))
     done = completed(client, job)
@@ -195,6 +197,12 @@ def test_a_job_record_describes_input_images_instead_of_echoing_their_base64(cli
     listed = client.get("/jobs", params={"type": "img2img", "limit": 500}).json()["jobs"]
     assert job["id"] in [j["id"] for j in listed]
     assert payload[:64] not in json.dumps(listed)
+    # Inpainting: both the image and the mask.
+    echoed = inpaint_submitted["request"]
+    for field in ("image", "mask"):
+        assert set(echoed[field]) == {"width", "height", "bytes"}
+        assert (echoed[field]["width"], echoed[field]["height"]) == (64, 64)
+    assert "base64" not in json.dumps(echoed)
 
 
 # -- style transfer ------------------------------------------------------------------------
@@ -360,6 +368,7 @@ def test_an_inpainting_job_for_the_base_model_runs_on_its_registry_inpainting_mo
     job, done = inpainted
     # The request echoes what was asked for; the record and result say what ran it.
     assert job["request"]["model"] == "tiny-sd"
+    assert (job["model"], job["phase"]) == ("tiny-sd-inpaint", "loading_model")  # cold start
     assert done["model"] == "tiny-sd-inpaint"
     assert done["result"]["parameters"]["model"] == "tiny-sd-inpaint"
     assert done["result"]["parameters"]["replica"].startswith("tiny-sd-inpaint#")
