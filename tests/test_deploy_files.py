@@ -262,7 +262,7 @@ def test_every_model_translates_to_deployment_options_serve_accepts(relpath: str
         assert autoscaling.min_replicas == spec.scaling.min_replicas, spec.id
         assert autoscaling.downscale_to_zero_delay_s == spec.scaling.idle_timeout_s, spec.id
         assert schema.ray_actor_options.num_gpus == spec.resources.num_gpus, spec.id
-        assert schema.max_ongoing_requests == spec.scaling.max_batch_size, spec.id
+        assert schema.max_ongoing_requests == 1, spec.id  # a batch of jobs is one call
 
 
 # --- KubeRay ------------------------------------------------------------------------
