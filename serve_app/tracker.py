@@ -48,7 +48,9 @@ from serve_app.store import JobFilter, JobStore
 
 log = logging.getLogger(__name__)
 
-RECENT_RECORDS = 512
+# Rendered records of recently finished jobs, so polling them costs no store read or JSON
+# encoding. Bounded in bytes: a record carries its images.
+RECENT_BYTES = 64 * 1024 * 1024
 MAX_PAGE = 500
 
 
@@ -90,6 +92,7 @@ class JobTracker:
         self._calls: dict[str, int] = dict.fromkeys(served, 0)  # replica calls in flight
         self._inflight: dict[str, int] = dict.fromkeys(served, 0)  # jobs in those calls
         self._recent: OrderedDict[str, bytes] = OrderedDict()
+        self._recent_bytes = 0
         self._replicas: dict[str, int] = {}  # ready replicas per model, as last seen
         self._closing = False
         self._counts = dict.fromkeys(JobStatus, 0)
@@ -129,6 +132,7 @@ class JobTracker:
             self._counts.update(self._store.counts())
             self._done_count, self._done_ms = self._store.processing_time()
             self._recent.clear()
+            self._recent_bytes = 0
         return removed
 
     async def close(self) -> None:
@@ -450,10 +454,12 @@ class JobTracker:
 
     def _remember(self, job: Job) -> bytes:
         rendered = json.dumps(job.to_wire()).encode()
+        old = self._recent.pop(job.id, None)
+        self._recent_bytes += len(rendered) - (len(old) if old is not None else 0)
         self._recent[job.id] = rendered
-        self._recent.move_to_end(job.id)
-        while len(self._recent) > RECENT_RECORDS:
-            self._recent.popitem(last=False)
+        while self._recent_bytes > RECENT_BYTES and len(self._recent) > 1:
+            _, evicted = self._recent.popitem(last=False)
+            self._recent_bytes -= len(evicted)
         return rendered
 
     def _queue_position(self, job: Job) -> int | None:

@@ -335,3 +335,20 @@ async def test_cancelling_one_job_of_a_batch_keeps_the_others(registry, settings
     statuses = [record(tracker, j["id"])["status"] for j in jobs]
     assert statuses == ["completed", "cancelled", "completed"]
     assert blocker["id"] in dispatcher.closed
+
+
+async def test_the_cache_of_finished_records_stays_within_its_byte_budget(
+    registry, settings, monkeypatch
+) -> None:
+    from serve_app import tracker as tracker_module
+
+    monkeypatch.setattr(tracker_module, "RECENT_BYTES", 3000)
+    tracker = make_tracker(registry, settings, FakeDispatcher())
+    ids = []
+    for i in range(10):
+        ids.append(tracker.submit(submission(registry, settings, seed=i))["id"])
+        await settle()
+    assert tracker._recent_bytes == sum(len(v) for v in tracker._recent.values()) <= 3000
+    assert 0 < len(tracker._recent) < 10
+    # evicted records are still served, from the store
+    assert all(record(tracker, i)["status"] == "completed" for i in ids)
