@@ -27,7 +27,10 @@ from serve_app.tracker import JobTracker
 log = logging.getLogger(__name__)
 
 PRUNE_EVERY_S = 300
+# serve.status() costs the tracker real CPU (it rebuilds and pickles status objects), so
+# replica counts are polled every second only while a job waits on a cold model.
 REPLICAS_EVERY_S = 1.0
+REPLICAS_IDLE_EVERY_S = 15.0
 
 
 def model_deployment_name(model_id: str) -> str:
@@ -83,6 +86,7 @@ class Tracker:
         )
         self._started: asyncio.Task[None] | None = None
         self._watch: asyncio.Task[None] | None = None
+        self._next_idle_refresh = 0.0
 
     async def _ready(self) -> JobTracker:
         # Recovery needs the replica's event loop, which the constructor does not run on.
@@ -98,7 +102,10 @@ class Tracker:
         self._tracker.prune()
 
     async def _refresh(self) -> None:
-        await self._tracker.refresh_replicas()
+        now = asyncio.get_running_loop().time()
+        if self._tracker.waiting_on_cold_start() or now >= self._next_idle_refresh:
+            self._next_idle_refresh = now + REPLICAS_IDLE_EVERY_S
+            await self._tracker.refresh_replicas()
 
     async def _every(self, period_s: float, work: Callable[[], Awaitable[None]]) -> None:
         while True:

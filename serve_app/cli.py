@@ -77,11 +77,15 @@ def serve_forever(config_path: str) -> None:
 
     from serve_app.builder import build_app
 
-    serve.start(http_options=http, logging_config=config.get("logging_config"))
+    logging_config = config.get("logging_config")
+    serve.start(http_options=http, logging_config=logging_config)
     serve.run(
         build_app(app_config.get("args")),
         name=app_config.get("name", "imagegen"),
         route_prefix=app_config.get("route_prefix", "/"),
+        # serve.start's logging_config covers Serve's own actors; the app's replicas
+        # (ingress, tracker, models) take theirs from here.
+        logging_config=logging_config,
     )
     print(f"imagegen is serving on http://{http['host']}:{http['port']}", flush=True)
 

@@ -26,6 +26,7 @@ class JobQueues:
         self._heaps: dict[str, list[_Entry]] = {m: [] for m in models}
         self._entries: dict[str, _Entry] = {}
         self._sequence = 0
+        self._counts: dict[tuple[str, int], int] = {}  # waiting jobs per (model, rank)
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -36,17 +37,24 @@ class JobQueues:
     def models(self) -> list[str]:
         return list(self._heaps)
 
-    def push(self, job: Job) -> None:
+    def push(self, job: Job) -> int:
+        """Queue `job`; returns its position, which a new job gets in O(1): it is last
+        of its priority, behind every job of a higher or equal one."""
         self._sequence += 1
         entry = _Entry(job.priority.rank, self._sequence, job)
         self._entries[job.id] = entry
         heapq.heappush(self._heaps[job.model], entry)
+        slot = (job.model, entry.rank)
+        self._counts[slot] = self._counts.get(slot, 0) + 1
+        return sum(n for (model, rank), n in self._counts.items()
+                   if model == job.model and rank <= entry.rank)
 
     def remove(self, job_id: str) -> bool:
         entry = self._entries.pop(job_id, None)
         if entry is None:
             return False
         entry.alive = False
+        self._counts[(entry.job.model, entry.rank)] -= 1
         return True
 
     def pop(self, model: str) -> Job | None:
@@ -54,7 +62,7 @@ class JobQueues:
         while heap:
             entry = heapq.heappop(heap)
             if entry.alive:
-                del self._entries[entry.job.id]
+                self.remove(entry.job.id)
                 return entry.job
         return None
 

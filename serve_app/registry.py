@@ -104,6 +104,9 @@ class Runtime(Strict):
     vae_tiling: bool = False
     vae_slicing: bool = False
     attention_slicing: bool = False
+    # Batched images byte-identical to the same seeds made alone (the UNet and VAE run
+    # per-image sub-batches). Off trades that guarantee for batched throughput.
+    batch_invariant: bool = True
 
 
 class ModelSpec(Strict):

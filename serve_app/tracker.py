@@ -171,9 +171,10 @@ class JobTracker:
         self._store.save(job)
         self._active[job.id] = job
         self._counts[JobStatus.QUEUED] += 1
-        self._queues.push(job)
+        position = self._queues.push(job)
         self._pump(job.model)
-        return job.to_wire(self._queue_position(job))
+        # Position 0: the job went straight to a replica.
+        return job.to_wire(0 if job.id in self._running else position)
 
     def get(self, job_id: str) -> bytes:
         """The record as JSON bytes: finished records are rendered once and cached."""
@@ -263,6 +264,9 @@ class JobTracker:
             if job.phase == "loading_model" and counts.get(job.model, 0) > 0:
                 job.phase = "waiting_for_replica"
         return counts
+
+    def waiting_on_cold_start(self) -> bool:
+        return any(job.phase == "loading_model" for job in self._active.values())
 
     async def models(self) -> dict[str, Any]:
         counts = await self.refresh_replicas()

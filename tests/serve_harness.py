@@ -43,7 +43,8 @@ class ServeHarness:
         base = {"cache_dir": str(self.cache_dir), "data_dir": str(self.data_dir),
                 "store": "sqlite"}
         serve.run(build_app({"models": models, "settings": base | settings}),
-                  name=APP_NAME, route_prefix="/")
+                  name=APP_NAME, route_prefix="/",
+                  logging_config={"enable_access_log": False})
 
     def client(self) -> httpx.Client:
         return httpx.Client(base_url=self.url, timeout=60)

@@ -30,8 +30,7 @@ def test_removed_jobs_are_skipped_and_not_counted() -> None:
 def test_positions_follow_the_run_order() -> None:
     q = JobQueues(["m", "n"])
     jobs = [job("a", "low"), job("b"), job("c", "high"), job("x", model="n")]
-    for j in jobs:
-        q.push(j)
+    assert [q.push(j) for j in jobs] == [1, 1, 1, 1]  # each was last of its priority
     assert [q.position(j) for j in jobs] == [3, 2, 1, 1]
     q.remove("c")
     assert q.position(jobs[1]) == 1 and q.position(jobs[2]) is None
@@ -45,3 +44,12 @@ def test_take_picks_compatible_jobs_in_queue_order_up_to_room() -> None:
     taken = q.take("m", "x", lambda j: j.request["key"], room=2)
     assert [j.id for j in taken] == ["c", "a"]
     assert len(q) == 2 and q.pop("m").id == "b"  # type: ignore[union-attr]
+
+
+def test_push_reports_the_position_a_new_job_gets() -> None:
+    q = JobQueues(["m"])
+    assert [q.push(job(i, p)) for i, p in
+            (("a", "low"), ("b", "normal"), ("c", "normal"), ("d", "high"))] == [1, 1, 2, 1]
+    q.remove("b")
+    assert q.push(job("e")) == 3  # d (high), c, then e
+    assert q.position(q.pop("m")) is None  # type: ignore[arg-type]

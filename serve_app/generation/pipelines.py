@@ -146,7 +146,7 @@ def apply_runtime(pipe: DiffusionPipeline, runtime: Runtime, device: str) -> Non
     if runtime.vae_tiling:
         pipe.vae.enable_tiling()
     if runtime.vae_slicing:
-        # PipelineSet turns slicing on for every model anyway (batch invariance).
+        # PipelineSet turns slicing on anyway for batch-invariant models.
         pipe.vae.enable_slicing()
     if runtime.attention_slicing:
         pipe.enable_attention_slicing()
@@ -171,11 +171,12 @@ class PipelineSet:
     `serve_app.generation.batching`). Not thread-safe: the runner calls it under its lock.
     """
 
-    def __init__(self, base: DiffusionPipeline) -> None:
+    def __init__(self, base: DiffusionPipeline, batch_invariant: bool = True) -> None:
         self.base = base
         self.inpaint_route = needs_inpaint_route(base)
-        self.unet = BatchInvariantUNet(base.unet)
-        base.vae.enable_slicing()
+        self.unet = BatchInvariantUNet(base.unet, enabled=batch_invariant)
+        if batch_invariant:
+            base.vae.enable_slicing()
         self._img2img: DiffusionPipeline | None = None
         self._inpaint: DiffusionPipeline | None = None
 

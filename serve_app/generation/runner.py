@@ -78,7 +78,7 @@ class ModelRunner:
         if not settings.enable_nsfw_filter and getattr(base, "safety_checker", None) is not None:
             # A custom loader may bring a checker the settings do not want.
             base.safety_checker = None
-        self._pipes = PipelineSet(base)
+        self._pipes = PipelineSet(base, batch_invariant=spec.runtime.batch_invariant)
         self._samplers = SamplerFactory(base.scheduler.config)
         self._ip_adapter = _ip_adapter(spec, settings)
         self._lock = threading.Lock()
