@@ -2,18 +2,28 @@
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
+import logging
+import time
+import uuid
 from typing import Any
 
 from fastapi import FastAPI
 from ray import serve
-from ray.exceptions import RayTaskError
+from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
 from ray.serve.handle import DeploymentHandle
 
-from serve_app.errors import ServiceError
+from serve_app.errors import ServiceError, ServiceUnavailable
 from serve_app.http import ApiContext, attach, create_api
 from serve_app.registry import Registry
 from serve_app.schemas import Submission
 from serve_app.settings import Settings
+
+log = logging.getLogger(__name__)
+
+TRACKER_RESTART_S = 30.0
+RETRY_PAUSE_S = 0.5
 
 
 class HandleBackend:
@@ -23,15 +33,32 @@ class HandleBackend:
         self._handle = handle
 
     async def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        try:
-            return await getattr(self._handle, method).remote(*args, **kwargs)
-        except RayTaskError as exc:
-            # Domain errors travel wrapped; unwrap them so the HTTP layer maps them.
-            if isinstance(exc.cause, ServiceError):
-                raise exc.cause from None
-            raise
+        # A call the tracker had accepted when it died fails with an actor error; Serve
+        # restarts the tracker (it reloads every job from the store) within seconds, so
+        # the call is retried until then. Every call is safe to repeat: submits carry an
+        # idempotency key (see `submit`).
+        deadline = time.monotonic() + TRACKER_RESTART_S
+        while True:
+            try:
+                return await getattr(self._handle, method).remote(*args, **kwargs)
+            except RayTaskError as exc:
+                # Domain errors travel wrapped; unwrap them so the HTTP layer maps them.
+                if isinstance(exc.cause, ServiceError):
+                    raise exc.cause from None
+                raise
+            except (RayActorError, ActorUnavailableError) as exc:
+                if time.monotonic() >= deadline:
+                    raise ServiceUnavailable(
+                        "The job tracker is restarting; retry shortly (submits with the "
+                        "same Idempotency-Key are never duplicated)", retry_after_s=5,
+                    ) from exc
+                log.warning("tracker unavailable (%s); retrying %s", type(exc).__name__, method)
+                await asyncio.sleep(RETRY_PAUSE_S)
 
     async def submit(self, sub: Submission) -> dict[str, Any]:
+        if sub.idempotency_key is None:
+            # Makes a retried submit (see `_call`) return the job the first try saved.
+            sub = dataclasses.replace(sub, idempotency_key=f"auto:{uuid.uuid4().hex}")
         return await self._call("submit", sub)
 
     async def get(self, job_id: str) -> bytes:

@@ -52,6 +52,17 @@ class QueueFull(ServiceError):
         return (type(self), (self.message, self.retry_after_s))
 
 
+class ServiceUnavailable(ServiceError):
+    """The tracker could not be reached for a while (503); `retry_after_s` says when."""
+
+    def __init__(self, message: str, retry_after_s: int = 5) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+    def __reduce__(self) -> tuple[type, tuple[str, int]]:  # type: ignore[override]
+        return (type(self), (self.message, self.retry_after_s))
+
+
 class IllegalTransition(ServiceError):
     """A job was asked to move to a state it cannot reach from where it is (a bug, 500)."""
 

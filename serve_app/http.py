@@ -29,6 +29,7 @@ from serve_app.errors import (
     ModelNotAvailable,
     QueueFull,
     ServiceError,
+    ServiceUnavailable,
 )
 from serve_app.jobs import JobStatus
 from serve_app.registry import Registry
@@ -46,6 +47,7 @@ STATUS_CODES: dict[type[ServiceError], int] = {
     JobNotCancellable: 409,
     QueueFull: 429,
     IllegalTransition: 500,
+    ServiceUnavailable: 503,
 }
 
 EVENT_POLL_S = 0.25
@@ -83,7 +85,8 @@ def create_api() -> FastAPI:
     @api.exception_handler(ServiceError)
     async def _service_error(_: Request, exc: ServiceError) -> JSONResponse:
         status = next((c for t, c in STATUS_CODES.items() if isinstance(exc, t)), 500)
-        headers = {"Retry-After": str(exc.retry_after_s)} if isinstance(exc, QueueFull) else None
+        retry_after = getattr(exc, "retry_after_s", None)
+        headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
         return error(status, exc.message, headers)
 
     @api.exception_handler(StarletteHTTPException)

@@ -1,0 +1,156 @@
+"""Figure 3, batching: 8 concurrent 128 px / 20-step jobs against the same 8 one after
+another, through the service (tiny-sd: one replica, `max_batch_size` 8,
+`max_concurrent_jobs` 8).
+
+Concurrent: 8 POSTs at once, then wait for all; the time from sending them to the last
+record's `completedAt`. Sequential: POST, wait, next; the sum of each job's submit ->
+completedAt. The figure is sequential ÷ concurrent (medians of the rounds). The
+batches the tracker formed are read back from the records (jobs of one replica call share
+`startedAt`).
+
+Beside it, in this process and so without the tracker: `ModelRunner.generate_batch` of
+the 8 tasks against 8 `generate` calls, once as the replica runs it (batch-invariant UNet:
+one sub-batch per image) and once with that wrapper bypassed (one UNet call for the whole
+batch), to show where the batching gain goes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import statistics
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from bench.common import iso_ms, log, ratio, rnd, submit, wait_all
+from bench.context import Context
+from bench.e2e import one_job
+from bench.loadgen import Client
+
+NAME = "batching"
+JOBS = 8
+TARGET = 2.5
+
+
+def body(i: int) -> dict[str, Any]:
+    return {"prompt": f"a harbour at night, variation {i}", "width": 128, "height": 128,
+            "steps": 20, "seed": 100 + i}
+
+
+def concurrent_round(url: str) -> tuple[float, list[int]]:
+    """8 POSTs at once (one client each), then one GET /jobs every 250 ms for all."""
+    clients = [Client(url) for _ in range(JOBS)]
+    for c in clients:
+        c.get("/healthz")  # connect before the clock starts
+    try:
+        wall0 = time.time()
+        with ThreadPoolExecutor(JOBS) as pool:
+            ids = list(pool.map(lambda i: submit(clients[i], body(i)), range(JOBS)))
+        jobs = wait_all(clients[0], ids)
+    finally:
+        for c in clients:
+            c.close()
+    _check(jobs)
+    last = max(iso_ms(j["completedAt"]) or 0 for j in jobs)
+    return last / 1000 - wall0, batch_sizes(jobs)
+
+
+def sequential_round(url: str) -> float:
+    """The same 8, each submitted when the one before is done: the sum of their
+    submit -> completed times (the client's polling gaps left out)."""
+    with Client(url) as client:
+        return sum(one_job(client, body(i))["e2e_s"] for i in range(JOBS))
+
+
+def batch_sizes(jobs: list[dict[str, Any]]) -> list[int]:
+    """Jobs of one replica call are started by one event: their `startedAt` differ by a
+    millisecond at most, while calls are tens of milliseconds apart."""
+    starts = sorted(iso_ms(j["startedAt"]) or 0 for j in jobs)
+    sizes = [1]
+    for before, after in itertools.pairwise(starts):
+        if after - before <= 5:
+            sizes[-1] += 1
+        else:
+            sizes.append(1)
+    return sizes
+
+
+def _check(jobs: list[dict[str, Any]]) -> None:
+    bad = [j for j in jobs if j["status"] != "completed"]
+    if bad:
+        raise RuntimeError(f"{len(bad)} batching job(s) did not complete: {bad[0].get('error')}")
+
+
+def in_process(ctx: Context) -> dict[str, Any]:
+    from serve_app.registry import parse_registry
+    from serve_app.schemas import JobType
+    from serve_app.settings import load_settings
+    from serve_app.validation import build_submission
+
+    runner = ctx.runner()
+    args = ctx.cluster.app_args("service")
+    registry = parse_registry(args["models"])
+    settings = load_settings(args["settings"])
+    served = frozenset(m.id for m in registry.models)
+    tasks = [dataclasses.replace(
+        build_submission(JobType.TEXT2IMG, body(i), settings=settings, registry=registry,
+                         served=served).task, job_id=f"bench-{i}") for i in range(JOBS)]
+
+    def timed(fn: Any) -> float:
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
+
+    one_by_one = timed(lambda: [runner.generate(t) for t in tasks])
+    batched = timed(lambda: runner.generate_batch(tasks))
+    # Bypass the batch-invariance wrapper (an instance attribute over UNet.forward).
+    unet = runner.pipeline.unet
+    wrapper = unet.__dict__.pop("forward", None)
+    try:
+        whole = timed(lambda: runner.generate_batch(tasks))
+    finally:
+        if wrapper is not None:
+            unet.forward = wrapper
+    return {
+        "one_by_one_s": rnd(one_by_one, 3),
+        "generate_batch_s": rnd(batched, 3),
+        "generate_batch_unsplit_unet_s": rnd(whole, 3),
+        "speedup_as_replica_runs_it": ratio(one_by_one, batched),
+        "speedup_with_one_unet_call_per_step": ratio(one_by_one, whole),
+    }
+
+
+def run(ctx: Context) -> dict[str, Any]:
+    rounds = 1 if ctx.quick else 3
+    url = ctx.deploy("service")
+    concurrent: list[float] = []
+    sequential: list[float] = []
+    shapes: list[list[int]] = []
+    for i in range(rounds):
+        log(f"batching round {i + 1}/{rounds}: 8 concurrent, then 8 one after another")
+        wall, batches = concurrent_round(url)
+        concurrent.append(wall)
+        shapes.append(batches)
+        sequential.append(sequential_round(url))
+    log("batching: the same in process (generate x8, generate_batch, unsplit UNet)")
+    local = in_process(ctx)
+    conc, seq = statistics.median(concurrent), statistics.median(sequential)
+    figure = ratio(seq, conc)
+    return {
+        "figure": "8 jobs one after another ÷ 8 concurrent (128 px, 20 steps), wall time",
+        "ratio": figure,
+        "target": f">= {TARGET}",
+        "met": figure is not None and figure >= TARGET,
+        "headline": {
+            "concurrent_s": rnd(conc, 3),
+            "sequential_s": rnd(seq, 3),
+            "batches_formed": shapes[0],
+            "in_process_batch_speedup": local["speedup_as_replica_runs_it"],
+            "in_process_unsplit_speedup": local["speedup_with_one_unet_call_per_step"],
+        },
+        "concurrent_s": [rnd(x, 3) for x in concurrent],
+        "sequential_s": [rnd(x, 3) for x in sequential],
+        "batches_formed": shapes,
+        "in_process": local,
+    }

@@ -1,0 +1,147 @@
+"""One local Ray + Serve for the whole run, and the shapes of the app the figures deploy.
+
+Started like `tests/serve_harness.py`: `serve_app.cli.start_local_ray` (loopback, no
+dashboard, capped object store, usage stats and token auth off), Serve's proxy on
+127.0.0.1 with the access log off. Each shape is one `serve.run(build_app({...}))` with an
+inline registry and settings; a figure that needs another shape redeploys (a few seconds).
+Shutting down is `serve.shutdown()` + `ray.shutdown()` of this driver's own cluster only.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from bench.common import free_port, log, tiny_model, wait_http
+
+APP_NAME = "imagegen"
+COLD_MODEL = "tiny-cold"
+SINK_MODEL = "sink"
+
+# num_cpus 64 on a Ray started with 4 logical CPUs: the replica can never be placed, so
+# the jobs of the submit figure park in the tracker's queue and nothing generates while
+# the submit path is measured (generation would compete for the same two cores).
+SHAPES: dict[str, dict[str, Any]] = {
+    "submit": {
+        "models": [tiny_model(SINK_MODEL, num_cpus=64, min_replicas=0, initial_replicas=0)],
+        "settings": {"default_model": SINK_MODEL, "max_queue_size": 10_000_000,
+                     "max_concurrent_jobs": 1},
+    },
+    # e2e, batching, cold start and scale: tiny-sd always up (one replica that takes
+    # batches of up to 8 jobs), and a min-0 copy of it for the cold start.
+    "service": {
+        "models": [
+            tiny_model("tiny-sd", max_batch_size=8),
+            tiny_model(COLD_MODEL, min_replicas=0, initial_replicas=0, idle_timeout_s=3,
+                       upscale_delay_s=0),
+        ],
+        "settings": {"default_model": "tiny-sd", "max_concurrent_jobs": 8,
+                     "max_queue_size": 1000},
+    },
+}
+LOGGING = {"enable_access_log": False}
+RAY_CPUS = 4  # logical, as the e2e tests use: room for two 1-CPU replicas
+
+
+class BenchCluster:
+    """A started Ray + Serve on loopback; `deploy(shape)` (re)deploys the app."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.shape: str | None = None
+        self.url = ""
+
+    def start(self) -> None:
+        # The submit shape's unplaceable replica would have the autoscaler print an
+        # "infeasible request" line to stdout every half minute. Read when Ray is imported.
+        os.environ.setdefault("RAY_SCHEDULER_EVENTS", "0")
+        from ray import serve
+
+        from serve_app.cli import start_local_ray
+
+        t0 = time.perf_counter()
+        start_local_ray(num_cpus=RAY_CPUS)
+        port = free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config=LOGGING)
+        self.url = f"http://127.0.0.1:{port}"
+        log(f"Ray + Serve up on {self.url} in {time.perf_counter() - t0:.1f}s")
+
+    def settings(self, shape: str) -> dict[str, Any]:
+        base = {"cache_dir": str(self.workdir / "models"),
+                "data_dir": str(self.workdir / "data" / shape), "store": "sqlite"}
+        return base | SHAPES[shape]["settings"]
+
+    def app_args(self, shape: str) -> dict[str, Any]:
+        return {"models": {"models": SHAPES[shape]["models"]}, "settings": self.settings(shape)}
+
+    def data_dir(self, shape: str) -> Path:
+        return Path(self.settings(shape)["data_dir"])
+
+    def deploy(self, shape: str) -> str:
+        """Deploy `shape` unless it is what runs; returns the base URL."""
+        if self.shape == shape:
+            return self.url
+        from ray import serve
+
+        from serve_app.builder import build_app
+
+        t0 = time.perf_counter()
+        # The access log off for the app's replicas too, as config/serve.yaml means it:
+        # serve.start's logging_config alone leaves them logging every call.
+        serve.run(build_app(self.app_args(shape)), name=APP_NAME, route_prefix="/",
+                  logging_config=LOGGING)
+        wait_http(f"{self.url}/healthz")
+        self.shape = shape
+        log(f"deployed shape {shape!r} in {time.perf_counter() - t0:.1f}s")
+        return self.url
+
+    def replica_states(self, model_id: str) -> dict[str, int]:
+        """The model deployment's replicas by state (STARTING, RUNNING, ...)."""
+        from ray import serve
+
+        app = serve.status().applications.get(APP_NAME)
+        dep = app.deployments.get(f"model-{model_id}") if app else None
+        return {str(k): v for k, v in dep.replica_states.items() if v} if dep else {}
+
+    def running_replicas(self, model_id: str) -> int:
+        return self.replica_states(model_id).get("RUNNING", 0)
+
+    def close(self) -> None:
+        import ray
+        from ray import serve
+
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()
+
+
+def ray_processes() -> dict[str, psutil.Process]:
+    """This driver's Ray processes by role (`proxy`, `ingress`, `tracker`, `model-<id>`):
+    the cluster ray.init started is a tree under this process, so other people's Ray
+    clusters on the machine are never touched."""
+    found: dict[str, psutil.Process] = {}
+    prefix = f"ray::ServeReplica:{APP_NAME}:"
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            title = " ".join(proc.cmdline())
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        if title.startswith("ray::ProxyActor"):
+            found["proxy"] = proc
+        elif title.startswith(prefix):
+            # e.g. `ray::ServeReplica:imagegen:Tracker` or `...:model-tiny-sd.method`
+            role = title[len(prefix):].split()[0].split(".")[0]
+            found[role.lower() if role in ("Ingress", "Tracker") else role] = proc
+    return found
+
+
+def rss_mib(proc: psutil.Process | None) -> float | None:
+    try:
+        return round(proc.memory_info().rss / 1024**2, 1) if proc else None
+    except psutil.NoSuchProcess:
+        return None
