@@ -11,9 +11,9 @@ is the project's offline byte-level one (`serve_app.generation.tiny`). The pipel
 through `ModelRunner` with an injected loader, so what is timed is the replica's own code:
 `generate` for batch 1 and `generate_batch` (the tracker's batching) for more, with the
 runtime knobs applied by `serve_app.generation.pipelines.apply_runtime` (fp16, and
-`unet.compile()` when compiled). Beside each batch > 1 it also times the same call with the
-batch-invariance wrapper bypassed (one UNet call for the whole batch), which is what the
-GPU could do.
+`unet.compile()` when compiled). The UNet runs each batch in one forward (only its
+timestep-embedding layers go row by row, for batch invariance; see
+`serve_app.generation.batching`).
 
 It prints seconds per image and images per second beside the physical limit: the FLOPs
 counted with `torch.utils.flop_counter` over the GPU's dense fp16 tensor peak (or
@@ -91,8 +91,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="timed calls per row after one warm-up call (default 3; tiny 1)")
     parser.add_argument("--compile", choices=("both", "off", "on"), default="both",
                         help="run with torch.compile off, on, or both (default)")
-    parser.add_argument("--no-unsplit", action="store_true",
-                        help="skip the rows with the batch-invariance wrapper bypassed")
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help="the device's dense fp16 peak, if not in the built-in table")
     opts = parser.parse_args(argv)
@@ -248,28 +246,19 @@ def timed_call(runner: Any, batch: list[Any], device: str) -> float:
 def measure(runner: Any, opts: argparse.Namespace, compiled: bool, limit_s: float | None
             ) -> list[dict[str, Any]]:
     rows = []
-    variants = [("replica", False)] + ([] if opts.no_unsplit else [("one UNet call", True)])
+    variant = "replica"
     for n in opts.batch_sizes:
-        for variant, unsplit in variants:
-            if unsplit and n == 1:
-                continue
-            batch = tasks(opts, n)
-            unet = runner.pipeline.unet
-            wrapper = unet.__dict__.pop("forward", None) if unsplit else None
-            try:
-                first = timed_call(runner, batch, opts.device)  # warm-up (and compile)
-                times = [timed_call(runner, batch, opts.device) for _ in range(opts.repeats)]
-            finally:
-                if wrapper is not None:
-                    unet.forward = wrapper
-            best = min(times)
-            row = {"compile": compiled, "variant": variant, "batch": n,
-                   "first_call_s": round(first, 3), "call_s": round(best, 4),
-                   "s_per_image": round(best / n, 4), "images_per_s": round(n / best, 3),
-                   "limit_s_per_image": round(limit_s, 4) if limit_s else None,
-                   "of_limit": round(limit_s / (best / n), 3) if limit_s else None}
-            rows.append(row)
-            print_row(row)
+        batch = tasks(opts, n)
+        first = timed_call(runner, batch, opts.device)  # warm-up (and compile)
+        times = [timed_call(runner, batch, opts.device) for _ in range(opts.repeats)]
+        best = min(times)
+        row = {"compile": compiled, "variant": variant, "batch": n,
+               "first_call_s": round(first, 3), "call_s": round(best, 4),
+               "s_per_image": round(best / n, 4), "images_per_s": round(n / best, 3),
+               "limit_s_per_image": round(limit_s, 4) if limit_s else None,
+               "of_limit": round(limit_s / (best / n), 3) if limit_s else None}
+        rows.append(row)
+        print_row(row)
     return rows
 
 

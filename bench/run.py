@@ -99,8 +99,8 @@ def headline(name: str, result: dict[str, Any]) -> str:
     if name == "batching":
         return (f"concurrent {h['concurrent_s']} s (batches {h['batches_formed']}) vs "
                 f"sequential {h['sequential_s']} s; in-process batch "
-                f"{h['in_process_batch_speedup']}x, unsplit UNet "
-                f"{h['in_process_unsplit_speedup']}x")
+                f"{h['in_process_batch_speedup']}x, identical to alone "
+                f"{h['in_process_identical']}")
     if name == "coldstart":
         return (f"cold {h['cold_p50_s']} s (replica created after "
                 f"{h['submit_to_replica_created_s']} s, RUNNING after "
