@@ -322,3 +322,22 @@ def test_close_releases_the_pipelines(settings: Settings) -> None:
     own.close()
     with pytest.raises(RuntimeError, match="unloaded"):
         own.generate(make_task(steps=1))
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_eight_batched_jobs_equal_alone_at_any_thread_count(
+    runner: ModelRunner, threads: int
+) -> None:
+    # A replica with num_cpus 1 runs torch on one thread, where kernels pick other paths
+    # by shape than at two: identity must hold for both.
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        tasks = [make_task(job_id=str(i), seed=i, prompt=f"p{i}", steps=3, width=128,
+                           height=128) for i in range(8)]
+        batched = runner.generate_batch(tasks)
+        assert [r.images for r in batched] == [runner.generate(t).images for t in tasks]
+    finally:
+        torch.set_num_threads(before)
