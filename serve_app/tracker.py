@@ -229,11 +229,12 @@ class JobTracker:
     def cancel(self, job_id: str) -> dict[str, Any]:
         job = self._active.get(job_id)
         if job is None:
-            if self._store.load(job_id) is None:
-                raise JobNotFound()
             stored = self._store.load(job_id)
-            status = stored.status if stored else "finished"
-            raise JobNotCancellable(f"Job {job_id} cannot be cancelled: it is already {status}")
+            if stored is None:
+                raise JobNotFound()
+            raise JobNotCancellable(
+                f"Job {job_id} cannot be cancelled: it is already {stored.status}"
+            )
         running = self._running.get(job_id)
         self._queues.remove(job_id)
         self._finish(job, lambda j: j.cancel(self._clock()))
