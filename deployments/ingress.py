@@ -14,6 +14,7 @@ from ray import serve
 from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
 from ray.serve.handle import DeploymentHandle
 
+from serve_app.coalescing import Coalescer
 from serve_app.errors import ServiceError, ServiceUnavailable
 from serve_app.http import ApiContext, attach, create_api
 from serve_app.registry import Registry
@@ -24,13 +25,26 @@ log = logging.getLogger(__name__)
 
 TRACKER_RESTART_S = 30.0
 RETRY_PAUSE_S = 0.5
+# Submits per tracker call, and calls out at once: with two out, one is always being
+# filled while the other travels.
+SUBMIT_BATCH = 64
+SUBMITS_IN_FLIGHT = 2
 
 
 class HandleBackend:
-    """The routes' JobsBackend over a handle to the tracker deployment."""
+    """The routes' JobsBackend over a handle to the tracker deployment.
+
+    Submits are coalesced: concurrent submits of this replica travel to the tracker in one
+    `submit_many` call (see `serve_app.coalescing`), which is what makes the submit path
+    cheap under load; the other calls are one call each.
+    """
 
     def __init__(self, handle: DeploymentHandle) -> None:
         self._handle = handle
+        self._submits: Coalescer[Submission, dict[str, Any]] = Coalescer(
+            lambda subs: self._call("submit_many", subs),
+            max_batch=SUBMIT_BATCH, max_in_flight=SUBMITS_IN_FLIGHT,
+        )
 
     async def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
         # A call the tracker had accepted when it died fails with an actor error; Serve
@@ -59,7 +73,7 @@ class HandleBackend:
         if sub.idempotency_key is None:
             # Makes a retried submit (see `_call`) return the job the first try saved.
             sub = dataclasses.replace(sub, idempotency_key=f"auto:{uuid.uuid4().hex}")
-        return await self._call("submit", sub)
+        return await self._submits(sub)
 
     async def get(self, job_id: str) -> bytes:
         return await self._call("get", job_id)

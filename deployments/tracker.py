@@ -17,7 +17,7 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 from ray.serve.handle import DeploymentHandle
 from ray.serve.schema import ReplicaState
 
-from serve_app.errors import ReplicaLost
+from serve_app.errors import ReplicaLost, ServiceError
 from serve_app.registry import Registry
 from serve_app.schemas import GenerationTask, ReplicaEvent, Submission
 from serve_app.settings import Settings
@@ -118,8 +118,8 @@ class Tracker:
     async def check_health(self) -> None:
         await self._ready()
 
-    async def submit(self, sub: Submission) -> dict[str, Any]:
-        return (await self._ready()).submit(sub)
+    async def submit_many(self, subs: list[Submission]) -> list[dict[str, Any] | ServiceError]:
+        return (await self._ready()).submit_many(subs)
 
     async def get(self, job_id: str) -> bytes:
         return (await self._ready()).get(job_id)

@@ -29,6 +29,7 @@ from serve_app.errors import (
     JobNotFound,
     QueueFull,
     ReplicaLost,
+    ServiceError,
 )
 from serve_app.jobs import Job, JobResult, JobStatus, new_job_id
 from serve_app.queues import JobQueues
@@ -175,6 +176,21 @@ class JobTracker:
         self._pump(job.model)
         # Position 0: the job went straight to a replica.
         return job.to_wire(0 if job.id in self._running else position)
+
+    def submit_many(self, subs: list[Submission]) -> list[dict[str, Any] | ServiceError]:
+        """`submit` for each, in order; a submission that is refused (queue full, model not
+        served) answers its error and does not affect the others."""
+        outcomes: list[dict[str, Any] | ServiceError] = []
+        for sub in subs:
+            try:
+                outcomes.append(self.submit(sub))
+            except ServiceError as exc:
+                outcomes.append(exc)
+            except Exception as exc:  # a bug: answer 500 for this one, keep the others
+                log.exception("submit failed")
+                outcomes.append(ServiceError(
+                    f"Internal error ({type(exc).__name__}); the job was not accepted"))
+        return outcomes
 
     def get(self, job_id: str) -> bytes:
         """The record as JSON bytes: finished records are rendered once and cached."""

@@ -4,8 +4,12 @@ from pathlib import Path
 
 import pytest
 
+from serve_app.cli import local_ray_env
 from serve_app.registry import Registry, load_registry
 from serve_app.settings import Settings
+
+# Before any test module imports Ray: Ray reads its environment once, at import.
+local_ray_env()
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
@@ -9,7 +10,7 @@ from ray.exceptions import ActorDiedError, RayTaskError
 
 from deployments import ingress
 from deployments.ingress import HandleBackend
-from serve_app.errors import JobNotFound, ServiceUnavailable
+from serve_app.errors import JobNotFound, QueueFull, ServiceUnavailable
 from serve_app.schemas import GenerationTask, JobType, Priority, Submission
 
 pytestmark = pytest.mark.anyio
@@ -46,11 +47,27 @@ def submission() -> Submission:
 
 async def test_a_retried_submit_carries_one_idempotency_key(monkeypatch) -> None:
     monkeypatch.setattr(ingress, "RETRY_PAUSE_S", 0)
-    submit = FakeMethod([ActorDiedError(), ActorDiedError(), {"id": "job_1"}])
-    backend = HandleBackend(FakeHandle(submit=submit))  # type: ignore[arg-type]
+    submit_many = FakeMethod([ActorDiedError(), ActorDiedError(), [{"id": "job_1"}]])
+    backend = HandleBackend(FakeHandle(submit_many=submit_many))  # type: ignore[arg-type]
     assert await backend.submit(submission()) == {"id": "job_1"}
-    keys = {call[0].idempotency_key for call in submit.calls}
-    assert len(submit.calls) == 3 and len(keys) == 1 and next(iter(keys)).startswith("auto:")
+    keys = {call[0][0].idempotency_key for call in submit_many.calls}
+    assert len(submit_many.calls) == 3 and len(keys) == 1
+    assert next(iter(keys)).startswith("auto:")
+
+
+async def test_concurrent_submits_share_tracker_calls_and_keep_their_own_outcome(
+    monkeypatch,
+) -> None:
+    monkeypatch.setattr(ingress, "SUBMITS_IN_FLIGHT", 1)
+    refused = QueueFull("Queue is full", retry_after_s=7)
+    submit_many = FakeMethod([[{"id": "job_1"}], [{"id": "job_2"}, refused, {"id": "job_4"}]])
+    backend = HandleBackend(FakeHandle(submit_many=submit_many))  # type: ignore[arg-type]
+    outcomes = await asyncio.gather(*(backend.submit(submission()) for _ in range(4)),
+                                    return_exceptions=True)
+    # The first goes alone; the three that arrived while it was out, together.
+    assert [len(call[0]) for call in submit_many.calls] == [1, 3]
+    assert outcomes[:2] == [{"id": "job_1"}, {"id": "job_2"}] and outcomes[3] == {"id": "job_4"}
+    assert outcomes[2] is refused
 
 
 async def test_a_tracker_that_stays_down_is_a_503_with_retry_after(monkeypatch) -> None:

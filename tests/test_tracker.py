@@ -135,6 +135,19 @@ async def test_a_full_queue_refuses_with_a_retry_hint(registry, settings) -> Non
     assert "MAX_QUEUE_SIZE" in exc.value.message and exc.value.retry_after_s >= 1
 
 
+async def test_submit_many_answers_each_submission_and_a_refusal_spares_the_others(
+    registry, settings,
+) -> None:
+    settings = settings.model_copy(update={"max_queue_size": 2})
+    tracker = make_tracker(registry, settings, FakeDispatcher(hold=asyncio.Event()))
+    # One goes straight to the replica, two wait, the fourth finds the queue full.
+    outcomes = tracker.submit_many([submission(registry, settings, seed=s) for s in range(4)])
+    accepted = [o for o in outcomes[:3] if isinstance(o, dict)]
+    assert len(accepted) == 3 and isinstance(outcomes[3], QueueFull)
+    assert [record(tracker, o["id"])["request"]["seed"] for o in accepted] == [0, 1, 2]
+    assert [o["queuePosition"] for o in accepted] == [0, 1, 2]
+
+
 async def test_a_lost_replica_requeues_the_job_which_then_completes(registry, settings) -> None:
     dispatcher = FakeDispatcher(lose=1)
     tracker = make_tracker(registry, settings, dispatcher)
