@@ -10,7 +10,7 @@ batches the tracker formed are read back from the records (jobs of one replica c
 
 Beside it, in this process and so without the tracker: `ModelRunner.generate_batch` of
 the 8 tasks against 8 `generate` calls, as the replica runs it (one UNet forward per step
-for the whole batch, timestep layers row by row for batch invariance).
+for the whole batch, with the batch-invariant layers of `serve_app.generation.batching`).
 """
 
 from __future__ import annotations

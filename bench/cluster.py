@@ -35,7 +35,7 @@ SHAPES: dict[str, dict[str, Any]] = {
     # batches of up to 8 jobs), and a min-0 copy of it for the cold start.
     "service": {
         "models": [
-            tiny_model("tiny-sd", max_batch_size=8),
+            tiny_model("tiny-sd", num_cpus=2, max_batch_size=8),
             tiny_model(COLD_MODEL, min_replicas=0, initial_replicas=0, idle_timeout_s=3,
                        upscale_delay_s=0),
         ],

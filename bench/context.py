@@ -59,7 +59,7 @@ class Context:
             args = self.cluster.app_args("service")
             settings = load_settings(args["settings"])
             spec = parse_registry(args["models"]).get("tiny-sd")
-            threads = replica_threads("model-tiny-sd")
+            threads = replica_threads(spec)
             torch.set_num_threads(threads)
             self._runner = ModelRunner(spec, settings, device="cpu")
             self._runner.warmup()
@@ -71,14 +71,7 @@ class Context:
         return {role: procs[role].pid for role in roles if role in procs}
 
 
-def replica_threads(role: str) -> int:
-    """OMP_NUM_THREADS that Ray gave the replica (it sizes torch's pool from it)."""
-    proc = ray_processes().get(role)
-    try:
-        env = proc.environ() if proc else {}
-    except Exception:
-        env = {}
-    try:
-        return max(1, int(env.get("OMP_NUM_THREADS", "1")))
-    except ValueError:
-        return 1
+def replica_threads(spec: Any) -> int:
+    """The torch threads Ray gives a replica: OMP_NUM_THREADS is its whole num_cpus (at
+    least 1). Read from the spec: /proc/<pid>/environ does not show what Ray sets."""
+    return max(1, int(spec.resources.num_cpus))

@@ -11,9 +11,9 @@ is the project's offline byte-level one (`serve_app.generation.tiny`). The pipel
 through `ModelRunner` with an injected loader, so what is timed is the replica's own code:
 `generate` for batch 1 and `generate_batch` (the tracker's batching) for more, with the
 runtime knobs applied by `serve_app.generation.pipelines.apply_runtime` (fp16, and
-`unet.compile()` when compiled). The UNet runs each batch in one forward (only its
-timestep-embedding layers go row by row, for batch invariance; see
-`serve_app.generation.batching`).
+`unet.compile()` when compiled). On CUDA the UNet runs a batch as per-image sub-batches
+for batch invariance (see `serve_app.generation.batching`); `--no-invariance` sets
+`runtime.batch_invariant: false` to time one forward for the whole batch.
 
 It prints seconds per image and images per second beside the physical limit: the FLOPs
 counted with `torch.utils.flop_counter` over the GPU's dense fp16 tensor peak (or
@@ -91,6 +91,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="timed calls per row after one warm-up call (default 3; tiny 1)")
     parser.add_argument("--compile", choices=("both", "off", "on"), default="both",
                         help="run with torch.compile off, on, or both (default)")
+    parser.add_argument("--no-invariance", action="store_true",
+                        help="runtime.batch_invariant: false (one UNet forward per batch)")
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help="the device's dense fp16 peak, if not in the built-in table")
     opts = parser.parse_args(argv)
@@ -166,7 +168,8 @@ def make_runner(opts: argparse.Namespace, compiled: bool, workdir: Path) -> Any:
         "id": "tiny-sd" if opts.tiny else "sd15-random",
         "name": "benchmark model", "description": "random weights", "source": "path",
         "path": str(workdir / "unused"),
-        "runtime": {"device": opts.device, "dtype": "float16", "compile": compiled},
+        "runtime": {"device": opts.device, "dtype": "float16", "compile": compiled,
+                    "batch_invariant": not opts.no_invariance},
         "scaling": {"max_batch_size": max(opts.batch_sizes)},
     })
     settings = load_settings({"store": "memory", "cache_dir": str(workdir / "cache"),

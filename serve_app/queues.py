@@ -57,27 +57,39 @@ class JobQueues:
         self._counts[(entry.job.model, entry.rank)] -= 1
         return True
 
-    def pop(self, model: str) -> Job | None:
+    def peek(self, model: str) -> Job | None:
+        """The job `pop` would return, left in place."""
         heap = self._heaps[model]
-        while heap:
-            entry = heapq.heappop(heap)
-            if entry.alive:
-                self.remove(entry.job.id)
-                return entry.job
-        return None
+        while heap and not heap[0].alive:
+            heapq.heappop(heap)
+        return heap[0].job if heap else None
+
+    def pop(self, model: str) -> Job | None:
+        job = self.peek(model)
+        if job is not None:
+            heapq.heappop(self._heaps[model])
+            self.remove(job.id)
+        return job
+
+    def matching(
+        self, model: str, key: Hashable, key_of: Callable[[Job], Hashable], limit: int
+    ) -> list[Job]:
+        """Up to `limit` waiting jobs of `model` whose key equals `key`, in queue order."""
+        found: list[Job] = []
+        if limit <= 0:
+            return found
+        for entry in sorted(self._heaps[model]):
+            if entry.alive and key_of(entry.job) == key:
+                found.append(entry.job)
+                if len(found) == limit:
+                    break
+        return found
 
     def take(
         self, model: str, key: Hashable, key_of: Callable[[Job], Hashable], room: int
     ) -> list[Job]:
-        """Up to `room` waiting jobs of `model` whose key equals `key`, in queue order."""
-        if room <= 0:
-            return []
-        taken = []
-        for entry in sorted(self._heaps[model]):
-            if entry.alive and key_of(entry.job) == key:
-                taken.append(entry.job)
-                if len(taken) == room:
-                    break
+        """`matching`, removed from the queue."""
+        taken = self.matching(model, key, key_of, room)
         for job in taken:
             self.remove(job.id)
         return taken

@@ -56,6 +56,9 @@ class Scaling(Strict):
     look_back_period_s: float = Field(5.0, gt=0)
     # Jobs one replica runs at once; more run as one batched pipeline call.
     max_batch_size: int = Field(1, ge=1, le=64)
+    # A job that finds a replica free waits up to this long (and at most 5% of its own
+    # expected run time) for compatible jobs to share its call; 0 sends it at once.
+    max_batch_wait_s: float = Field(0.05, ge=0, le=5)
     # A downscale waits this long for the running job before killing the replica.
     graceful_shutdown_timeout_s: float = Field(600.0, ge=0)
 
@@ -104,8 +107,8 @@ class Runtime(Strict):
     vae_tiling: bool = False
     vae_slicing: bool = False
     attention_slicing: bool = False
-    # Batched images byte-identical to the same seeds made alone (the UNet and VAE run
-    # per-image sub-batches). Off trades that guarantee for batched throughput.
+    # Batched images byte-identical to the same seeds made alone (batch-invariant layers on
+    # a CPU, per-image UNet sub-batches elsewhere). Off trades that for batched speed.
     batch_invariant: bool = True
 
 

@@ -22,6 +22,7 @@ from collections.abc import AsyncGenerator, Callable
 from contextlib import aclosing
 from typing import Any, Protocol
 
+from serve_app.batch_window import BatchWindow
 from serve_app.errors import (
     ImageNotFound,
     InvalidRequest,
@@ -95,6 +96,8 @@ class JobTracker:
         self._recent: OrderedDict[str, bytes] = OrderedDict()
         self._recent_bytes = 0
         self._replicas: dict[str, int] = {}  # ready replicas per model, as last seen
+        self._windows = {m: BatchWindow(self._max_batch_wait_ms(m)) for m in served}
+        self._held: dict[str, _Hold] = {}  # per model: the job waiting for companions
         self._closing = False
         self._counts = dict.fromkeys(JobStatus, 0)
         self._done_count = 0
@@ -323,19 +326,29 @@ class JobTracker:
         spec = self._registry.get(model)
         return spec.scaling.max_batch_size if spec else 1
 
+    def _max_batch_wait_ms(self, model: str) -> float:
+        spec = self._registry.get(model)
+        return spec.scaling.max_batch_wait_s * 1000 if spec else 0.0
+
     def _pump(self, model: str) -> None:
         loop = asyncio.get_running_loop()
         while (not self._closing and self._calls[model] < self._call_slots(model)
                and self._inflight[model] < self._settings.max_concurrent_jobs):
-            lead = self._queues.pop(model)
+            lead = self._queues.peek(model)
             if lead is None:
                 return
-            room = min(self._batch_size(model),
-                       self._settings.max_concurrent_jobs - self._inflight[model]) - 1
+            size = min(self._batch_size(model),
+                       self._settings.max_concurrent_jobs - self._inflight[model])
             key = lead.task.batch_key() if lead.task else None
-            batch = [lead]
-            if key is not None:
-                batch += self._queues.take(model, key, _batch_key, room)
+            batch = (self._queues.matching(model, key, _batch_key, size)
+                     if key is not None else [lead])
+            if key is not None and len(batch) < size and self._hold(model, lead, loop):
+                return  # a replica is free, but companions may be on their way
+            if (held := self._held.pop(model, None)) is not None:
+                held.timer.cancel()
+            self._queues.pop(model)
+            for job in batch[1:]:
+                self._queues.remove(job.id)
             # With no ready replica the jobs wait for one to start (scale from zero).
             phase = "loading_model" if self._replicas.get(model, 0) == 0 else "waiting_for_replica"
             for job in batch:
@@ -348,6 +361,27 @@ class JobTracker:
             for job in batch:
                 self._running[job.id] = task
 
+    def _hold(self, model: str, lead: Job, loop: asyncio.AbstractEventLoop) -> bool:
+        """Whether `lead` waits for compatible jobs before it is dispatched (see
+        `serve_app.batch_window`); if so, a timer ends the wait and pumps again."""
+        held = self._held.get(model)
+        if held is not None and held.job_id == lead.id:
+            return not held.over
+        if held is not None:
+            held.timer.cancel()
+        wait_s = self._windows[model].wait_ms(lead.task) / 1000 if lead.task else 0.0
+        if wait_s <= 0:
+            return False
+        hold = _Hold(lead.id, loop.call_later(wait_s, self._end_hold, model, lead.id))
+        self._held[model] = hold
+        return True
+
+    def _end_hold(self, model: str, job_id: str) -> None:
+        held = self._held.get(model)
+        if held is not None and held.job_id == job_id:
+            held.over = True
+        self._pump(model)
+
     async def _run(self, model: str, batch: list[Job]) -> None:
         """One replica call for `batch` (one job, or compatible jobs sharing a pipeline
         call): consume its events, record each transition, settle every job."""
@@ -356,6 +390,7 @@ class JobTracker:
         timeout_s = self._settings.job_timeout_ms / 1000
         loop = asyncio.get_running_loop()
         outcome: tuple[str, str] | None = None
+        observed = False
         try:
             # The deadline covers the wait for a replica (a cold start included), then
             # restarts when the replica takes the jobs.
@@ -377,6 +412,9 @@ class JobTracker:
                             if job.status is JobStatus.PROCESSING:
                                 job.report_progress(event.step, event.total)
                     elif isinstance(event, Finished):
+                        if not observed:  # one cost sample per call
+                            observed = True
+                            self._windows[model].observe(tasks, event.result.time_taken_ms)
                         job = by_id.get(event.result.job_id) or batch[0]
                         if not job.status.is_terminal():
                             self._complete(job, event.result)
@@ -493,6 +531,13 @@ class JobTracker:
         avg_s = (self._done_ms / self._done_count / 1000) if self._done_count else 5.0
         slots = max(1, sum(self._call_slots(m) * self._batch_size(m) for m in self._served))
         return max(1, min(300, round(avg_s * len(self._queues) / slots)))
+
+
+@dataclasses.dataclass
+class _Hold:
+    job_id: str
+    timer: asyncio.TimerHandle
+    over: bool = False
 
 
 def _batch_key(job: Job) -> Any:

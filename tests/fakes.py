@@ -43,6 +43,7 @@ class FakeDispatcher:
     hold: asyncio.Event | None = None
     lose: int = 0
     explode: str | None = None
+    elapsed_ms: int = 0  # the time_taken_ms each result reports
     replicas: dict[str, int] = field(default_factory=dict)
     calls: list[tuple[str, GenerationTask]] = field(default_factory=list)
     batches: list[list[str]] = field(default_factory=list)
@@ -70,7 +71,8 @@ class FakeDispatcher:
             for task in tasks:
                 images = [fake_image(task, s) for s in task.seeds]
                 yield Finished(GenerationResult(images, task.seeds, "image/png", model=model_id,
-                                                replica=f"{model_id}#fake", job_id=task.job_id))
+                                                replica=f"{model_id}#fake", job_id=task.job_id,
+                                                time_taken_ms=self.elapsed_ms))
         finally:
             self.closed.extend(task.job_id for task in tasks)
 

@@ -332,6 +332,38 @@ async def test_compatible_waiting_jobs_share_one_replica_call(registry, settings
     assert tracker.queue_status()["completedJobs"] == 7
 
 
+async def test_a_job_at_a_free_replica_waits_briefly_for_jobs_to_share_its_call(
+    registry, settings,
+) -> None:
+    registry = batching_registry(registry, 4)  # max_batch_wait_s: 0.05 by default
+    dispatcher = FakeDispatcher(elapsed_ms=2000)
+    tracker = make_tracker(registry, settings, dispatcher)
+    warm = tracker.submit(submission(registry, settings))
+    await settle()  # done: a job like these takes 2 s, so the next may wait 50 ms
+    first = tracker.submit(submission(registry, settings, seed=1))
+    await settle()
+    assert dispatcher.batches == [[warm["id"]]]  # a replica is free, yet it waits
+    second = tracker.submit(submission(registry, settings, seed=2))
+    await asyncio.sleep(0.08)
+    await settle()
+    assert dispatcher.batches[1:] == [[first["id"], second["id"]]]
+    assert record(tracker, second["id"])["status"] == "completed"
+
+
+async def test_a_full_batch_or_a_job_of_unknown_cost_goes_without_waiting(
+    registry, settings,
+) -> None:
+    registry = batching_registry(registry, 3)
+    dispatcher = FakeDispatcher(elapsed_ms=2000)
+    tracker = make_tracker(registry, settings, dispatcher)
+    unknown = tracker.submit(submission(registry, settings))  # nothing finished yet
+    await settle()
+    assert dispatcher.batches == [[unknown["id"]]]
+    full = [tracker.submit(submission(registry, settings, seed=s)) for s in range(3)]
+    await settle()
+    assert dispatcher.batches[1:] == [[j["id"] for j in full]]  # no wait: nothing to add
+
+
 async def test_cancelling_one_job_of_a_batch_keeps_the_others(registry, settings) -> None:
     registry = batching_registry(registry, 4)
     dispatcher = FakeDispatcher(hold=asyncio.Event())
