@@ -341,3 +341,25 @@ def test_eight_batched_jobs_equal_alone_at_any_thread_count(
         assert [r.images for r in batched] == [runner.generate(t).images for t in tasks]
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_repeated_prompt_reuses_its_embeddings_and_makes_the_same_image(
+    settings: Settings,
+) -> None:
+    own = ModelRunner(tiny_spec(), settings)
+    first = own.generate(make_task(prompt="a quiet harbour", seed=4))
+    again = own.generate(make_task(prompt="a quiet harbour", seed=4))
+    assert (own._prompts.misses, own._prompts.hits) == (1, 1)
+    fresh = ModelRunner(tiny_spec(), settings).generate(make_task(prompt="a quiet harbour",
+                                                                  seed=4))
+    assert first.images == again.images == fresh.images
+
+
+def test_pipelines_keep_their_diffusers_class_with_the_device_pinned(runner: ModelRunner) -> None:
+    from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
+
+    base, img2img = runner.pipeline, runner._pipes.img2img()
+    assert isinstance(base, StableDiffusionPipeline)
+    assert isinstance(img2img, StableDiffusionImg2ImgPipeline)
+    assert type(base).__name__ == "StableDiffusionPipeline"
+    assert base._execution_device == img2img._execution_device == torch.device("cpu")

@@ -112,3 +112,10 @@ def test_factory_gives_fresh_schedulers_from_a_frozen_base(
     pipe.scheduler = factory.make("ddim")
     assert factory.base_config["_class_name"] == "PNDMScheduler"
     assert type(factory.make("plms")) is PNDMScheduler
+
+
+def test_get_makes_each_sampler_once_and_make_always_a_fresh_one() -> None:
+    factory = SamplerFactory({"num_train_timesteps": 1000})
+    assert factory.get("euler_a") is factory.get("euler_a")
+    assert factory.get("ddim") is not factory.get("euler_a")
+    assert factory.make("euler_a") is not factory.get("euler_a")

@@ -159,6 +159,33 @@ def apply_runtime(pipe: DiffusionPipeline, runtime: Runtime, device: str) -> Non
         log.info("runtime.compile is ignored on %s", device)
 
 
+_PINNED: dict[type, type] = {}
+
+
+def pin_execution_device(pipe: DiffusionPipeline) -> None:
+    """Fix `pipe._execution_device` to the device it is on now.
+
+    diffusers recomputes it on every call (and `encode_prompt` asks again) by walking every
+    module of every component for offload hooks: 4 ms a call for the tiny model on a CPU,
+    a tenth of a 64 px job. This service never offloads, so the answer cannot change. The
+    pipeline becomes an instance of a subclass under the same name, so diffusers' lookups
+    by class name (`from_pipe`, `AutoPipeline*`) still work.
+    """
+    cls = type(pipe)
+    device = pipe._execution_device
+    if cls not in _PINNED.values():
+        pinned = _PINNED.get(cls)
+        if pinned is None:
+            pinned = type(cls.__name__, (cls,), {
+                "__module__": cls.__module__,
+                "__doc__": cls.__doc__,
+                "_execution_device": property(lambda self: self._pinned_device),
+            })
+            _PINNED[cls] = pinned
+        pipe.__class__ = pinned
+    pipe._pinned_device = device
+
+
 def needs_inpaint_route(pipe: DiffusionPipeline) -> bool:
     """Whether the UNet takes 9 channels (latents + mask + masked image)."""
     return int(pipe.unet.config.in_channels) == 9
@@ -177,6 +204,7 @@ class PipelineSet:
         self.unet = BatchInvariantUNet(base.unet, enabled=batch_invariant)
         if batch_invariant:
             base.vae.enable_slicing()
+        pin_execution_device(base)
         self._img2img: DiffusionPipeline | None = None
         self._inpaint: DiffusionPipeline | None = None
 
@@ -198,4 +226,5 @@ class PipelineSet:
     def _derive(self, auto: type) -> DiffusionPipeline:
         pipe = auto.from_pipe(self.base)
         pipe.set_progress_bar_config(disable=True)
+        pin_execution_device(pipe)
         return pipe

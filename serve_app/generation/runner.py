@@ -46,6 +46,7 @@ from serve_app.generation.pipelines import (
     resolve_dtype,
     resolve_model_file,
 )
+from serve_app.generation.prompts import PromptCache
 from serve_app.generation.samplers import SamplerFactory
 from serve_app.generation.style import IPAdapter, adain_start_image, style_denoise_strength
 from serve_app.registry import ModelSpec
@@ -80,6 +81,7 @@ class ModelRunner:
             base.safety_checker = None
         self._pipes = PipelineSet(base, batch_invariant=spec.runtime.batch_invariant)
         self._samplers = SamplerFactory(base.scheduler.config)
+        self._prompts = PromptCache()
         self._ip_adapter = _ip_adapter(spec, settings)
         self._lock = threading.Lock()
 
@@ -93,6 +95,7 @@ class ModelRunner:
         the running call, if any, has finished."""
         with self._lock:
             self._pipes = None  # type: ignore[assignment]
+            self._prompts.clear()
             gc.collect()
             if self.device == "cuda":
                 torch.cuda.empty_cache()
@@ -178,16 +181,14 @@ class ModelRunner:
         first = tasks[0]
         pipe = self._pipes.text2img()
         cfg = first.guidance_scale > 1 and pipe.unet.config.time_cond_proj_dim is None
-        # Each prompt is encoded on its own, exactly as an unbatched call encodes it (the
-        # text encoder's output also varies with batch shape).
+        # Each prompt is encoded on its own (or comes from the cache), exactly as an
+        # unbatched call encodes it: the text encoder's output varies with batch shape.
         positive, negative = [], []
         for task in tasks:
-            pe, ne = pipe.encode_prompt(
-                task.prompt, pipe._execution_device, task.num_images, cfg,
-                negative_prompt=task.negative_prompt or None,
-            )
-            positive.append(pe)
-            negative.append(ne)
+            pe, ne = self._prompts.embeddings(pipe, task.prompt, task.negative_prompt, cfg)
+            positive.append(pe.repeat_interleave(task.num_images, dim=0))
+            if ne is not None:
+                negative.append(ne.repeat_interleave(task.num_images, dim=0))
         seeds = [s for task in tasks for s in task.seeds]
         return self._call(
             pipe, first, hook, seeds=seeds, prompt=None, negative_prompt=None,
@@ -208,6 +209,8 @@ class ModelRunner:
         if task.mode is JobType.TEXT2IMG:
             if self._pipes.inpaint_route:
                 return self._inpaint(task, hook, *_blank_canvas(task), strength=1.0)
+            if self._batchable():  # a plain SD pipeline: cached prompt embeddings
+                return self._text2img_batch([task], hook)
             return self._call(
                 self._pipes.text2img(), task, hook, width=task.width, height=task.height
             )
@@ -290,8 +293,7 @@ class ModelRunner:
         seeds: list[int] | None = None,
         **kwargs: Any,
     ) -> tuple[list[Image.Image], list[bool]]:
-        # Fresh scheduler per call: schedulers keep per-run state.
-        pipe.scheduler = self._samplers.make(task.sampler)
+        pipe.scheduler = self._samplers.get(task.sampler)
         # Same test as the pipelines' `do_classifier_free_guidance`.
         cfg = task.guidance_scale > 1 and pipe.unet.config.time_cond_proj_dim is None
         self._pipes.unet.blocks = 2 if cfg else 1
