@@ -33,5 +33,9 @@ RUN pip install --no-cache-dir -e . \
 # override it on every KubeRay pod too.
 EXPOSE 3003 8265
 
+# Serve's fast path (HAProxy in front of ingress replicas that answer HTTP themselves, gRPC
+# between deployments): read by every Ray process this image starts.
+ENV RAY_SERVE_THROUGHPUT_OPTIMIZED=1 RAY_SERVE_ENABLE_HA_PROXY=1
+
 # Single node: SQLite job store unless IMAGEGEN_STORE says otherwise (no Redis here).
 CMD ["bash", "-c", "IMAGEGEN_STORE=${IMAGEGEN_STORE:-sqlite} exec serve run config/serve.gpu.yaml"]

@@ -59,9 +59,12 @@ class BenchCluster:
         # The submit shape's unplaceable replica would have the autoscaler print an
         # "infeasible request" line to stdout every half minute. Read when Ray is imported.
         os.environ.setdefault("RAY_SCHEDULER_EVENTS", "0")
-        from ray import serve
+        from serve_app.cli import local_ray_env, start_local_ray
 
-        from serve_app.cli import start_local_ray
+        # Before `ray.serve` is imported: Serve reads its fast-path switches at import, and
+        # the handles this driver builds (build_app) take their transport from them.
+        local_ray_env()
+        from ray import serve
 
         t0 = time.perf_counter()
         start_local_ray(num_cpus=RAY_CPUS)

@@ -363,3 +363,18 @@ def test_pipelines_keep_their_diffusers_class_with_the_device_pinned(runner: Mod
     assert isinstance(img2img, StableDiffusionImg2ImgPipeline)
     assert type(base).__name__ == "StableDiffusionPipeline"
     assert base._execution_device == img2img._execution_device == torch.device("cpu")
+
+
+def test_small_images_run_on_one_cpu_thread_and_the_count_comes_back() -> None:
+    from serve_app.generation.runner import _cpu_threads
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        seen = {}
+        for size in (64, 128):
+            with _cpu_threads("cpu", make_task(width=size, height=size)):
+                seen[size] = torch.get_num_threads()
+        assert seen == {64: 1, 128: 2} and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
