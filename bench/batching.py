@@ -138,7 +138,7 @@ def run(ctx: Context) -> dict[str, Any]:
         "headline": {
             "concurrent_s": rnd(conc, 3),
             "sequential_s": rnd(seq, 3),
-            "batches_formed": shapes[0],
+            "batches_formed": shapes,
             "in_process_batch_speedup": local["speedup_as_replica_runs_it"],
             "in_process_identical": local["batched_images_identical_to_alone"],
         },
