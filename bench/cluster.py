@@ -16,7 +16,7 @@ from typing import Any
 
 import psutil
 
-from bench.common import free_port, log, tiny_model, wait_http
+from bench.common import free_port, log, tiny_model, wait_http, wait_quiet
 
 APP_NAME = "imagegen"
 COLD_MODEL = "tiny-cold"
@@ -100,6 +100,10 @@ class BenchCluster:
         wait_http(f"{self.url}/healthz")
         self.shape = shape
         log(f"deployed shape {shape!r} in {time.perf_counter() - t0:.1f}s")
+        # The replaced shape's replicas stop after serve.run returns; its tracker may hold
+        # a long queue (the submit figure's). Measure nothing until that is over.
+        quiet = wait_quiet()
+        log(f"quiet after {quiet['waited_s']} s ({quiet['cpu_pct_at_start']}% CPU)")
         return self.url
 
     def replica_states(self, model_id: str) -> dict[str, int]:

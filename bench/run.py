@@ -29,7 +29,7 @@ import time
 import traceback
 from typing import Any
 
-from bench.common import ROOT, load_average, log, machine_info
+from bench.common import ROOT, load_average, log, machine_info, wait_quiet
 
 FIGURES = ("submit", "e2e", "batching", "coldstart", "scale")
 RESULTS_DIR = ROOT / "bench" / "results"
@@ -73,6 +73,9 @@ def run_figures(names: tuple[str, ...], quick: bool, profile_dir: Path | None,
             log(f"== {name}")
             t0 = time.perf_counter()
             try:
+                if results:  # after a figure: let its tail settle first
+                    quiet = wait_quiet()
+                    log(f"quiet after {quiet['waited_s']} s ({quiet['cpu_pct_at_start']}% CPU)")
                 results[name] = module.run(ctx)
             except Exception as exc:
                 log(f"{name} failed: {type(exc).__name__}: {exc}")
