@@ -31,6 +31,13 @@ SUBMIT_BATCH = 64
 SUBMITS_IN_FLIGHT = 2
 
 
+def _tracker_unavailable() -> ServiceUnavailable:
+    return ServiceUnavailable(
+        "The job tracker is restarting; retry shortly (submits with the same "
+        "Idempotency-Key are never duplicated)", retry_after_s=5,
+    )
+
+
 class HandleBackend:
     """The routes' JobsBackend over a handle to the tracker deployment.
 
@@ -44,6 +51,9 @@ class HandleBackend:
         self._submits: Coalescer[Submission, dict[str, Any]] = Coalescer(
             lambda subs: self._call("submit_many", subs),
             max_batch=SUBMIT_BATCH, max_in_flight=SUBMITS_IN_FLIGHT,
+            # Submits queued behind calls stuck retrying a restarting tracker give up with
+            # the same 503 a call would, instead of starting their own wait.
+            max_wait_s=TRACKER_RESTART_S, expired=_tracker_unavailable,
         )
 
     async def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
@@ -62,10 +72,7 @@ class HandleBackend:
                 raise
             except (RayActorError, ActorUnavailableError) as exc:
                 if time.monotonic() >= deadline:
-                    raise ServiceUnavailable(
-                        "The job tracker is restarting; retry shortly (submits with the "
-                        "same Idempotency-Key are never duplicated)", retry_after_s=5,
-                    ) from exc
+                    raise _tracker_unavailable() from exc
                 log.warning("tracker unavailable (%s); retrying %s", type(exc).__name__, method)
                 await asyncio.sleep(RETRY_PAUSE_S)
 

@@ -4,9 +4,10 @@ Dispatching the moment a replica is free sends the first of a burst of jobs alon
 batches only the rest (measured: 8 concurrent jobs ran as batches of 1 and 7). Waiting a
 little lets the burst form one batch, but a fixed wait would be paid by every lone job. So
 the wait is a fraction (5%) of the job's own expected run time, learned from the model's
-finished calls, and capped by the model's `scaling.max_batch_wait_s`: a 1-step 64 px job
-waits about a millisecond, a 20-step one long enough for a burst to arrive, and a job
-whose cost is not known yet (nothing finished since the start) does not wait.
+finished lone calls, counted from the job's submission, and capped by the model's
+`scaling.max_batch_wait_s`: a 1-step 64 px job waits about a millisecond, a 20-step one
+long enough for a burst to arrive, and a job whose cost is not known yet (no lone job has
+finished since the start) or that has already queued that long does not wait.
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ class BatchWindow:
         return self._ms_per_unit
 
     def observe(self, tasks: list[GenerationTask], elapsed_ms: float) -> None:
-        """One finished replica call: `tasks` ran together in `elapsed_ms`."""
+        """One finished replica call: `tasks` ran together in `elapsed_ms`. The tracker
+        feeds it lone jobs only: a hold is a fraction of what a job costs alone."""
         work = sum(_work(t) for t in tasks)
         if work <= 0 or elapsed_ms <= 0:
             return

@@ -10,6 +10,8 @@ the load by itself, with no timer.
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Generic, TypeVar
 
@@ -26,6 +28,10 @@ class Coalescer(Generic[T, R]):
     `call` answers one outcome per item, in order: a result, or an exception instance
     that is raised to that item's caller only. If `call` itself raises, every caller of
     that batch gets the exception (the batch method decides what is safe to retry).
+
+    An item whose caller has gone (its await was cancelled) before its batch leaves is not
+    sent. With `max_wait_s`, an item that waited longer than that for a call to leave (the
+    calls out are stuck retrying) fails with `expired()` instead of starting a new wait.
     """
 
     def __init__(
@@ -34,18 +40,22 @@ class Coalescer(Generic[T, R]):
         *,
         max_batch: int = 64,
         max_in_flight: int = 2,
+        max_wait_s: float | None = None,
+        expired: Callable[[], BaseException] = lambda: TimeoutError("batch call queue"),
     ) -> None:
         if max_batch < 1 or max_in_flight < 1:
             raise ValueError("max_batch and max_in_flight must be at least 1")
         self._call = call
         self._max_batch = max_batch
         self._max_in_flight = max_in_flight
-        self._pending: list[tuple[T, asyncio.Future[R]]] = []
+        self._max_wait_s = max_wait_s
+        self._expired = expired
+        self._pending: list[tuple[T, asyncio.Future[R], float]] = []
         self._in_flight: set[asyncio.Task[None]] = set()
 
     async def __call__(self, item: T) -> R:
         future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
-        self._pending.append((item, future))
+        self._pending.append((item, future, time.monotonic()))
         self._flush()
         return await future
 
@@ -54,12 +64,30 @@ class Coalescer(Generic[T, R]):
         return len(self._in_flight)
 
     def _flush(self) -> None:
+        self._drop_gone_and_expired()
         while self._pending and len(self._in_flight) < self._max_in_flight:
-            batch = self._pending[: self._max_batch]
+            batch = [(item, future) for item, future, _ in self._pending[: self._max_batch]]
             del self._pending[: self._max_batch]
-            task = asyncio.get_running_loop().create_task(self._send(batch))
+            # A fresh context: the call must not inherit the request context of whichever
+            # caller happened to flush (Serve cancels a request's child calls when that
+            # client disconnects, which would fail everyone else's items in the batch).
+            task = asyncio.get_running_loop().create_task(self._send(batch),
+                                                          context=contextvars.Context())
             self._in_flight.add(task)
             task.add_done_callback(self._sent)
+
+    def _drop_gone_and_expired(self) -> None:
+        now = time.monotonic()
+        keep = []
+        for entry in self._pending:
+            future, queued = entry[1], entry[2]
+            if future.done():
+                continue
+            if self._max_wait_s is not None and now - queued > self._max_wait_s:
+                future.set_exception(self._expired())
+                continue
+            keep.append(entry)
+        self._pending = keep
 
     def _sent(self, task: asyncio.Task[None]) -> None:
         self._in_flight.discard(task)

@@ -141,6 +141,9 @@ class JobTracker:
 
     async def close(self) -> None:
         self._closing = True
+        for held in self._held.values():
+            held.timer.cancel()
+        self._held.clear()
         for task in list(self._running.values()):
             task.cancel()
         await asyncio.gather(*self._running.values(), return_exceptions=True)
@@ -369,7 +372,12 @@ class JobTracker:
             return not held.over
         if held is not None:
             held.timer.cancel()
-        wait_s = self._windows[model].wait_ms(lead.task) / 1000 if lead.task else 0.0
+            self._held.pop(model)
+        if self._call_slots(model) - self._calls[model] > 1:
+            return False  # other replicas are free too: holding would only idle them
+        # The wait counts from submission: a job that already queued is not held again.
+        wait_ms = self._windows[model].wait_ms(lead.task) if lead.task else 0.0
+        wait_s = (wait_ms - (self._clock() - lead.created_at_ms)) / 1000
         if wait_s <= 0:
             return False
         hold = _Hold(lead.id, loop.call_later(wait_s, self._end_hold, model, lead.id))
@@ -390,7 +398,6 @@ class JobTracker:
         timeout_s = self._settings.job_timeout_ms / 1000
         loop = asyncio.get_running_loop()
         outcome: tuple[str, str] | None = None
-        observed = False
         try:
             # The deadline covers the wait for a replica (a cold start included), then
             # restarts when the replica takes the jobs.
@@ -412,8 +419,7 @@ class JobTracker:
                             if job.status is JobStatus.PROCESSING:
                                 job.report_progress(event.step, event.total)
                     elif isinstance(event, Finished):
-                        if not observed:  # one cost sample per call
-                            observed = True
+                        if len(tasks) == 1:  # a lone job's run time: what a hold is 5% of
                             self._windows[model].observe(tasks, event.result.time_taken_ms)
                         job = by_id.get(event.result.job_id) or batch[0]
                         if not job.status.is_terminal():

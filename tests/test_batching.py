@@ -73,6 +73,9 @@ def test_rewritten_layers_compute_what_the_originals_do() -> None:
             torch.testing.assert_close(linear(x), expected[key])
         torch.testing.assert_close(pointwise(image), expected_conv)
         assert torch.equal(spatial(image), expected_spatial)
+        # Shapes the per-image form cannot take fall back to the original computation.
+        assert linear(torch.randn(0, 3, 8)).shape == (0, 3, 5)
+        torch.testing.assert_close(pointwise(image[0]), expected_conv[0])
 
 
 def test_on_a_cpu_the_unet_runs_the_whole_batch_in_one_forward(settings: Settings) -> None:

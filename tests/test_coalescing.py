@@ -91,3 +91,39 @@ async def test_a_call_answering_the_wrong_number_of_outcomes_is_an_error() -> No
     coalescer: Coalescer[int, int] = Coalescer(short)
     with pytest.raises(RuntimeError, match="1 items"):
         await coalescer(1)
+
+
+async def test_a_caller_that_went_away_is_not_sent_and_old_items_expire(monkeypatch) -> None:
+    remote = Remote()
+    coalescer: Coalescer[int, int] = Coalescer(remote, max_in_flight=1, max_wait_s=5,
+                                               expired=lambda: TimeoutError("waited"))
+    first = asyncio.create_task(coalescer(0))
+    await settle()
+    gone = asyncio.create_task(coalescer(2))
+    old = asyncio.create_task(coalescer(4))
+    await settle()
+    gone.cancel()
+    # `old` has waited past max_wait_s by the time the first call comes back.
+    monkeypatch.setattr("serve_app.coalescing.time.monotonic", lambda: 1e12)
+    fresh = asyncio.create_task(coalescer(6))
+    remote.release.set()
+    assert await first == 0 and await fresh == 60
+    with pytest.raises(TimeoutError, match="waited"):
+        await old
+    assert remote.batches == [[0], [6]]  # neither the gone nor the expired item was sent
+
+
+async def test_the_batch_call_does_not_run_in_the_context_of_the_caller_that_flushed() -> None:
+    import contextvars
+
+    request = contextvars.ContextVar("request", default="none")
+    seen: list[str] = []
+
+    async def call(items: list[int]) -> list[int]:
+        seen.append(request.get())
+        return items
+
+    coalescer: Coalescer[int, int] = Coalescer(call)
+    request.set("client-1")
+    assert await coalescer(1) == 1
+    assert seen == ["none"]

@@ -364,6 +364,37 @@ async def test_a_full_batch_or_a_job_of_unknown_cost_goes_without_waiting(
     assert dispatcher.batches[1:] == [[j["id"] for j in full]]  # no wait: nothing to add
 
 
+async def test_no_wait_for_a_job_that_already_queued_or_when_other_replicas_are_free(
+    registry, settings,
+) -> None:
+    clock = FakeClock()
+    registry = batching_registry(registry, 4)
+    dispatcher = FakeDispatcher(elapsed_ms=2000, hold=asyncio.Event())
+    tracker = make_tracker(registry, settings, dispatcher, clock=clock)
+    dispatcher.hold.set()
+    tracker.submit(submission(registry, settings))
+    await settle()  # a lone job took 2 s: the next may wait 50 ms from its submission
+    dispatcher.hold.clear()
+    busy = tracker.submit(submission(registry, settings, width=128))  # occupies the replica
+    await asyncio.sleep(0.08)  # after its own wait
+    queued = tracker.submit(submission(registry, settings, seed=1))
+    clock.advance(60)  # it queued 60 ms behind `busy`
+    dispatcher.hold.set()
+    await settle()
+    assert dispatcher.batches[1:] == [[busy["id"]], [queued["id"]]]  # sent without a wait
+
+    data = registry.model_dump()
+    data["models"][0]["scaling"]["max_replicas"] = 2
+    two = Registry.model_validate(data)
+    dispatcher = FakeDispatcher(elapsed_ms=2000)
+    tracker = make_tracker(two, settings, dispatcher, clock=clock)
+    tracker.submit(submission(two, settings))
+    await settle()
+    lone = tracker.submit(submission(two, settings, seed=2))
+    await settle()
+    assert dispatcher.batches[1:] == [[lone["id"]]]  # two replicas free: no reason to wait
+
+
 async def test_cancelling_one_job_of_a_batch_keeps_the_others(registry, settings) -> None:
     registry = batching_registry(registry, 4)
     dispatcher = FakeDispatcher(hold=asyncio.Event())

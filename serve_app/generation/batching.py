@@ -37,10 +37,11 @@ def invariant_layers(model: torch.nn.Module) -> int:
     batched matrix products (see the module docstring). Returns how many were rewritten."""
     count = 0
     for layer in model.modules():
-        if isinstance(layer, torch.nn.Linear):
+        # Exact types: a subclass (LoRA-aware, quantized) has a forward of its own to keep.
+        if type(layer) is torch.nn.Linear:
             layer.forward = _linear_forward(layer)
             count += 1
-        elif isinstance(layer, torch.nn.Conv2d) and _is_pointwise(layer):
+        elif type(layer) is torch.nn.Conv2d and _is_pointwise(layer):
             layer.forward = _pointwise_conv_forward(layer)
             count += 1
     return count
@@ -57,7 +58,7 @@ def _is_pointwise(conv: torch.nn.Conv2d) -> bool:
 
 def _linear_forward(layer: torch.nn.Linear) -> Callable[[torch.Tensor], torch.Tensor]:
     def forward(x: torch.Tensor) -> torch.Tensor:
-        if x.ndim < 2:
+        if x.ndim < 2 or x.numel() == 0:
             return torch.nn.functional.linear(x, layer.weight, layer.bias)
         n = x.shape[0]
         rows = x.reshape(n, -1, x.shape[-1])  # (images, rows per image, features)
@@ -71,6 +72,8 @@ def _linear_forward(layer: torch.nn.Linear) -> Callable[[torch.Tensor], torch.Te
 
 def _pointwise_conv_forward(conv: torch.nn.Conv2d) -> Callable[[torch.Tensor], torch.Tensor]:
     def forward(x: torch.Tensor) -> torch.Tensor:
+        if x.ndim != 4 or x.numel() == 0:  # unbatched (C, H, W) or empty: as before
+            return conv._conv_forward(x, conv.weight, conv.bias)
         n, channels, h, w = x.shape
         weight = conv.weight.view(conv.out_channels, channels).expand(n, -1, -1)
         pixels = x.reshape(n, channels, h * w)
