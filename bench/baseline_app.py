@@ -82,7 +82,7 @@ class BaselineServer:
     """`with BaselineServer(args) as url:` runs the baseline in a subprocess."""
 
     def __init__(self, args: dict[str, Any], workdir: Path) -> None:
-        from bench.common import free_port
+        from serve_app.cli import free_port
 
         self.port = free_port()
         self.config = workdir / "baseline-args.json"

@@ -16,7 +16,8 @@ from typing import Any
 
 import psutil
 
-from bench.common import free_port, log, tiny_model, wait_http, wait_quiet
+from bench.common import log, tiny_model, wait_http, wait_quiet
+from serve_app.cli import free_port
 
 APP_NAME = "imagegen"
 COLD_MODEL = "tiny-cold"

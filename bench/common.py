@@ -249,12 +249,6 @@ def submit(client: Client, body: dict[str, Any]) -> str:
     return str(record["id"])
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def iso_ms(stamp: str | None) -> int | None:
     """The wire's `2025-11-07T10:00:00.000Z` as unix milliseconds."""
     if not stamp:

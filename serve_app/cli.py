@@ -60,7 +60,7 @@ def start_local_ray(num_cpus: int | None = None) -> None:
     # told otherwise: free ones let two local instances (a dev server and the tests) live
     # side by side. Ray's workers read them from the environment ray.init hands over.
     for key in HAPROXY_SIDE_PORTS - _PORTS_SET_BY_USER:
-        os.environ[key] = str(_free_port())
+        os.environ[key] = str(free_port())
     import ray
 
     ray.init(
@@ -74,7 +74,8 @@ def start_local_ray(num_cpus: int | None = None) -> None:
     )
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])

@@ -41,8 +41,8 @@ class JobNotCancellable(ServiceError):
     """The job already ended (409)."""
 
 
-class QueueFull(ServiceError):
-    """The queue is at MAX_QUEUE_SIZE (429); `retry_after_s` goes in the Retry-After header."""
+class RetryLater(ServiceError):
+    """A refusal that says when to try again: `retry_after_s` goes in Retry-After."""
 
     def __init__(self, message: str, retry_after_s: int = 5) -> None:
         super().__init__(message)
@@ -52,15 +52,12 @@ class QueueFull(ServiceError):
         return (type(self), (self.message, self.retry_after_s))
 
 
-class ServiceUnavailable(ServiceError):
-    """The tracker could not be reached for a while (503); `retry_after_s` says when."""
+class QueueFull(RetryLater):
+    """The queue is at MAX_QUEUE_SIZE (429)."""
 
-    def __init__(self, message: str, retry_after_s: int = 5) -> None:
-        super().__init__(message)
-        self.retry_after_s = retry_after_s
 
-    def __reduce__(self) -> tuple[type, tuple[str, int]]:  # type: ignore[override]
-        return (type(self), (self.message, self.retry_after_s))
+class ServiceUnavailable(RetryLater):
+    """The tracker could not be reached for a while (503)."""
 
 
 class IllegalTransition(ServiceError):

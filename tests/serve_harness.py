@@ -7,7 +7,6 @@ deployment of the app; a test that needs another shape of the app redeploys it w
 
 from __future__ import annotations
 
-import socket
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -16,16 +15,10 @@ from typing import Any
 
 import httpx
 
-from serve_app.cli import start_local_ray
+from serve_app.cli import free_port, start_local_ray
 
 APP_NAME = "imagegen"
 TERMINAL = {"completed", "failed", "cancelled"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass
