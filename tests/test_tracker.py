@@ -416,15 +416,16 @@ async def test_cancelling_one_job_of_a_batch_keeps_the_others(registry, settings
 async def test_the_cache_of_finished_records_stays_within_its_byte_budget(
     registry, settings, monkeypatch
 ) -> None:
-    from serve_app import tracker as tracker_module
+    from serve_app import records
 
-    monkeypatch.setattr(tracker_module, "RECENT_BYTES", 3000)
+    monkeypatch.setattr(records, "RECENT_BYTES", 3000)
     tracker = make_tracker(registry, settings, FakeDispatcher())
     ids = []
     for i in range(10):
         ids.append(tracker.submit(submission(registry, settings, seed=i))["id"])
         await settle()
-    assert tracker._recent_bytes == sum(len(v) for v in tracker._recent.values()) <= 3000
-    assert 0 < len(tracker._recent) < 10
+    book = tracker._book
+    assert book._recent_bytes == sum(len(v) for v in book._recent.values()) <= 3000
+    assert 0 < len(book._recent) < 10
     # evicted records are still served, from the store
     assert all(record(tracker, i)["status"] == "completed" for i in ids)

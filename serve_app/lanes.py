@@ -1,0 +1,124 @@
+"""One model's lane to its replicas: when queued jobs leave, and which leave together.
+
+A lane admits a replica call while it has capacity: one call per replica (up to the
+model's `max_replicas`; calls past the ready replicas wait in Serve's router, where the
+autoscaler sees them as demand) and at most MAX_CONCURRENT_JOBS jobs out at once. A call
+carries the first queued job and the queued jobs that can share its pipeline call (same
+batch key), up to `max_batch_size`. A lead that could take more companions and finds the
+only free replica may be held briefly for them (`serve_app.batch_window`).
+
+Jobs past a lane's capacity wait in the model's queue, where priority and batching apply.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass
+
+from serve_app.batch_window import BatchWindow
+from serve_app.jobs import Job
+from serve_app.queues import JobQueues
+from serve_app.registry import Scaling
+from serve_app.schemas import GenerationTask
+
+
+def batch_key(job: Job) -> Hashable:
+    """What jobs must share to run as one pipeline call; None: the job runs alone."""
+    return job.task.batch_key() if job.task else None
+
+
+class Lane:
+    def __init__(
+        self,
+        model: str,
+        scaling: Scaling,
+        *,
+        queues: JobQueues,
+        max_jobs: int,
+        clock: Callable[[], int],
+        on_hold_over: Callable[[str], None],
+    ) -> None:
+        self.model = model
+        self._slots = scaling.max_replicas
+        self._batch_size = scaling.max_batch_size
+        self._max_jobs = max_jobs
+        self._queues = queues
+        self._clock = clock
+        self._on_hold_over = on_hold_over  # called when a held lead may go: admit again
+        self._window = BatchWindow(scaling.max_batch_wait_s * 1000)
+        self._held: _Hold | None = None
+        self.calls = 0  # replica calls out
+        self.jobs = 0  # jobs in those calls
+
+    @property
+    def capacity(self) -> int:
+        """Jobs this model's replicas run at once, at most."""
+        return self._slots * self._batch_size
+
+    def admit(self) -> list[Job] | None:
+        """The jobs of the next replica call, taken off the queue; None while the lane is
+        full, the queue empty, or its lead held for companions."""
+        if self.calls >= self._slots or self.jobs >= self._max_jobs:
+            return None
+        lead = self._queues.peek(self.model)
+        if lead is None:
+            return None
+        size = min(self._batch_size, self._max_jobs - self.jobs)
+        key = batch_key(lead)
+        batch = (self._queues.matching(self.model, key, batch_key, size)
+                 if key is not None else [lead])
+        if key is not None and len(batch) < size and self._hold(lead):
+            return None
+        self._cancel_hold()
+        for job in batch:
+            self._queues.remove(job.id)
+        self.calls += 1
+        self.jobs += len(batch)
+        return batch
+
+    def release(self, batch: list[Job]) -> None:
+        """A call admitted with `batch` is over."""
+        self.calls -= 1
+        self.jobs -= len(batch)
+
+    def observe(self, tasks: list[GenerationTask], elapsed_ms: float) -> None:
+        """A finished call's run time. Fed lone calls only: a hold is a fraction of what
+        a job costs alone."""
+        self._window.observe(tasks, elapsed_ms)
+
+    def close(self) -> None:
+        self._cancel_hold()
+
+    def _hold(self, lead: Job) -> bool:
+        """Whether `lead` waits for companions; if so, a timer ends the wait."""
+        if self._held is not None and self._held.job_id == lead.id:
+            return not self._held.over
+        self._cancel_hold()
+        if self._slots - self.calls > 1:
+            return False  # other replicas are free too: holding would only idle them
+        # The wait counts from submission: a job that already queued is not held again.
+        wait_ms = self._window.wait_ms(lead.task) if lead.task else 0.0
+        wait_s = (wait_ms - (self._clock() - lead.created_at_ms)) / 1000
+        if wait_s <= 0:
+            return False
+        timer = asyncio.get_running_loop().call_later(wait_s, self._end_hold, lead.id)
+        self._held = _Hold(lead.id, timer)
+        return True
+
+    def _end_hold(self, job_id: str) -> None:
+        if self._held is not None and self._held.job_id == job_id:
+            self._held.over = True
+        self._on_hold_over(self.model)
+
+    def _cancel_hold(self) -> None:
+        if self._held is not None:
+            self._held.timer.cancel()
+            self._held = None
+
+
+@dataclass
+class _Hold:
+    job_id: str
+    timer: asyncio.TimerHandle
+    over: bool = False  # the wait ended: the lead goes with whatever it has

@@ -1,0 +1,131 @@
+"""Lane: what leaves the queue for a replica, with whom, and when it waits for companions."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from serve_app.jobs import Job
+from serve_app.lanes import Lane
+from serve_app.queues import JobQueues
+from serve_app.registry import Scaling
+from serve_app.schemas import GenerationTask, JobType, Priority
+from tests.fakes import FakeClock
+
+pytestmark = pytest.mark.anyio
+
+
+def job(job_id: str, *, mode: JobType = JobType.TEXT2IMG, width: int = 64,
+        priority: str = "normal", created_at_ms: int = 0) -> Job:
+    task = GenerationTask(job_id=job_id, mode=mode, prompt=job_id, negative_prompt="",
+                          width=width, height=64, steps=20, guidance_scale=7.5, seed=1,
+                          sampler="euler_a")
+    return Job(id=job_id, type=mode, model="m", request={}, created_at_ms=created_at_ms,
+               priority=Priority(priority), task=task)
+
+
+def lane(queues: JobQueues, *, replicas: int = 1, batch: int = 4, max_jobs: int = 100,
+         wait_s: float = 0.0, clock: FakeClock | None = None,
+         on_hold_over: list[str] | None = None) -> Lane:
+    scaling = Scaling(max_replicas=replicas, max_batch_size=batch, max_batch_wait_s=wait_s)
+    over = on_hold_over if on_hold_over is not None else []
+    return Lane("m", scaling, queues=queues, max_jobs=max_jobs, clock=clock or FakeClock(0),
+                on_hold_over=over.append)
+
+
+def knows_the_cost(one: Lane) -> None:
+    """A lone 64 px job ran 2 s: the next may wait 5% of that, capped at 50 ms."""
+    task = job("done").task
+    assert task is not None
+    one.observe([task], 2000)
+
+
+def queued(*jobs: Job) -> JobQueues:
+    queues = JobQueues(["m"])
+    for j in jobs:
+        queues.push(j)
+    return queues
+
+
+def ids(batch: list[Job] | None) -> list[str] | None:
+    return None if batch is None else [j.id for j in batch]
+
+
+async def test_a_call_takes_the_lead_and_its_compatible_jobs_in_queue_order() -> None:
+    queues = queued(job("a"), job("big", width=128), job("b"), job("c", priority="high"),
+                    job("d"), job("e"), job("paint", mode=JobType.INPAINT))
+    one = lane(queues, replicas=3, batch=3)
+    assert ids(one.admit()) == ["c", "a", "b"]  # the high one leads
+    assert ids(one.admit()) == ["big"]  # nothing else is its size
+    assert ids(one.admit()) == ["d", "e"]
+    assert one.admit() is None  # three calls out: one per replica
+    assert (one.calls, one.jobs, len(queues)) == (3, 6, 1)
+
+
+async def test_capacity_comes_back_when_a_call_is_released() -> None:
+    queues = queued(*(job(str(i), mode=JobType.IMG2IMG) for i in range(3)))
+    one = lane(queues, replicas=2, batch=4)
+    first = one.admit()
+    assert ids(first) == ["0"]  # img2img carries its own input image: it runs alone
+    assert ids(one.admit()) == ["1"]
+    assert one.admit() is None
+    assert first is not None
+    one.release(first)
+    assert ids(one.admit()) == ["2"]
+    assert one.capacity == 8
+
+
+async def test_max_jobs_bounds_the_batch_and_the_calls() -> None:
+    queues = queued(*(job(str(i)) for i in range(5)))
+    one = lane(queues, replicas=4, batch=4, max_jobs=3)
+    assert ids(one.admit()) == ["0", "1", "2"]
+    assert one.admit() is None  # three jobs out: the limit, though replicas are free
+
+
+async def test_a_lone_lead_at_the_only_free_replica_waits_then_goes() -> None:
+    clock, over = FakeClock(0), []
+    queues = queued(job("warm"))
+    one = lane(queues, batch=4, wait_s=0.05, clock=clock, on_hold_over=over)
+    warm = one.admit()
+    assert warm is not None
+    knows_the_cost(one)
+    one.release(warm)
+
+    queues.push(job("a"))
+    assert one.admit() is None and over == []  # held for companions
+    queues.push(job("b"))
+    assert one.admit() is None  # still within its wait, and the batch is not full
+    await asyncio.sleep(0.08)
+    assert over == ["m"]  # the timer asked for another admit
+    assert ids(one.admit()) == ["a", "b"]
+
+
+async def test_no_wait_for_a_full_batch_an_old_lead_or_with_replicas_to_spare() -> None:
+    clock = FakeClock(0)
+    queues = JobQueues(["m"])
+    two = lane(queues, replicas=2, batch=2, wait_s=0.05, clock=clock)
+    knows_the_cost(two)
+    queues.push(job("a"))
+    assert ids(two.admit()) == ["a"]  # the other replica is free too: no point waiting
+    queues.push(job("b"))
+    queues.push(job("c"))
+    assert ids(two.admit()) == ["b", "c"]  # a full batch
+
+    one = lane(queues, replicas=1, batch=2, wait_s=0.05, clock=clock)
+    knows_the_cost(one)
+    queues.push(job("old", created_at_ms=0))
+    clock.advance(60)  # it has been queued 60 ms: past its 50 ms
+    assert ids(one.admit()) == ["old"]
+
+
+async def test_close_cancels_a_hold() -> None:
+    over: list[str] = []
+    queues = JobQueues(["m"])
+    one = lane(queues, batch=4, wait_s=0.05, on_hold_over=over)
+    knows_the_cost(one)
+    queues.push(job("a"))
+    assert one.admit() is None
+    one.close()
+    await asyncio.sleep(0.08)
+    assert over == []
