@@ -48,23 +48,32 @@ class Lane:
         self._on_hold_over = on_hold_over  # called when a held lead may go: admit again
         self._window = BatchWindow(scaling.max_batch_wait_s * 1000)
         self._held: _Hold | None = None
-        self.calls = 0  # replica calls out
-        self.jobs = 0  # jobs in those calls
+        self._calls = 0  # replica calls out
+        self._jobs = 0  # jobs in those calls
+
+    @property
+    def calls(self) -> int:
+        return self._calls
+
+    @property
+    def jobs(self) -> int:
+        return self._jobs
 
     @property
     def capacity(self) -> int:
-        """Jobs this model's replicas run at once, at most."""
+        """Replica slots times batch size: the jobs the model's replicas could run at once
+        (MAX_CONCURRENT_JOBS may allow fewer)."""
         return self._slots * self._batch_size
 
     def admit(self) -> list[Job] | None:
         """The jobs of the next replica call, taken off the queue; None while the lane is
         full, the queue empty, or its lead held for companions."""
-        if self.calls >= self._slots or self.jobs >= self._max_jobs:
+        if self._calls >= self._slots or self._jobs >= self._max_jobs:
             return None
         lead = self._queues.peek(self.model)
         if lead is None:
             return None
-        size = min(self._batch_size, self._max_jobs - self.jobs)
+        size = min(self._batch_size, self._max_jobs - self._jobs)
         key = batch_key(lead)
         batch = (self._queues.matching(self.model, key, batch_key, size)
                  if key is not None else [lead])
@@ -73,14 +82,14 @@ class Lane:
         self._cancel_hold()
         for job in batch:
             self._queues.remove(job.id)
-        self.calls += 1
-        self.jobs += len(batch)
+        self._calls += 1
+        self._jobs += len(batch)
         return batch
 
     def release(self, batch: list[Job]) -> None:
         """A call admitted with `batch` is over."""
-        self.calls -= 1
-        self.jobs -= len(batch)
+        self._calls -= 1
+        self._jobs -= len(batch)
 
     def observe(self, tasks: list[GenerationTask], elapsed_ms: float) -> None:
         """A finished call's run time. Fed lone calls only: a hold is a fraction of what
@@ -95,7 +104,7 @@ class Lane:
         if self._held is not None and self._held.job_id == lead.id:
             return not self._held.over
         self._cancel_hold()
-        if self._slots - self.calls > 1:
+        if self._slots - self._calls > 1:
             return False  # other replicas are free too: holding would only idle them
         # The wait counts from submission: a job that already queued is not held again.
         wait_ms = self._window.wait_ms(lead.task) if lead.task else 0.0

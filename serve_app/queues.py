@@ -1,7 +1,8 @@
 """Waiting jobs, one priority queue per model: higher priority first, FIFO within one.
 
 Only jobs the tracker has not yet handed to a replica are here; the count of them is what
-MAX_QUEUE_SIZE bounds. Removal (a cancel) is lazy: the entry is marked dead and skipped.
+MAX_QUEUE_SIZE bounds. Removal (a cancel, a job leaving with another's batch) is lazy: the
+entry is marked dead and skipped.
 """
 
 from __future__ import annotations
@@ -84,15 +85,6 @@ class JobQueues:
                 if len(found) == limit:
                     break
         return found
-
-    def take(
-        self, model: str, key: Hashable, key_of: Callable[[Job], Hashable], room: int
-    ) -> list[Job]:
-        """`matching`, removed from the queue."""
-        taken = self.matching(model, key, key_of, room)
-        for job in taken:
-            self.remove(job.id)
-        return taken
 
     def position(self, job: Job) -> int | None:
         """1-based place among the model's waiting jobs; None when it is not waiting."""

@@ -44,10 +44,16 @@ class JobBook:
         self.live[job.id] = job
         self._counts[job.status] += 1
 
+    def restore(self, job: Job) -> None:
+        """A stored unfinished job, live again after a restart (counted by `load_totals`)."""
+        self.live[job.id] = job
+
     def transition(self, job: Job, step: Callable[[Job], None]) -> None:
-        """A non-terminal status change (`step` is one of the Job's transitions)."""
+        """`step` (one of the Job's transitions) moves `job` between queued and processing;
+        ending a job goes through `finish`."""
         before = job.status
         step(job)
+        assert not job.status.is_terminal(), f"{job.id} ended outside finish()"
         self._recount(before, job.status)
         self.store.save(job)
 
@@ -57,13 +63,17 @@ class JobBook:
         before = job.status
         step(job)
         self._recount(before, job.status)
+        self.store.save(job)
         if job.status is JobStatus.COMPLETED and job.result is not None:
             self._done_count += 1
             self._done_ms += job.result.time_taken_ms
-        self.store.save(job)
         if not keep_live:
-            self.live.pop(job.id, None)
+            self.drop(job.id)
         self.remember(job)
+
+    def drop(self, job_id: str) -> None:
+        """A finished job leaves the live jobs (its record stays)."""
+        self.live.pop(job_id, None)
 
     def prune(self, finished_before_ms: int, keep_last: int) -> int:
         removed = self.store.prune(finished_before_ms, keep_last)
@@ -75,7 +85,8 @@ class JobBook:
 
     # -- reads -------------------------------------------------------------------------
 
-    def load(self, job_id: str) -> Job | None:
+    def find(self, job_id: str) -> Job | None:
+        """The live job, else the stored one."""
         return self.live.get(job_id) or self.store.load(job_id)
 
     def rendered(self, job_id: str) -> bytes:
@@ -93,9 +104,9 @@ class JobBook:
         return self._counts[status]
 
     @property
-    def average_ms(self) -> float | None:
-        """Mean processing time of completed jobs; None before the first."""
-        return self._done_ms / self._done_count if self._done_count else None
+    def average_ms(self) -> int | None:
+        """Mean processing time of completed jobs (whole ms); None before the first."""
+        return self._done_ms // self._done_count if self._done_count else None
 
     def remember(self, job: Job) -> bytes:
         rendered = json.dumps(job.to_wire()).encode()

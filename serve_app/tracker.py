@@ -94,7 +94,9 @@ class JobTracker:
 
     def _lane(self, model: str) -> Lane:
         spec = self._registry.get(model)
-        return Lane(model, spec.scaling if spec else Scaling(), queues=self._queues,
+        # Served models come from the registry; the fallback (one job a call) is for safety.
+        scaling = spec.scaling if spec else Scaling(max_batch_size=1)
+        return Lane(model, scaling, queues=self._queues,
                     max_jobs=self._settings.max_concurrent_jobs, clock=self._clock,
                     on_hold_over=self._pump)
 
@@ -116,7 +118,7 @@ class JobTracker:
                     continue
                 self._book.transition(
                     job, lambda j: j.requeue("the service restarted while it ran"))
-            self._book.live[job.id] = job
+            self._book.restore(job)
             self._queues.push(job)
             recovered += 1
         for model in self._queues.models():
@@ -191,7 +193,7 @@ class JobTracker:
         return self._book.rendered(job_id)
 
     def image(self, job_id: str, index: int) -> tuple[bytes, str]:
-        job = self._book.load(job_id)
+        job = self._book.find(job_id)
         if job is None:
             raise JobNotFound()
         if job.result is None:
@@ -252,7 +254,7 @@ class JobTracker:
             "completedJobs": count(JobStatus.COMPLETED),
             "failedJobs": count(JobStatus.FAILED),
             "cancelledJobs": count(JobStatus.CANCELLED),
-            "averageProcessingTime": int(self._book.average_ms or 0),
+            "averageProcessingTime": self._book.average_ms or 0,
             "maxQueueSize": self._settings.max_queue_size,
         }
 
@@ -368,7 +370,7 @@ class JobTracker:
                         self._fail(job, outcome[1])
                 self._running.pop(job.id, None)
                 if job.status.is_terminal():
-                    self._book.live.pop(job.id, None)
+                    self._book.drop(job.id)
             self._batches.pop(asyncio.current_task(), None)  # type: ignore[arg-type]
             self._lanes[model].release(batch)
             self._pump(model)

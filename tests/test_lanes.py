@@ -119,6 +119,37 @@ async def test_no_wait_for_a_full_batch_an_old_lead_or_with_replicas_to_spare() 
     assert ids(one.admit()) == ["old"]
 
 
+async def test_a_held_batch_that_fills_up_leaves_at_once_and_its_timer_is_off() -> None:
+    over: list[str] = []
+    queues = JobQueues(["m"])
+    one = lane(queues, batch=2, wait_s=0.05, on_hold_over=over)
+    knows_the_cost(one)
+    queues.push(job("a"))
+    assert one.admit() is None
+    queues.push(job("b"))
+    assert ids(one.admit()) == ["a", "b"]
+    await asyncio.sleep(0.08)
+    assert over == []  # no stray wake-up for a hold that is over
+
+
+async def test_a_new_lead_replaces_the_held_one_with_its_own_wait() -> None:
+    clock, over = FakeClock(0), []
+    queues = JobQueues(["m"])
+    one = lane(queues, batch=4, wait_s=0.05, clock=clock, on_hold_over=over)
+    knows_the_cost(one)
+    queues.push(job("low", priority="low"))
+    assert one.admit() is None
+    first = one._held
+    clock.advance(30)
+    queues.push(job("high", priority="high", created_at_ms=30))
+    assert one.admit() is None  # "high" leads now, held 50 ms from its own submission
+    assert first is not None and first.timer.cancelled()
+    assert one._held is not None and one._held.job_id == "high"
+    await asyncio.sleep(0.08)
+    assert over == ["m"]  # one wake-up: the new hold's
+    assert ids(one.admit()) == ["high", "low"]
+
+
 async def test_close_cancels_a_hold() -> None:
     over: list[str] = []
     queues = JobQueues(["m"])

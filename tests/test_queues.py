@@ -36,14 +36,15 @@ def test_positions_follow_the_run_order() -> None:
     assert q.position(jobs[1]) == 1 and q.position(jobs[2]) is None
 
 
-def test_take_picks_compatible_jobs_in_queue_order_up_to_room() -> None:
+def test_matching_finds_compatible_jobs_in_queue_order_up_to_the_limit() -> None:
     q = JobQueues(["m"])
     for j in (job("a", key="x"), job("b", key="y"), job("c", key="x", priority="high"),
               job("d", key="x")):
         q.push(j)
-    taken = q.take("m", "x", lambda j: j.request["key"], room=2)
-    assert [j.id for j in taken] == ["c", "a"]
-    assert len(q) == 2 and q.pop("m").id == "b"  # type: ignore[union-attr]
+    found = q.matching("m", "x", lambda j: j.request["key"], limit=2)
+    assert [j.id for j in found] == ["c", "a"]
+    assert len(q) == 4  # found, not taken
+    assert q.matching("m", "x", lambda j: j.request["key"], limit=0) == []
 
 
 def test_push_reports_the_position_a_new_job_gets() -> None:

@@ -84,6 +84,19 @@ def test_prune_drops_old_records_and_recounts() -> None:
         book.finish(j, lambda x, t=at: x.cancel(t))
     assert book.prune(finished_before_ms=1000, keep_last=100) == 1
     assert book.count(JobStatus.CANCELLED) == 1
-    assert book.load("old") is None and book.load("new") is not None
+    assert book.find("old") is None and book.find("new") is not None
     with pytest.raises(JobNotFound):
         book.rendered("old")  # not answered from the cache either
+
+
+def test_a_requeued_job_counts_as_queued_again() -> None:
+    book = JobBook(MemoryStore())
+    a = job("a")
+    book.add(a)
+    book.transition(a, lambda j: j.start(10))
+    assert (book.count(JobStatus.QUEUED), book.count(JobStatus.PROCESSING)) == (0, 1)
+    book.transition(a, lambda j: j.requeue("its replica died"))
+    assert (book.count(JobStatus.QUEUED), book.count(JobStatus.PROCESSING)) == (1, 0)
+    assert book.store.counts()[JobStatus.QUEUED] == 1
+    with pytest.raises(AssertionError):
+        book.transition(a, lambda j: j.cancel(20))  # ending a job goes through finish()
