@@ -171,7 +171,13 @@ def _check_text(name: str, value: str, max_chars: int) -> None:
 
 def _check_range(name: str, value: float, lo: float, hi: float) -> None:
     if not lo <= value <= hi:
-        raise InvalidRequest(f"{name} must be between {lo:g} and {hi:g} (got {value:g})")
+        raise InvalidRequest(
+            f"{name} must be between {_number(lo)} and {_number(hi)} (got {_number(value)})")
+
+
+def _number(x: float) -> str:
+    """As a client wrote it: integers whole (a seed bound is 4294967295, not 4.29497e+09)."""
+    return str(x) if isinstance(x, int) else f"{x:g}"
 
 
 def _seed(seed: int | None) -> int:
