@@ -92,9 +92,10 @@ class Lane:
         self._jobs -= len(batch)
 
     def observe(self, tasks: list[GenerationTask], elapsed_ms: float) -> None:
-        """A finished call's run time. Fed lone calls only: a hold is a fraction of what
-        a job costs alone."""
-        self._window.observe(tasks, elapsed_ms)
+        """A finished call's run time. Only lone calls teach the window: a hold is a
+        fraction of what a job costs alone."""
+        if len(tasks) == 1:
+            self._window.observe(tasks, elapsed_ms)
 
     def close(self) -> None:
         self._cancel_hold()
@@ -107,7 +108,8 @@ class Lane:
         if self._slots - self._calls > 1:
             return False  # other replicas are free too: holding would only idle them
         # The wait counts from submission: a job that already queued is not held again.
-        wait_ms = self._window.wait_ms(lead.task) if lead.task else 0.0
+        assert lead.task is not None  # it has a batch key
+        wait_ms = self._window.wait_ms(lead.task)
         wait_s = (wait_ms - (self._clock() - lead.created_at_ms)) / 1000
         if wait_s <= 0:
             return False

@@ -51,19 +51,13 @@ class JobBook:
     def transition(self, job: Job, step: Callable[[Job], None]) -> None:
         """`step` (one of the Job's transitions) moves `job` between queued and processing;
         ending a job goes through `finish`."""
-        before = job.status
-        step(job)
+        self._apply(job, step)
         assert not job.status.is_terminal(), f"{job.id} ended outside finish()"
-        self._recount(before, job.status)
-        self.store.save(job)
 
     def finish(self, job: Job, step: Callable[[Job], None], *, keep_live: bool = False) -> None:
         """`step` ends `job` (completed, failed, cancelled). It leaves the live jobs unless
         `keep_live` (its replica call is still out: the call's end drops it)."""
-        before = job.status
-        step(job)
-        self._recount(before, job.status)
-        self.store.save(job)
+        self._apply(job, step)
         if job.status is JobStatus.COMPLETED and job.result is not None:
             self._done_count += 1
             self._done_ms += job.result.time_taken_ms
@@ -118,6 +112,9 @@ class JobBook:
             self._recent_bytes -= len(evicted)
         return rendered
 
-    def _recount(self, before: JobStatus, after: JobStatus) -> None:
+    def _apply(self, job: Job, step: Callable[[Job], None]) -> None:
+        before = job.status
+        step(job)
         self._counts[before] -= 1
-        self._counts[after] += 1
+        self._counts[job.status] += 1
+        self.store.save(job)

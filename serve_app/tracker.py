@@ -341,8 +341,7 @@ class JobTracker:
                             if job.status is JobStatus.PROCESSING:
                                 job.report_progress(event.step, event.total)
                     elif isinstance(event, Finished):
-                        if len(tasks) == 1:  # a lone job's run time: what a hold is 5% of
-                            self._lanes[model].observe(tasks, event.result.time_taken_ms)
+                        self._lanes[model].observe(tasks, event.result.time_taken_ms)
                         job = by_id.get(event.result.job_id) or batch[0]
                         if not job.status.is_terminal():
                             self._complete(job, event.result)

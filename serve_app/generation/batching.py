@@ -96,7 +96,6 @@ class BatchInvariantUNet:
         self.blocks = 1
         # Off (runtime.batch_invariant: false) the UNet is left as it is: on a GPU faster,
         # and a batched image may differ from the same seed made alone in the last bits.
-        self.enabled = enabled
         on_cpu = next(unet.parameters()).device.type == "cpu"
         self.split = enabled and not on_cpu
         if enabled and on_cpu:

@@ -18,6 +18,7 @@ Contract:
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from collections.abc import Callable
@@ -159,9 +160,6 @@ def apply_runtime(pipe: DiffusionPipeline, runtime: Runtime, device: str) -> Non
         log.info("runtime.compile is ignored on %s", device)
 
 
-_PINNED: dict[type, type] = {}
-
-
 def pin_execution_device(pipe: DiffusionPipeline) -> None:
     """Fix `pipe._execution_device` to the device it is on now.
 
@@ -171,19 +169,20 @@ def pin_execution_device(pipe: DiffusionPipeline) -> None:
     pipeline becomes an instance of a subclass under the same name, so diffusers' lookups
     by class name (`from_pipe`, `AutoPipeline*`) still work.
     """
-    cls = type(pipe)
     device = pipe._execution_device
-    if cls not in _PINNED.values():
-        pinned = _PINNED.get(cls)
-        if pinned is None:
-            pinned = type(cls.__name__, (cls,), {
-                "__module__": cls.__module__,
-                "__doc__": cls.__doc__,
-                "_execution_device": property(lambda self: self._pinned_device),
-            })
-            _PINNED[cls] = pinned
-        pipe.__class__ = pinned
+    if not getattr(type(pipe), "_pins_device", False):
+        pipe.__class__ = _pinned_class(type(pipe))
     pipe._pinned_device = device
+
+
+@functools.cache
+def _pinned_class(cls: type) -> type:
+    return type(cls.__name__, (cls,), {
+        "__module__": cls.__module__,
+        "__doc__": cls.__doc__,
+        "_pins_device": True,
+        "_execution_device": property(lambda self: self._pinned_device),
+    })
 
 
 def needs_inpaint_route(pipe: DiffusionPipeline) -> bool:

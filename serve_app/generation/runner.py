@@ -181,14 +181,14 @@ class ModelRunner:
     ) -> tuple[list[Image.Image], list[bool]]:
         first = tasks[0]
         pipe = self._pipes.text2img()
-        cfg = first.guidance_scale > 1 and pipe.unet.config.time_cond_proj_dim is None
+        cfg = _guided(pipe, first)
         # Each prompt is encoded on its own (or comes from the cache), exactly as an
         # unbatched call encodes it: the text encoder's output varies with batch shape.
         positive, negative = [], []
         for task in tasks:
             pe, ne = self._prompts.embeddings(pipe, task.prompt, task.negative_prompt, cfg)
             positive.append(pe.repeat_interleave(task.num_images, dim=0))
-            if ne is not None:
+            if cfg:
                 negative.append(ne.repeat_interleave(task.num_images, dim=0))
         seeds = [s for task in tasks for s in task.seeds]
         return self._call(
@@ -295,9 +295,7 @@ class ModelRunner:
         **kwargs: Any,
     ) -> tuple[list[Image.Image], list[bool]]:
         pipe.scheduler = self._samplers.get(task.sampler)
-        # Same test as the pipelines' `do_classifier_free_guidance`.
-        cfg = task.guidance_scale > 1 and pipe.unet.config.time_cond_proj_dim is None
-        self._pipes.unet.blocks = 2 if cfg else 1
+        self._pipes.unet.blocks = 2 if _guided(pipe, task) else 1
         call: dict[str, Any] = {
             "prompt": task.prompt,
             "negative_prompt": task.negative_prompt or None,
@@ -364,6 +362,12 @@ class _StepHook:
             pipe._interrupt = True
             self.stopped = True
         return tensors
+
+
+def _guided(pipe: DiffusionPipeline, task: GenerationTask) -> bool:
+    """Whether the call runs classifier-free guidance (the pipelines' own test, in
+    `do_classifier_free_guidance`): every image then goes through the UNet twice."""
+    return task.guidance_scale > 1 and pipe.unet.config.time_cond_proj_dim is None
 
 
 def _strength(strength: float, steps: int) -> float:
