@@ -8,6 +8,8 @@ idempotent) however many modules use it.
 from __future__ import annotations
 
 import io
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -60,6 +62,19 @@ def make_task(**overrides: Any) -> GenerationTask:
     }
     fields.update(overrides)
     return GenerationTask(**fields)
+
+
+@contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """torch on `n` CPU threads inside the block, as many as before after it."""
+    import torch  # here, so modules that only build tasks stay free of torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def input_image(image: Image.Image) -> InputImage:

@@ -1,4 +1,4 @@
-"""BatchWindow: the wait is a tenth of the job's expected run time, capped, learned."""
+"""BatchWindow: the wait is 5% of the job's expected run time, capped, learned."""
 
 from __future__ import annotations
 
@@ -7,13 +7,12 @@ import dataclasses
 import pytest
 
 from serve_app.batch_window import WAIT_FRACTION, BatchWindow
-from serve_app.schemas import GenerationTask, JobType
+from serve_app.schemas import GenerationTask
+from tests.generation_helpers import make_task
 
 
 def task(steps: int = 20, size: int = 1000, num_images: int = 1) -> GenerationTask:
-    return GenerationTask(job_id="j", mode=JobType.TEXT2IMG, prompt="x", negative_prompt="",
-                          width=size, height=size, steps=steps, guidance_scale=7.5, seed=1,
-                          sampler="euler_a", num_images=num_images)
+    return make_task(steps=steps, width=size, height=size, num_images=num_images)
 
 
 def test_no_wait_before_any_call_finished_or_when_turned_off() -> None:

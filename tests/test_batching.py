@@ -12,7 +12,12 @@ from diffusers import UNet2DConditionModel
 from serve_app.generation.batching import BatchInvariantUNet, invariant_layers
 from serve_app.generation.pipelines import load_pipeline
 from serve_app.settings import Settings
-from tests.generation_helpers import THIRD_PARTY_WARNINGS, tiny_settings, tiny_spec
+from tests.generation_helpers import (
+    THIRD_PARTY_WARNINGS,
+    tiny_settings,
+    tiny_spec,
+    torch_threads,
+)
 
 pytestmark = THIRD_PARTY_WARNINGS
 
@@ -31,10 +36,8 @@ def fresh_unet(settings: Settings, model_id: str = "tiny-sd", source: str = "tin
 
 @pytest.fixture
 def threads(request: pytest.FixtureRequest) -> Iterator[int]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    yield request.param
-    torch.set_num_threads(before)
+    with torch_threads(request.param):
+        yield request.param
 
 
 @pytest.mark.parametrize("threads", [1, 2], indirect=True)

@@ -10,17 +10,16 @@ from serve_app.jobs import Job
 from serve_app.lanes import Lane
 from serve_app.queues import JobQueues
 from serve_app.registry import Scaling
-from serve_app.schemas import GenerationTask, JobType, Priority
+from serve_app.schemas import JobType, Priority
 from tests.fakes import FakeClock
+from tests.generation_helpers import make_task
 
 pytestmark = pytest.mark.anyio
 
 
 def job(job_id: str, *, mode: JobType = JobType.TEXT2IMG, width: int = 64,
         priority: str = "normal", created_at_ms: int = 0) -> Job:
-    task = GenerationTask(job_id=job_id, mode=mode, prompt=job_id, negative_prompt="",
-                          width=width, height=64, steps=20, guidance_scale=7.5, seed=1,
-                          sampler="euler_a")
+    task = make_task(job_id=job_id, mode=mode, prompt=job_id, width=width, steps=20, seed=1)
     return Job(id=job_id, type=mode, model="m", request={}, created_at_ms=created_at_ms,
                priority=Priority(priority), task=task)
 

@@ -29,6 +29,7 @@ from tests.generation_helpers import (
     pixels,
     tiny_settings,
     tiny_spec,
+    torch_threads,
 )
 
 pytestmark = THIRD_PARTY_WARNINGS
@@ -330,17 +331,11 @@ def test_eight_batched_jobs_equal_alone_at_any_thread_count(
 ) -> None:
     # A replica with num_cpus 1 runs torch on one thread, where kernels pick other paths
     # by shape than at two: identity must hold for both.
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         tasks = [make_task(job_id=str(i), seed=i, prompt=f"p{i}", steps=3, width=128,
                            height=128) for i in range(8)]
         batched = runner.generate_batch(tasks)
         assert [r.images for r in batched] == [runner.generate(t).images for t in tasks]
-    finally:
-        torch.set_num_threads(before)
 
 
 def test_a_repeated_prompt_reuses_its_embeddings_and_makes_the_same_image(
@@ -368,13 +363,9 @@ def test_pipelines_keep_their_diffusers_class_with_the_device_pinned(runner: Mod
 def test_small_images_run_on_one_cpu_thread_and_the_count_comes_back() -> None:
     from serve_app.generation.runner import _cpu_threads
 
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
+    with torch_threads(2):
         seen = {}
         for size in (64, 128):
             with _cpu_threads("cpu", make_task(width=size, height=size)):
                 seen[size] = torch.get_num_threads()
         assert seen == {64: 1, 128: 2} and torch.get_num_threads() == 2
-    finally:
-        torch.set_num_threads(before)

@@ -301,9 +301,10 @@ async def test_inpainting_runs_on_the_registry_inpainting_model(registry, settin
     assert legacy.model == "tiny-sd"
 
 
-def batching_registry(registry: Registry, size: int) -> Registry:
+def batching_registry(registry: Registry, size: int, **scaling: Any) -> Registry:
+    """The registry with its first model batching `size` jobs a call (and `scaling`)."""
     data = registry.model_dump()
-    data["models"][0]["scaling"]["max_batch_size"] = size
+    data["models"][0]["scaling"] |= {"max_batch_size": size} | scaling
     return Registry.model_validate(data)
 
 
@@ -383,9 +384,7 @@ async def test_no_wait_for_a_job_that_already_queued_or_when_other_replicas_are_
     await settle()
     assert dispatcher.batches[1:] == [[busy["id"]], [queued["id"]]]  # sent without a wait
 
-    data = registry.model_dump()
-    data["models"][0]["scaling"]["max_replicas"] = 2
-    two = Registry.model_validate(data)
+    two = batching_registry(registry, 4, max_replicas=2)
     dispatcher = FakeDispatcher(elapsed_ms=2000)
     tracker = make_tracker(two, settings, dispatcher, clock=clock)
     tracker.submit(submission(two, settings))
