@@ -144,6 +144,5 @@ def run(ctx: Context) -> dict[str, Any]:
         },
         "concurrent_s": [rnd(x, 3) for x in concurrent],
         "sequential_s": [rnd(x, 3) for x in sequential],
-        "batches_formed": shapes,
         "in_process": local,
     }

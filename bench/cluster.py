@@ -103,8 +103,7 @@ class BenchCluster:
         log(f"deployed shape {shape!r} in {time.perf_counter() - t0:.1f}s")
         # The replaced shape's replicas stop after serve.run returns; its tracker may hold
         # a long queue (the submit figure's). Measure nothing until that is over.
-        quiet = wait_quiet()
-        log(f"quiet after {quiet['waited_s']} s ({quiet['cpu_pct_at_start']}% CPU)")
+        wait_quiet()
         return self.url
 
     def replica_states(self, model_id: str) -> dict[str, int]:

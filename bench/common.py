@@ -212,7 +212,7 @@ def idle_cpu(pids: dict[str, int], seconds: float) -> dict[str, float]:
     return {role: (after[role] - before[role]) / seconds for role in before if role in after}
 
 
-def wait_quiet(below_pct: float = 20.0, max_s: float = 30.0) -> dict[str, float]:
+def wait_quiet(below_pct: float = 20.0, max_s: float = 30.0) -> None:
     """Wait until the machine's CPU use over one second is under `below_pct` (of all
     cores), at most `max_s`: what the previous figure started (a redeploy's old replicas
     stopping, a model scaling down, the store's checkpoint) must not land in the next."""
@@ -222,7 +222,7 @@ def wait_quiet(below_pct: float = 20.0, max_s: float = 30.0) -> dict[str, float]
     busy = psutil.cpu_percent(interval=1.0)
     while busy >= below_pct and time.perf_counter() - t0 < max_s:
         busy = psutil.cpu_percent(interval=1.0)
-    return {"waited_s": round(time.perf_counter() - t0, 1), "cpu_pct_at_start": busy}
+    log(f"quiet after {time.perf_counter() - t0:.1f} s ({busy}% CPU)")
 
 
 def wait_http(url: str, timeout_s: float = 120) -> None:

@@ -74,8 +74,7 @@ def run_figures(names: tuple[str, ...], quick: bool, profile_dir: Path | None,
             t0 = time.perf_counter()
             try:
                 if results:  # after a figure: let its tail settle first
-                    quiet = wait_quiet()
-                    log(f"quiet after {quiet['waited_s']} s ({quiet['cpu_pct_at_start']}% CPU)")
+                    wait_quiet()
                 results[name] = module.run(ctx)
             except Exception as exc:
                 log(f"{name} failed: {type(exc).__name__}: {exc}")
