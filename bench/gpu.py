@@ -179,7 +179,7 @@ def make_runner(opts: argparse.Namespace, compiled: bool, workdir: Path) -> Any:
 
 
 def tasks(opts: argparse.Namespace, n: int) -> list[Any]:
-    from serve_app.schemas import GenerationTask, JobType
+    from serve_app.messages import GenerationTask, JobType
 
     return [GenerationTask(job_id=f"gpu-{i}", mode=JobType.TEXT2IMG, prompt=f"{PROMPT} {i}",
                            negative_prompt="", width=opts.size, height=opts.size,

@@ -2,15 +2,15 @@
 /jobs/:id and GET /jobs latency, at 100k records against 1k.
 
 The records go into the SQLite store the running service's tracker reads (the `service`
-shape's `data_dir`), written from this process through the store's own `save()` (in
-transactions of 5,000, so filling takes seconds, not minutes): finished jobs spread over
+shape's `data_dir`), written from this process through the store's own `save_many()` (one
+transaction per 5,000, so filling takes seconds, not minutes): finished jobs spread over
 time, 90% completed (with a small PNG data URI as their image), 5% failed, 5% cancelled.
 
 Measured twice, at each size:
 - through the real Serve app (proxy -> ingress -> tracker actor -> SQLite): one client
   (`http.client`, keep-alive), one request at a time, random job ids (nearly all miss the
   tracker's 512-record cache);
-- in this process, without Ray: the same routes (`serve_app.http`) over a `JobTracker` on
+- in this process, without Ray: the same routes (`serve_app.api.app`) over a `JobTracker` on
   the same file, the ASGI app called directly (no socket, no client library); the
   difference is the cost of the proxy and the two actor hops.
 Memory is the tracker actor's RSS (psutil) and the database's size on disk.
@@ -50,7 +50,7 @@ class Filler:
     """Adds finished job records to a SQLite job store, oldest further back in time."""
 
     def __init__(self, db_path: Path) -> None:
-        from serve_app.sqlite_store import SQLiteStore
+        from serve_app.stores.sqlite import SQLiteStore
 
         self.store = SQLiteStore(db_path)
         self.path = db_path
@@ -63,18 +63,17 @@ class Filler:
         return sum(self.store.counts().values())
 
     def fill_to(self, total: int) -> dict[str, Any]:
-        from serve_app.jobs import Job, JobResult, JobStatus, new_job_id
-        from serve_app.schemas import JobType
-        from serve_app.store import encode_cursor
+        from serve_app.jobs.codec import to_row
+        from serve_app.jobs.job import Job, JobResult, JobStatus, new_job_id
+        from serve_app.messages import JobType
+        from serve_app.stores.contract import encode_cursor
 
         start = self.count()
         t0 = time.perf_counter()
-        db = getattr(self.store, "_db", None)  # batch commits when the store allows it
         added = 0
         while start + added < total:
             chunk = min(CHUNK, total - start - added)
-            if db is not None:
-                db.execute("BEGIN")
+            rows = []
             for _ in range(chunk):
                 k = len(self.ids)
                 created = self.newest_ms - k * SPACING_MS
@@ -94,12 +93,11 @@ class Filler:
                                            content_type="image/png")
                 elif status is JobStatus.FAILED:
                     job.error = "Generation failed: benchmark record"
-                self.store.save(job)
+                rows.append(to_row(job))
                 self.ids.append(job.id)
                 if k % 1000 == 500:
-                    self.cursors.append(encode_cursor(job))
-            if db is not None:
-                db.execute("COMMIT")
+                    self.cursors.append(encode_cursor(job.created_at_ms, job.id))
+            self.store.save_many(rows)
             added += chunk
         elapsed = time.perf_counter() - t0
         return {"records": start + added, "added": added, "fill_s": rnd(elapsed, 2),
@@ -141,31 +139,33 @@ def measure_serve(url: str, plan: dict[str, list[str]]) -> dict[str, Any]:
 
 
 class NoReplicas:
-    """A dispatcher for a tracker that only answers reads."""
+    """Replicas for a tracker that only answers reads."""
 
     async def run(self, model_id: str, tasks: list[Any]) -> AsyncGenerator[Any, None]:
         raise RuntimeError("the scale benchmark runs no jobs")
         yield  # pragma: no cover
 
-    async def replica_counts(self) -> dict[str, int]:
+    async def ready_counts(self) -> dict[str, int]:
         return {}
 
 
 async def _measure_in_process(ctx: Context, db_path: Path, plan: dict[str, list[str]]
                               ) -> dict[str, Any]:
-    from serve_app.http import ApiContext, attach, create_api
+    from serve_app.api.app import ApiContext, attach, create_api
+    from serve_app.api.backend import InProcessBackend
+    from serve_app.jobs.persistence import StoreIO
+    from serve_app.jobs.service import JobTracker
     from serve_app.registry import parse_registry
     from serve_app.settings import load_settings
-    from serve_app.sqlite_store import SQLiteStore
-    from serve_app.tracker import InProcessBackend, JobTracker
+    from serve_app.stores.sqlite import SQLiteStore
 
     args = ctx.cluster.app_args("service")
     settings = load_settings(args["settings"])
     registry = parse_registry(args["models"])
     served = frozenset(m.id for m in registry.models)
-    store = SQLiteStore(db_path)
+    store = StoreIO(SQLiteStore(db_path))
     tracker = JobTracker(settings=settings, registry=registry, store=store,
-                         dispatcher=NoReplicas(), served=served)
+                         replicas=NoReplicas(), served=served)
     api = create_api()
     attach(api, ApiContext(InProcessBackend(tracker), settings, registry, served))
     out: dict[str, Any] = {}

@@ -1,7 +1,8 @@
 """Model replica deployment: one per served model, each with its own resources and scaling.
 
-A thin shell over `serve_app.generation.ModelWorker`. torch and diffusers are imported in
-the constructor, so composing the app (and the ingress and tracker processes) never loads
+A thin shell over `serve_app.generation.ModelWorker`; the builder applies
+`@serve.deployment` with the model's options. torch and diffusers are imported in the
+constructor, so composing the app (and the ingress and tracker processes) never loads
 them; only the replica process does.
 """
 
@@ -11,12 +12,11 @@ from collections.abc import AsyncGenerator
 
 from ray import serve
 
+from serve_app.messages import GenerationTask, ReplicaEvent
 from serve_app.registry import ModelSpec
-from serve_app.schemas import GenerationTask, ReplicaEvent
 from serve_app.settings import Settings
 
 
-@serve.deployment(max_ongoing_requests=1, health_check_period_s=10)
 class ModelReplica:
     def __init__(self, spec: ModelSpec, settings: Settings) -> None:
         from serve_app.generation.runner import ModelRunner

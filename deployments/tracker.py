@@ -1,8 +1,9 @@
-"""Job tracker deployment: the one actor that owns job state (a thin shell over JobTracker).
+"""Job tracker deployment: the one actor that owns job state (a shell over JobTracker).
 
-It talks to each model's deployment through a streaming handle: the replica's events
-(started, progress, result) come back on the call itself, so replicas never need a handle
-to the tracker and cancelling the call is how a running job is interrupted.
+It reaches each model's deployment through a streaming handle (`ServeReplicas`): the
+replica's events (started, progress, result) come back on the call itself, so replicas never
+need a handle to the tracker and cancelling the call is how a running job is interrupted.
+The builder applies `@serve.deployment`.
 """
 
 from __future__ import annotations
@@ -18,11 +19,12 @@ from ray.serve.handle import DeploymentHandle
 from ray.serve.schema import ReplicaState
 
 from serve_app.errors import ReplicaLost, ServiceError
+from serve_app.jobs.persistence import StoreIO
+from serve_app.jobs.service import JobTracker
+from serve_app.messages import GenerationTask, ReplicaEvent, Submission
 from serve_app.registry import Registry
-from serve_app.schemas import GenerationTask, ReplicaEvent, Submission
 from serve_app.settings import Settings
-from serve_app.store import open_store
-from serve_app.tracker import JobTracker
+from serve_app.stores.factory import open_store
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +39,8 @@ def model_deployment_name(model_id: str) -> str:
     return f"model-{model_id}"
 
 
-class ServeDispatcher:
-    """Routes a task to its model's deployment and streams the replica's events back."""
+class ServeReplicas:
+    """Routes a call to its model's deployment and streams the replica's events back."""
 
     def __init__(self, handles: dict[str, DeploymentHandle]) -> None:
         self._handles = {m: h.options(stream=True) for m, h in handles.items()}
@@ -59,7 +61,7 @@ class ServeDispatcher:
             if not finished:
                 response.cancel()  # interrupts the pipeline at its next step
 
-    async def replica_counts(self) -> dict[str, int]:
+    async def ready_counts(self) -> dict[str, int]:
         status = await asyncio.to_thread(serve.status)
         app = status.applications.get(serve.get_replica_context().app_name)
         counts: dict[str, int] = {}
@@ -69,7 +71,6 @@ class ServeDispatcher:
         return counts
 
 
-@serve.deployment(num_replicas=1, max_ongoing_requests=10_000, ray_actor_options={"num_cpus": 0})
 class Tracker:
     def __init__(
         self,
@@ -81,25 +82,52 @@ class Tracker:
         store = open_store(settings.store, data_dir=settings.data_dir,
                            redis_url=settings.redis_url)
         self._tracker = JobTracker(
-            settings=settings, registry=registry, store=store,
-            dispatcher=ServeDispatcher(models), served=served,
+            settings=settings, registry=registry, store=StoreIO(store),
+            replicas=ServeReplicas(models), served=served,
         )
-        self._started: asyncio.Task[None] | None = None
-        self._watch: asyncio.Task[None] | None = None
+        self._started: asyncio.Task[int] | None = None
+        self._background: list[asyncio.Task[None]] = []
         self._next_idle_refresh = 0.0
+        self._stopping = False
+
+    def __del__(self) -> Awaitable[None] | None:
+        """Serve's graceful stop calls this on the replica's loop and awaits the result:
+        stop the calls and save what is still written behind. Python's own finalizer call
+        (no running loop, or a second call) does nothing."""
+        if getattr(self, "_stopping", True):  # stopped, or never fully built
+            return None
+        self._stopping = True
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return None
+        return self._stop()
+
+    async def _stop(self) -> None:
+        for task in self._background:
+            task.cancel()
+        await self._tracker.close()
 
     async def _ready(self) -> JobTracker:
-        # Recovery needs the replica's event loop, which the constructor does not run on.
-        if self._started is None:
-            recovered = self._tracker.recover()
-            log.info("tracker started; %d unfinished job(s) re-queued", recovered)
-            loop = asyncio.get_running_loop()
-            self._started = loop.create_task(self._every(PRUNE_EVERY_S, self._prune))
-            self._watch = loop.create_task(self._every(REPLICAS_EVERY_S, self._refresh))
+        # Starting needs the replica's event loop, which the constructor does not run on;
+        # every early call waits for the one start. A start that failed (the store was
+        # down) is tried again by the next call; it changes nothing before its reads.
+        started = self._started
+        if started is None or (started.done() and (started.cancelled() or started.exception())):
+            started = self._started = asyncio.get_running_loop().create_task(self._start())
+        await asyncio.shield(started)
         return self._tracker
 
+    async def _start(self) -> int:
+        resumed = await self._tracker.start()
+        log.info("tracker started; %d unfinished job(s) resumed", resumed)
+        loop = asyncio.get_running_loop()
+        self._background = [loop.create_task(self._every(PRUNE_EVERY_S, self._prune)),
+                            loop.create_task(self._every(REPLICAS_EVERY_S, self._refresh))]
+        return resumed
+
     async def _prune(self) -> None:
-        self._tracker.prune()
+        await self._tracker.prune()
 
     async def _refresh(self) -> None:
         now = asyncio.get_running_loop().time()
@@ -119,19 +147,19 @@ class Tracker:
         await self._ready()
 
     async def submit_many(self, subs: list[Submission]) -> list[dict[str, Any] | ServiceError]:
-        return (await self._ready()).submit_many(subs)
+        return await (await self._ready()).submit_many(subs)
 
     async def get(self, job_id: str) -> bytes:
-        return (await self._ready()).get(job_id)
+        return await (await self._ready()).get(job_id)
 
     async def image(self, job_id: str, index: int) -> tuple[bytes, str]:
-        return (await self._ready()).image(job_id, index)
+        return await (await self._ready()).image(job_id, index)
 
     async def list_jobs(self, **filters: Any) -> dict[str, Any]:
-        return (await self._ready()).list_jobs(**filters)
+        return await (await self._ready()).list_jobs(**filters)
 
     async def cancel(self, job_id: str) -> dict[str, Any]:
-        return (await self._ready()).cancel(job_id)
+        return await (await self._ready()).cancel(job_id)
 
     async def queue_status(self) -> dict[str, Any]:
         return (await self._ready()).queue_status()

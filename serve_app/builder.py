@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict
+from ray import serve
 from ray.serve import Application
 
 from deployments.ingress import Ingress
@@ -33,10 +34,23 @@ class AppArgs(BaseModel):
     settings: dict[str, Any] = {}
 
 
+# The ingress and the tracker take no CPU of their own from Ray's accounting: they are
+# light, and a CPU reserved for them is one a model replica cannot have.
+INGRESS_OPTIONS: dict[str, Any] = {
+    "name": "Ingress", "max_ongoing_requests": 1000, "ray_actor_options": {"num_cpus": 0},
+}
+# One tracker: it owns every job. It answers many small calls at once.
+TRACKER_OPTIONS: dict[str, Any] = {
+    "name": "Tracker", "num_replicas": 1, "max_ongoing_requests": 10_000,
+    "ray_actor_options": {"num_cpus": 0},
+}
+
+
 def model_options(spec: ModelSpec) -> dict[str, Any]:
     """Serve deployment options for one model, from its registry entry."""
     return {
         "name": model_deployment_name(spec.id),
+        "health_check_period_s": 10,
         "ray_actor_options": spec.resources.ray_actor_options(),
         "autoscaling_config": spec.scaling.autoscaling_config(),
         # One call at a time per replica (a batch of jobs is one call): calls beyond the
@@ -67,8 +81,10 @@ def resolve(args: AppArgs) -> tuple[Settings, Registry, list[ModelSpec]]:
 def build_app(args: AppArgs | dict[str, Any] | None = None) -> Application:
     args = AppArgs.model_validate(args or {})
     settings, registry, served = resolve(args)
-    models = {spec.id: ModelReplica.options(**model_options(spec)).bind(spec, settings)
+    models = {spec.id: serve.deployment(ModelReplica, **model_options(spec)).bind(spec, settings)
               for spec in served}
     served_ids = frozenset(models)
-    tracker = Tracker.bind(settings, registry, served_ids, models)
-    return Ingress.bind(tracker, settings, registry, served_ids)
+    tracker = serve.deployment(Tracker, **TRACKER_OPTIONS).bind(
+        settings, registry, served_ids, models)
+    ingress = serve.deployment(serve.ingress()(Ingress), **INGRESS_OPTIONS)
+    return ingress.bind(tracker, settings, registry, served_ids)

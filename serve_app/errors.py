@@ -1,4 +1,4 @@
-"""Domain errors. Only the HTTP layer (`serve_app.http`) maps them to status codes.
+"""Domain errors. Only the HTTP layer (`serve_app.api.errors`) maps them to status codes.
 
 Every message is written for the person who sent the request: what is wrong and how to
 fix it. They cross Ray handles (they pickle), so keep them plain.
@@ -58,6 +58,14 @@ class QueueFull(RetryLater):
 
 class ServiceUnavailable(RetryLater):
     """The tracker could not be reached for a while (503)."""
+
+
+class StoreUnavailable(ServiceUnavailable):
+    """The job store failed a call (503): nothing was changed."""
+
+
+class StoreTimeout(StoreUnavailable):
+    """The job store did not answer in time (503). The call may still land later."""
 
 
 class IllegalTransition(ServiceError):

@@ -15,7 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from serve_app.errors import ConfigError
-from serve_app.schemas import SAMPLERS
+from serve_app.messages import SAMPLERS
 from serve_app.settings import PROJECT_ROOT, Settings
 
 

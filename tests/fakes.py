@@ -1,4 +1,4 @@
-"""Hand-written fakes: a replica dispatcher and a clock, for tests that need no Ray."""
+"""Hand-written fakes: model replicas and a clock, for tests that need no Ray."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 
 from serve_app.errors import ReplicaLost
-from serve_app.schemas import (
+from serve_app.jobs.persistence import InlineStoreCalls
+from serve_app.messages import (
     Finished,
     GenerationResult,
     GenerationTask,
@@ -15,6 +16,13 @@ from serve_app.schemas import (
     ReplicaEvent,
     Started,
 )
+
+
+def memory_store() -> InlineStoreCalls:
+    """A tracker's store: in memory, its calls run inline (no threads)."""
+    from serve_app.stores.memory import MemoryStore
+
+    return InlineStoreCalls(MemoryStore())
 
 
 class FakeClock:
@@ -33,7 +41,7 @@ def fake_image(task: GenerationTask, seed: int) -> bytes:
 
 
 @dataclass
-class FakeDispatcher:
+class FakeReplicas:
     """Plays the model replicas. Each run: Started, one Progress per step, Finished.
 
     `hold` (when set) parks every run after Started until released; `lose` makes the next
@@ -76,5 +84,5 @@ class FakeDispatcher:
         finally:
             self.closed.extend(task.job_id for task in tasks)
 
-    async def replica_counts(self) -> dict[str, int]:
+    async def ready_counts(self) -> dict[str, int]:
         return dict(self.replicas)

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from serve_app.messages import GenerationTask, InputImage, JobType
 from serve_app.registry import ModelSpec
-from serve_app.schemas import GenerationTask, InputImage, JobType
 from serve_app.settings import Settings
 
 # torch tensors handed to np.array inside diffusers' schedulers (numpy 2 copy protocol).

@@ -6,8 +6,8 @@ import dataclasses
 
 import pytest
 
-from serve_app.batch_window import WAIT_FRACTION, BatchWindow
-from serve_app.schemas import GenerationTask
+from serve_app.jobs.batch_window import WAIT_FRACTION, BatchWindow
+from serve_app.messages import GenerationTask
 from tests.generation_helpers import make_task
 
 

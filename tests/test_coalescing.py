@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import pytest
 
-from serve_app.coalescing import Coalescer
+from serve_app.api.coalescing import Coalescer
 
 pytestmark = pytest.mark.anyio
 
@@ -56,7 +56,7 @@ async def test_each_caller_gets_its_own_error_and_the_others_their_results() -> 
 
 async def test_batches_are_capped_and_calls_in_flight_bounded() -> None:
     remote = Remote()
-    coalescer: Coalescer[int, int] = Coalescer(remote, max_batch=3, max_in_flight=2)
+    coalescer: Coalescer[int, int] = Coalescer(remote, max_bundle=3, max_in_flight=2)
     tasks = [asyncio.create_task(coalescer(2 * i)) for i in range(10)]
     await settle()
     assert remote.batches == [[0], [2]]  # two out; the other eight wait
@@ -104,7 +104,7 @@ async def test_a_caller_that_went_away_is_not_sent_and_old_items_expire(monkeypa
     await settle()
     gone.cancel()
     # `old` has waited past max_wait_s by the time the first call comes back.
-    monkeypatch.setattr("serve_app.coalescing.time.monotonic", lambda: 1e12)
+    monkeypatch.setattr("serve_app.api.coalescing.time.monotonic", lambda: 1e12)
     fresh = asyncio.create_task(coalescer(6))
     remote.release.set()
     assert await first == 0 and await fresh == 60
@@ -113,7 +113,7 @@ async def test_a_caller_that_went_away_is_not_sent_and_old_items_expire(monkeypa
     assert remote.batches == [[0], [6]]  # neither the gone nor the expired item was sent
 
 
-async def test_the_batch_call_does_not_run_in_the_context_of_the_caller_that_flushed() -> None:
+async def test_the_bundle_call_does_not_run_in_the_context_of_the_caller_that_flushed() -> None:
     import contextvars
 
     request = contextvars.ContextVar("request", default="none")

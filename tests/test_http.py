@@ -12,28 +12,28 @@ import httpx
 import pytest
 from PIL import Image
 
-from serve_app.http import ApiContext, attach, create_api
+from serve_app.api.app import ApiContext, attach, create_api
+from serve_app.api.backend import InProcessBackend
+from serve_app.jobs.service import JobTracker
 from serve_app.registry import Registry
 from serve_app.settings import Settings
-from serve_app.store import MemoryStore
-from serve_app.tracker import InProcessBackend, JobTracker
-from tests.fakes import FakeDispatcher
+from tests.fakes import FakeReplicas, memory_store
 
 pytestmark = pytest.mark.anyio
 SERVED = frozenset({"tiny-sd", "tiny-sd-inpaint"})
 
 
 @pytest.fixture
-def dispatcher() -> FakeDispatcher:
-    return FakeDispatcher()
+def dispatcher() -> FakeReplicas:
+    return FakeReplicas()
 
 
 @pytest.fixture
 async def client(registry: Registry, settings: Settings,
-                 dispatcher: FakeDispatcher) -> AsyncIterator[httpx.AsyncClient]:
+                 dispatcher: FakeReplicas) -> AsyncIterator[httpx.AsyncClient]:
     settings = settings.model_copy(update={"max_queue_size": 5})
-    tracker = JobTracker(settings=settings, registry=registry, store=MemoryStore(),
-                         dispatcher=dispatcher, served=SERVED)
+    tracker = JobTracker(settings=settings, registry=registry, store=memory_store(),
+                         replicas=dispatcher, served=SERVED)
     api = create_api()
     attach(api, ApiContext(InProcessBackend(tracker), settings, registry, SERVED))
     transport = httpx.ASGITransport(app=api)
@@ -139,11 +139,32 @@ async def test_unknown_job_and_route_get_404_error_bodies(client) -> None:
     assert resp.status_code == 405 and "error" in resp.json()
 
 
+async def test_hostile_bodies_get_400_not_500(client) -> None:
+    deep = b'{"prompt": ' + b"[" * 5000 + b"]" * 5000 + b"}"
+    nested = b'{"prompt": "x", "model": ' + b'{"a": ' * 40 + b"1" + b"}" * 40 + b"}"
+    for body, message in ((deep, "nested too deeply"), (nested, "nested too deeply"),
+                          (b'{"prompt": "\\ud800"}', "lone UTF-16 surrogate"),
+                          (b'{"prompt": "a", "negativePrompt": "\\udfff x"}', "surrogate"),
+                          (b"\xff\xfe{}", "not valid JSON")):
+        resp = await client.post("/generate/text2img", content=body,
+                                  headers={"content-type": "application/json"})
+        assert resp.status_code == 400, (body[:40], resp.text)
+        assert message in resp.json()["error"]
+    resp = await client.post("/generate/img2img", json={"prompt": "x", "initImage": "é" * 8})
+    assert resp.status_code == 400 and "not valid base64" in resp.json()["error"]
+    # A valid surrogate pair is one character, and welcome.
+    ok = await client.post("/generate/text2img", content=b'{"prompt": "\\ud83d\\ude00"}',
+                           headers={"content-type": "application/json"})
+    assert ok.status_code == 202 and ok.json()["request"]["prompt"] == "\U0001f600"
+
+
 async def test_list_rejects_bad_filters(client) -> None:
     for query, message in (("status=done", "status must be one of"),
                            ("limit=0", "limit must be between"),
                            ("limit=x", "limit must be an integer"),
-                           ("cursor=zzz", "cursor is not valid")):
+                           ("cursor=zzz", "cursor is not valid"),
+                           ("cursor=99999999999999999999:x", "cursor is not valid"),
+                           ("cursor=-5:job_1", "cursor is not valid")):
         resp = await client.get(f"/jobs?{query}")
         assert resp.status_code == 400 and message in resp.json()["error"], query
 
@@ -163,10 +184,14 @@ async def test_cancel_list_stats_and_image_bytes(client, dispatcher) -> None:
     dispatcher.hold = asyncio.Event()
     first = (await client.post("/generate/text2img", json={"prompt": "a"})).json()
     second = (await client.post("/generate/text2img", json={"prompt": "b"})).json()
-    assert (await client.post(f"/jobs/{second['id']}/cancel")).json()["success"] is True
-    assert (await client.post(f"/jobs/{second['id']}/cancel")).status_code == 409
+    cancelled = (await client.post(f"/jobs/{second['id']}/cancel")).json()
+    assert cancelled == {"success": True, "id": second["id"], "status": "cancelled"}
+    # A retried cancel answers the same (it may cross a tracker restart).
+    assert (await client.post(f"/jobs/{second['id']}/cancel")).json() == cancelled
     dispatcher.hold.set()
     await wait_done(client, first["id"])
+    resp = await client.post(f"/jobs/{first['id']}/cancel")
+    assert resp.status_code == 409 and "already completed" in resp.json()["error"]
     listed = (await client.get("/jobs?status=cancelled")).json()["jobs"]
     assert [j["id"] for j in listed] == [second["id"]]
     stats = (await client.get("/queue/status")).json()

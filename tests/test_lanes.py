@@ -1,4 +1,8 @@
-"""Lane: what leaves the queue for a replica, with whom, and when it waits for companions."""
+"""Lane: what leaves the queue for a replica, with whom, and when it waits for companions.
+
+A lane only answers; `Driven` plays Dispatch's part (the jobs leave the queue, the call is
+out until released), so each test reads as the tracker uses a lane.
+"""
 
 from __future__ import annotations
 
@@ -6,11 +10,11 @@ import asyncio
 
 import pytest
 
-from serve_app.jobs import Job
-from serve_app.lanes import Lane
-from serve_app.queues import JobQueues
+from serve_app.jobs.job import Job
+from serve_app.jobs.lanes import Lane
+from serve_app.jobs.queues import JobQueues
+from serve_app.messages import GenerationTask, JobType, Priority
 from serve_app.registry import Scaling
-from serve_app.schemas import JobType, Priority
 from tests.fakes import FakeClock
 from tests.generation_helpers import make_task
 
@@ -24,16 +28,50 @@ def job(job_id: str, *, mode: JobType = JobType.TEXT2IMG, width: int = 64,
                priority=Priority(priority), task=task)
 
 
+class Driven:
+    """A lane and the calls it let out."""
+
+    def __init__(self, lane: Lane, queues: JobQueues) -> None:
+        self.lane = lane
+        self.queues = queues
+        self.out: list[list[Job]] = []
+
+    def admit(self) -> list[Job] | None:
+        batch = self.lane.next_call(self.calls, self.jobs)
+        if batch is not None:
+            for j in batch:
+                self.queues.remove(j.id)
+            self.out.append(batch)
+        return batch
+
+    def release(self, batch: list[Job]) -> None:
+        self.out.remove(batch)
+
+    @property
+    def calls(self) -> int:
+        return len(self.out)
+
+    @property
+    def jobs(self) -> int:
+        return sum(len(b) for b in self.out)
+
+    def observe(self, tasks: list[GenerationTask], elapsed_ms: float) -> None:
+        self.lane.observe(tasks, elapsed_ms)
+
+    def close(self) -> None:
+        self.lane.close()
+
+
 def lane(queues: JobQueues, *, replicas: int = 1, batch: int = 4, max_jobs: int = 100,
          wait_s: float = 0.0, clock: FakeClock | None = None,
-         on_hold_over: list[str] | None = None) -> Lane:
+         on_hold_over: list[str] | None = None) -> Driven:
     scaling = Scaling(max_replicas=replicas, max_batch_size=batch, max_batch_wait_s=wait_s)
     over = on_hold_over if on_hold_over is not None else []
-    return Lane("m", scaling, queues=queues, max_jobs=max_jobs, clock=clock or FakeClock(0),
-                on_hold_over=over.append)
+    return Driven(Lane("m", scaling, queues=queues, max_jobs=max_jobs,
+                       clock=clock or FakeClock(0), on_hold_over=over.append), queues)
 
 
-def knows_the_cost(one: Lane) -> None:
+def knows_the_cost(one: Driven) -> None:
     """A lone 64 px job ran 2 s: the next may wait 5% of that, capped at 50 ms."""
     task = job("done").task
     assert task is not None
@@ -72,7 +110,7 @@ async def test_capacity_comes_back_when_a_call_is_released() -> None:
     assert first is not None
     one.release(first)
     assert ids(one.admit()) == ["2"]
-    assert one.capacity == 8
+    assert one.lane.capacity == 8
 
 
 async def test_max_jobs_bounds_the_batch_and_the_calls() -> None:
@@ -138,12 +176,12 @@ async def test_a_new_lead_replaces_the_held_one_with_its_own_wait() -> None:
     knows_the_cost(one)
     queues.push(job("low", priority="low"))
     assert one.admit() is None
-    first = one._held
+    first = one.lane._held
     clock.advance(30)
     queues.push(job("high", priority="high", created_at_ms=30))
     assert one.admit() is None  # "high" leads now, held 50 ms from its own submission
     assert first is not None and first.timer.cancelled()
-    assert one._held is not None and one._held.job_id == "high"
+    assert one.lane._held is not None and one.lane._held.job_id == "high"
     await asyncio.sleep(0.08)
     assert over == ["m"]  # one wake-up: the new hold's
     assert ids(one.admit()) == ["high", "low"]

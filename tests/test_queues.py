@@ -1,8 +1,8 @@
 from __future__ import annotations
 
-from serve_app.jobs import Job
-from serve_app.queues import JobQueues
-from serve_app.schemas import JobType, Priority
+from serve_app.jobs.job import Job
+from serve_app.jobs.queues import JobQueues
+from serve_app.messages import JobType, Priority
 
 
 def job(job_id: str, priority: str = "normal", model: str = "m", key: str = "k") -> Job:

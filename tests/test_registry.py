@@ -6,8 +6,8 @@ from typing import Any
 import pytest
 
 from serve_app.errors import ConfigError
+from serve_app.messages import SAMPLERS
 from serve_app.registry import Registry, load_registry, parse_registry
-from serve_app.schemas import SAMPLERS
 from serve_app.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -15,7 +15,7 @@ from diffusers import (
 
 from serve_app.generation.samplers import SCHEDULERS, SamplerFactory, make_scheduler
 from serve_app.generation.tiny import ensure_tiny_model
-from serve_app.schemas import SAMPLERS
+from serve_app.messages import SAMPLERS
 from tests.generation_helpers import THIRD_PARTY_WARNINGS, tiny_settings, tiny_spec
 
 pytestmark = THIRD_PARTY_WARNINGS

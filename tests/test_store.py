@@ -1,5 +1,7 @@
 """The JobStore contract, run against every store: memory, SQLite and a real Redis.
 
+Jobs go in and come out through the jobs codec (`Jobs` below), as the tracker uses a store.
+
 The Redis case needs a server at IMAGEGEN_TEST_REDIS_URL (default redis://127.0.0.1:6379/15);
 its database is flushed before each test. Without a server the case is skipped, except
 under CI (the CI environment variable set), where it fails: CI starts one.
@@ -19,12 +21,14 @@ from typing import Any
 import pytest
 import redis
 
-from serve_app import redis_store
-from serve_app.jobs import Job, JobResult, JobStatus
-from serve_app.redis_store import RedisStore
-from serve_app.schemas import GenerationTask, InputImage, JobType, OutputFormat, Priority
-from serve_app.sqlite_store import SchemaTooNew, SQLiteStore
-from serve_app.store import JobFilter, JobStore, MemoryStore
+from serve_app.jobs.codec import loads, to_row
+from serve_app.jobs.job import Job, JobResult, JobStatus
+from serve_app.messages import GenerationTask, InputImage, JobType, OutputFormat, Priority
+from serve_app.stores import redis as redis_store
+from serve_app.stores.contract import JobFilter, JobStore, Page
+from serve_app.stores.memory import MemoryStore
+from serve_app.stores.redis import RedisStore
+from serve_app.stores.sqlite import SchemaTooNew, SQLiteStore
 
 REDIS_URL = os.environ.get("IMAGEGEN_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 
@@ -44,10 +48,45 @@ def _redis_store() -> RedisStore:
     return RedisStore(REDIS_URL, namespace="imagegen-test")
 
 
+class Jobs:
+    """A store seen through the jobs codec, as the tracker uses it."""
+
+    def __init__(self, store: JobStore) -> None:
+        self.store = store
+
+    def save(self, job: Job) -> None:
+        self.store.save_many([to_row(job)])
+
+    def load(self, job_id: str) -> Job | None:
+        text = self.store.load(job_id)
+        return loads(text) if text is not None else None
+
+    def unfinished(self) -> list[Job]:
+        return [loads(text) for text in self.store.unfinished()]
+
+    def find_idempotent(self, key: str) -> str | None:
+        return self.store.find_idempotent(key)
+
+    def query(self, flt: JobFilter, limit: int, cursor: str | None) -> Page:
+        return self.store.query(flt, limit, cursor)
+
+    def counts(self) -> dict[str, int]:
+        return self.store.counts()
+
+    def processing_time(self) -> tuple[int, int]:
+        return self.store.processing_time()
+
+    def prune(self, finished_before_ms: int, keep_last: int) -> int:
+        return self.store.prune(finished_before_ms, keep_last)
+
+    def close(self) -> None:
+        self.store.close()
+
+
 @pytest.fixture(params=["memory", "sqlite", "redis"])
 def store(
     request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> Iterator[JobStore]:
+) -> Iterator[Jobs]:
     if request.param == "memory":
         s: JobStore = MemoryStore()
     elif request.param == "sqlite":
@@ -56,7 +95,7 @@ def store(
         # Small scan chunks, so listings with combined filters cross chunk boundaries.
         monkeypatch.setattr(redis_store, "_SCAN_CHUNK", 16)
         s = _redis_store()
-    yield s
+    yield Jobs(s)
     s.close()
 
 
@@ -137,7 +176,7 @@ def ids(jobs: list[Job] | list[dict[str, Any]]) -> list[str]:
     return [j["id"] if isinstance(j, dict) else j.id for j in jobs]
 
 
-def walk(store: JobStore, flt: JobFilter, limit: int) -> list[list[str]]:
+def walk(store: Jobs, flt: JobFilter, limit: int) -> list[list[str]]:
     pages, cursor = [], None
     while True:
         page = store.query(flt, limit, cursor)
@@ -154,7 +193,7 @@ def newest_first(jobs: list[Job]) -> list[str]:
 # -- records -------------------------------------------------------------------------------
 
 
-def test_save_and_load_round_trip_a_job_with_its_task_and_images(store: JobStore) -> None:
+def test_save_and_load_round_trip_a_job_with_its_task_and_images(store: Jobs) -> None:
     job = advance(make_job("job_1", 1_000, key="idem-1"), JobStatus.PROCESSING)
     store.save(job)
     loaded = store.load("job_1")
@@ -164,11 +203,11 @@ def test_save_and_load_round_trip_a_job_with_its_task_and_images(store: JobStore
     assert loaded.task.init_image.png == PNG
 
 
-def test_load_of_an_unknown_id_is_none(store: JobStore) -> None:
+def test_load_of_an_unknown_id_is_none(store: Jobs) -> None:
     assert store.load("job_missing") is None
 
 
-def test_completed_job_keeps_its_result_and_drops_its_task(store: JobStore) -> None:
+def test_completed_job_keeps_its_result_and_drops_its_task(store: Jobs) -> None:
     job = advance(make_job("job_1", 1_000), JobStatus.COMPLETED)
     store.save(job)
     loaded = store.load("job_1")
@@ -176,7 +215,7 @@ def test_completed_job_keeps_its_result_and_drops_its_task(store: JobStore) -> N
     assert loaded is not None and loaded.result == make_result()
 
 
-def test_overwrite_moves_the_job_between_status_indexes(store: JobStore) -> None:
+def test_overwrite_moves_the_job_between_status_indexes(store: Jobs) -> None:
     job = make_job("job_1", 1_000)
     for status in (JobStatus.QUEUED, JobStatus.PROCESSING, JobStatus.COMPLETED):
         if status is JobStatus.PROCESSING:
@@ -193,14 +232,14 @@ def test_overwrite_moves_the_job_between_status_indexes(store: JobStore) -> None
     assert sum(store.counts().values()) == 1
 
 
-def test_unfinished_lists_queued_and_processing_jobs_oldest_first(store: JobStore) -> None:
+def test_unfinished_lists_queued_and_processing_jobs_oldest_first(store: Jobs) -> None:
     statuses = [JobStatus.PROCESSING, JobStatus.COMPLETED, JobStatus.QUEUED, JobStatus.FAILED]
     for i, status in enumerate(statuses * 2):
         store.save(advance(make_job(f"job_{i}", 5_000 - i * 100), status))
     assert ids(store.unfinished()) == ["job_6", "job_4", "job_2", "job_0"]
 
 
-def test_find_idempotent_returns_the_first_job_saved_with_the_key(store: JobStore) -> None:
+def test_find_idempotent_returns_the_first_job_saved_with_the_key(store: Jobs) -> None:
     store.save(make_job("job_1", 1_000, key="idem-1"))
     store.save(make_job("job_2", 1_001, key="idem-2"))
     store.save(make_job("job_3", 1_002, key="idem-1"))
@@ -229,7 +268,7 @@ def mixed_jobs(n: int) -> list[Job]:
     return jobs
 
 
-def test_query_lists_newest_first(store: JobStore) -> None:
+def test_query_lists_newest_first(store: Jobs) -> None:
     jobs = mixed_jobs(12)
     for job in jobs:
         store.save(job)
@@ -259,7 +298,7 @@ def matches(job: Job, flt: JobFilter) -> bool:
     )
 
 
-def test_query_filters_by_status_type_model_and_their_combinations(store: JobStore) -> None:
+def test_query_filters_by_status_type_model_and_their_combinations(store: Jobs) -> None:
     jobs = mixed_jobs(60)
     for job in jobs:
         store.save(job)
@@ -268,7 +307,7 @@ def test_query_filters_by_status_type_model_and_their_combinations(store: JobSto
         assert ids(store.query(flt, 100, None).jobs) == expected, flt
 
 
-def test_keyset_pagination_walks_every_job_exactly_once(store: JobStore) -> None:
+def test_keyset_pagination_walks_every_job_exactly_once(store: Jobs) -> None:
     jobs = mixed_jobs(25)  # creation times repeat four at a time: ids break the ties
     for job in jobs:
         store.save(job)
@@ -277,7 +316,7 @@ def test_keyset_pagination_walks_every_job_exactly_once(store: JobStore) -> None
     assert [i for p in pages for i in p] == newest_first(jobs)
 
 
-def test_keyset_pagination_of_combined_filters_over_many_jobs(store: JobStore) -> None:
+def test_keyset_pagination_of_combined_filters_over_many_jobs(store: Jobs) -> None:
     jobs = mixed_jobs(600)
     for job in jobs:
         store.save(job)
@@ -286,7 +325,7 @@ def test_keyset_pagination_of_combined_filters_over_many_jobs(store: JobStore) -
         assert flat == newest_first([j for j in jobs if matches(j, flt)]), flt
 
 
-def test_pagination_ends_without_a_cursor_when_the_last_page_is_full(store: JobStore) -> None:
+def test_pagination_ends_without_a_cursor_when_the_last_page_is_full(store: Jobs) -> None:
     for i in range(6):
         store.save(make_job(f"job_{i}", 1_000 + i))
     first = store.query(JobFilter(), 3, None)
@@ -296,8 +335,9 @@ def test_pagination_ends_without_a_cursor_when_the_last_page_is_full(store: JobS
     assert second.next_cursor is None
 
 
-@pytest.mark.parametrize("cursor", ["nonsense", "abc:job_1", "", "1000:"])
-def test_a_malformed_cursor_raises_value_error(store: JobStore, cursor: str) -> None:
+@pytest.mark.parametrize("cursor", ["nonsense", "abc:job_1", "", "1000:",
+                                    "99999999999999999999:job_1", "-5:job_1", "٣:job_1"])
+def test_a_malformed_cursor_raises_value_error(store: Jobs, cursor: str) -> None:
     store.save(make_job("job_1", 1_000))
     with pytest.raises(ValueError):
         store.query(JobFilter(), 10, cursor)
@@ -306,7 +346,7 @@ def test_a_malformed_cursor_raises_value_error(store: JobStore, cursor: str) -> 
 # -- statistics and pruning ----------------------------------------------------------------
 
 
-def test_counts_cover_every_status(store: JobStore) -> None:
+def test_counts_cover_every_status(store: Jobs) -> None:
     assert store.counts() == dict.fromkeys(JobStatus, 0)
     plan = {JobStatus.QUEUED: 3, JobStatus.PROCESSING: 2, JobStatus.COMPLETED: 4}
     plan |= {JobStatus.FAILED: 1}
@@ -318,7 +358,7 @@ def test_counts_cover_every_status(store: JobStore) -> None:
     assert store.counts() == {**dict.fromkeys(JobStatus, 0), **plan}
 
 
-def test_processing_time_sums_completed_jobs_once(store: JobStore) -> None:
+def test_processing_time_sums_completed_jobs_once(store: Jobs) -> None:
     assert store.processing_time() == (0, 0)
     for i, taken in enumerate([1_000, 2_500, 500]):
         job = advance(make_job(f"job_{i}", 1_000 + i), JobStatus.COMPLETED, taken)
@@ -329,7 +369,7 @@ def test_processing_time_sums_completed_jobs_once(store: JobStore) -> None:
     assert store.processing_time() == (3, 4_000)
 
 
-def test_prune_by_age_deletes_old_finished_jobs_and_keeps_unfinished(store: JobStore) -> None:
+def test_prune_by_age_deletes_old_finished_jobs_and_keeps_unfinished(store: Jobs) -> None:
     old_done = advance(make_job("job_old_done", 1_000, key="idem-old"), JobStatus.COMPLETED)
     old_failed = advance(make_job("job_old_failed", 1_001), JobStatus.FAILED)
     old_queued = make_job("job_old_queued", 1_002)
@@ -351,7 +391,7 @@ def test_prune_by_age_deletes_old_finished_jobs_and_keeps_unfinished(store: JobS
     assert store.prune(finished_before_ms=10_000, keep_last=100) == 0
 
 
-def test_prune_keeps_only_the_newest_finished_jobs(store: JobStore) -> None:
+def test_prune_keeps_only_the_newest_finished_jobs(store: Jobs) -> None:
     statuses = [JobStatus.COMPLETED, JobStatus.CANCELLED, JobStatus.FAILED, JobStatus.QUEUED]
     for i in range(12):
         store.save(advance(make_job(f"job_{i:02d}", 1_000 + i), statuses[i % 4]))
@@ -364,7 +404,7 @@ def test_prune_keeps_only_the_newest_finished_jobs(store: JobStore) -> None:
     assert store.processing_time() == (0, 0)
 
 
-def test_concurrent_saves_from_threads_keep_indexes_and_sums_exact(store: JobStore) -> None:
+def test_concurrent_saves_from_threads_keep_indexes_and_sums_exact(store: Jobs) -> None:
     jobs = [make_job(f"job_{i:03d}", 1_000 + i) for i in range(40)]
     shared = advance(make_job("job_shared", 500), JobStatus.COMPLETED, 1_000)
 
@@ -387,16 +427,37 @@ def test_concurrent_saves_from_threads_keep_indexes_and_sums_exact(store: JobSto
 # -- SQLite only ---------------------------------------------------------------------------
 
 
+def test_save_many_writes_all_rows_or_none(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "jobs.sqlite3")
+    good = to_row(make_job("job_1", 1_000))
+    bad = replace(to_row(make_job("job_2", 1_001)), record=None)  # type: ignore[arg-type]
+    with pytest.raises(sqlite3.IntegrityError):
+        store.save_many([good, bad])
+    assert store.load("job_1") is None  # rolled back with its companion
+    store.save_many([good])
+    assert store.load("job_1") == good.record
+    store.close()
+
+
+def test_listing_by_owner(store: Jobs) -> None:
+    for i, owner in enumerate(["ana", "bo", "ana", None]):
+        job = make_job(f"job_{i}", 1_000 + i)
+        job.owner = owner
+        store.save(job)
+    assert ids(store.query(JobFilter(owner="ana"), 10, None).jobs) == ["job_2", "job_0"]
+    assert ids(store.query(JobFilter(owner="bo", status="queued"), 10, None).jobs) == ["job_1"]
+
+
 def test_sqlite_store_keeps_jobs_across_reopen(tmp_path: Path) -> None:
     path = tmp_path / "nested" / "jobs.sqlite3"
-    first = SQLiteStore(path)
+    first = Jobs(SQLiteStore(path))
     queued = make_job("job_1", 1_000, key="idem-1")
     done = advance(make_job("job_2", 2_000), JobStatus.COMPLETED, 900)
     first.save(queued)
     first.save(done)
     first.close()
 
-    second = SQLiteStore(path)
+    second = Jobs(SQLiteStore(path))
     try:
         assert second.load("job_1") == queued
         assert second.load("job_2") == replace(done, task=None)
@@ -419,16 +480,18 @@ def test_sqlite_store_refuses_a_database_from_a_newer_schema(tmp_path: Path) -> 
 
 def test_sqlite_store_upgrades_a_version_1_file_with_summaries(tmp_path: Path) -> None:
     path = tmp_path / "jobs.sqlite3"
-    store = SQLiteStore(path)
+    store = Jobs(SQLiteStore(path))
     done = advance(make_job("job_1", 1_000), JobStatus.COMPLETED, 500)
     store.save(done)
     store.close()
-    db = sqlite3.connect(path)  # what version 1 wrote: no summary column
+    db = sqlite3.connect(path)  # what version 1 wrote: no summary or owner column
     db.execute("ALTER TABLE jobs DROP COLUMN summary")
+    db.execute("DROP INDEX jobs_owner")
+    db.execute("ALTER TABLE jobs DROP COLUMN owner")
     db.execute("PRAGMA user_version=1")
     db.commit()
     db.close()
-    upgraded = SQLiteStore(path)
+    upgraded = Jobs(SQLiteStore(path))
     try:
         assert upgraded.query(JobFilter(), 10, None).jobs == [done.summary()]
         assert upgraded.load("job_1") == replace(done, task=None)

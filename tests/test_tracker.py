@@ -8,15 +8,15 @@ from typing import Any
 
 import pytest
 
+from serve_app.api.validation import build_submission
 from serve_app.errors import JobNotCancellable, JobNotFound, QueueFull
-from serve_app.jobs import JobStatus
+from serve_app.jobs.job import JobStatus
+from serve_app.jobs.persistence import InlineStoreCalls
+from serve_app.jobs.service import JobTracker
+from serve_app.messages import JobType, Submission
 from serve_app.registry import Registry
-from serve_app.schemas import JobType, Submission
 from serve_app.settings import Settings
-from serve_app.store import MemoryStore
-from serve_app.tracker import JobTracker
-from serve_app.validation import build_submission
-from tests.fakes import FakeClock, FakeDispatcher, fake_image
+from tests.fakes import FakeClock, FakeReplicas, fake_image, memory_store
 
 pytestmark = pytest.mark.anyio
 SERVED = frozenset({"tiny-sd", "tiny-sd-inpaint"})
@@ -32,10 +32,11 @@ def submission(registry: Registry, settings: Settings, key: str | None = None,
 _open: list[JobTracker] = []
 
 
-def make_tracker(registry: Registry, settings: Settings, dispatcher: FakeDispatcher,
-                 store: MemoryStore | None = None, clock: FakeClock | None = None) -> JobTracker:
-    tracker = JobTracker(settings=settings, registry=registry, store=store or MemoryStore(),
-                         dispatcher=dispatcher, served=SERVED, clock=clock or FakeClock())
+def make_tracker(registry: Registry, settings: Settings, dispatcher: FakeReplicas,
+                 store: InlineStoreCalls | None = None,
+                 clock: FakeClock | None = None) -> JobTracker:
+    tracker = JobTracker(settings=settings, registry=registry, store=store or memory_store(),
+                         replicas=dispatcher, served=SERVED, clock=clock or FakeClock())
     _open.append(tracker)
     return tracker
 
@@ -47,8 +48,8 @@ async def close_trackers() -> AsyncIterator[None]:
         await _open.pop().close()
 
 
-def record(tracker: JobTracker, job_id: str) -> dict[str, Any]:
-    return json.loads(tracker.get(job_id))
+async def record(tracker: JobTracker, job_id: str) -> dict[str, Any]:
+    return json.loads(await tracker.get(job_id))
 
 
 async def settle() -> None:
@@ -58,12 +59,12 @@ async def settle() -> None:
 
 async def test_a_submitted_job_runs_to_completion_with_its_images(registry, settings) -> None:
     clock = FakeClock()
-    tracker = make_tracker(registry, settings, FakeDispatcher(), clock=clock)
+    tracker = make_tracker(registry, settings, FakeReplicas(), clock=clock)
     sub = submission(registry, settings, numImages=2)
-    queued = tracker.submit(sub)
+    queued = await tracker.submit(sub)
     assert (queued["status"], queued["progress"], queued["type"]) == ("queued", 0, "text2img")
     await settle()
-    done = record(tracker, queued["id"])
+    done = await record(tracker, queued["id"])
     assert done["status"] == "completed" and done["progress"] == 100
     result = done["result"]
     assert result["seed"] == 7 and result["seeds"] == [7, 8]
@@ -71,20 +72,20 @@ async def test_a_submitted_job_runs_to_completion_with_its_images(registry, sett
     assert decoded == [fake_image(sub.task, 7), fake_image(sub.task, 8)]
     assert result["parameters"]["model"] == "tiny-sd"
     assert result["parameters"]["steps"] == 3 and result["parameters"]["sampler"] == "euler_a"
-    assert tracker.image(queued["id"], 1) == (fake_image(sub.task, 8), "image/png")
+    assert await tracker.image(queued["id"], 1) == (fake_image(sub.task, 8), "image/png")
 
 
 async def test_higher_priority_overtakes_jobs_queued_before_it(registry, settings) -> None:
     hold = asyncio.Event()
-    dispatcher = FakeDispatcher(hold=hold)
+    dispatcher = FakeReplicas(hold=hold)
     tracker = make_tracker(registry, settings, dispatcher)
-    first = tracker.submit(submission(registry, settings))
+    first = await tracker.submit(submission(registry, settings))
     await settle()
-    low1 = tracker.submit(submission(registry, settings, priority="low"))
-    low2 = tracker.submit(submission(registry, settings, priority="low"))
-    high = tracker.submit(submission(registry, settings, priority="high"))
-    assert record(tracker, low1["id"])["queuePosition"] == 2
-    assert record(tracker, high["id"])["queuePosition"] == 1
+    low1 = await tracker.submit(submission(registry, settings, priority="low"))
+    low2 = await tracker.submit(submission(registry, settings, priority="low"))
+    high = await tracker.submit(submission(registry, settings, priority="high"))
+    assert (await record(tracker, low1["id"]))["queuePosition"] == 2
+    assert (await record(tracker, high["id"]))["queuePosition"] == 1
     hold.set()
     for _ in range(10):
         await settle()
@@ -94,32 +95,36 @@ async def test_higher_priority_overtakes_jobs_queued_before_it(registry, setting
 
 async def test_cancelling_a_queued_job_removes_it_at_once(registry, settings) -> None:
     hold = asyncio.Event()
-    dispatcher = FakeDispatcher(hold=hold)
+    dispatcher = FakeReplicas(hold=hold)
     tracker = make_tracker(registry, settings, dispatcher)
-    tracker.submit(submission(registry, settings))
+    await tracker.submit(submission(registry, settings))
     await settle()
-    waiting = tracker.submit(submission(registry, settings))
-    assert tracker.cancel(waiting["id"])["success"] is True
-    assert record(tracker, waiting["id"])["status"] == "cancelled"
+    waiting = await tracker.submit(submission(registry, settings))
+    assert (await tracker.cancel(waiting["id"]))["success"] is True
+    assert (await record(tracker, waiting["id"]))["status"] == "cancelled"
     hold.set()
     await settle()
     assert waiting["id"] not in [t.job_id for _, t in dispatcher.calls]
-    with pytest.raises(JobNotCancellable):
-        tracker.cancel(waiting["id"])
+    # Cancelling it again answers the same (a retried cancel is safe); a completed job
+    # cannot be cancelled.
+    assert (await tracker.cancel(waiting["id"]))["status"] == "cancelled"
+    done = (await tracker.list_jobs(status=JobStatus.COMPLETED))["jobs"][0]["id"]
+    with pytest.raises(JobNotCancellable, match="already completed"):
+        await tracker.cancel(done)
 
 
 async def test_cancelling_a_running_job_closes_its_stream_and_frees_the_slot(
     registry, settings
 ) -> None:
-    dispatcher = FakeDispatcher(hold=asyncio.Event())
+    dispatcher = FakeReplicas(hold=asyncio.Event())
     tracker = make_tracker(registry, settings, dispatcher)
-    running = tracker.submit(submission(registry, settings, steps=4))
+    running = await tracker.submit(submission(registry, settings, steps=4))
     await settle()
-    nxt = tracker.submit(submission(registry, settings))
-    assert record(tracker, running["id"])["progress"] == 25
-    tracker.cancel(running["id"])
+    nxt = await tracker.submit(submission(registry, settings))
+    assert (await record(tracker, running["id"]))["progress"] == 25
+    await tracker.cancel(running["id"])
     await settle()
-    cancelled = record(tracker, running["id"])
+    cancelled = await record(tracker, running["id"])
     assert (cancelled["status"], cancelled["progress"]) == ("cancelled", 25)
     assert running["id"] in dispatcher.closed
     assert [t.job_id for _, t in dispatcher.calls] == [running["id"], nxt["id"]]
@@ -127,11 +132,11 @@ async def test_cancelling_a_running_job_closes_its_stream_and_frees_the_slot(
 
 async def test_a_full_queue_refuses_with_a_retry_hint(registry, settings) -> None:
     settings = settings.model_copy(update={"max_queue_size": 2})
-    tracker = make_tracker(registry, settings, FakeDispatcher(hold=asyncio.Event()))
+    tracker = make_tracker(registry, settings, FakeReplicas(hold=asyncio.Event()))
     for _ in range(3):  # one goes straight to the replica, two wait
-        tracker.submit(submission(registry, settings))
+        await tracker.submit(submission(registry, settings))
     with pytest.raises(QueueFull) as exc:
-        tracker.submit(submission(registry, settings))
+        await tracker.submit(submission(registry, settings))
     assert "MAX_QUEUE_SIZE" in exc.value.message and exc.value.retry_after_s >= 1
 
 
@@ -139,21 +144,24 @@ async def test_submit_many_answers_each_submission_and_a_refusal_spares_the_othe
     registry, settings,
 ) -> None:
     settings = settings.model_copy(update={"max_queue_size": 2})
-    tracker = make_tracker(registry, settings, FakeDispatcher(hold=asyncio.Event()))
-    # One goes straight to the replica, two wait, the fourth finds the queue full.
-    outcomes = tracker.submit_many([submission(registry, settings, seed=s) for s in range(4)])
-    accepted = [o for o in outcomes[:3] if isinstance(o, dict)]
-    assert len(accepted) == 3 and isinstance(outcomes[3], QueueFull)
-    assert [record(tracker, o["id"])["request"]["seed"] for o in accepted] == [0, 1, 2]
-    assert [o["queuePosition"] for o in accepted] == [0, 1, 2]
+    tracker = make_tracker(registry, settings, FakeReplicas(hold=asyncio.Event()))
+    running = await tracker.submit(submission(registry, settings, seed=9))
+    assert running["queuePosition"] == 0  # straight to the replica
+    # Two of four wait; the queue is full for the others, which the first two do not feel.
+    subs = [submission(registry, settings, seed=s) for s in range(4)]
+    outcomes = await tracker.submit_many(subs)
+    accepted = [o for o in outcomes if isinstance(o, dict)]
+    assert [type(o) for o in outcomes[2:]] == [QueueFull, QueueFull]
+    assert [(await record(tracker, o["id"]))["request"]["seed"] for o in accepted] == [0, 1]
+    assert [o["queuePosition"] for o in accepted] == [1, 2]
 
 
 async def test_a_lost_replica_requeues_the_job_which_then_completes(registry, settings) -> None:
-    dispatcher = FakeDispatcher(lose=1)
+    dispatcher = FakeReplicas(lose=1)
     tracker = make_tracker(registry, settings, dispatcher)
-    job = tracker.submit(submission(registry, settings))
+    job = await tracker.submit(submission(registry, settings))
     await settle()
-    done = record(tracker, job["id"])
+    done = await record(tracker, job["id"])
     assert done["status"] == "completed" and done["attempts"] == 2
     assert len(dispatcher.calls) == 2
 
@@ -161,96 +169,99 @@ async def test_a_lost_replica_requeues_the_job_which_then_completes(registry, se
 async def test_a_job_that_keeps_losing_replicas_fails_after_max_attempts(
     registry, settings
 ) -> None:
-    tracker = make_tracker(registry, settings, FakeDispatcher(lose=99))
-    job = tracker.submit(submission(registry, settings))
+    tracker = make_tracker(registry, settings, FakeReplicas(lose=99))
+    job = await tracker.submit(submission(registry, settings))
     await settle()
-    failed = record(tracker, job["id"])
+    failed = await record(tracker, job["id"])
     assert failed["status"] == "failed"
     assert "after 3 attempt(s)" in failed["error"]
 
 
 async def test_a_pipeline_error_fails_only_that_job(registry, settings) -> None:
-    dispatcher = FakeDispatcher(explode="CUDA out of memory")
+    dispatcher = FakeReplicas(explode="CUDA out of memory")
     tracker = make_tracker(registry, settings, dispatcher)
-    bad = tracker.submit(submission(registry, settings))
+    bad = await tracker.submit(submission(registry, settings))
     await settle()
     dispatcher.explode = None
-    good = tracker.submit(submission(registry, settings))
+    good = await tracker.submit(submission(registry, settings))
     await settle()
-    assert "CUDA out of memory" in record(tracker, bad["id"])["error"]
-    assert record(tracker, good["id"])["status"] == "completed"
+    error = (await record(tracker, bad["id"]))["error"]
+    # The client learns what failed, not the replica's internals (those go to the log).
+    assert error.startswith("Generation failed: the model replica raised RuntimeError")
+    assert "CUDA out of memory" not in error
+    assert (await record(tracker, good["id"]))["status"] == "completed"
     status = tracker.queue_status()
     assert (status["failedJobs"], status["completedJobs"], status["queuedJobs"]) == (1, 1, 0)
 
 
 async def test_a_job_past_the_timeout_fails_and_frees_its_replica(registry, settings) -> None:
     settings = settings.model_copy(update={"job_timeout_ms": 1000})
-    dispatcher = FakeDispatcher(hold=asyncio.Event())
+    dispatcher = FakeReplicas(hold=asyncio.Event())
     tracker = make_tracker(registry, settings, dispatcher)
-    job = tracker.submit(submission(registry, settings))
+    job = await tracker.submit(submission(registry, settings))
     await asyncio.sleep(1.2)
-    failed = record(tracker, job["id"])
+    failed = await record(tracker, job["id"])
     assert failed["status"] == "failed" and "timed out" in failed["error"]
     assert job["id"] in dispatcher.closed
 
 
 async def test_an_idempotency_key_returns_the_same_job(registry, settings) -> None:
-    tracker = make_tracker(registry, settings, FakeDispatcher())
-    first = tracker.submit(submission(registry, settings, key="abc"))
-    again = tracker.submit(submission(registry, settings, key="abc"))
-    other = tracker.submit(submission(registry, settings, key="xyz"))
+    tracker = make_tracker(registry, settings, FakeReplicas())
+    first = await tracker.submit(submission(registry, settings, key="abc"))
+    again = await tracker.submit(submission(registry, settings, key="abc"))
+    other = await tracker.submit(submission(registry, settings, key="xyz"))
     assert again["id"] == first["id"] and other["id"] != first["id"]
 
 
 async def test_a_restart_requeues_unfinished_jobs_and_runs_them(registry, settings) -> None:
-    store = MemoryStore()
+    store = memory_store()
     clock = FakeClock()
     hold = asyncio.Event()
-    before = make_tracker(registry, settings, FakeDispatcher(hold=hold), store, clock)
-    running = before.submit(submission(registry, settings))
+    before = make_tracker(registry, settings, FakeReplicas(hold=hold), store, clock)
+    running = await before.submit(submission(registry, settings))
     await settle()
-    waiting = before.submit(submission(registry, settings))
-    assert record(before, running["id"])["status"] == "processing"
+    waiting = await before.submit(submission(registry, settings))
+    assert (await record(before, running["id"]))["status"] == "processing"
     # the process dies here: nothing is closed, the store is all that remains
-    after = make_tracker(registry, settings, FakeDispatcher(), store, clock)
-    assert after.recover() == 2
+    after = make_tracker(registry, settings, FakeReplicas(), store, clock)
+    assert await after.start() == 2
     await settle()
     for job in (running, waiting):
-        assert record(after, job["id"])["status"] == "completed"
-    assert record(after, running["id"])["attempts"] == 2
+        assert (await record(after, job["id"]))["status"] == "completed"
+    assert (await record(after, running["id"]))["attempts"] == 2
     assert after.queue_status()["completedJobs"] == 2
 
 
 async def test_list_filters_and_pages(registry, settings) -> None:
     clock = FakeClock()
-    dispatcher = FakeDispatcher()
+    dispatcher = FakeReplicas()
     tracker = make_tracker(registry, settings, dispatcher, clock=clock)
     ids = []
     for i in range(5):
         clock.advance(1)
         dispatcher.explode = "boom" if i == 2 else None
-        ids.append(tracker.submit(submission(registry, settings))["id"])
+        ids.append((await tracker.submit(submission(registry, settings)))["id"])
         await settle()
-    page = tracker.list_jobs(limit=2)
+    page = await tracker.list_jobs(limit=2)
     assert [j["id"] for j in page["jobs"]] == [ids[4], ids[3]]
-    rest = tracker.list_jobs(limit=10, cursor=page["nextCursor"])
+    rest = await tracker.list_jobs(limit=10, cursor=page["nextCursor"])
     assert [j["id"] for j in rest["jobs"]] == [ids[2], ids[1], ids[0]]
     assert rest["nextCursor"] is None
-    failed = tracker.list_jobs(status=JobStatus.FAILED)
+    failed = await tracker.list_jobs(status=JobStatus.FAILED)
     assert [j["id"] for j in failed["jobs"]] == [ids[2]]
     assert all("result" not in j and "request" not in j for j in page["jobs"])
 
 
 async def test_unknown_jobs_are_not_found(registry, settings) -> None:
-    tracker = make_tracker(registry, settings, FakeDispatcher())
-    for call in (lambda: tracker.get("job_1_x"), lambda: tracker.cancel("job_1_x"),
-                 lambda: tracker.image("job_1_x", 0)):
+    tracker = make_tracker(registry, settings, FakeReplicas())
+    for call in (tracker.get("job_1_x"), tracker.cancel("job_1_x"),
+                 tracker.image("job_1_x", 0)):
         with pytest.raises(JobNotFound):
-            call()
+            await call
 
 
 async def test_models_report_live_replicas(registry, settings) -> None:
-    tracker = make_tracker(registry, settings, FakeDispatcher(replicas={"tiny-sd": 1}))
+    tracker = make_tracker(registry, settings, FakeReplicas(replicas={"tiny-sd": 1}))
     models = {m["id"]: m for m in (await tracker.models())["models"]}
     assert models["tiny-sd"]["loaded"] is True and models["tiny-sd"]["replicas"] == 1
     assert models["tiny-sd-inpaint"]["loaded"] is False
@@ -260,7 +271,7 @@ async def test_models_report_live_replicas(registry, settings) -> None:
 async def test_a_job_for_a_model_with_no_replica_says_it_waits_for_loading(
     registry, settings
 ) -> None:
-    dispatcher = FakeDispatcher(hold=asyncio.Event())
+    dispatcher = FakeReplicas(hold=asyncio.Event())
     tracker = make_tracker(registry, settings, dispatcher)
     dispatcher.hold = None
     # The fake starts jobs at once; stop it from doing so to observe the wait.
@@ -271,12 +282,12 @@ async def test_a_job_for_a_model_with_no_replica_says_it_waits_for_loading(
         yield  # pragma: no cover
 
     dispatcher.run = never_started  # type: ignore[method-assign]
-    cold = tracker.submit(submission(registry, settings))
+    cold = await tracker.submit(submission(registry, settings))
     await settle()
-    assert record(tracker, cold["id"])["phase"] == "loading_model"
+    assert (await record(tracker, cold["id"]))["phase"] == "loading_model"
     dispatcher.replicas = {"tiny-sd": 1}
     await tracker.refresh_replicas()
-    assert record(tracker, cold["id"])["phase"] == "waiting_for_replica"
+    assert (await record(tracker, cold["id"]))["phase"] == "waiting_for_replica"
 
 
 async def test_inpainting_runs_on_the_registry_inpainting_model(registry, settings) -> None:
@@ -310,13 +321,13 @@ def batching_registry(registry: Registry, size: int, **scaling: Any) -> Registry
 
 async def test_compatible_waiting_jobs_share_one_replica_call(registry, settings) -> None:
     registry = batching_registry(registry, 4)
-    dispatcher = FakeDispatcher(hold=asyncio.Event())
+    dispatcher = FakeReplicas(hold=asyncio.Event())
     tracker = make_tracker(registry, settings, dispatcher)
-    first = tracker.submit(submission(registry, settings))
+    first = await tracker.submit(submission(registry, settings))
     await settle()
-    same = [tracker.submit(submission(registry, settings, prompt=f"p{i}", seed=i))
+    same = [await tracker.submit(submission(registry, settings, prompt=f"p{i}", seed=i))
             for i in range(5)]
-    other = tracker.submit(submission(registry, settings, width=128))
+    other = await tracker.submit(submission(registry, settings, width=128))
     dispatcher.hold.set()
     for _ in range(5):
         await settle()
@@ -327,7 +338,7 @@ async def test_compatible_waiting_jobs_share_one_replica_call(registry, settings
         [other["id"]],
     ]
     for job in [first, *same, other]:
-        done = record(tracker, job["id"])
+        done = await record(tracker, job["id"])
         assert done["status"] == "completed"
         assert done["result"]["seed"] == job["request"]["seed"]
     assert tracker.queue_status()["completedJobs"] == 7
@@ -337,30 +348,30 @@ async def test_a_job_at_a_free_replica_waits_briefly_for_jobs_to_share_its_call(
     registry, settings,
 ) -> None:
     registry = batching_registry(registry, 4)  # max_batch_wait_s: 0.05 by default
-    dispatcher = FakeDispatcher(elapsed_ms=2000)
+    dispatcher = FakeReplicas(elapsed_ms=2000)
     tracker = make_tracker(registry, settings, dispatcher)
-    warm = tracker.submit(submission(registry, settings))
+    warm = await tracker.submit(submission(registry, settings))
     await settle()  # done: a job like these takes 2 s, so the next may wait 50 ms
-    first = tracker.submit(submission(registry, settings, seed=1))
+    first = await tracker.submit(submission(registry, settings, seed=1))
     await settle()
     assert dispatcher.batches == [[warm["id"]]]  # a replica is free, yet it waits
-    second = tracker.submit(submission(registry, settings, seed=2))
+    second = await tracker.submit(submission(registry, settings, seed=2))
     await asyncio.sleep(0.08)
     await settle()
     assert dispatcher.batches[1:] == [[first["id"], second["id"]]]
-    assert record(tracker, second["id"])["status"] == "completed"
+    assert (await record(tracker, second["id"]))["status"] == "completed"
 
 
 async def test_a_full_batch_or_a_job_of_unknown_cost_goes_without_waiting(
     registry, settings,
 ) -> None:
     registry = batching_registry(registry, 3)
-    dispatcher = FakeDispatcher(elapsed_ms=2000)
+    dispatcher = FakeReplicas(elapsed_ms=2000)
     tracker = make_tracker(registry, settings, dispatcher)
-    unknown = tracker.submit(submission(registry, settings))  # nothing finished yet
+    unknown = await tracker.submit(submission(registry, settings))  # nothing finished yet
     await settle()
     assert dispatcher.batches == [[unknown["id"]]]
-    full = [tracker.submit(submission(registry, settings, seed=s)) for s in range(3)]
+    full = [await tracker.submit(submission(registry, settings, seed=s)) for s in range(3)]
     await settle()
     assert dispatcher.batches[1:] == [[j["id"] for j in full]]  # no wait: nothing to add
 
@@ -370,44 +381,44 @@ async def test_no_wait_for_a_job_that_already_queued_or_when_other_replicas_are_
 ) -> None:
     clock = FakeClock()
     registry = batching_registry(registry, 4)
-    dispatcher = FakeDispatcher(elapsed_ms=2000, hold=asyncio.Event())
+    dispatcher = FakeReplicas(elapsed_ms=2000, hold=asyncio.Event())
     tracker = make_tracker(registry, settings, dispatcher, clock=clock)
     dispatcher.hold.set()
-    tracker.submit(submission(registry, settings))
+    await tracker.submit(submission(registry, settings))
     await settle()  # a lone job took 2 s: the next may wait 50 ms from its submission
     dispatcher.hold.clear()
-    busy = tracker.submit(submission(registry, settings, width=128))  # occupies the replica
+    busy = await tracker.submit(submission(registry, settings, width=128))  # occupies the replica
     await asyncio.sleep(0.08)  # after its own wait
-    queued = tracker.submit(submission(registry, settings, seed=1))
+    queued = await tracker.submit(submission(registry, settings, seed=1))
     clock.advance(60)  # it queued 60 ms behind `busy`
     dispatcher.hold.set()
     await settle()
     assert dispatcher.batches[1:] == [[busy["id"]], [queued["id"]]]  # sent without a wait
 
     two = batching_registry(registry, 4, max_replicas=2)
-    dispatcher = FakeDispatcher(elapsed_ms=2000)
+    dispatcher = FakeReplicas(elapsed_ms=2000)
     tracker = make_tracker(two, settings, dispatcher, clock=clock)
-    tracker.submit(submission(two, settings))
+    await tracker.submit(submission(two, settings))
     await settle()
-    lone = tracker.submit(submission(two, settings, seed=2))
+    lone = await tracker.submit(submission(two, settings, seed=2))
     await settle()
     assert dispatcher.batches[1:] == [[lone["id"]]]  # two replicas free: no reason to wait
 
 
 async def test_cancelling_one_job_of_a_batch_keeps_the_others(registry, settings) -> None:
     registry = batching_registry(registry, 4)
-    dispatcher = FakeDispatcher(hold=asyncio.Event())
+    dispatcher = FakeReplicas(hold=asyncio.Event())
     tracker = make_tracker(registry, settings, dispatcher)
-    blocker = tracker.submit(submission(registry, settings))
+    blocker = await tracker.submit(submission(registry, settings))
     await settle()
-    jobs = [tracker.submit(submission(registry, settings, seed=i)) for i in range(3)]
-    tracker.cancel(blocker["id"])  # the whole first call goes: its only job is cancelled
+    jobs = [await tracker.submit(submission(registry, settings, seed=i)) for i in range(3)]
+    await tracker.cancel(blocker["id"])  # the whole first call goes: its only job is cancelled
     await settle()
     assert dispatcher.batches[1] == [j["id"] for j in jobs]
-    tracker.cancel(jobs[1]["id"])
+    await tracker.cancel(jobs[1]["id"])
     dispatcher.hold.set()
     await settle()
-    statuses = [record(tracker, j["id"])["status"] for j in jobs]
+    statuses = [(await record(tracker, j["id"]))["status"] for j in jobs]
     assert statuses == ["completed", "cancelled", "completed"]
     assert blocker["id"] in dispatcher.closed
 
@@ -415,16 +426,16 @@ async def test_cancelling_one_job_of_a_batch_keeps_the_others(registry, settings
 async def test_the_cache_of_finished_records_stays_within_its_byte_budget(
     registry, settings, monkeypatch
 ) -> None:
-    from serve_app import records
+    from serve_app.jobs import book as book_module
 
-    monkeypatch.setattr(records, "RECENT_BYTES", 3000)
-    tracker = make_tracker(registry, settings, FakeDispatcher())
+    monkeypatch.setattr(book_module, "RECENT_BYTES", 3000)
+    tracker = make_tracker(registry, settings, FakeReplicas())
     ids = []
     for i in range(10):
-        ids.append(tracker.submit(submission(registry, settings, seed=i))["id"])
+        ids.append((await tracker.submit(submission(registry, settings, seed=i)))["id"])
         await settle()
     book = tracker._book
     assert book._recent_bytes == sum(len(v) for v in book._recent.values()) <= 3000
     assert 0 < len(book._recent) < 10
     # evicted records are still served, from the store
-    assert all(record(tracker, i)["status"] == "completed" for i in ids)
+    assert [(await record(tracker, i))["status"] for i in ids] == ["completed"] * len(ids)

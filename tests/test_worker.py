@@ -12,7 +12,7 @@ import pytest
 
 from serve_app.generation.runner import Interrupted, ModelRunner
 from serve_app.generation.worker import ModelWorker
-from serve_app.schemas import (
+from serve_app.messages import (
     Finished,
     GenerationResult,
     GenerationTask,

@@ -12,7 +12,7 @@ import io
 
 from PIL import Image
 
-from serve_app.schemas import InputImage, OutputFormat
+from serve_app.messages import InputImage, OutputFormat
 
 _PIL_FORMATS: dict[OutputFormat, str] = {
     OutputFormat.PNG: "PNG",

@@ -50,8 +50,8 @@ from serve_app.generation.pipelines import (
 from serve_app.generation.prompts import PromptCache
 from serve_app.generation.samplers import SamplerFactory
 from serve_app.generation.style import IPAdapter, adain_start_image, style_denoise_strength
+from serve_app.messages import GenerationResult, GenerationTask, InputImage, JobType
 from serve_app.registry import ModelSpec
-from serve_app.schemas import GenerationResult, GenerationTask, InputImage, JobType
 from serve_app.settings import Settings
 
 StepCallback = Callable[[int, int], None]

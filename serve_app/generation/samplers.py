@@ -1,6 +1,6 @@
 """Sampler names (the wire's `sampler`) -> diffusers schedulers.
 
-`SCHEDULERS` holds exactly the names of `serve_app.schemas.SAMPLERS` (a test keeps them in
+`SCHEDULERS` holds exactly the names of `serve_app.messages.SAMPLERS` (a test keeps them in
 step). A scheduler is derived from the model's own scheduler config with
 `Cls.from_config(base_config, **kwargs)`, so what the model was trained with (beta
 schedule, prediction type, timestep spacing) carries over, while the kwargs pin what the

@@ -24,7 +24,7 @@ import threading
 from collections.abc import AsyncIterator, Callable
 from typing import Protocol, cast
 
-from serve_app.schemas import (
+from serve_app.messages import (
     Finished,
     GenerationResult,
     GenerationTask,

@@ -1,11 +1,12 @@
-"""One model's lane to its replicas: when queued jobs leave, and which leave together.
+"""One model's lane to its replicas: the policy of when queued jobs leave, and which leave
+together. It owns no job: `Dispatch` asks it, with the calls it has out, and moves the jobs.
 
-A lane admits a replica call while it has capacity: one call per replica (up to the
-model's `max_replicas`; calls past the ready replicas wait in Serve's router, where the
-autoscaler sees them as demand) and at most MAX_CONCURRENT_JOBS jobs out at once. A call
-carries the first queued job and the queued jobs that can share its pipeline call (same
-batch key), up to `max_batch_size`. A lead that could take more companions and finds the
-only free replica may be held briefly for them (`serve_app.batch_window`).
+A lane allows a replica call while it has capacity: one call per replica (up to the model's
+`max_replicas`; calls past the ready replicas wait in Serve's router, where the autoscaler
+sees them as demand) and at most MAX_CONCURRENT_JOBS jobs out at once. A call carries the
+first queued job and the queued jobs that can share its pipeline call (same batch key), up
+to `max_batch_size`. A lead that could take more companions and finds the only free replica
+may be held briefly for them (`serve_app.jobs.batch_window`).
 
 Jobs past a lane's capacity wait in the model's queue, where priority and batching apply.
 """
@@ -16,11 +17,11 @@ import asyncio
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 
-from serve_app.batch_window import BatchWindow
-from serve_app.jobs import Job
-from serve_app.queues import JobQueues
+from serve_app.jobs.batch_window import BatchWindow
+from serve_app.jobs.job import Job
+from serve_app.jobs.queues import JobQueues
+from serve_app.messages import GenerationTask
 from serve_app.registry import Scaling
-from serve_app.schemas import GenerationTask
 
 
 def batch_key(job: Job) -> Hashable:
@@ -48,16 +49,15 @@ class Lane:
         self._on_hold_over = on_hold_over  # called when a held lead may go: admit again
         self._window = BatchWindow(scaling.max_batch_wait_s * 1000)
         self._held: _Hold | None = None
-        self._calls = 0  # replica calls out
-        self._jobs = 0  # jobs in those calls
 
     @property
-    def calls(self) -> int:
-        return self._calls
+    def slots(self) -> int:
+        """Replica calls the lane allows out at once."""
+        return self._slots
 
     @property
-    def jobs(self) -> int:
-        return self._jobs
+    def max_jobs(self) -> int:
+        return self._max_jobs
 
     @property
     def capacity(self) -> int:
@@ -65,31 +65,23 @@ class Lane:
         (MAX_CONCURRENT_JOBS may allow fewer)."""
         return self._slots * self._batch_size
 
-    def admit(self) -> list[Job] | None:
-        """The jobs of the next replica call, taken off the queue; None while the lane is
-        full, the queue empty, or its lead held for companions."""
-        if self._calls >= self._slots or self._jobs >= self._max_jobs:
+    def next_call(self, calls_out: int, jobs_out: int) -> list[Job] | None:
+        """The queued jobs that should leave together in the next replica call, given the
+        calls and jobs out now; None while the lane is full, the queue empty, or its lead
+        held for companions. The jobs stay queued: the caller moves them."""
+        if calls_out >= self._slots or jobs_out >= self._max_jobs:
             return None
         lead = self._queues.peek(self.model)
         if lead is None:
             return None
-        size = min(self._batch_size, self._max_jobs - self._jobs)
+        size = min(self._batch_size, self._max_jobs - jobs_out)
         key = batch_key(lead)
         batch = (self._queues.matching(self.model, key, batch_key, size)
                  if key is not None else [lead])
-        if key is not None and len(batch) < size and self._hold(lead):
+        if key is not None and len(batch) < size and self._hold(lead, calls_out):
             return None
         self._cancel_hold()
-        for job in batch:
-            self._queues.remove(job.id)
-        self._calls += 1
-        self._jobs += len(batch)
         return batch
-
-    def release(self, batch: list[Job]) -> None:
-        """A call admitted with `batch` is over."""
-        self._calls -= 1
-        self._jobs -= len(batch)
 
     def observe(self, tasks: list[GenerationTask], elapsed_ms: float) -> None:
         """A finished call's run time. Only lone calls teach the window: a hold is a
@@ -100,15 +92,16 @@ class Lane:
     def close(self) -> None:
         self._cancel_hold()
 
-    def _hold(self, lead: Job) -> bool:
+    def _hold(self, lead: Job, calls_out: int) -> bool:
         """Whether `lead` waits for companions; if so, a timer ends the wait."""
         if self._held is not None and self._held.job_id == lead.id:
             return not self._held.over
         self._cancel_hold()
-        if self._slots - self._calls > 1:
+        if self._slots - calls_out > 1:
             return False  # other replicas are free too: holding would only idle them
         # The wait counts from submission: a job that already queued is not held again.
-        assert lead.task is not None  # it has a batch key
+        if lead.task is None:
+            return False
         wait_ms = self._window.wait_ms(lead.task)
         wait_s = (wait_ms - (self._clock() - lead.created_at_ms)) / 1000
         if wait_s <= 0:

@@ -5,8 +5,8 @@ import re
 import pytest
 
 from serve_app.errors import IllegalTransition
-from serve_app.jobs import Job, JobResult, JobStatus, iso, new_job_id
-from serve_app.schemas import JobType
+from serve_app.jobs.job import Job, JobResult, JobStatus, Phase, iso, new_job_id
+from serve_app.messages import JobType
 
 
 def make_job() -> Job:
@@ -99,7 +99,9 @@ def test_requeue_resets_the_run_but_counts_the_attempt() -> None:
     job.requeue("replica died")
     assert (job.status, job.progress, job.started_at_ms, job.attempts) == (
         JobStatus.QUEUED, 0, None, 1)
-    assert job.phase == "retrying: replica died"
+    assert (job.phase, job.retry_reason) == (Phase.RETRYING, "replica died")
+    wire = job.to_wire()
+    assert (wire["phase"], wire["retryReason"]) == ("retrying", "replica died")
 
 
 def test_summary_has_no_payloads() -> None:

@@ -5,8 +5,12 @@
       │  └───requeue─────┘  └──fail──▶ failed
       └──────cancel / fail───────────▶ cancelled / failed
 
-Each transition is one method that stamps its own timestamps; an illegal one raises
-`IllegalTransition`. Records are rendered to the wire (camelCase) here and nowhere else.
+While queued a job moves through phases (`Phase`): waiting in its model's queue, admitted to
+a replica call and waiting for the replica (`loading_model` on a cold model, else
+`waiting_for_replica`), or back in the queue after a lost replica (`retrying`). Each
+transition, phase changes included, is one method that stamps its own fields; an illegal
+one raises `IllegalTransition`. Records are rendered to the wire (camelCase) here and
+nowhere else; `serve_app.api.wire` describes the same shapes for OpenAPI.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from enum import StrEnum
 from typing import Any
 
 from serve_app.errors import IllegalTransition
-from serve_app.schemas import GenerationTask, JobType, Priority
+from serve_app.messages import GenerationTask, JobType, Priority
 
 
 class JobStatus(StrEnum):
@@ -30,7 +34,20 @@ class JobStatus(StrEnum):
     CANCELLED = "cancelled"
 
     def is_terminal(self) -> bool:
-        return self in (JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED)
+        return self in _TERMINAL
+
+
+_TERMINAL = frozenset({JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED})
+
+
+class Phase(StrEnum):
+    """Where an unfinished job is, finer than its status."""
+
+    QUEUED = "queued"  # in its model's queue
+    LOADING_MODEL = "loading_model"  # handed to a call; the model has no ready replica yet
+    WAITING_FOR_REPLICA = "waiting_for_replica"  # handed to a call; a replica is up
+    GENERATING = "generating"  # a replica is running it
+    RETRYING = "retrying"  # back in the queue after its replica was lost
 
 
 _ID_ALPHABET = string.ascii_lowercase + string.digits
@@ -87,7 +104,8 @@ class Job:
     priority: Priority = Priority.NORMAL
     status: JobStatus = JobStatus.QUEUED
     progress: int = 0
-    phase: str | None = "queued"
+    phase: Phase | None = Phase.QUEUED
+    retry_reason: str | None = None
     started_at_ms: int | None = None
     completed_at_ms: int | None = None
     result: JobResult | None = None
@@ -97,8 +115,30 @@ class Job:
     # What to run; kept until the job ends so a restart can re-dispatch it.
     task: GenerationTask | None = None
     idempotency_key: str | None = None
+    owner: str | None = None  # the API key that submitted it, by name
 
-    # -- transitions ---------------------------------------------------------------
+    # -- transitions while queued ----------------------------------------------------
+
+    def admit(self, replica_ready: bool) -> None:
+        """Handed to a replica call, which waits for a replica (a cold start if none)."""
+        self._require(JobStatus.QUEUED, "admit")
+        self.phase = Phase.WAITING_FOR_REPLICA if replica_ready else Phase.LOADING_MODEL
+
+    def replica_ready(self) -> None:
+        """The cold model it waits for has a replica now."""
+        self._require(JobStatus.QUEUED, "mark ready")
+        if self.phase is Phase.LOADING_MODEL:
+            self.phase = Phase.WAITING_FOR_REPLICA
+
+    def retry_unstarted(self, reason: str) -> None:
+        """Its call was lost before a replica started it (routing failed, the replica died
+        while it waited): back to the queue, and the attempt counts."""
+        self._require(JobStatus.QUEUED, "retry")
+        self.attempts += 1
+        self.phase = Phase.RETRYING
+        self.retry_reason = reason
+
+    # -- the main line ---------------------------------------------------------------
 
     def start(self, now_ms: int, replica: str | None = None) -> None:
         self._require(JobStatus.QUEUED, "start")
@@ -106,7 +146,8 @@ class Job:
         self.started_at_ms = now_ms
         self.attempts += 1
         self.replica = replica
-        self.phase = "generating"
+        self.phase = Phase.GENERATING
+        self.retry_reason = None
 
     def report_progress(self, step: int, total: int) -> None:
         self._require(JobStatus.PROCESSING, "report progress on")
@@ -114,44 +155,55 @@ class Job:
             # 100 is reserved for "completed": a finished denoise still has to decode.
             self.progress = max(self.progress, min(99, (100 * step) // total))
 
-    def complete(self, result: JobResult, now_ms: int) -> None:
-        self._require(JobStatus.PROCESSING, "complete")
-        self.status = JobStatus.COMPLETED
-        self.result = result
-        self.progress = 100
-        self.completed_at_ms = now_ms
-        self.phase = None
-
-    def fail(self, error: str, now_ms: int) -> None:
-        if self.status.is_terminal():
-            raise IllegalTransition(f"cannot fail job {self.id}: it is already {self.status}")
-        self.status = JobStatus.FAILED
-        self.error = error
-        self.completed_at_ms = now_ms
-        self.phase = None
-
-    def cancel(self, now_ms: int) -> None:
-        if self.status.is_terminal():
-            raise IllegalTransition(f"cannot cancel job {self.id}: it is already {self.status}")
-        # progress stays where the job stopped
-        self.status = JobStatus.CANCELLED
-        self.completed_at_ms = now_ms
-        self.phase = None
-
     def requeue(self, reason: str) -> None:
-        """Back to the queue after its replica died; the attempt stays counted."""
+        """Back to the queue after its replica died (or the service restarted) while it
+        ran; the attempt stays counted."""
         self._require(JobStatus.PROCESSING, "requeue")
         self.status = JobStatus.QUEUED
         self.started_at_ms = None
         self.progress = 0
         self.replica = None
-        self.phase = f"retrying: {reason}"
+        self.phase = Phase.RETRYING
+        self.retry_reason = reason
+
+    def complete(self, result: JobResult, now_ms: int) -> None:
+        self._require(JobStatus.PROCESSING, "complete")
+        self.status = JobStatus.COMPLETED
+        self.result = result
+        self.progress = 100
+        self._end(now_ms)
+
+    def fail(self, error: str, now_ms: int, *, lost_attempt: bool = False) -> None:
+        """Ends the job as failed. `lost_attempt`: a try that was lost before a replica
+        started it counts as an attempt (as `retry_unstarted` does)."""
+        self._require_unfinished("fail")
+        if lost_attempt and self.status is JobStatus.QUEUED:
+            self.attempts += 1
+        self.status = JobStatus.FAILED
+        self.error = error
+        self._end(now_ms)
+
+    def cancel(self, now_ms: int) -> None:
+        self._require_unfinished("cancel")
+        # progress stays where the job stopped
+        self.status = JobStatus.CANCELLED
+        self._end(now_ms)
+
+    def _end(self, now_ms: int) -> None:
+        self.completed_at_ms = now_ms
+        self.phase = None
+        self.retry_reason = None
+        self.task = None  # a finished job never runs again; drop its input images
 
     def _require(self, expected: JobStatus, action: str) -> None:
         if self.status is not expected:
             raise IllegalTransition(
                 f"cannot {action} job {self.id}: it is {self.status}, not {expected}"
             )
+
+    def _require_unfinished(self, action: str) -> None:
+        if self.status.is_terminal():
+            raise IllegalTransition(f"cannot {action} job {self.id}: it is already {self.status}")
 
     # -- rendering -----------------------------------------------------------------
 
@@ -185,7 +237,9 @@ class Job:
             "progress": self.progress,
         }
         if self.phase is not None:
-            out["phase"] = self.phase
+            out["phase"] = self.phase.value
+        if self.retry_reason is not None:
+            out["retryReason"] = self.retry_reason
         if queue_position is not None:
             out["queuePosition"] = queue_position
         if self.started_at_ms is not None:

@@ -1,4 +1,4 @@
-"""The ingress's handle backend: domain errors unwrapped, a dying tracker retried."""
+"""The ingress's tracker client: domain errors unwrapped, a dying tracker retried."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ from typing import Any
 import pytest
 from ray.exceptions import ActorDiedError, RayTaskError
 
-from deployments import ingress
-from deployments.ingress import HandleBackend
+from serve_app.api import tracker_client as ingress
+from serve_app.api.tracker_client import TrackerClient
 from serve_app.errors import JobNotFound, QueueFull, ServiceUnavailable
-from serve_app.schemas import GenerationTask, JobType, Priority, Submission
+from serve_app.messages import GenerationTask, JobType, Priority, Submission
 
 pytestmark = pytest.mark.anyio
 
@@ -48,7 +48,7 @@ def submission() -> Submission:
 async def test_a_retried_submit_carries_one_idempotency_key(monkeypatch) -> None:
     monkeypatch.setattr(ingress, "RETRY_PAUSE_S", 0)
     submit_many = FakeMethod([ActorDiedError(), ActorDiedError(), [{"id": "job_1"}]])
-    backend = HandleBackend(FakeHandle(submit_many=submit_many))  # type: ignore[arg-type]
+    backend = TrackerClient(FakeHandle(submit_many=submit_many))  # type: ignore[arg-type]
     assert await backend.submit(submission()) == {"id": "job_1"}
     keys = {call[0][0].idempotency_key for call in submit_many.calls}
     assert len(submit_many.calls) == 3 and len(keys) == 1
@@ -61,7 +61,7 @@ async def test_concurrent_submits_share_tracker_calls_and_keep_their_own_outcome
     monkeypatch.setattr(ingress, "SUBMITS_IN_FLIGHT", 1)
     refused = QueueFull("Queue is full", retry_after_s=7)
     submit_many = FakeMethod([[{"id": "job_1"}], [{"id": "job_2"}, refused, {"id": "job_4"}]])
-    backend = HandleBackend(FakeHandle(submit_many=submit_many))  # type: ignore[arg-type]
+    backend = TrackerClient(FakeHandle(submit_many=submit_many))  # type: ignore[arg-type]
     outcomes = await asyncio.gather(*(backend.submit(submission()) for _ in range(4)),
                                     return_exceptions=True)
     # The first goes alone; the three that arrived while it was out, together.
@@ -73,7 +73,7 @@ async def test_concurrent_submits_share_tracker_calls_and_keep_their_own_outcome
 async def test_a_tracker_that_stays_down_is_a_503_with_retry_after(monkeypatch) -> None:
     monkeypatch.setattr(ingress, "RETRY_PAUSE_S", 0)
     monkeypatch.setattr(ingress, "TRACKER_RESTART_S", 0)
-    backend = HandleBackend(FakeHandle(get=FakeMethod([ActorDiedError()])))  # type: ignore[arg-type]
+    backend = TrackerClient(FakeHandle(get=FakeMethod([ActorDiedError()])))  # type: ignore[arg-type]
     with pytest.raises(ServiceUnavailable) as exc:
         await backend.get("job_1")
     assert exc.value.retry_after_s >= 1
@@ -81,6 +81,6 @@ async def test_a_tracker_that_stays_down_is_a_503_with_retry_after(monkeypatch) 
 
 async def test_domain_errors_from_the_tracker_are_unwrapped() -> None:
     wrapped = RayTaskError("get", "traceback", JobNotFound())
-    backend = HandleBackend(FakeHandle(get=FakeMethod([wrapped])))  # type: ignore[arg-type]
+    backend = TrackerClient(FakeHandle(get=FakeMethod([wrapped])))  # type: ignore[arg-type]
     with pytest.raises(JobNotFound):
         await backend.get("job_1")

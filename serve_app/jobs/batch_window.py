@@ -12,7 +12,7 @@ finished since the start) or that has already queued that long does not wait.
 
 from __future__ import annotations
 
-from serve_app.schemas import GenerationTask
+from serve_app.messages import GenerationTask
 
 # The wait, as a fraction of the expected run time of the job that waits: a job that
 # waits in vain (nothing compatible came) took at most 5% longer.

@@ -1,18 +1,16 @@
-"""Wire schemas: camelCase on the wire (as the API document specifies), snake_case in Python.
+"""What crosses Ray handles: plain dataclasses and enums, no pydantic, no torch.
 
-Request models check types and shapes; `serve_app.validation` checks them against the
-configured limits and the model registry. The dataclasses at the bottom are what crosses
-Ray handles between the tracker and the model replicas: plain data and bytes only.
+The ingress sends a `Submission` to the tracker; the tracker sends `GenerationTask`s to a
+model replica, which streams `Started`, `Progress` and `Finished` events back. Everything
+here pickles cheaply and carries images as bytes (house point 9). The HTTP wire models
+(camelCase, pydantic) are in `serve_app.api.wire`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Annotated, Any, Literal
-
-from pydantic import BaseModel, ConfigDict, Field
-from pydantic.alias_generators import to_camel
+from typing import Any
 
 # Sampler names accepted on the wire. `serve_app.generation.samplers` maps each to a
 # diffusers scheduler; a test keeps the two in step.
@@ -57,101 +55,6 @@ class OutputFormat(StrEnum):
     @property
     def content_type(self) -> str:
         return f"image/{self.value}"
-
-
-class WireModel(BaseModel):
-    """camelCase aliases, snake_case names accepted too, strict types, no unknown fields."""
-
-    model_config = ConfigDict(
-        alias_generator=to_camel,
-        populate_by_name=True,
-        extra="forbid",
-        strict=True,
-    )
-
-
-Number = Annotated[float, Field(allow_inf_nan=False)]
-
-
-class GenerationCommon(WireModel):
-    """Fields every generation mode shares. `None` means "use the model's default"."""
-
-    negative_prompt: str | None = None
-    width: int | None = None
-    height: int | None = None
-    steps: int | None = None
-    guidance_scale: Number | None = None
-    seed: int | None = None
-    sampler: str | None = None
-    model: str | None = None
-    num_images: int = 1
-    # Enums come as strings in JSON: lax for these two, strict everywhere else.
-    output_format: Annotated[OutputFormat, Field(strict=False)] = OutputFormat.PNG
-    quality: int = 95
-    priority: Annotated[Priority, Field(strict=False)] = Priority.NORMAL
-
-
-class Text2ImgRequest(GenerationCommon):
-    prompt: str
-
-
-class Img2ImgRequest(GenerationCommon):
-    prompt: str
-    init_image: str
-    strength: Number = 0.75
-
-
-class InpaintRequest(GenerationCommon):
-    prompt: str
-    image: str
-    mask: str
-    inpainting_strength: Number = 1.0
-
-
-class StyleTransferRequest(GenerationCommon):
-    content_image: str
-    style_image: str
-    prompt: str = ""
-    style_strength: Number = 0.7
-    content_strength: Number = 0.3
-
-
-REQUEST_MODELS: dict[JobType, type[GenerationCommon]] = {
-    JobType.TEXT2IMG: Text2ImgRequest,
-    JobType.IMG2IMG: Img2ImgRequest,
-    JobType.INPAINT: InpaintRequest,
-    JobType.STYLE_TRANSFER: StyleTransferRequest,
-}
-
-# Request fields that carry images: kept out of job records (a record echoes a short
-# description instead of megabytes of base64).
-IMAGE_FIELDS: tuple[str, ...] = ("init_image", "image", "mask", "content_image", "style_image")
-
-
-class ModelInfo(WireModel):
-    """One entry of GET /models."""
-
-    id: str
-    name: str
-    description: str
-    type: str
-    loaded: bool
-    version: str
-    served: bool
-    replicas: int = 0
-    min_replicas: int = 0
-    max_replicas: int = 1
-    default_width: int = 512
-    default_height: int = 512
-
-
-class QueueStatus(WireModel):
-    queued_jobs: int
-    processing_jobs: int
-    completed_jobs: int
-    failed_jobs: int
-    cancelled_jobs: int
-    average_processing_time: int
 
 
 @dataclass(frozen=True)
@@ -233,14 +136,6 @@ class Finished:
 
 ReplicaEvent = Started | Progress | Finished
 
-JobStatusName = Literal["queued", "processing", "completed", "failed", "cancelled"]
-
-
-def wire(model: BaseModel) -> dict[str, Any]:
-    """A wire model as a camelCase JSON-ready dict."""
-    return model.model_dump(by_alias=True, mode="json")
-
-
 @dataclass(frozen=True)
 class Submission:
     """A validated request, ready for the tracker: what to run and what to echo back."""
@@ -251,3 +146,4 @@ class Submission:
     request: dict[str, Any]
     task: GenerationTask
     idempotency_key: str | None = None
+    owner: str | None = None  # the API key's name; None when the service runs open

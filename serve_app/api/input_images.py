@@ -13,7 +13,6 @@ and a full decode inside `try` so truncated or corrupt data is a 400, never a 50
 from __future__ import annotations
 
 import base64
-import binascii
 import io
 import re
 import struct
@@ -23,7 +22,7 @@ from typing import Any
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from serve_app.errors import InvalidRequest
-from serve_app.schemas import InputImage
+from serve_app.messages import InputImage
 from serve_app.settings import Limits
 
 ACCEPTED_FORMATS: tuple[str, ...] = ("PNG", "JPEG", "WEBP")
@@ -132,7 +131,7 @@ def _decode_base64(value: object, field: str, limits: Limits) -> bytes:
         raise _too_large(field, len(text) * 3 // 4, limits)
     try:
         data = base64.b64decode(text, validate=True)
-    except binascii.Error:
+    except ValueError:  # binascii.Error, or a non-ASCII character
         raise InvalidRequest(
             f"{field}: not valid base64; encode the image file's bytes with standard "
             "base64 (A-Z, a-z, 0-9, +, /, with = padding)"

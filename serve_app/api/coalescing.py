@@ -1,9 +1,9 @@
-"""Concurrent calls to a remote batch method, coalesced into one call per round trip.
+"""Concurrent calls to a remote method, coalesced into bundles: one call per round trip.
 
 A Ray call costs the caller and the callee a few milliseconds of CPU each, whatever it
 carries; on a busy submit path that per-call cost is most of the work. `Coalescer` sends
 an item at once when no call is out (no added latency at low load); items that arrive
-while calls are out wait and leave together in the next one. So the batch size follows
+while calls are out wait and leave together in the next one. So the bundle size follows
 the load by itself, with no timer.
 """
 
@@ -18,7 +18,7 @@ from typing import Generic, TypeVar
 T = TypeVar("T")
 R = TypeVar("R")
 
-# What the batch method answers per item: its result, or the error that item ran into.
+# What the bundle method answers per item: its result, or the error that item ran into.
 Outcome = R | BaseException
 
 
@@ -27,9 +27,9 @@ class Coalescer(Generic[T, R]):
 
     `call` answers one outcome per item, in order: a result, or an exception instance
     that is raised to that item's caller only. If `call` itself raises, every caller of
-    that batch gets the exception (the batch method decides what is safe to retry).
+    that bundle gets the exception (the bundle method decides what is safe to retry).
 
-    An item whose caller has gone (its await was cancelled) before its batch leaves is not
+    An item whose caller has gone (its await was cancelled) before its bundle leaves is not
     sent. With `max_wait_s`, an item that waited longer than that for a call to leave (the
     calls out are stuck retrying) fails with `expired()` instead of starting a new wait.
     """
@@ -38,15 +38,15 @@ class Coalescer(Generic[T, R]):
         self,
         call: Callable[[list[T]], Awaitable[Sequence[Outcome[R]]]],
         *,
-        max_batch: int = 64,
+        max_bundle: int = 64,
         max_in_flight: int = 2,
         max_wait_s: float | None = None,
-        expired: Callable[[], BaseException] = lambda: TimeoutError("batch call queue"),
+        expired: Callable[[], BaseException] = lambda: TimeoutError("bundle call queue"),
     ) -> None:
-        if max_batch < 1 or max_in_flight < 1:
-            raise ValueError("max_batch and max_in_flight must be at least 1")
+        if max_bundle < 1 or max_in_flight < 1:
+            raise ValueError("max_bundle and max_in_flight must be at least 1")
         self._call = call
-        self._max_batch = max_batch
+        self._max_bundle = max_bundle
         self._max_in_flight = max_in_flight
         self._max_wait_s = max_wait_s
         self._expired = expired
@@ -66,12 +66,12 @@ class Coalescer(Generic[T, R]):
     def _flush(self) -> None:
         self._drop_gone_and_expired()
         while self._pending and len(self._in_flight) < self._max_in_flight:
-            batch = [(item, future) for item, future, _ in self._pending[: self._max_batch]]
-            del self._pending[: self._max_batch]
+            bundle = [(item, future) for item, future, _ in self._pending[: self._max_bundle]]
+            del self._pending[: self._max_bundle]
             # A fresh context: the call must not inherit the request context of whichever
             # caller happened to flush (Serve cancels a request's child calls when that
-            # client disconnects, which would fail everyone else's items in the batch).
-            task = asyncio.get_running_loop().create_task(self._send(batch),
+            # client disconnects, which would fail everyone else's items in the bundle).
+            task = asyncio.get_running_loop().create_task(self._send(bundle),
                                                           context=contextvars.Context())
             self._in_flight.add(task)
             task.add_done_callback(self._sent)
@@ -93,23 +93,23 @@ class Coalescer(Generic[T, R]):
         self._in_flight.discard(task)
         self._flush()
 
-    async def _send(self, batch: list[tuple[T, asyncio.Future[R]]]) -> None:
+    async def _send(self, bundle: list[tuple[T, asyncio.Future[R]]]) -> None:
         try:
-            outcomes = await self._call([item for item, _ in batch])
-            if len(outcomes) != len(batch):
+            outcomes = await self._call([item for item, _ in bundle])
+            if len(outcomes) != len(bundle):
                 raise RuntimeError(
-                    f"batch call answered {len(outcomes)} outcomes for {len(batch)} items"
+                    f"bundle call answered {len(outcomes)} outcomes for {len(bundle)} items"
                 )
         except asyncio.CancelledError:
-            for _, future in batch:
+            for _, future in bundle:
                 future.cancel()
             raise
         except Exception as exc:
-            for _, future in batch:
+            for _, future in bundle:
                 if not future.done():
                     future.set_exception(exc)
             return
-        for (_, future), outcome in zip(batch, outcomes, strict=True):
+        for (_, future), outcome in zip(bundle, outcomes, strict=True):
             if future.done():  # its caller went away
                 continue
             if isinstance(outcome, BaseException):

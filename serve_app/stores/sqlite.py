@@ -1,6 +1,6 @@
 """A JobStore in one SQLite file: durable on a single node, no server to run.
 
-The full record is the JSON codec's text; the columns beside it exist only to be indexed,
+The full record is the codec's JSON text; the columns beside it exist only to be indexed,
 so every method is one or two statements over an index, fast at hundreds of thousands of
 rows. Listing is keyset-paginated on (created_at, id), newest first.
 """
@@ -10,15 +10,25 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
+from collections.abc import Sequence
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
-from serve_app.jobs import Job, JobStatus
-from serve_app.store import JobFilter, Page, decode_cursor, dumps, dumps_summary, loads
+from serve_app.stores.contract import (
+    FINISHED,
+    UNFINISHED,
+    JobFilter,
+    JobRow,
+    Page,
+    decode_cursor,
+    encode_cursor,
+)
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
-_FINISHED = "('completed', 'failed', 'cancelled')"
-_UNFINISHED = "('queued', 'processing')"
+_FINISHED = "(" + ", ".join(f"'{s}'" for s in FINISHED) + ")"
+_UNFINISHED = "(" + ", ".join(f"'{s}'" for s in UNFINISHED) + ")"
 
 # jobs_status_time covers counts() and processing_time(). The partial indexes serve
 # prune(); their condition is repeated verbatim in its statements (SQLite uses a partial
@@ -34,12 +44,14 @@ CREATE TABLE IF NOT EXISTS jobs (
     time_taken INTEGER,
     idempotency_key TEXT UNIQUE,
     record TEXT NOT NULL,
-    summary TEXT NOT NULL
+    summary TEXT NOT NULL,
+    owner TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_created ON jobs (created_at, id);
 CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status, created_at, id);
 CREATE INDEX IF NOT EXISTS jobs_type ON jobs (type, created_at, id);
 CREATE INDEX IF NOT EXISTS jobs_model ON jobs (model, created_at, id);
+CREATE INDEX IF NOT EXISTS jobs_owner ON jobs (owner, created_at, id);
 CREATE INDEX IF NOT EXISTS jobs_status_time ON jobs (status, time_taken);
 CREATE INDEX IF NOT EXISTS jobs_finished ON jobs (created_at, id)
     WHERE status IN {_FINISHED};
@@ -51,17 +63,18 @@ CREATE INDEX IF NOT EXISTS jobs_finished_at ON jobs (completed_at)
 # (the first holder keeps it, as in MemoryStore); it is then left out of the unique column
 # instead of failing the write. The record still carries it.
 _UPSERT = """
-INSERT INTO jobs (id, status, type, model, created_at, completed_at, time_taken,
+INSERT INTO jobs (id, status, type, model, owner, created_at, completed_at, time_taken,
                   idempotency_key, record, summary)
-VALUES (:id, :status, :type, :model, :created_at, :completed_at, :time_taken,
+VALUES (:id, :status, :type, :model, :owner, :created_at, :completed_at, :time_taken,
         CASE WHEN EXISTS (SELECT 1 FROM jobs WHERE idempotency_key = :key AND id != :id)
              THEN NULL ELSE :key END,
         :record, :summary)
 ON CONFLICT (id) DO UPDATE SET
     status = excluded.status, type = excluded.type, model = excluded.model,
-    created_at = excluded.created_at, completed_at = excluded.completed_at,
-    time_taken = excluded.time_taken, idempotency_key = excluded.idempotency_key,
-    record = excluded.record, summary = excluded.summary
+    owner = excluded.owner, created_at = excluded.created_at,
+    completed_at = excluded.completed_at, time_taken = excluded.time_taken,
+    idempotency_key = excluded.idempotency_key, record = excluded.record,
+    summary = excluded.summary
 """
 
 # prune()'s two deletes. Without statistics the planner prefers jobs_status for
@@ -110,6 +123,8 @@ class SQLiteStore:
             )
         if version == 1:
             self._add_summaries()
+        if 0 < version < 3:
+            self._db.execute("ALTER TABLE jobs ADD COLUMN owner TEXT")
         if version < SCHEMA_VERSION:
             self._db.executescript(
                 f"BEGIN IMMEDIATE; {_SCHEMA} PRAGMA user_version={SCHEMA_VERSION}; COMMIT;"
@@ -122,36 +137,40 @@ class SQLiteStore:
         rows = self._db.execute("SELECT record FROM jobs").fetchall()
         self._db.executemany(
             "UPDATE jobs SET summary = ? WHERE id = ?",
-            ((dumps_summary(job), job.id) for job in (loads(r[0]) for r in rows)),
+            ((json.dumps(_summary_of(record)), record["id"])
+             for record in (json.loads(r[0]) for r in rows)),
         )
         self._db.execute("COMMIT")
 
-    def save(self, job: Job) -> None:
-        params = {
-            "id": job.id,
-            "status": job.status.value,
-            "type": job.type.value,
-            "model": job.model,
-            "created_at": job.created_at_ms,
-            "completed_at": job.completed_at_ms,
-            "time_taken": job.result.time_taken_ms if job.result else None,
-            "key": job.idempotency_key,
-            "record": dumps(job),
-            "summary": dumps_summary(job),
-        }
+    def save_many(self, rows: Sequence[JobRow]) -> None:
+        params = [
+            {
+                "id": r.id, "status": r.status, "type": r.type, "model": r.model,
+                "owner": r.owner, "created_at": r.created_at_ms,
+                "completed_at": r.completed_at_ms, "time_taken": r.time_taken_ms,
+                "key": r.idempotency_key, "record": r.record, "summary": r.summary,
+            }
+            for r in rows
+        ]
         with self._lock:
-            self._db.execute(_UPSERT, params)
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.executemany(_UPSERT, params)
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
 
-    def load(self, job_id: str) -> Job | None:
+    def load(self, job_id: str) -> str | None:
         with self._lock:
             row = self._db.execute("SELECT record FROM jobs WHERE id = ?", (job_id,)).fetchone()
-        return loads(row[0]) if row else None
+        return row[0] if row else None
 
-    def unfinished(self) -> list[Job]:
+    def unfinished(self) -> list[str]:
         sql = f"SELECT record FROM jobs WHERE status IN {_UNFINISHED} ORDER BY created_at, id"
         with self._lock:
             rows = self._db.execute(sql).fetchall()
-        return [loads(r[0]) for r in rows]
+        return [r[0] for r in rows]
 
     def find_idempotent(self, key: str) -> str | None:
         with self._lock:
@@ -167,9 +186,8 @@ class SQLiteStore:
             where.append("(created_at, id) < (?, ?)")
             args.extend(decode_cursor(cursor))
         for column, value in (
-            ("status", flt.status.value if flt.status else None),
-            ("type", flt.type.value if flt.type else None),
-            ("model", flt.model),
+            ("status", flt.status), ("type", flt.type), ("model", flt.model),
+            ("owner", flt.owner),
         ):
             if value is not None:
                 where.append(f"{column} = ?")
@@ -183,14 +201,14 @@ class SQLiteStore:
             rows = self._db.execute(sql, args).fetchall()
         page = rows[:limit]
         more = len(rows) > limit
-        cursor_out = f"{page[-1][1]}:{page[-1][2]}" if more and page else None
+        cursor_out = encode_cursor(page[-1][1], page[-1][2]) if more and page else None
         return Page([json.loads(r[0]) for r in page], cursor_out)
 
-    def counts(self) -> dict[JobStatus, int]:
+    def counts(self) -> dict[str, int]:
         with self._lock:
             rows = self._db.execute("SELECT status, COUNT(*) FROM jobs GROUP BY status").fetchall()
-        out = dict.fromkeys(JobStatus, 0)
-        out.update({JobStatus(status): n for status, n in rows})
+        out = dict.fromkeys(UNFINISHED + FINISHED, 0)
+        out.update(dict(rows))
         return out
 
     def processing_time(self) -> tuple[int, int]:
@@ -217,3 +235,20 @@ class SQLiteStore:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+
+def _summary_of(record: dict[str, Any]) -> dict[str, Any]:
+    """A version-1 record's listing summary, as `Job.summary` renders it (schema version 1
+    had no summary column; its records are the codec's, fields in snake_case)."""
+    out = {k: record[k] for k in ("id", "type", "status", "model", "priority", "progress")}
+    out["createdAt"] = _iso(record["created_at_ms"])
+    if record.get("completed_at_ms") is not None:
+        out["completedAt"] = _iso(record["completed_at_ms"])
+    if record.get("error") is not None:
+        out["error"] = record["error"]
+    return out
+
+
+def _iso(ms: int) -> str:
+    stamp = datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%dT%H:%M:%S.")
+    return f"{stamp}{ms % 1000:03d}Z"

@@ -11,7 +11,7 @@ import heapq
 from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass, field
 
-from serve_app.jobs import Job
+from serve_app.jobs.job import Job
 
 
 @dataclass(order=True)

@@ -11,9 +11,9 @@ import zlib
 import pytest
 from PIL import Image, ImageFile
 
+from serve_app.api.input_images import decode_input_image, decode_mask, describe, round_to_multiple
 from serve_app.errors import InvalidRequest
-from serve_app.images import decode_input_image, decode_mask, describe, round_to_multiple
-from serve_app.schemas import InputImage
+from serve_app.messages import InputImage
 from serve_app.settings import Limits
 
 LIMITS = Limits()

@@ -8,28 +8,38 @@ Keys, all under one namespace `ns`:
     {ns}:idx:status:{s}       "{created_at:013d}:{id}", all scored 0, so Redis orders them
     {ns}:idx:type:{t}         by (created_at, id) and ZREVRANGEBYLEX pages through them
     {ns}:idx:model:{m}        newest first with an exact keyset bound
+    {ns}:idx:owner:{o}
     {ns}:idx:unfinished       the same, for queued and processing jobs
     {ns}:idx:finished         the same, for finished jobs (prune's keep_last)
     {ns}:idx:finished_at      finished job ids scored by completed_at (prune's cutoff)
     {ns}:idempotency          hash: Idempotency-Key -> job id (the first holder keeps it)
     {ns}:stats                hash: completed, completed_ms (processing_time's sums)
 
-A save reads the job's old meta under WATCH and rewrites record, meta, indexes and stats
-in one MULTI/EXEC, so indexes and counters move exactly once per change of state.
+A save reads the jobs' old meta under WATCH and rewrites records, metas, indexes and stats
+in one MULTI/EXEC, so indexes and counters move exactly once per change of state. Every
+command gives up after `timeout_s` (socket and connect timeouts): an unreachable Redis
+fails a call quickly instead of hanging the tracker's store thread.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import astuple, dataclass
 from typing import Any
 
 import redis
 from redis.client import Pipeline
 
-from serve_app.jobs import Job, JobStatus
-from serve_app.store import JobFilter, Page, decode_cursor, dumps, dumps_summary, loads
+from serve_app.stores.contract import (
+    FINISHED,
+    UNFINISHED,
+    JobFilter,
+    JobRow,
+    Page,
+    decode_cursor,
+    encode_cursor,
+)
 
 _MS_DIGITS = 13  # zero-padded creation time in index members: good until the year 2286
 _SCAN_CHUNK = 200  # members read per round when a filter is checked against other indexes
@@ -51,45 +61,47 @@ def _member_parts(member: str) -> tuple[int, str]:
 
 @dataclass(frozen=True)
 class _Meta:
-    """What a job is indexed by. `time_taken` is set only for completed jobs with a result:
-    those are the ones processing_time counts."""
+    """What a job is indexed by. `time_taken` is set only for completed jobs: those are the
+    ones processing_time counts."""
 
-    status: JobStatus
+    status: str
     type: str
     model: str
+    owner: str | None
     created_at: int
     completed_at: int | None
     time_taken: int | None
     idempotency_key: str | None
 
     @classmethod
-    def of(cls, job: Job) -> _Meta:
-        done = job.status is JobStatus.COMPLETED and job.result is not None
-        return cls(
-            job.status,
-            job.type.value,
-            job.model,
-            job.created_at_ms,
-            job.completed_at_ms,
-            job.result.time_taken_ms if done and job.result else None,
-            job.idempotency_key,
-        )
+    def of(cls, row: JobRow) -> _Meta:
+        done = row.status == "completed"
+        return cls(row.status, row.type, row.model, row.owner, row.created_at_ms,
+                   row.completed_at_ms, row.time_taken_ms if done else None,
+                   row.idempotency_key)
+
+    @property
+    def finished(self) -> bool:
+        return self.status in FINISHED
 
     def dump(self) -> str:
         return json.dumps(astuple(self), separators=(",", ":"))
 
     @classmethod
     def parse(cls, text: str) -> _Meta:
-        status, *rest = json.loads(text)
-        return cls(JobStatus(status), *rest)
+        values = json.loads(text)
+        if len(values) == 7:  # written before owners existed
+            values.insert(3, None)
+        return cls(*values)
 
 
 class RedisStore:
     """A JobStore on redis-py's synchronous client. Safe to share between threads (the
     client pools its connections); several processes may write through it at once."""
 
-    def __init__(self, url: str, namespace: str = "imagegen") -> None:
-        self._r = redis.Redis.from_url(url, decode_responses=True)
+    def __init__(self, url: str, namespace: str = "imagegen", timeout_s: float = 2.0) -> None:
+        self._r = redis.Redis.from_url(url, decode_responses=True, socket_timeout=timeout_s,
+                                       socket_connect_timeout=timeout_s)
         self._ns = namespace
 
     # -- keys --------------------------------------------------------------------------
@@ -99,13 +111,16 @@ class RedisStore:
 
     def _indexes(self, meta: _Meta) -> list[str]:
         """The listing indexes (and unfinished/finished) that hold this job's member."""
-        return [
+        keys = [
             self._key("idx", "all"),
-            self._key("idx", "status", meta.status.value),
+            self._key("idx", "status", meta.status),
             self._key("idx", "type", meta.type),
             self._key("idx", "model", meta.model),
-            self._key("idx", "finished" if meta.status.is_terminal() else "unfinished"),
+            self._key("idx", "finished" if meta.finished else "unfinished"),
         ]
+        if meta.owner is not None:
+            keys.append(self._key("idx", "owner", meta.owner))
+        return keys
 
     # -- writes ------------------------------------------------------------------------
 
@@ -117,7 +132,7 @@ class RedisStore:
                 pipe.zadd(key, {member: 0})
             else:
                 pipe.zrem(key, member)
-        if meta.status.is_terminal():
+        if meta.finished:
             finished_at = self._key("idx", "finished_at")
             if sign > 0:
                 pipe.zadd(finished_at, {job_id: meta.completed_at or 0})
@@ -127,28 +142,28 @@ class RedisStore:
             pipe.hincrby(self._key("stats"), "completed", sign)
             pipe.hincrby(self._key("stats"), "completed_ms", sign * meta.time_taken)
 
-    def save(self, job: Job) -> None:
-        meta_key = self._key("meta", job.id)
-        new = _Meta.of(job)
-        record = dumps(job)
-        summary = dumps_summary(job)
+    def save_many(self, rows: Sequence[JobRow]) -> None:
+        latest = {row.id: row for row in rows}  # a job saved twice: its last row wins
+        meta_keys = [self._key("meta", job_id) for job_id in latest]
 
         def write(pipe: Pipeline) -> None:
-            # Runs again if another writer changes this job's meta before EXEC.
-            raw = pipe.get(meta_key)
-            old = _Meta.parse(_text(raw)) if raw else None
+            # Runs again if another writer changes one of these jobs' meta before EXEC.
+            olds = [_Meta.parse(_text(m)) if m else None for m in pipe.mget(meta_keys)]
             pipe.multi()
-            pipe.set(self._key("job", job.id), record)
-            pipe.set(self._key("sum", job.id), summary)
-            if old != new:
-                if old is not None:
-                    self._index(pipe, job.id, old, -1)
-                self._index(pipe, job.id, new, 1)
-                pipe.set(meta_key, new.dump())
-            if job.idempotency_key:
-                pipe.hsetnx(self._key("idempotency"), job.idempotency_key, job.id)
+            for row, old, meta_key in zip(latest.values(), olds, meta_keys, strict=True):
+                new = _Meta.of(row)
+                pipe.set(self._key("job", row.id), row.record)
+                pipe.set(self._key("sum", row.id), row.summary)
+                if old != new:
+                    if old is not None:
+                        self._index(pipe, row.id, old, -1)
+                    self._index(pipe, row.id, new, 1)
+                    pipe.set(meta_key, new.dump())
+                if row.idempotency_key:
+                    pipe.hsetnx(self._key("idempotency"), row.idempotency_key, row.id)
 
-        self._r.transaction(write, meta_key)
+        if meta_keys:
+            self._r.transaction(write, *meta_keys)
 
     def prune(self, finished_before_ms: int, keep_last: int) -> int:
         beyond = self._r.zrevrangebylex(
@@ -174,7 +189,7 @@ class RedisStore:
             owners = self._idempotency_owners(pipe, metas)
             pipe.multi()
             for job_id, meta, owner in zip(ids, metas, owners, strict=True):
-                if meta is None or not meta.status.is_terminal():
+                if meta is None or not meta.finished:
                     continue
                 self._index(pipe, job_id, meta, -1)
                 pipe.delete(self._key("job", job_id), self._key("meta", job_id),
@@ -198,20 +213,15 @@ class RedisStore:
 
     # -- reads -------------------------------------------------------------------------
 
-    def _load_many(self, ids: Iterable[str]) -> list[Job]:
-        keys = [self._key("job", i) for i in ids]
-        if not keys:
-            return []
-        # A record pruned between the index read and this one is skipped.
-        return [loads(raw) for raw in self._r.mget(keys) if raw is not None]
-
-    def load(self, job_id: str) -> Job | None:
+    def load(self, job_id: str) -> str | None:
         raw = self._r.get(self._key("job", job_id))
-        return loads(raw) if raw is not None else None
+        return _text(raw) if raw is not None else None
 
-    def unfinished(self) -> list[Job]:
+    def unfinished(self) -> list[str]:
         members = self._r.zrangebylex(self._key("idx", "unfinished"), "-", "+")
-        return self._load_many(_member_parts(_text(m))[1] for m in members)
+        keys = [self._key("job", _member_parts(_text(m))[1]) for m in members]
+        # A record pruned between the index read and this one is skipped.
+        return [_text(raw) for raw in (self._r.mget(keys) if keys else []) if raw is not None]
 
     def find_idempotent(self, key: str) -> str | None:
         raw = self._r.hget(self._key("idempotency"), key)
@@ -223,11 +233,7 @@ class RedisStore:
     def query(self, flt: JobFilter, limit: int, cursor: str | None) -> Page:
         upper = "+"
         if cursor is not None:
-            ms, job_id = decode_cursor(cursor)
-            if ms < 0:
-                return Page([], None)
-            if ms < 10**_MS_DIGITS:
-                upper = "(" + _member(ms, job_id)
+            upper = "(" + _member(*decode_cursor(cursor))
         base, *others = self._filter_indexes(flt)
         want = max(limit, 0) + 1
         found = self._walk(base, others, upper, want)
@@ -238,19 +244,16 @@ class RedisStore:
         if len(found) > limit and page:
             # The cursor comes from the index member, the same text encode_cursor makes,
             # so it holds even if the last record vanished since.
-            ms, job_id = _member_parts(page[-1])
-            return Page(jobs, f"{ms}:{job_id}")
+            return Page(jobs, encode_cursor(*_member_parts(page[-1])))
         return Page(jobs, None)
 
     def _filter_indexes(self, flt: JobFilter) -> list[str]:
         """The indexes a filter reads, smallest first (the one to walk)."""
         keys = []
-        if flt.status is not None:
-            keys.append(self._key("idx", "status", flt.status.value))
-        if flt.type is not None:
-            keys.append(self._key("idx", "type", flt.type.value))
-        if flt.model is not None:
-            keys.append(self._key("idx", "model", flt.model))
+        for name, value in (("status", flt.status), ("type", flt.type), ("model", flt.model),
+                            ("owner", flt.owner)):
+            if value is not None:
+                keys.append(self._key("idx", name, value))
         if not keys:
             return [self._key("idx", "all")]
         if len(keys) == 1:
@@ -281,12 +284,13 @@ class RedisStore:
             upper = "(" + batch[-1]
         return found[:want]
 
-    def counts(self) -> dict[JobStatus, int]:
+    def counts(self) -> dict[str, int]:
+        statuses = UNFINISHED + FINISHED
         with self._r.pipeline(transaction=False) as pipe:
-            for status in JobStatus:
-                pipe.zcard(self._key("idx", "status", status.value))
+            for status in statuses:
+                pipe.zcard(self._key("idx", "status", status))
             sizes = pipe.execute()
-        return dict(zip(JobStatus, sizes, strict=True))
+        return dict(zip(statuses, sizes, strict=True))
 
     def processing_time(self) -> tuple[int, int]:
         count, total = self._r.hmget(self._key("stats"), ["completed", "completed_ms"])

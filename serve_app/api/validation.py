@@ -1,36 +1,43 @@
 """Request validation: a raw JSON body in, a `Submission` (or an `InvalidRequest`) out.
 
-Types and shapes come from the pydantic models in `schemas`; limits come from settings and
-defaults from the model's registry entry, in the spirit of diffusers' `check_inputs()`:
-every message names the camelCase field and says what would be accepted.
+The body is parsed and bounded here (`parse_json`), types and shapes come from the pydantic
+models in `serve_app.api.wire`, limits from settings and defaults from the model's registry
+entry, in the spirit of diffusers' `check_inputs()`: every message names the camelCase field
+and says what would be accepted.
 """
 
 from __future__ import annotations
 
+import json
 import secrets
 from typing import Any
 
 from pydantic import ValidationError
 from pydantic.alias_generators import to_camel
 
-from serve_app import images
-from serve_app.errors import InvalidRequest, ModelNotAvailable
-from serve_app.registry import ModelSpec, Registry
-from serve_app.schemas import (
+from serve_app.api import input_images as images
+from serve_app.api.wire import (
     IMAGE_FIELDS,
-    MAX_SEED,
     REQUEST_MODELS,
-    SAMPLERS,
     GenerationCommon,
-    GenerationTask,
     Img2ImgRequest,
     InpaintRequest,
+    StyleTransferRequest,
+)
+from serve_app.errors import InvalidRequest, ModelNotAvailable
+from serve_app.messages import (
+    MAX_SEED,
+    SAMPLERS,
+    GenerationTask,
     InputImage,
     JobType,
-    StyleTransferRequest,
     Submission,
 )
+from serve_app.registry import ModelSpec, Registry
 from serve_app.settings import Settings
+
+# Deeper JSON than this is no request this API defines (its bodies are flat objects).
+MAX_JSON_DEPTH = 32
 
 _TYPE_WORDS = {
     "int_type": "an integer",
@@ -38,6 +45,43 @@ _TYPE_WORDS = {
     "string_type": "a string",
     "bool_type": "true or false",
 }
+
+
+def parse_json(raw: bytes) -> Any:
+    """A request body as JSON: valid UTF-8, at most MAX_JSON_DEPTH deep, no lone surrogate
+    (`"\\ud800"` decodes to a string that no UTF-8 store or encoder accepts)."""
+    try:
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InvalidRequest(f"Request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise _too_deep() from None
+    _check_json_values(body, 1)
+    return body
+
+
+def _check_json_values(value: Any, depth: int) -> None:
+    if depth > MAX_JSON_DEPTH:
+        raise _too_deep()
+    if isinstance(value, str):
+        if not value.isascii():
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise InvalidRequest(
+                    "Request body holds a lone UTF-16 surrogate (such as \\ud800), which is not "
+                    "text; send valid Unicode") from None
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _check_json_values(key, depth + 1)
+            _check_json_values(item, depth + 1)
+    elif isinstance(value, list):
+        for item in value:
+            _check_json_values(item, depth + 1)
+
+
+def _too_deep() -> InvalidRequest:
+    return InvalidRequest(f"Request body is nested too deeply (at most {MAX_JSON_DEPTH} levels)")
 
 
 def parse(job_type: JobType, body: Any) -> GenerationCommon:
@@ -83,6 +127,7 @@ def build_submission(
     registry: Registry,
     served: frozenset[str],
     idempotency_key: str | None = None,
+    owner: str | None = None,
 ) -> Submission:
     req = parse(job_type, body)
     spec = resolve_model(req.model or settings.default_model, registry, served)
@@ -138,7 +183,7 @@ def build_submission(
     for field, img in decoded.items():
         echo[to_camel(field)] = images.describe(img)
     return Submission(job_type, _target(job_type, spec, served), req.priority, echo, task,
-                      idempotency_key)
+                      idempotency_key, owner)
 
 
 def resolve_model(model_id: str, registry: Registry, served: frozenset[str]) -> ModelSpec:

@@ -1,0 +1,1 @@
+"""The HTTP side: routes, validation, input images, wire models. Never imports torch."""

@@ -1,0 +1,74 @@
+"""The one place errors become HTTP: domain errors to status codes, and every error body
+as `{"error": "<what is wrong and how to fix it>"}` (FastAPI's own 404/405/422 included)."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from serve_app.errors import (
+    IllegalTransition,
+    ImageNotFound,
+    InvalidRequest,
+    JobNotCancellable,
+    JobNotFound,
+    ModelNotAvailable,
+    QueueFull,
+    ServiceError,
+    ServiceUnavailable,
+)
+
+log = logging.getLogger(__name__)
+
+STATUS_CODES: dict[type[ServiceError], int] = {
+    InvalidRequest: 400,
+    ModelNotAvailable: 400,
+    JobNotFound: 404,
+    ImageNotFound: 404,
+    JobNotCancellable: 409,
+    QueueFull: 429,
+    IllegalTransition: 500,
+    ServiceUnavailable: 503,
+}
+
+
+def error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+def status_of(exc: ServiceError) -> int:
+    return next((code for kind, code in STATUS_CODES.items() if isinstance(exc, kind)), 500)
+
+
+def install(api: FastAPI) -> None:
+    """Register the handlers that turn every error into an `{"error": ...}` answer."""
+
+    @api.exception_handler(ServiceError)
+    async def _service_error(_: Request, exc: ServiceError) -> JSONResponse:
+        retry_after = getattr(exc, "retry_after_s", None)
+        headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
+        return error(status_of(exc), exc.message, headers)
+
+    @api.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 404:
+            return error(404, f"Not found: {request.method} {request.url.path}")
+        if exc.status_code == 405:
+            return error(405, f"Method {request.method} not allowed on {request.url.path}")
+        return error(exc.status_code, str(exc.detail))
+
+    @api.exception_handler(RequestValidationError)
+    async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+        where = ".".join(str(p) for p in first["loc"][1:]) or "request"
+        return error(400, f"{where}: {first['msg']}")
+
+    @api.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        # Details go to the log, never to the client.
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return error(500, "Internal error; the request was not applied. It was logged.")

@@ -1,0 +1,202 @@
+"""The HTTP wire: every request and response body, camelCase as the API document specifies.
+
+Request models check types and shapes (`serve_app.api.validation` checks them against the
+configured limits and the model registry). Response models describe exactly what the routes
+send, so `/openapi.json` documents the real thing; the routes send bodies rendered by the
+job layer (`Job.to_wire`, `Job.summary`) without re-validating them on the hot path, and a
+test checks those bodies against these models.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.alias_generators import to_camel
+
+from serve_app.messages import JobType, OutputFormat, Priority
+
+
+class WireModel(BaseModel):
+    """camelCase aliases, snake_case names accepted too, strict types, no unknown fields."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        populate_by_name=True,
+        extra="forbid",
+        strict=True,
+    )
+
+
+Number = Annotated[float, Field(allow_inf_nan=False)]
+
+
+class GenerationCommon(WireModel):
+    """Fields every generation mode shares. `None` means "use the model's default"."""
+
+    negative_prompt: str | None = None
+    width: int | None = None
+    height: int | None = None
+    steps: int | None = None
+    guidance_scale: Number | None = None
+    seed: int | None = None
+    sampler: str | None = None
+    model: str | None = None
+    num_images: int = 1
+    # Enums come as strings in JSON: lax for these two, strict everywhere else.
+    output_format: Annotated[OutputFormat, Field(strict=False)] = OutputFormat.PNG
+    quality: int = 95
+    priority: Annotated[Priority, Field(strict=False)] = Priority.NORMAL
+
+
+class Text2ImgRequest(GenerationCommon):
+    prompt: str
+
+
+class Img2ImgRequest(GenerationCommon):
+    prompt: str
+    init_image: str
+    strength: Number = 0.75
+
+
+class InpaintRequest(GenerationCommon):
+    prompt: str
+    image: str
+    mask: str
+    inpainting_strength: Number = 1.0
+
+
+class StyleTransferRequest(GenerationCommon):
+    content_image: str
+    style_image: str
+    prompt: str = ""
+    style_strength: Number = 0.7
+    content_strength: Number = 0.3
+
+
+REQUEST_MODELS: dict[JobType, type[GenerationCommon]] = {
+    JobType.TEXT2IMG: Text2ImgRequest,
+    JobType.IMG2IMG: Img2ImgRequest,
+    JobType.INPAINT: InpaintRequest,
+    JobType.STYLE_TRANSFER: StyleTransferRequest,
+}
+
+# Request fields that carry images: kept out of job records (a record echoes a short
+# description instead of megabytes of base64).
+IMAGE_FIELDS: tuple[str, ...] = ("init_image", "image", "mask", "content_image", "style_image")
+
+
+# -- responses --------------------------------------------------------------------------
+
+
+class Reply(BaseModel):
+    """A response body: camelCase, nothing beyond what is declared."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
+
+
+JobStatusName = Literal["queued", "processing", "completed", "failed", "cancelled"]
+PhaseName = Literal["queued", "loading_model", "waiting_for_replica", "generating", "retrying"]
+
+
+class ErrorBody(Reply):
+    error: str = Field(description="What is wrong and how to fix it")
+
+
+class JobResultBody(Reply):
+    images: list[str] = Field(description="Data URIs, one per image")
+    seed: int | None
+    seeds: list[int]
+    parameters: dict[str, Any]
+    time_taken: int = Field(description="Milliseconds from start to completion")
+    content_type: str
+    nsfw_content_detected: list[bool] | None = None
+
+
+class JobRecord(Reply):
+    """GET /jobs/:id, and the answer to a submit (202)."""
+
+    id: str = Field(examples=["job_1764180000000_k2j4h5g6f"])
+    type: JobType
+    status: JobStatusName
+    request: dict[str, Any] = Field(description="The request as run, defaults filled in")
+    model: str
+    priority: Priority
+    created_at: str
+    progress: int = Field(ge=0, le=100)
+    phase: PhaseName | None = None
+    retry_reason: str | None = None
+    queue_position: int | None = Field(
+        None, description="1 = next; 0 = handed to a replica; absent once running")
+    started_at: str | None = None
+    completed_at: str | None = None
+    result: JobResultBody | None = None
+    error: str | None = None
+    attempts: int | None = None
+
+
+class JobSummary(Reply):
+    id: str
+    type: JobType
+    status: JobStatusName
+    model: str
+    priority: Priority
+    progress: int
+    created_at: str
+    completed_at: str | None = None
+    error: str | None = None
+
+
+class JobList(Reply):
+    jobs: list[JobSummary]
+    next_cursor: str | None = Field(description="Pass as `cursor` for the next page")
+
+
+class CancelResult(Reply):
+    success: bool
+    id: str
+    status: JobStatusName
+
+
+class QueueStatus(Reply):
+    queued_jobs: int
+    processing_jobs: int
+    completed_jobs: int
+    failed_jobs: int
+    cancelled_jobs: int
+    average_processing_time: int = Field(description="Mean ms of completed jobs")
+    max_queue_size: int
+
+
+class ModelDefaults(Reply):
+    width: int
+    height: int
+    steps: int
+    guidance_scale: float
+    sampler: str
+
+
+class ModelInfo(Reply):
+    id: str
+    name: str
+    description: str
+    type: str
+    pipeline: str = Field(description="Model family: sd, sdxl, flux or sd3")
+    loaded: bool = Field(description="Whether a replica is ready (else a cold start)")
+    version: str
+    served: bool = Field(description="Whether its weights are present here")
+    replicas: int
+    min_replicas: int
+    max_replicas: int
+    max_batch_size: int
+    defaults: ModelDefaults
+    default: bool = Field(description="The model a request without `model` gets")
+
+
+class ModelList(Reply):
+    models: list[ModelInfo]
+
+
+class Health(Reply):
+    status: Literal["ok"]
+    queued_jobs: int

@@ -1,0 +1,1 @@
+"""Job tracking: the state machine, the book of records, queues, lanes, dispatch."""

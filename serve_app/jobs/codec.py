@@ -1,0 +1,105 @@
+"""Jobs as the stores keep them: `Job` <-> JSON record text, and the `JobRow` around it.
+
+The record is the whole job in snake_case JSON (input images base64-encoded inside the task
+of an unfinished job), so a restart can re-dispatch it exactly. Records written by earlier
+versions (free-text phases such as "retrying: <why>") still load.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import json
+from typing import Any
+
+from serve_app.jobs.job import Job, JobResult, JobStatus, Phase
+from serve_app.messages import GenerationTask, InputImage, JobType, OutputFormat, Priority
+from serve_app.stores.contract import JobRow
+
+_IMAGE_SLOTS = ("init_image", "mask_image", "style_image")
+
+
+def _image_to_json(img: InputImage | None) -> dict[str, Any] | None:
+    if img is None:
+        return None
+    return {"png": base64.b64encode(img.png).decode(), "width": img.width, "height": img.height}
+
+
+def _image_from_json(data: dict[str, Any] | None) -> InputImage | None:
+    if data is None:
+        return None
+    return InputImage(base64.b64decode(data["png"]), data["width"], data["height"])
+
+
+def task_to_json(task: GenerationTask) -> dict[str, Any]:
+    out = {f.name: getattr(task, f.name) for f in dataclasses.fields(task)}
+    for slot in _IMAGE_SLOTS:
+        out[slot] = _image_to_json(out[slot])
+    out["mode"] = task.mode.value
+    out["output_format"] = task.output_format.value
+    return out
+
+
+def task_from_json(data: dict[str, Any]) -> GenerationTask:
+    values = dict(data)
+    for slot in _IMAGE_SLOTS:
+        values[slot] = _image_from_json(values.get(slot))
+    values["mode"] = JobType(values["mode"])
+    values["output_format"] = OutputFormat(values["output_format"])
+    return GenerationTask(**values)
+
+
+def job_to_json(job: Job) -> dict[str, Any]:
+    out = {f.name: getattr(job, f.name) for f in dataclasses.fields(job)}
+    out["type"] = job.type.value
+    out["priority"] = job.priority.value
+    out["status"] = job.status.value
+    out["phase"] = job.phase.value if job.phase is not None else None
+    out["result"] = dataclasses.asdict(job.result) if job.result else None
+    out["task"] = task_to_json(job.task) if job.task is not None else None
+    return out
+
+
+def job_from_json(data: dict[str, Any]) -> Job:
+    values = dict(data)
+    values["type"] = JobType(values["type"])
+    values["priority"] = Priority(values["priority"])
+    values["status"] = JobStatus(values["status"])
+    values["phase"], reason = _phase(values.get("phase"))
+    if reason is not None:
+        values["retry_reason"] = reason
+    values["result"] = JobResult(**values["result"]) if values.get("result") else None
+    values["task"] = task_from_json(values["task"]) if values.get("task") else None
+    return Job(**values)
+
+
+def _phase(raw: str | None) -> tuple[Phase | None, str | None]:
+    if raw is None:
+        return None, None
+    name, _, reason = raw.partition(": ")  # "retrying: <why>" before phases were an enum
+    return Phase(name), reason or None
+
+
+def dumps(job: Job) -> str:
+    return json.dumps(job_to_json(job), separators=(",", ":"))
+
+
+def loads(text: str | bytes) -> Job:
+    return job_from_json(json.loads(text))
+
+
+def to_row(job: Job) -> JobRow:
+    done = job.status is JobStatus.COMPLETED and job.result is not None
+    return JobRow(
+        id=job.id,
+        status=job.status.value,
+        type=job.type.value,
+        model=job.model,
+        owner=job.owner,
+        created_at_ms=job.created_at_ms,
+        completed_at_ms=job.completed_at_ms,
+        time_taken_ms=job.result.time_taken_ms if done and job.result else None,
+        idempotency_key=job.idempotency_key,
+        record=dumps(job),
+        summary=json.dumps(job.summary(), separators=(",", ":")),
+    )

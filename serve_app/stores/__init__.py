@@ -1,0 +1,1 @@
+"""Job stores: the contract, its implementations (memory, SQLite, Redis) and the factory."""
