@@ -151,7 +151,7 @@ class NoReplicas:
 
 async def _measure_in_process(ctx: Context, db_path: Path, plan: dict[str, list[str]]
                               ) -> dict[str, Any]:
-    from serve_app.api.app import ApiContext, attach, create_api
+    from serve_app.api.app import ApiContext, create_api
     from serve_app.api.backend import InProcessBackend
     from serve_app.jobs.persistence import StoreIO
     from serve_app.jobs.service import JobTracker
@@ -166,8 +166,7 @@ async def _measure_in_process(ctx: Context, db_path: Path, plan: dict[str, list[
     store = StoreIO(SQLiteStore(db_path))
     tracker = JobTracker(settings=settings, registry=registry, store=store,
                          replicas=NoReplicas(), served=served)
-    api = create_api()
-    attach(api, ApiContext(InProcessBackend(tracker), settings, registry, served))
+    api = create_api(ApiContext(InProcessBackend(tracker), settings, registry, served))
     out: dict[str, Any] = {}
     for name, paths in plan.items():
         for path in paths[:10]:

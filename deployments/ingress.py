@@ -10,7 +10,7 @@ from __future__ import annotations
 from fastapi import FastAPI
 from ray.serve.handle import DeploymentHandle
 
-from serve_app.api.app import ApiContext, attach, create_api
+from serve_app.api.app import ApiContext, create_api
 from serve_app.api.tracker_client import TrackerClient
 from serve_app.registry import Registry
 from serve_app.settings import Settings
@@ -24,8 +24,7 @@ class Ingress:
         registry: Registry,
         served: frozenset[str],
     ) -> None:
-        self._api = create_api()
-        attach(self._api, ApiContext(TrackerClient(tracker), settings, registry, served))
+        self._api = create_api(ApiContext(TrackerClient(tracker), settings, registry, served))
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return self._api

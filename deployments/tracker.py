@@ -21,7 +21,7 @@ from ray.serve.schema import ReplicaState
 from serve_app.errors import ReplicaLost, ServiceError
 from serve_app.jobs.persistence import StoreIO
 from serve_app.jobs.service import JobTracker
-from serve_app.messages import GenerationTask, ReplicaEvent, Submission
+from serve_app.messages import Caller, GenerationTask, ReplicaEvent, Submission
 from serve_app.registry import Registry
 from serve_app.settings import Settings
 from serve_app.stores.factory import open_store
@@ -149,20 +149,20 @@ class Tracker:
     async def submit_many(self, subs: list[Submission]) -> list[dict[str, Any] | ServiceError]:
         return await (await self._ready()).submit_many(subs)
 
-    async def get(self, job_id: str) -> bytes:
-        return await (await self._ready()).get(job_id)
+    async def get(self, job_id: str, caller: Caller, limited: bool = True) -> bytes:
+        return await (await self._ready()).get(job_id, caller, limited=limited)
 
-    async def image(self, job_id: str, index: int) -> tuple[bytes, str]:
-        return await (await self._ready()).image(job_id, index)
+    async def image(self, job_id: str, index: int, caller: Caller) -> tuple[bytes, str]:
+        return await (await self._ready()).image(job_id, index, caller)
 
-    async def list_jobs(self, **filters: Any) -> dict[str, Any]:
-        return await (await self._ready()).list_jobs(**filters)
+    async def list_jobs(self, caller: Caller, **filters: Any) -> dict[str, Any]:
+        return await (await self._ready()).list_jobs(caller, **filters)
 
-    async def cancel(self, job_id: str) -> dict[str, Any]:
-        return await (await self._ready()).cancel(job_id)
+    async def cancel(self, job_id: str, caller: Caller) -> dict[str, Any]:
+        return await (await self._ready()).cancel(job_id, caller)
 
-    async def queue_status(self) -> dict[str, Any]:
-        return (await self._ready()).queue_status()
+    async def queue_status(self, caller: Caller) -> dict[str, Any]:
+        return (await self._ready()).queue_status(caller)
 
-    async def models(self) -> dict[str, Any]:
-        return await (await self._ready()).models()
+    async def models(self, caller: Caller) -> dict[str, Any]:
+        return await (await self._ready()).models(caller)

@@ -41,6 +41,18 @@ class JobNotCancellable(ServiceError):
     """The job already ended (409)."""
 
 
+class IdempotencyConflict(ServiceError):
+    """An Idempotency-Key reused with a different request (409)."""
+
+
+class Unauthorized(ServiceError):
+    """No API key, or a key that is not configured (401)."""
+
+
+class PayloadTooLarge(ServiceError):
+    """The request body is over the limit (413)."""
+
+
 class RetryLater(ServiceError):
     """A refusal that says when to try again: `retry_after_s` goes in Retry-After."""
 
@@ -53,7 +65,18 @@ class RetryLater(ServiceError):
 
 
 class QueueFull(RetryLater):
-    """The queue is at MAX_QUEUE_SIZE (429)."""
+    """The queue is at MAX_QUEUE_SIZE, or the caller's key at its own cap (429)."""
+
+
+class RateLimited(RetryLater):
+    """The caller's token bucket is empty (429). `limit` is the bucket's size (its burst)."""
+
+    def __init__(self, message: str, retry_after_s: int = 1, limit: int = 0) -> None:
+        super().__init__(message, retry_after_s)
+        self.limit = limit
+
+    def __reduce__(self) -> tuple[type, tuple[str, int, int]]:  # type: ignore[override]
+        return (type(self), (self.message, self.retry_after_s, self.limit))
 
 
 class ServiceUnavailable(RetryLater):

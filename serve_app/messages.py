@@ -137,6 +137,23 @@ class Finished:
 ReplicaEvent = Started | Progress | Finished
 
 @dataclass(frozen=True)
+class Caller:
+    """Who asks: the API key's name and role, and `client`, what rate limits count by (the
+    key's name; the client's address when the service runs open, without keys)."""
+
+    name: str | None
+    admin: bool
+    client: str
+
+    def may_see(self, owner: str | None) -> bool:
+        return self.admin or owner == self.name
+
+
+# The one caller of a service without API keys, as in-process tools call it: sees all.
+OPEN = Caller(name=None, admin=True, client="local")
+
+
+@dataclass(frozen=True)
 class Submission:
     """A validated request, ready for the tracker: what to run and what to echo back."""
 
@@ -146,4 +163,6 @@ class Submission:
     request: dict[str, Any]
     task: GenerationTask
     idempotency_key: str | None = None
-    owner: str | None = None  # the API key's name; None when the service runs open
+    caller: Caller = OPEN
+    # A digest of the request, so a reused Idempotency-Key with another body is refused.
+    fingerprint: str | None = None

@@ -12,8 +12,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from serve_app.credentials import ApiKey, check_unique, load_keys_file, parse_keys
 from serve_app.errors import ConfigError
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -39,6 +40,13 @@ class Limits(BaseModel):
     max_images: int = 4
     max_input_bytes: int = 20 * 1024 * 1024
     max_input_pixels: int = 4096 * 4096
+    # A request body past this is refused (413) before it is read further: room for two
+    # input images at max_input_bytes as base64, and the rest of the request.
+    max_body_bytes: int = 64 * 1024 * 1024
+    # The work one request may ask for, in megapixel-steps: width x height / 1e6 x steps x
+    # numImages (1024 x 1024, 50 steps, 4 images is 210), so one request cannot hold a GPU
+    # for an hour.
+    max_work: float = 250.0
 
 
 class Settings(BaseModel):
@@ -65,6 +73,31 @@ class Settings(BaseModel):
     retention_s: int = Field(7 * 24 * 3600, ge=60)
     retention_max_jobs: int = Field(100_000, ge=10)
     limits: Limits = Limits()
+    # API keys (serve_app.credentials): hashes only, from API_KEYS and/or the keys file.
+    # With none, the service is open and may only listen on loopback unless
+    # allow_anonymous is set.
+    api_keys: tuple[ApiKey, ...] = ()
+    api_keys_file: str | None = None
+    allow_anonymous: bool = False
+    # Token buckets per API key (per client address without keys): requests per second and
+    # burst. 0 turns a limit off.
+    submit_rate: float = Field(10.0, ge=0)
+    submit_burst: int = Field(60, ge=1)
+    read_rate: float = Field(50.0, ge=0)
+    read_burst: int = Field(100, ge=1)
+    # Jobs one key may have waiting at once (its own 429), and event streams open at once.
+    max_queued_per_key: int = Field(50, ge=1)
+    max_streams_per_key: int = Field(10, ge=1)
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _parse_keys(cls, value: Any) -> Any:
+        return parse_keys(value) if isinstance(value, str) else value
+
+    @property
+    def open(self) -> bool:
+        """No API keys: every request is served, as the one anonymous caller."""
+        return not self.api_keys
 
 
 # Environment variable -> settings field. The first six are the seed document's.
@@ -84,6 +117,15 @@ ENV_VARS: dict[str, str] = {
     "IMAGEGEN_MAX_ATTEMPTS": "max_attempts",
     "IMAGEGEN_RETENTION_S": "retention_s",
     "IMAGEGEN_RETENTION_MAX_JOBS": "retention_max_jobs",
+    "API_KEYS": "api_keys",
+    "IMAGEGEN_API_KEYS_FILE": "api_keys_file",
+    "ALLOW_ANONYMOUS": "allow_anonymous",
+    "IMAGEGEN_SUBMIT_RATE": "submit_rate",
+    "IMAGEGEN_SUBMIT_BURST": "submit_burst",
+    "IMAGEGEN_READ_RATE": "read_rate",
+    "IMAGEGEN_READ_BURST": "read_burst",
+    "IMAGEGEN_MAX_QUEUED_PER_KEY": "max_queued_per_key",
+    "IMAGEGEN_MAX_STREAMS_PER_KEY": "max_streams_per_key",
 }
 
 
@@ -98,8 +140,16 @@ def load_settings(
         if raw is not None and raw.strip() != "":
             values[field] = raw.strip()
     try:
-        return Settings.model_validate(values)
-    except ValidationError as exc:
+        settings = Settings.model_validate(values)
+        if settings.api_keys_file:
+            keys = [*settings.api_keys, *load_keys_file(settings.api_keys_file)]
+            settings = settings.model_copy(update={"api_keys": tuple(check_unique(keys))})
+        else:
+            check_unique(list(settings.api_keys))
+        return settings
+    except ValueError as exc:
+        if not isinstance(exc, ValidationError):
+            raise ConfigError(f"Invalid settings: {exc}") from None
         problems = []
         for err in exc.errors():
             field = ".".join(str(p) for p in err["loc"])

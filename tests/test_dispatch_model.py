@@ -125,8 +125,10 @@ class DispatchModel(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.loop = VirtualTimeLoop()
+        # Rate limits off: this test reads every job after every step.
         self.settings = Settings(store="memory", job_timeout_ms=int(TIMEOUT_S * 1000),
-                                 max_attempts=3, max_concurrent_jobs=4)
+                                 max_attempts=3, max_concurrent_jobs=4, submit_rate=0,
+                                 read_rate=0)
         self.store = FlakyStore()
         self.replicas = ScriptedReplicas()
         self.clock = FakeClock()

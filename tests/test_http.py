@@ -12,7 +12,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from serve_app.api.app import ApiContext, attach, create_api
+from serve_app.api.app import ApiContext, create_api
 from serve_app.api.backend import InProcessBackend
 from serve_app.jobs.service import JobTracker
 from serve_app.registry import Registry
@@ -34,8 +34,7 @@ async def client(registry: Registry, settings: Settings,
     settings = settings.model_copy(update={"max_queue_size": 5})
     tracker = JobTracker(settings=settings, registry=registry, store=memory_store(),
                          replicas=dispatcher, served=SERVED)
-    api = create_api()
-    attach(api, ApiContext(InProcessBackend(tracker), settings, registry, SERVED))
+    api = create_api(ApiContext(InProcessBackend(tracker), settings, registry, SERVED))
     transport = httpx.ASGITransport(app=api)
     async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
         yield c

@@ -71,10 +71,17 @@ class Jobs:
         return self.store.query(flt, limit, cursor)
 
     def counts(self) -> dict[str, int]:
-        return self.store.counts()
+        """Jobs per status, whoever owns them."""
+        out = dict.fromkeys(JobStatus, 0)
+        for totals in self.store.totals().values():
+            for status, n in totals.counts.items():
+                out[JobStatus(status)] += n
+        return out
 
     def processing_time(self) -> tuple[int, int]:
-        return self.store.processing_time()
+        """(completed jobs, their summed processing time), whoever owns them."""
+        totals = self.store.totals().values()
+        return sum(t.completed for t in totals), sum(t.completed_ms for t in totals)
 
     def prune(self, finished_before_ms: int, keep_last: int) -> int:
         return self.store.prune(finished_before_ms, keep_last)
@@ -437,6 +444,23 @@ def test_save_many_writes_all_rows_or_none(tmp_path: Path) -> None:
     store.save_many([good])
     assert store.load("job_1") == good.record
     store.close()
+
+
+def test_totals_are_kept_per_owner(store: Jobs) -> None:
+    for i, owner in enumerate(["ana", "bo", "ana", None]):
+        job = advance(make_job(f"job_{i}", 1_000 + i), JobStatus.COMPLETED, 100 * (i + 1))
+        job.owner = owner
+        store.save(job)
+    waiting = make_job("job_9", 2_000)
+    waiting.owner = "bo"
+    store.save(waiting)
+    totals = store.store.totals()
+    assert (totals["ana"].counts["completed"], totals["ana"].completed,
+            totals["ana"].completed_ms) == (2, 2, 400)
+    assert (totals["bo"].counts["completed"], totals["bo"].counts["queued"]) == (1, 1)
+    assert totals[""].completed_ms == 400
+    store.prune(finished_before_ms=10**12, keep_last=0)
+    assert store.store.totals().get("ana") is None or store.store.totals()["ana"].completed == 0
 
 
 def test_listing_by_owner(store: Jobs) -> None:

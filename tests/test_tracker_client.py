@@ -11,7 +11,7 @@ from ray.exceptions import ActorDiedError, RayTaskError
 from serve_app.api import tracker_client as ingress
 from serve_app.api.tracker_client import TrackerClient
 from serve_app.errors import JobNotFound, QueueFull, ServiceUnavailable
-from serve_app.messages import GenerationTask, JobType, Priority, Submission
+from serve_app.messages import OPEN, GenerationTask, JobType, Priority, Submission
 
 pytestmark = pytest.mark.anyio
 
@@ -75,7 +75,7 @@ async def test_a_tracker_that_stays_down_is_a_503_with_retry_after(monkeypatch) 
     monkeypatch.setattr(ingress, "TRACKER_RESTART_S", 0)
     backend = TrackerClient(FakeHandle(get=FakeMethod([ActorDiedError()])))  # type: ignore[arg-type]
     with pytest.raises(ServiceUnavailable) as exc:
-        await backend.get("job_1")
+        await backend.get("job_1", OPEN)
     assert exc.value.retry_after_s >= 1
 
 
@@ -83,4 +83,4 @@ async def test_domain_errors_from_the_tracker_are_unwrapped() -> None:
     wrapped = RayTaskError("get", "traceback", JobNotFound())
     backend = TrackerClient(FakeHandle(get=FakeMethod([wrapped])))  # type: ignore[arg-type]
     with pytest.raises(JobNotFound):
-        await backend.get("job_1")
+        await backend.get("job_1", OPEN)

@@ -8,6 +8,8 @@ Errors become HTTP in `serve_app.api.errors` only. Nothing here imports torch or
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Annotated, Any, TypeVar
 
@@ -19,6 +21,7 @@ from starlette.concurrency import run_in_threadpool
 from serve_app.api import errors
 from serve_app.api.backend import JobsBackend
 from serve_app.api.events import job_events
+from serve_app.api.guard import Guard, caller_of
 from serve_app.api.validation import build_submission, parse_json
 from serve_app.api.wire import (
     REQUEST_MODELS,
@@ -30,9 +33,9 @@ from serve_app.api.wire import (
     ModelList,
     QueueStatus,
 )
-from serve_app.errors import InvalidRequest
+from serve_app.errors import InvalidRequest, RateLimited
 from serve_app.jobs.job import JobStatus
-from serve_app.messages import JobType, Submission
+from serve_app.messages import OPEN, JobType, Submission
 from serve_app.registry import Registry
 from serve_app.settings import Settings
 
@@ -54,13 +57,16 @@ def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
     return {code: {"model": ErrorBody} for code in codes}
 
 
-def create_api() -> FastAPI:
-    """The ASGI app; `attach(app, ctx)` gives it a backend before it serves."""
+def create_api(ctx: ApiContext) -> FastAPI:
+    """The ASGI app over `ctx`'s backend, behind the guard (API keys, body size)."""
     api = FastAPI(title="imagegen", version="0.2.0", docs_url="/docs", redoc_url=None,
                   description="Stable Diffusion image generation as an async job API.")
+    api.state.ctx = ctx
+    api.state.streams = Counter()  # open event streams per caller, on this replica
+    api.add_middleware(Guard, settings=ctx.settings)
     errors.install(api)
     submit_doc = {"status_code": 202, "response_model": JobRecord,
-                  "responses": _errors(400, 429, 503)}
+                  "responses": _errors(400, 401, 409, 413, 429, 503)}
 
     @api.post("/generate/text2img", **submit_doc, openapi_extra=_body(JobType.TEXT2IMG))
     async def generate_text2img(request: Request, key: IdempotencyKey = None) -> Response:
@@ -79,28 +85,44 @@ def create_api() -> FastAPI:
     async def generate_style_transfer(request: Request, key: IdempotencyKey = None) -> Response:
         return await _submit(request, JobType.STYLE_TRANSFER, key)
 
-    @api.get("/jobs/{job_id}", response_model=JobRecord, responses=_errors(404))
+    @api.get("/jobs/{job_id}", response_model=JobRecord, responses=_errors(401, 404, 429))
     async def get_job(job_id: str, request: Request) -> Response:
-        body = await _ctx(request).backend.get(job_id)
+        body = await _ctx(request).backend.get(job_id, caller_of(request))
         return Response(body, media_type="application/json")
 
     @api.get("/jobs/{job_id}/images/{index}", response_class=Response,
              responses={200: {"content": {"image/png": {}, "image/jpeg": {}, "image/webp": {}}},
-                        **_errors(400, 404)})
+                        **_errors(400, 401, 404, 429)})
     async def get_image(job_id: str, index: str, request: Request) -> Response:
         n = _int_param("index", index, 0, 1_000)
-        data, content_type = await _ctx(request).backend.image(job_id, n)
+        data, content_type = await _ctx(request).backend.image(job_id, n, caller_of(request))
         return Response(data, media_type=content_type)
 
     @api.get("/jobs/{job_id}/events", response_class=StreamingResponse,
-             responses={200: {"content": {"text/event-stream": {}}}, **_errors(404)})
+             responses={200: {"content": {"text/event-stream": {}}}, **_errors(401, 404, 429)})
     async def get_job_events(job_id: str, request: Request) -> StreamingResponse:
-        backend = _ctx(request).backend
-        first = await backend.get(job_id)  # 404 before the stream starts
-        return StreamingResponse(job_events(backend, job_id, first),
-                                 media_type="text/event-stream")
+        ctx, caller = _ctx(request), caller_of(request)
+        first = await ctx.backend.get(job_id, caller)  # 404 before the stream starts
+        streams: Counter[str] = request.app.state.streams
+        cap = ctx.settings.max_streams_per_key
+        if streams[caller.client] >= cap:
+            raise RateLimited(f"{streams[caller.client]} event streams are open for this key "
+                              f"on this server (IMAGEGEN_MAX_STREAMS_PER_KEY is {cap}); close "
+                              "one first", retry_after_s=5, limit=cap)
+        streams[caller.client] += 1
 
-    @api.get("/jobs", response_model=JobList, responses=_errors(400))
+        async def stream() -> AsyncIterator[bytes]:
+            try:
+                async for chunk in job_events(ctx.backend, job_id, first, caller):
+                    yield chunk
+            finally:
+                streams[caller.client] -= 1
+                if streams[caller.client] <= 0:
+                    del streams[caller.client]
+
+        return StreamingResponse(stream(), media_type="text/event-stream")
+
+    @api.get("/jobs", response_model=JobList, responses=_errors(400, 401, 429))
     async def list_jobs(request: Request) -> Response:
         q = request.query_params
         filters: dict[str, Any] = {
@@ -110,31 +132,29 @@ def create_api() -> FastAPI:
             "limit": _int_param("limit", q.get("limit", "100"), 1, 500),
             "cursor": q.get("cursor") or None,
         }
-        return JSONResponse(await _ctx(request).backend.list_jobs(**filters))
+        return JSONResponse(
+            await _ctx(request).backend.list_jobs(caller_of(request), **filters))
 
-    @api.post("/jobs/{job_id}/cancel", response_model=CancelResult, responses=_errors(404, 409))
+    @api.post("/jobs/{job_id}/cancel", response_model=CancelResult,
+              responses=_errors(401, 404, 409, 429))
     async def cancel_job(job_id: str, request: Request) -> Response:
-        return JSONResponse(await _ctx(request).backend.cancel(job_id))
+        return JSONResponse(await _ctx(request).backend.cancel(job_id, caller_of(request)))
 
-    @api.get("/queue/status", response_model=QueueStatus)
+    @api.get("/queue/status", response_model=QueueStatus, responses=_errors(401, 429))
     async def queue_status(request: Request) -> Response:
-        return JSONResponse(await _ctx(request).backend.queue_status())
+        return JSONResponse(await _ctx(request).backend.queue_status(caller_of(request)))
 
-    @api.get("/models", response_model=ModelList)
+    @api.get("/models", response_model=ModelList, responses=_errors(401, 429))
     async def models(request: Request) -> Response:
-        return JSONResponse(await _ctx(request).backend.models())
+        return JSONResponse(await _ctx(request).backend.models(caller_of(request)))
 
     @api.get("/healthz", response_model=Health, responses=_errors(503))
     async def healthz(request: Request) -> Response:
-        queue = await _ctx(request).backend.queue_status()
+        queue = await _ctx(request).backend.queue_status(OPEN)
         return JSONResponse({"status": "ok", "queuedJobs": queue["queuedJobs"]})
 
     _document_request_models(api)
     return api
-
-
-def attach(api: FastAPI, ctx: ApiContext) -> None:
-    api.state.ctx = ctx
 
 
 def _ctx(request: Request) -> ApiContext:
@@ -151,7 +171,8 @@ async def _submit(request: Request, job_type: JobType, key: str | None) -> Respo
 
     def validate() -> Submission:
         return build_submission(job_type, body, settings=ctx.settings, registry=ctx.registry,
-                                served=ctx.served, idempotency_key=key)
+                                served=ctx.served, idempotency_key=key,
+                                caller=caller_of(request))
 
     # Decoding input images is CPU work: keep it off the event loop.
     carries_images = job_type is not JobType.TEXT2IMG

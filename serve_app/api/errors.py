@@ -11,15 +11,19 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serve_app.errors import (
+    IdempotencyConflict,
     IllegalTransition,
     ImageNotFound,
     InvalidRequest,
     JobNotCancellable,
     JobNotFound,
     ModelNotAvailable,
+    PayloadTooLarge,
     QueueFull,
+    RateLimited,
     ServiceError,
     ServiceUnavailable,
+    Unauthorized,
 )
 
 log = logging.getLogger(__name__)
@@ -27,10 +31,14 @@ log = logging.getLogger(__name__)
 STATUS_CODES: dict[type[ServiceError], int] = {
     InvalidRequest: 400,
     ModelNotAvailable: 400,
+    Unauthorized: 401,
     JobNotFound: 404,
     ImageNotFound: 404,
     JobNotCancellable: 409,
+    IdempotencyConflict: 409,
+    PayloadTooLarge: 413,
     QueueFull: 429,
+    RateLimited: 429,
     IllegalTransition: 500,
     ServiceUnavailable: 503,
 }
@@ -44,14 +52,27 @@ def status_of(exc: ServiceError) -> int:
     return next((code for kind, code in STATUS_CODES.items() if isinstance(exc, kind)), 500)
 
 
+def headers_of(exc: ServiceError) -> dict[str, str] | None:
+    """Retry-After on refusals that say when to retry; the RateLimit fields on a 429 for an
+    empty bucket; WWW-Authenticate on a 401."""
+    headers: dict[str, str] = {}
+    retry_after = getattr(exc, "retry_after_s", None)
+    if retry_after is not None:
+        headers["Retry-After"] = str(retry_after)
+    if isinstance(exc, RateLimited):
+        headers |= {"RateLimit-Limit": str(exc.limit), "RateLimit-Remaining": "0",
+                    "RateLimit-Reset": str(exc.retry_after_s)}
+    if isinstance(exc, Unauthorized):
+        headers["WWW-Authenticate"] = 'Bearer realm="imagegen"'
+    return headers or None
+
+
 def install(api: FastAPI) -> None:
     """Register the handlers that turn every error into an `{"error": ...}` answer."""
 
     @api.exception_handler(ServiceError)
     async def _service_error(_: Request, exc: ServiceError) -> JSONResponse:
-        retry_after = getattr(exc, "retry_after_s", None)
-        headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
-        return error(status_of(exc), exc.message, headers)
+        return error(status_of(exc), exc.message, headers_of(exc))
 
     @api.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:

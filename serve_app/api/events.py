@@ -8,11 +8,13 @@ from collections.abc import AsyncIterator
 
 from serve_app.api.backend import JobsBackend
 from serve_app.jobs.job import JobStatus
+from serve_app.messages import Caller
 
 EVENT_POLL_S = 0.25
 
 
-async def job_events(backend: JobsBackend, job_id: str, first: bytes) -> AsyncIterator[bytes]:
+async def job_events(backend: JobsBackend, job_id: str, first: bytes,
+                     caller: Caller) -> AsyncIterator[bytes]:
     """`event: job` with the record at every change, until the job ends."""
     last = b""
     record = first
@@ -26,4 +28,4 @@ async def job_events(backend: JobsBackend, job_id: str, first: bytes) -> AsyncIt
         if JobStatus(job["status"]).is_terminal():
             return
         await asyncio.sleep(EVENT_POLL_S)
-        record = await backend.get(job_id)
+        record = await backend.get(job_id, caller, limited=False)

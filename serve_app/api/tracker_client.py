@@ -23,7 +23,7 @@ from ray.serve.handle import DeploymentHandle
 
 from serve_app.api.coalescing import Coalescer
 from serve_app.errors import ServiceError, ServiceUnavailable
-from serve_app.messages import Submission
+from serve_app.messages import Caller, Submission
 
 log = logging.getLogger(__name__)
 
@@ -75,20 +75,20 @@ class TrackerClient:
             sub = dataclasses.replace(sub, idempotency_key=f"auto:{uuid.uuid4().hex}")
         return await self._submits(sub)
 
-    async def get(self, job_id: str) -> bytes:
-        return await self._call("get", job_id)
+    async def get(self, job_id: str, caller: Caller, limited: bool = True) -> bytes:
+        return await self._call("get", job_id, caller, limited)
 
-    async def image(self, job_id: str, index: int) -> tuple[bytes, str]:
-        return await self._call("image", job_id, index)
+    async def image(self, job_id: str, index: int, caller: Caller) -> tuple[bytes, str]:
+        return await self._call("image", job_id, index, caller)
 
-    async def list_jobs(self, **filters: Any) -> dict[str, Any]:
-        return await self._call("list_jobs", **filters)
+    async def list_jobs(self, caller: Caller, **filters: Any) -> dict[str, Any]:
+        return await self._call("list_jobs", caller, **filters)
 
-    async def cancel(self, job_id: str) -> dict[str, Any]:
-        return await self._call("cancel", job_id)
+    async def cancel(self, job_id: str, caller: Caller) -> dict[str, Any]:
+        return await self._call("cancel", job_id, caller)
 
-    async def queue_status(self) -> dict[str, Any]:
-        return await self._call("queue_status")
+    async def queue_status(self, caller: Caller) -> dict[str, Any]:
+        return await self._call("queue_status", caller)
 
-    async def models(self) -> dict[str, Any]:
-        return await self._call("models")
+    async def models(self, caller: Caller) -> dict[str, Any]:
+        return await self._call("models", caller)

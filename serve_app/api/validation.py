@@ -8,6 +8,7 @@ and says what would be accepted.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import secrets
 from typing import Any
@@ -27,7 +28,9 @@ from serve_app.api.wire import (
 from serve_app.errors import InvalidRequest, ModelNotAvailable
 from serve_app.messages import (
     MAX_SEED,
+    OPEN,
     SAMPLERS,
+    Caller,
     GenerationTask,
     InputImage,
     JobType,
@@ -127,7 +130,7 @@ def build_submission(
     registry: Registry,
     served: frozenset[str],
     idempotency_key: str | None = None,
-    owner: str | None = None,
+    caller: Caller = OPEN,
 ) -> Submission:
     req = parse(job_type, body)
     spec = resolve_model(req.model or settings.default_model, registry, served)
@@ -182,8 +185,27 @@ def build_submission(
     )
     for field, img in decoded.items():
         echo[to_camel(field)] = images.describe(img)
+    _check_work(task, limits.max_work)
+    fingerprint = _fingerprint(job_type, body) if idempotency_key is not None else None
     return Submission(job_type, _target(job_type, spec, served), req.priority, echo, task,
-                      idempotency_key, owner)
+                      idempotency_key, caller, fingerprint)
+
+
+def _fingerprint(job_type: JobType, body: Any) -> str:
+    """The request's digest, independent of key order and spacing: what an Idempotency-Key
+    is bound to."""
+    canonical = json.dumps([job_type.value, body], sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _check_work(task: GenerationTask, max_work: float) -> None:
+    megapixels = task.width * task.height / 1e6
+    work = megapixels * task.steps * task.num_images
+    if work > max_work:
+        raise InvalidRequest(
+            f"This request asks for {task.width}x{task.height} ({megapixels:.2f} megapixels) x "
+            f"{task.steps} steps x {task.num_images} image(s) = {work:.0f} megapixel-steps, "
+            f"over the limit of {max_work:g}: use fewer steps or images, or a smaller size")
 
 
 def resolve_model(model_id: str, registry: Registry, served: frozenset[str]) -> ModelSpec:

@@ -19,29 +19,26 @@ from serve_app.errors import JobNotFound, StoreTimeout
 from serve_app.jobs.codec import loads, to_row
 from serve_app.jobs.job import Job, JobStatus
 from serve_app.jobs.persistence import StoreCalls, WriteBehind
+from serve_app.stores.contract import Totals
 
 RECENT_BYTES = 64 * 1024 * 1024
 
 Watcher = Callable[[Job], None]
+_STATUSES = tuple(s.value for s in JobStatus)
 
 
 class JobBook:
     def __init__(self, calls: StoreCalls) -> None:
         self.calls = calls
         self.writes = WriteBehind(calls)
-        self._counts = dict.fromkeys(JobStatus, 0)
-        self._done_count = 0
-        self._done_ms = 0
-        self._recent: OrderedDict[str, bytes] = OrderedDict()
+        self._totals: dict[str, Totals] = {}  # per owner ("" for none)
+        self._recent: OrderedDict[str, tuple[str | None, bytes]] = OrderedDict()
         self._recent_bytes = 0
         self._watchers: list[Watcher] = []
 
     async def load_totals(self) -> None:
         """Counts and processing time as the store has them (at start, after a prune)."""
-        counts, (done, done_ms) = await self.calls.read(
-            lambda store: (store.counts(), store.processing_time()))
-        self._counts = {status: counts.get(status.value, 0) for status in JobStatus}
-        self._done_count, self._done_ms = done, done_ms
+        self._totals = await self.calls.read(lambda store: store.totals())
 
     def watch(self, watcher: Watcher) -> None:
         """`watcher(job)` runs after every change to any job (progress included)."""
@@ -60,21 +57,18 @@ class JobBook:
             for job in jobs:
                 job.fail("Not accepted: the job store did not answer in time; the submit "
                          "was refused with 503 and nothing ran", now_ms)
-                self._counts[job.status] += 1
+                self._count(job, job.status, 1)
                 self.writes.mark(job)
             raise
         for job in jobs:
-            self._counts[job.status] += 1
+            self._count(job, job.status, 1)
 
     def apply(self, job: Job, step: Callable[[Job], None]) -> None:
         """Run `step` (one of `job`'s transitions) and record the change."""
         before = job.status
         step(job)
-        self._counts[before] -= 1
-        self._counts[job.status] += 1
-        if job.status is JobStatus.COMPLETED and job.result is not None:
-            self._done_count += 1
-            self._done_ms += job.result.time_taken_ms
+        self._count(job, before, -1)
+        self._count(job, job.status, 1)
         if job.status.is_terminal():
             self.remember(job)
         self.writes.mark(job)
@@ -104,8 +98,8 @@ class JobBook:
         text = await self.calls.read(lambda store: store.load(job_id))
         return loads(text) if text is not None else None
 
-    async def rendered(self, job_id: str) -> bytes:
-        """The JSON record of a job that is not live."""
+    async def rendered(self, job_id: str) -> tuple[str | None, bytes]:
+        """The owner and JSON record of a job that is not live."""
         cached = self._recent.get(job_id)
         if cached is not None:
             self._recent.move_to_end(job_id)
@@ -113,22 +107,38 @@ class JobBook:
         job = await self.find(job_id)
         if job is None:
             raise JobNotFound()
-        return self.remember(job)
+        return job.owner, self.remember(job)
 
-    def count(self, status: JobStatus) -> int:
-        return self._counts[status]
+    def count(self, status: JobStatus, owner: str | None = None, *, everyone: bool = True
+              ) -> int:
+        """Jobs in `status`: everyone's, or (`everyone=False`) those of `owner`."""
+        if everyone:
+            return sum(t.counts.get(status.value, 0) for t in self._totals.values())
+        totals = self._totals.get(owner or "")
+        return totals.counts.get(status.value, 0) if totals else 0
 
-    @property
-    def average_ms(self) -> int | None:
+    def average_ms(self, owner: str | None = None, *, everyone: bool = True) -> int | None:
         """Mean processing time of completed jobs (whole ms); None before the first."""
-        return self._done_ms // self._done_count if self._done_count else None
+        totals = (list(self._totals.values()) if everyone
+                  else [t for o, t in self._totals.items() if o == (owner or "")])
+        done = sum(t.completed for t in totals)
+        return sum(t.completed_ms for t in totals) // done if done else None
+
+    def _count(self, job: Job, status: JobStatus, sign: int) -> None:
+        owner = job.owner or ""
+        t = self._totals.get(owner) or Totals(dict.fromkeys(_STATUSES, 0))
+        t.counts[status.value] = t.counts.get(status.value, 0) + sign
+        if status is JobStatus.COMPLETED and job.result is not None:
+            t = Totals(t.counts, t.completed + sign,
+                       t.completed_ms + sign * job.result.time_taken_ms)
+        self._totals[owner] = t
 
     def remember(self, job: Job) -> bytes:
         rendered = json.dumps(job.to_wire()).encode()
         old = self._recent.pop(job.id, None)
-        self._recent_bytes += len(rendered) - (len(old) if old is not None else 0)
-        self._recent[job.id] = rendered
+        self._recent_bytes += len(rendered) - (len(old[1]) if old is not None else 0)
+        self._recent[job.id] = (job.owner, rendered)
         while self._recent_bytes > RECENT_BYTES and len(self._recent) > 1:
-            _, evicted = self._recent.popitem(last=False)
+            _, (_, evicted) = self._recent.popitem(last=False)
             self._recent_bytes -= len(evicted)
         return rendered

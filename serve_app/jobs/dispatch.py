@@ -187,7 +187,7 @@ class Dispatch:
             call = Call(model, jobs, tasks, {job.id: job for job in jobs})
             ready = self._ready.get(model, 0) > 0
             for job in jobs:
-                self.queues.remove(job.id)
+                self.queues.take(job.id)
                 self._places[job.id].call = call
                 self.book.apply(job, lambda j, r=ready: j.admit(r))
             loop = asyncio.get_running_loop()

@@ -116,6 +116,7 @@ class Job:
     task: GenerationTask | None = None
     idempotency_key: str | None = None
     owner: str | None = None  # the API key that submitted it, by name
+    fingerprint: str | None = None  # the request's digest, bound to its Idempotency-Key
 
     # -- transitions while queued ----------------------------------------------------
 

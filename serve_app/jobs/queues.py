@@ -1,14 +1,23 @@
-"""Waiting jobs, one priority queue per model: higher priority first, FIFO within one.
+"""Waiting jobs, one priority queue per model: higher priority first; within a priority, the
+API keys take turns (start-time fair queueing, by key weight); FIFO within one key.
 
-Only jobs the tracker has not yet handed to a replica are here; the count of them is what
-MAX_QUEUE_SIZE bounds. Removal (a cancel, a job leaving with another's batch) is lazy: the
-entry is marked dead and skipped.
+Each job gets a virtual start tag when it is queued: its key's previous finish tag, or the
+queue's virtual time if that is later (a key that was idle does not bank credit), plus
+`1 / weight` per job for the key's next one. Jobs leave in (priority, tag) order, and the
+virtual time follows the tag of the last job to leave. So a key that queued 100 jobs holds
+tags 1..100 ahead, and a key that then queues one job gets the next free tag: it runs after
+at most one job of each other key, not after all 100.
+
+Only jobs not yet handed to a replica are here; their number is what MAX_QUEUE_SIZE
+bounds, and each key's what its own cap bounds. Removal (a cancel, a job leaving with
+another's batch) is lazy: the entry is marked dead and skipped.
 """
 
 from __future__ import annotations
 
 import heapq
-from collections.abc import Callable, Hashable, Iterable
+from collections import Counter
+from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from serve_app.jobs.job import Job
@@ -17,17 +26,22 @@ from serve_app.jobs.job import Job
 @dataclass(order=True)
 class _Entry:
     rank: int
+    tag: float
     sequence: int
     job: Job = field(compare=False)
     alive: bool = field(default=True, compare=False)
 
 
 class JobQueues:
-    def __init__(self, models: Iterable[str]) -> None:
+    def __init__(self, models: Iterable[str], weights: Mapping[str, float] | None = None
+                 ) -> None:
         self._heaps: dict[str, list[_Entry]] = {m: [] for m in models}
         self._entries: dict[str, _Entry] = {}
         self._sequence = 0
-        self._counts: dict[tuple[str, int], int] = {}  # waiting jobs per (model, rank)
+        self._weights = dict(weights or {})
+        self._virtual: dict[tuple[str, int], float] = {}  # (model, rank) -> virtual time
+        self._finish: dict[tuple[str, int, str], float] = {}  # ... and key -> its next tag
+        self._waiting: Counter[str] = Counter()  # waiting jobs per key
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -38,39 +52,54 @@ class JobQueues:
     def models(self) -> list[str]:
         return list(self._heaps)
 
-    def push(self, job: Job) -> int:
-        """Queue `job`; returns its position, which a new job gets in O(1): it is last
-        of its priority, behind every job of a higher or equal one."""
+    def waiting(self, owner: str | None) -> int:
+        """Jobs of one key (None: the anonymous caller) waiting, across models."""
+        return self._waiting[owner or ""]
+
+    def push(self, job: Job) -> None:
+        owner = job.owner or ""
+        rank = job.priority.rank
+        virtual = self._virtual.get((job.model, rank), 0.0)
+        start = max(virtual, self._finish.get((job.model, rank, owner), 0.0))
+        self._finish[(job.model, rank, owner)] = start + 1.0 / self._weights.get(owner, 1.0)
         self._sequence += 1
-        entry = _Entry(job.priority.rank, self._sequence, job)
+        entry = _Entry(rank, start, self._sequence, job)
         self._entries[job.id] = entry
+        self._waiting[owner] += 1
         heapq.heappush(self._heaps[job.model], entry)
-        slot = (job.model, entry.rank)
-        self._counts[slot] = self._counts.get(slot, 0) + 1
-        return sum(n for (model, rank), n in self._counts.items()
-                   if model == job.model and rank <= entry.rank)
+
+    def take(self, job_id: str) -> None:
+        """`job_id` leaves for a replica: the queue's virtual time moves to its tag."""
+        entry = self._entries.get(job_id)
+        if entry is not None:
+            slot = (entry.job.model, entry.rank)
+            self._virtual[slot] = max(self._virtual.get(slot, 0.0), entry.tag)
+            if len(self._finish) > 1024:
+                self._forget_idle_keys()
+        self.remove(job_id)
+
+    def _forget_idle_keys(self) -> None:
+        """A key whose next tag is behind the virtual time gets the virtual time anyway."""
+        for (model, rank, owner), tag in list(self._finish.items()):
+            if tag <= self._virtual.get((model, rank), 0.0):
+                del self._finish[(model, rank, owner)]
 
     def remove(self, job_id: str) -> bool:
         entry = self._entries.pop(job_id, None)
         if entry is None:
             return False
         entry.alive = False
-        self._counts[(entry.job.model, entry.rank)] -= 1
+        self._waiting[entry.job.owner or ""] -= 1
+        if not self._waiting[entry.job.owner or ""]:
+            del self._waiting[entry.job.owner or ""]
         return True
 
     def peek(self, model: str) -> Job | None:
-        """The job `pop` would return, left in place."""
+        """The job that would leave next, left in place."""
         heap = self._heaps[model]
         while heap and not heap[0].alive:
             heapq.heappop(heap)
         return heap[0].job if heap else None
-
-    def pop(self, model: str) -> Job | None:
-        job = self.peek(model)
-        if job is not None:
-            heapq.heappop(self._heaps[model])
-            self.remove(job.id)
-        return job
 
     def matching(
         self, model: str, key: Hashable, key_of: Callable[[Job], Hashable], limit: int

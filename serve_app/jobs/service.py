@@ -11,9 +11,7 @@ allows, and settles it from what the replica says (see `serve_app.jobs.dispatch`
 
 from __future__ import annotations
 
-import asyncio
 import base64
-import dataclasses
 import json
 import logging
 import time
@@ -25,18 +23,19 @@ from serve_app.errors import (
     InvalidRequest,
     JobNotCancellable,
     JobNotFound,
-    QueueFull,
     ServiceError,
 )
 from serve_app.jobs.book import JobBook
 from serve_app.jobs.codec import loads
 from serve_app.jobs.dispatch import Dispatch, Limits, Replicas
-from serve_app.jobs.job import Job, JobStatus, new_job_id
+from serve_app.jobs.intake import Intake, Outcome
+from serve_app.jobs.job import Job, JobStatus
 from serve_app.jobs.lanes import Lane
 from serve_app.jobs.persistence import StoreCalls
 from serve_app.jobs.queues import JobQueues
+from serve_app.jobs.ratelimit import RateLimiter
 from serve_app.jobs.results import gave_up
-from serve_app.messages import JobType, Submission
+from serve_app.messages import OPEN, Caller, JobType, Submission
 from serve_app.registry import Registry, Scaling
 from serve_app.settings import Settings
 from serve_app.stores.contract import JobFilter, decode_cursor
@@ -44,9 +43,6 @@ from serve_app.stores.contract import JobFilter, decode_cursor
 log = logging.getLogger(__name__)
 
 MAX_PAGE = 500
-
-Outcome = dict[str, Any] | ServiceError
-
 
 def wall_clock_ms() -> int:
     return time.time_ns() // 1_000_000
@@ -69,7 +65,7 @@ class JobTracker:
         self._clock = clock
         self._replicas = replicas
         self._book = JobBook(store)
-        queues = JobQueues(served)
+        queues = JobQueues(served, weights={k.name: k.weight for k in settings.api_keys})
         self._dispatch = Dispatch(
             book=self._book,
             lanes={m: self._lane(m, queues) for m in served},
@@ -78,9 +74,10 @@ class JobTracker:
             limits=Limits(settings.job_timeout_ms / 1000, settings.max_attempts),
             clock=clock,
         )
-        # One submit_many at a time: its jobs are saved and queued (and their
-        # Idempotency-Keys findable) before the next one looks at the queue or the keys.
-        self._submitting = asyncio.Lock()
+        self._intake = Intake(settings=settings, served=served, book=self._book,
+                              dispatch=self._dispatch, clock=clock,
+                              retry_after_s=self._retry_after_s)
+        self._reads = RateLimiter("requests", settings.read_rate, settings.read_burst)
 
     @property
     def book(self) -> JobBook:
@@ -137,90 +134,31 @@ class JobTracker:
         return outcome
 
     async def submit_many(self, subs: Sequence[Submission]) -> list[Outcome]:
-        """Each submission's record, or the error that refused it (queue full, model not
-        served, store unavailable); one refusal does not affect the others. A submission
-        whose Idempotency-Key a job already holds answers that job's record."""
-        async with self._submitting:
-            return await self._submit_many(subs)
+        """Each submission's record, or the error that refused it; one refusal does not
+        affect the others (see `serve_app.jobs.intake`)."""
+        return await self._intake.submit_many(subs)
 
-    async def _submit_many(self, subs: Sequence[Submission]) -> list[Outcome]:
-        outcomes: list[Outcome | None] = [None] * len(subs)
-        holders = await self._idempotent(subs)
-        fresh: list[tuple[int, Job]] = []
-        for i, sub in enumerate(subs):
-            key = sub.idempotency_key
-            if key is not None and key in holders:
-                continue
-            try:
-                job = self._new_job(sub, also_waiting=len(fresh))
-            except ServiceError as exc:
-                outcomes[i] = exc
-                continue
-            fresh.append((i, job))
-            if key is not None:
-                holders[key] = job.id
-        jobs = [job for _, job in fresh]
-        failed: ServiceError | None = None
-        try:
-            await self._book.add(jobs, self._clock())
-        except ServiceError as exc:
-            failed = exc
-        for i, job in fresh:
-            if failed is None:
-                self._dispatch.add(job)
-            outcomes[i] = failed
-        for i, job in fresh:
-            if failed is None:
-                outcomes[i] = job.to_wire(self._dispatch.position(job))
-        fresh_ids = {job.id for job in jobs}
-        for i, sub in enumerate(subs):
-            if outcomes[i] is None:  # another job holds its Idempotency-Key
-                holder = holders[sub.idempotency_key or ""]
-                outcomes[i] = (failed if failed is not None and holder in fresh_ids
-                               else json.loads(await self.get(holder)))
-        return [o for o in outcomes if o is not None]
+    # -- reads ---------------------------------------------------------------------
+    # Every read names its caller: a key sees only its own jobs (another's answer as
+    # unknown, 404), an admin key or an open service sees all. Reads draw on the caller's
+    # read budget, but for an event stream's polls (`limited=False`).
 
-    def _new_job(self, sub: Submission, also_waiting: int) -> Job:
-        if sub.model not in self._served:
-            raise InvalidRequest(f"Model {sub.model} is not served here")
-        waiting = self._dispatch.waiting + also_waiting
-        if waiting >= self._settings.max_queue_size:
-            raise QueueFull(
-                f"Queue is full ({waiting} jobs waiting, MAX_QUEUE_SIZE is "
-                f"{self._settings.max_queue_size}); retry later",
-                retry_after_s=self._retry_after_s(),
-            )
-        now = self._clock()
-        job = Job(id=new_job_id(now), type=sub.type, model=sub.model, request=sub.request,
-                  created_at_ms=now, priority=sub.priority,
-                  idempotency_key=sub.idempotency_key, owner=sub.owner)
-        job.task = dataclasses.replace(sub.task, job_id=job.id)
-        return job
-
-    async def _idempotent(self, subs: Sequence[Submission]) -> dict[str, str]:
-        """Idempotency-Key -> job id, for the keys these submissions name that a stored
-        job already holds."""
-        keys = sorted({s.idempotency_key for s in subs if s.idempotency_key is not None})
-        if not keys:
-            return {}
-        stored = await self._book.calls.read(
-            lambda store: {k: store.find_idempotent(k) for k in keys})
-        return {k: v for k, v in stored.items() if v is not None}
-
-    # -- reads -----------------------------------------------------------------------
-
-    async def get(self, job_id: str) -> bytes:
+    async def get(self, job_id: str, caller: Caller = OPEN, *, limited: bool = True) -> bytes:
         """The record as JSON bytes: a live job rendered now, a finished one from the
         book's cache or the store."""
+        if limited:
+            self._reads.take(caller.client)
         job = self._dispatch.live(job_id)
         if job is not None:
+            _visible(job.owner, caller)
             return json.dumps(job.to_wire(self._dispatch.position(job))).encode()
-        return await self._book.rendered(job_id)
+        owner, record = await self._book.rendered(job_id)
+        _visible(owner, caller)
+        return record
 
-    async def image(self, job_id: str, index: int) -> tuple[bytes, str]:
-        job = self._dispatch.live(job_id) or await self._book.find(job_id)
-        if job is None:
-            raise JobNotFound()
+    async def image(self, job_id: str, index: int, caller: Caller = OPEN) -> tuple[bytes, str]:
+        self._reads.take(caller.client)
+        job = await self._find(job_id, caller)
         if job.result is None:
             raise ImageNotFound(f"Job {job_id} has no images yet: it is {job.status}")
         if not 0 <= index < len(job.result.images):
@@ -233,6 +171,7 @@ class JobTracker:
 
     async def list_jobs(
         self,
+        caller: Caller = OPEN,
         *,
         status: JobStatus | None = None,
         type: JobType | None = None,
@@ -240,6 +179,7 @@ class JobTracker:
         limit: int = 100,
         cursor: str | None = None,
     ) -> dict[str, Any]:
+        self._reads.take(caller.client)
         if not 1 <= limit <= MAX_PAGE:
             raise InvalidRequest(f"limit must be between 1 and {MAX_PAGE} (got {limit})")
         if cursor is not None:
@@ -248,7 +188,8 @@ class JobTracker:
             except ValueError:
                 raise InvalidRequest(
                     "cursor is not valid: pass the nextCursor of a previous page") from None
-        flt = JobFilter(status.value if status else None, type.value if type else None, model)
+        flt = JobFilter(status.value if status else None, type.value if type else None, model,
+                        owner=None if caller.admin else caller.name)
         page = await self._book.calls.read(lambda store: store.query(flt, limit, cursor))
         # Stored summaries are current but for the progress of running jobs.
         summaries = []
@@ -257,27 +198,40 @@ class JobTracker:
             summaries.append(live.summary() if live is not None else summary)
         return {"jobs": summaries, "nextCursor": page.next_cursor}
 
-    def queue_status(self) -> dict[str, Any]:
-        count = self._book.count
+    def queue_status(self, caller: Caller = OPEN) -> dict[str, Any]:
+        """Everyone's counts for an admin key (or an open service), else the key's own."""
+        self._reads.take(caller.client)
+        book, everyone = self._book, caller.admin
+
+        def count(status: JobStatus) -> int:
+            return book.count(status, caller.name, everyone=everyone)
+
         return {
             "queuedJobs": count(JobStatus.QUEUED),
             "processingJobs": count(JobStatus.PROCESSING),
             "completedJobs": count(JobStatus.COMPLETED),
             "failedJobs": count(JobStatus.FAILED),
             "cancelledJobs": count(JobStatus.CANCELLED),
-            "averageProcessingTime": self._book.average_ms or 0,
+            "averageProcessingTime": book.average_ms(caller.name, everyone=everyone) or 0,
             "maxQueueSize": self._settings.max_queue_size,
         }
 
+    async def _find(self, job_id: str, caller: Caller) -> Job:
+        job = self._dispatch.live(job_id) or await self._book.find(job_id)
+        if job is None:
+            raise JobNotFound()
+        _visible(job.owner, caller)
+        return job
+
     # -- cancel ----------------------------------------------------------------------
 
-    async def cancel(self, job_id: str) -> dict[str, Any]:
+    async def cancel(self, job_id: str, caller: Caller = OPEN) -> dict[str, Any]:
         """A queued job leaves its queue; a running one is interrupted at its next step.
         Cancelling a cancelled job answers the same again (a retried cancel is safe);
         a completed or failed one cannot be cancelled."""
-        job = self._dispatch.cancel(job_id) or await self._book.find(job_id)
-        if job is None:
-            raise JobNotFound()
+        self._reads.take(caller.client)
+        job = await self._find(job_id, caller)
+        job = self._dispatch.cancel(job_id) or job
         if job.status is not JobStatus.CANCELLED:
             raise JobNotCancellable(
                 f"Job {job_id} cannot be cancelled: it is already {job.status}")
@@ -295,7 +249,8 @@ class JobTracker:
     def waiting_on_cold_start(self) -> bool:
         return self._dispatch.waiting_on_cold_start()
 
-    async def models(self) -> dict[str, Any]:
+    async def models(self, caller: Caller = OPEN) -> dict[str, Any]:
+        self._reads.take(caller.client)
         counts = await self.refresh_replicas()
         out = []
         for spec in self._registry.models:
@@ -322,8 +277,14 @@ class JobTracker:
         return {"models": out}
 
     def _retry_after_s(self) -> int:
-        avg_ms = self._book.average_ms
+        avg_ms = self._book.average_ms()
         avg_s = avg_ms / 1000 if avg_ms is not None else 5.0
         lanes = self._dispatch.lanes.values()
         slots = max(1, sum(lane.capacity for lane in lanes))
         return max(1, min(300, round(avg_s * self._dispatch.waiting / slots)))
+
+
+def _visible(owner: str | None, caller: Caller) -> None:
+    """Another key's job is answered as unknown: its existence is not disclosed."""
+    if not caller.may_see(owner):
+        raise JobNotFound()

@@ -52,6 +52,15 @@ class JobFilter:
 
 
 @dataclass(frozen=True)
+class Totals:
+    """One owner's jobs: how many per status, and the completed ones' processing time."""
+
+    counts: dict[str, int]
+    completed: int = 0
+    completed_ms: int = 0
+
+
+@dataclass(frozen=True)
 class Page:
     """One page of a listing: job summaries (decoded JSON), newest first."""
 
@@ -78,11 +87,9 @@ class JobStore(Protocol):
         """Newest first; `cursor` is the `next_cursor` of the previous page (checked with
         `decode_cursor`: a malformed one raises ValueError)."""
 
-    def counts(self) -> dict[str, int]:
-        """Jobs per status (every status of `UNFINISHED + FINISHED`)."""
-
-    def processing_time(self) -> tuple[int, int]:
-        """(number of completed jobs, sum of their processing times in ms)."""
+    def totals(self) -> dict[str, Totals]:
+        """Per owner ("" for jobs without one): jobs per status, and the number and summed
+        processing time (ms) of completed jobs. Owners without jobs may be left out."""
 
     def prune(self, finished_before_ms: int, keep_last: int) -> int:
         """Delete finished jobs older than the cutoff, or beyond the newest `keep_last`."""

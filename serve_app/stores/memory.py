@@ -11,6 +11,7 @@ from serve_app.stores.contract import (
     JobFilter,
     JobRow,
     Page,
+    Totals,
     decode_cursor,
     encode_cursor,
     newest_first,
@@ -57,16 +58,15 @@ class MemoryStore:
         return Page([json.loads(r.summary) for r in page],
                     encode_cursor(page[-1].created_at_ms, page[-1].id) if more else None)
 
-    def counts(self) -> dict[str, int]:
-        out = dict.fromkeys(UNFINISHED + FINISHED, 0)
+    def totals(self) -> dict[str, Totals]:
+        out: dict[str, Totals] = {}
         for row in self._rows.values():
-            out[row.status] += 1
+            t = out.setdefault(row.owner or "", Totals(dict.fromkeys(UNFINISHED + FINISHED, 0)))
+            t.counts[row.status] += 1
+            if row.status == "completed" and row.time_taken_ms is not None:
+                out[row.owner or ""] = Totals(t.counts, t.completed + 1,
+                                              t.completed_ms + row.time_taken_ms)
         return out
-
-    def processing_time(self) -> tuple[int, int]:
-        done = [r.time_taken_ms for r in self._rows.values()
-                if r.status == "completed" and r.time_taken_ms is not None]
-        return len(done), sum(done)
 
     def prune(self, finished_before_ms: int, keep_last: int) -> int:
         finished = newest_first([r for r in self._rows.values() if r.finished])

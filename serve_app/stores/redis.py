@@ -13,7 +13,8 @@ Keys, all under one namespace `ns`:
     {ns}:idx:finished         the same, for finished jobs (prune's keep_last)
     {ns}:idx:finished_at      finished job ids scored by completed_at (prune's cutoff)
     {ns}:idempotency          hash: Idempotency-Key -> job id (the first holder keeps it)
-    {ns}:stats                hash: completed, completed_ms (processing_time's sums)
+    {ns}:totals               hash: "{owner}|{status}" -> jobs, "{owner}|#done" and
+                              "{owner}|#done_ms" -> the completed jobs' count and time
 
 A save reads the jobs' old meta under WATCH and rewrites records, metas, indexes and stats
 in one MULTI/EXEC, so indexes and counters move exactly once per change of state. Every
@@ -37,6 +38,7 @@ from serve_app.stores.contract import (
     JobFilter,
     JobRow,
     Page,
+    Totals,
     decode_cursor,
     encode_cursor,
 )
@@ -138,9 +140,11 @@ class RedisStore:
                 pipe.zadd(finished_at, {job_id: meta.completed_at or 0})
             else:
                 pipe.zrem(finished_at, job_id)
+        totals, owner = self._key("totals"), meta.owner or ""
+        pipe.hincrby(totals, f"{owner}|{meta.status}", sign)
         if meta.time_taken is not None:
-            pipe.hincrby(self._key("stats"), "completed", sign)
-            pipe.hincrby(self._key("stats"), "completed_ms", sign * meta.time_taken)
+            pipe.hincrby(totals, f"{owner}|#done", sign)
+            pipe.hincrby(totals, f"{owner}|#done_ms", sign * meta.time_taken)
 
     def save_many(self, rows: Sequence[JobRow]) -> None:
         latest = {row.id: row for row in rows}  # a job saved twice: its last row wins
@@ -284,17 +288,40 @@ class RedisStore:
             upper = "(" + batch[-1]
         return found[:want]
 
-    def counts(self) -> dict[str, int]:
-        statuses = UNFINISHED + FINISHED
-        with self._r.pipeline(transaction=False) as pipe:
-            for status in statuses:
-                pipe.zcard(self._key("idx", "status", status))
-            sizes = pipe.execute()
-        return dict(zip(statuses, sizes, strict=True))
+    def totals(self) -> dict[str, Totals]:
+        raw = self._r.hgetall(self._key("totals"))
+        if not raw and self._r.exists(self._key("idx", "all")):
+            raw = self._rebuild_totals()
+        out: dict[str, Totals] = {}
+        for field, value in raw.items():
+            owner, _, what = _text(field).rpartition("|")
+            t = out.get(owner) or Totals(dict.fromkeys(UNFINISHED + FINISHED, 0))
+            n = int(value)
+            if what == "#done":
+                t = Totals(t.counts, n, t.completed_ms)
+            elif what == "#done_ms":
+                t = Totals(t.counts, t.completed, n)
+            else:
+                t.counts[what] = n
+            out[owner] = t
+        return out
 
-    def processing_time(self) -> tuple[int, int]:
-        count, total = self._r.hmget(self._key("stats"), ["completed", "completed_ms"])
-        return int(count or 0), int(total or 0)
+    def _rebuild_totals(self) -> dict[str, int]:
+        """Totals from every job's meta: for a namespace written before totals were kept."""
+        counts: dict[str, int] = {}
+        for key in self._r.scan_iter(match=self._key("meta", "*"), count=500):
+            raw = self._r.get(key)
+            if not raw:
+                continue
+            meta = _Meta.parse(_text(raw))
+            owner = meta.owner or ""
+            for field, n in ((f"{owner}|{meta.status}", 1),
+                             (f"{owner}|#done", int(meta.time_taken is not None)),
+                             (f"{owner}|#done_ms", meta.time_taken or 0)):
+                counts[field] = counts.get(field, 0) + n
+        if counts:
+            self._r.hset(self._key("totals"), mapping=counts)
+        return counts
 
     def close(self) -> None:
         self._r.close()

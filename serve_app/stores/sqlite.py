@@ -21,6 +21,7 @@ from serve_app.stores.contract import (
     JobFilter,
     JobRow,
     Page,
+    Totals,
     decode_cursor,
     encode_cursor,
 )
@@ -204,21 +205,19 @@ class SQLiteStore:
         cursor_out = encode_cursor(page[-1][1], page[-1][2]) if more and page else None
         return Page([json.loads(r[0]) for r in page], cursor_out)
 
-    def counts(self) -> dict[str, int]:
+    def totals(self) -> dict[str, Totals]:
+        sql = ("SELECT COALESCE(owner, ''), status, COUNT(*), COUNT(time_taken), "
+               "COALESCE(SUM(time_taken), 0) FROM jobs GROUP BY owner, status")
         with self._lock:
-            rows = self._db.execute("SELECT status, COUNT(*) FROM jobs GROUP BY status").fetchall()
-        out = dict.fromkeys(UNFINISHED + FINISHED, 0)
-        out.update(dict(rows))
+            rows = self._db.execute(sql).fetchall()
+        out: dict[str, Totals] = {}
+        for owner, status, count, timed, total_ms in rows:
+            t = out.get(owner) or Totals(dict.fromkeys(UNFINISHED + FINISHED, 0))
+            t.counts[status] = count
+            done = status == "completed"
+            out[owner] = Totals(t.counts, t.completed + (timed if done else 0),
+                                t.completed_ms + (total_ms if done else 0))
         return out
-
-    def processing_time(self) -> tuple[int, int]:
-        sql = (
-            "SELECT COUNT(time_taken), COALESCE(SUM(time_taken), 0) FROM jobs "
-            "WHERE status = 'completed'"
-        )
-        with self._lock:
-            count, total = self._db.execute(sql).fetchone()
-        return count, total
 
     def prune(self, finished_before_ms: int, keep_last: int) -> int:
         with self._lock:
