@@ -51,7 +51,7 @@ def test_tiny_model_loads_like_a_real_checkpoint(tmp_path: Path) -> None:
 
 
 def test_inpainting_variant_has_a_nine_channel_unet(tmp_path: Path) -> None:
-    folder = build_tiny_model(tmp_path / "tiny-inpaint", inpainting=True)
+    folder = build_tiny_model(tmp_path / "tiny-inpaint", "tiny-inpaint")
     pipe = StableDiffusionInpaintPipeline.from_pretrained(folder)
     assert pipe.unet.config.in_channels == 9
 
