@@ -9,7 +9,7 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel
 
-from serve_app.generation.batching import BatchInvariantUNet, invariant_layers
+from serve_app.generation.batching import BatchInvariantDenoiser, invariant_layers
 from serve_app.generation.pipelines import load_pipeline
 from serve_app.settings import Settings
 from tests.generation_helpers import (
@@ -83,7 +83,7 @@ def test_rewritten_layers_compute_what_the_originals_do() -> None:
 
 def test_on_a_cpu_the_unet_runs_the_whole_batch_in_one_forward(settings: Settings) -> None:
     unet = fresh_unet(settings)
-    wrapper = BatchInvariantUNet(unet)
+    wrapper = BatchInvariantDenoiser(unet)
     wrapper.blocks = 2
     calls: list[int] = []
     inner = wrapper._forward
