@@ -101,6 +101,8 @@ def build_submission(
     sampler = req.sampler or spec.defaults.sampler
     if sampler not in SAMPLERS:
         raise InvalidRequest(f"Unknown sampler {sampler!r}; valid samplers: {', '.join(SAMPLERS)}")
+    if (problem := spec.sampler_error(sampler)) is not None:  # e.g. FLUX: flow matching only
+        raise InvalidRequest(problem)
     seed = _seed(req.seed)
 
     decoded = _decode_images(req, settings)

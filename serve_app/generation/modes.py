@@ -15,6 +15,8 @@ A model with a 9-channel inpainting UNet runs every mode through its inpainting 
 
 from __future__ import annotations
 
+import functools
+import inspect
 from typing import Any
 
 import torch
@@ -104,9 +106,12 @@ class ModeCalls:
             # A 9-channel UNet does img2img as inpainting with an all-white mask.
             white = Image.new("L", init.size, 255)
             return self._inpaint(task, hook, init, white, strength=strength, **extra)
-        # No width/height: the init image already has the task's size.
-        return self._call(self.pipes.img2img(), task, hook, image=init,
-                          strength=_strength(strength, task.steps), **extra)
+        pipe = self.pipes.img2img()
+        if _takes_size(type(pipe)):
+            # FLUX and SD 3 would otherwise make their default size, not the image's.
+            extra = {"width": task.width, "height": task.height, **extra}
+        return self._call(pipe, task, hook, image=init, strength=_strength(strength, task.steps),
+                          **extra)
 
     def _inpaint(self, task: GenerationTask, hook: StepHook, image: Image.Image,
                  mask: Image.Image, strength: float, **extra: Any) -> Images:
@@ -159,6 +164,13 @@ class ModeCalls:
             raise Interrupted(f"task {task.job_id} was stopped after {hook.steps} step(s)")
         flags = getattr(output, "nsfw_content_detected", None)
         return list(output.images), [bool(f) for f in flags] if flags is not None else []
+
+
+@functools.cache
+def _takes_size(cls: type) -> bool:
+    """Whether a pipeline's call takes `width`/`height` (SD and SDXL img2img do not: they
+    keep the init image's size, which is already the task's)."""
+    return "width" in inspect.signature(cls.__call__).parameters
 
 
 def _strength(strength: float, steps: int) -> float:
