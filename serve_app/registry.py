@@ -33,6 +33,11 @@ PIPELINE_SAMPLERS: dict[str, tuple[str, ...]] = {
     "sd3": FLOW_MATCHING_SAMPLERS,
 }
 
+# Width and height must be multiples of this (the VAE's factor 8; FLUX packs 2x2 latents
+# and SD 3 patches them 2x2). The replica checks it on the loaded pipeline; this copy lets
+# the ingress refuse a size before a job exists (tests keep the two in step).
+SIZE_MULTIPLES: dict[str, int] = {"sd": 8, "sdxl": 8, "flux": 16, "sd3": 16}
+
 # The embedded tiny models (built locally from fixed seeds) and the family each one is.
 TINY_PIPELINES: dict[str, str] = {
     "tiny": "sd",
@@ -203,6 +208,11 @@ class ModelSpec(Strict):
     def samplers(self) -> tuple[str, ...]:
         """The sampler names this model accepts."""
         return samplers_for(self.pipeline)
+
+    @property
+    def size_multiple(self) -> int:
+        """What width and height must be multiples of for this model."""
+        return SIZE_MULTIPLES[self.pipeline]
 
     def sampler_error(self, sampler: str) -> str | None:
         """Why `sampler` cannot run on this model (a message naming the valid ones), or

@@ -215,3 +215,11 @@ def test_a_fresh_build_loaded_again_makes_the_same_images(
     fresh = ModelRunner(tiny_spec(source, source), elsewhere)
     one = task(fresh, seed=5, num_images=2)
     assert fresh.generate(one).images == shipped.generate(one).images
+
+
+def test_the_registry_knows_each_familys_size_multiple_without_torch(
+    sdxl: ModelRunner, flux: ModelRunner, sd3: ModelRunner,
+) -> None:
+    for runner in (sdxl, flux, sd3):
+        family = runner._modes.family
+        assert runner.spec.size_multiple == family.size_multiple(runner.pipeline), family.name
