@@ -20,7 +20,7 @@ from serve_app.generation.samplers import (
     make_scheduler,
 )
 from serve_app.generation.tiny import ensure_tiny_model
-from serve_app.registry import FLOW_MATCHING_SAMPLERS, samplers_for
+from serve_app.model_families import FLOW_MATCHING_SAMPLERS, samplers_for
 from serve_app.schemas import SAMPLERS
 from tests.generation_helpers import THIRD_PARTY_WARNINGS, tiny_settings, tiny_spec
 

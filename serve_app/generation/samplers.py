@@ -2,7 +2,7 @@
 
 `SCHEDULERS` holds exactly the names of `serve_app.schemas.SAMPLERS`, for the diffusion
 (SD 1.x / SDXL) families; `FLOW_SCHEDULERS` the names flow-matching families (FLUX, SD 3)
-accept, `serve_app.registry.FLOW_MATCHING_SAMPLERS` (tests keep both in step). Which names a
+accept, `serve_app.model_families.FLOW_MATCHING_SAMPLERS` (tests keep both in step). Which names a
 model accepts is the registry's (torch-free) answer, so the ingress refuses the others.
 
 A scheduler is derived from the model's own scheduler config with
