@@ -86,7 +86,13 @@ def run_modes(runner: ModelRunner, modes: list[JobType], width: int, height: int
                                               **fields[mode])).images[0]) for mode in modes}
 
 
-def batched_equals_alone(runner: ModelRunner) -> None:
+@pytest.mark.parametrize("family", ["sdxl", "flux", "sd3"])
+def test_jobs_batched_into_one_call_equal_each_made_alone(
+    family: str, request: pytest.FixtureRequest,
+) -> None:
+    # SDXL: pooled embeddings and time ids per image too; FLUX: T5 + pooled CLIP, no
+    # guidance pass; SD 3: three encoders and classifier-free guidance.
+    runner: ModelRunner = request.getfixturevalue(family)
     tasks = [task(runner, job_id="a", prompt="a red barn", seed=3),
              task(runner, job_id="b", prompt="a blue sea", seed=9, num_images=2,
                   negative_prompt="blurry"),
@@ -127,11 +133,6 @@ def test_every_mode_runs_on_sdxl_at_the_requested_size(sdxl: ModelRunner) -> Non
     assert pixels(wide.images[0]).shape == (64, 96, 3)
 
 
-def test_sdxl_jobs_batched_into_one_call_equal_each_made_alone(sdxl: ModelRunner) -> None:
-    # Pooled embeddings and time ids are per image too: each prompt encoded on its own.
-    batched_equals_alone(sdxl)
-
-
 # -- FLUX -------------------------------------------------------------------------------
 
 
@@ -151,10 +152,6 @@ def test_flux_text2img_img2img_and_inpainting_make_the_requested_size(flux: Mode
         JobType.TEXT2IMG: (64, 96, 3), JobType.IMG2IMG: (64, 96, 3),
         JobType.INPAINT: (64, 96, 3)}
     assert len({image.tobytes() for image in out.values()}) == 3
-
-
-def test_flux_jobs_batched_into_one_call_equal_each_made_alone(flux: ModelRunner) -> None:
-    batched_equals_alone(flux)
 
 
 def test_flux_dev_takes_the_guidance_scale_as_an_input_and_no_negative_prompt(
