@@ -138,7 +138,9 @@ def build_tiny_models() -> None:
     from serve_app.generation.tiny import ensure_tiny_model
 
     settings = load_settings()
-    for source, name in (("tiny", "tiny-sd"), ("tiny-inpaint", "tiny-sd-inpaint")):
+    for source, name in (("tiny", "tiny-sd"), ("tiny-inpaint", "tiny-sd-inpaint"),
+                         ("tiny-sdxl", "tiny-sdxl"), ("tiny-flux", "tiny-flux"),
+                         ("tiny-sd3", "tiny-sd3")):
         path = ensure_tiny_model(source, Path(settings.cache_dir) / name)
         print(f"{name}: {path}")
 

@@ -16,6 +16,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from serve_app.errors import ConfigError
 from serve_app.messages import SAMPLERS
+from serve_app.model_families import (
+    PIPELINE_SAMPLERS,
+    SIZE_MULTIPLES,
+    TINY_PIPELINES,
+    Pipeline,
+    Source,
+    samplers_for,
+)
 from serve_app.settings import PROJECT_ROOT, Settings
 
 
@@ -107,6 +115,10 @@ class Runtime(Strict):
     vae_tiling: bool = False
     vae_slicing: bool = False
     attention_slicing: bool = False
+    # CUDA only: keep the weights in CPU memory and move each model (`model`: the text
+    # encoders, the denoiser, the VAE in turn) or each layer (`sequential`: slowest, least
+    # GPU memory) onto the GPU while it runs. docs/models.md says what each saves.
+    cpu_offload: Literal["none", "model", "sequential"] = "none"
     # Batched images byte-identical to the same seeds made alone (batch-invariant layers on
     # a CPU, per-image UNet sub-batches elsewhere). Off trades that for batched speed.
     batch_invariant: bool = True
@@ -120,10 +132,11 @@ class ModelSpec(Strict):
     description: str
     type: Literal["base", "inpainting", "turbo", "refiner"] = "base"
     version: str = "1.0"
-    pipeline: Literal["sd", "sdxl"] = "sd"
-    # `tiny` / `tiny-inpaint`: built locally from fixed seeds. Otherwise `path` (relative to
-    # MODEL_PATH, or absolute) is a diffusers folder or a single .safetensors/.ckpt file.
-    source: Literal["path", "tiny", "tiny-inpaint"] = "path"
+    # The diffusers pipeline family. Left out, it is `sd`, or the family of a tiny source.
+    pipeline: Pipeline = "sd"
+    # `tiny*` (see TINY_PIPELINES): built locally from fixed seeds. Otherwise `path` (relative
+    # to MODEL_PATH, or absolute) is a diffusers folder or a single .safetensors/.ckpt file.
+    source: Source = "path"
     path: str | None = None
     inpainting_model: str | None = None
     ip_adapter: str | None = None
@@ -133,11 +146,57 @@ class ModelSpec(Strict):
     resources: Resources = Resources()
     runtime: Runtime = Runtime()
 
+    @model_validator(mode="before")
+    @classmethod
+    def _family_defaults(cls, data: Any) -> Any:
+        """A tiny source implies its family; a family implies its default sampler."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        if "pipeline" not in data and data.get("source") in TINY_PIPELINES:
+            data["pipeline"] = TINY_PIPELINES[data["source"]]
+        family = data.get("pipeline", "sd")
+        defaults = data.get("defaults")
+        if family in PIPELINE_SAMPLERS and (defaults is None or isinstance(defaults, dict)):
+            defaults = dict(defaults or {})
+            defaults.setdefault("sampler", samplers_for(family)[0])
+            data["defaults"] = defaults
+        return data
+
     @model_validator(mode="after")
-    def _path_for_real_models(self) -> ModelSpec:
+    def _consistent(self) -> ModelSpec:
         if self.source == "path" and not self.path:
             raise ValueError("a model with source 'path' needs a 'path'")
+        tiny_family = TINY_PIPELINES.get(self.source)
+        if tiny_family is not None and tiny_family != self.pipeline:
+            raise ValueError(
+                f"source {self.source!r} is a {tiny_family!r} model, not pipeline {self.pipeline!r}"
+            )
+        problem = self.sampler_error(self.defaults.sampler)
+        if problem is not None:
+            raise ValueError(f"defaults.sampler: {problem}")
         return self
+
+    @property
+    def samplers(self) -> tuple[str, ...]:
+        """The sampler names this model accepts."""
+        return samplers_for(self.pipeline)
+
+    @property
+    def size_multiple(self) -> int:
+        """What width and height must be multiples of for this model."""
+        return SIZE_MULTIPLES[self.pipeline]
+
+    def sampler_error(self, sampler: str) -> str | None:
+        """Why `sampler` cannot run on this model (a message naming the valid ones), or
+        None when it can."""
+        if sampler in self.samplers:
+            return None
+        valid = ", ".join(self.samplers)
+        if sampler in SAMPLERS:
+            return (f"Sampler {sampler!r} does not apply to model {self.id!r} (a {self.pipeline} "
+                    f"model); valid samplers: {valid}")
+        return f"Unknown sampler {sampler!r}; valid samplers: {valid}"
 
     @property
     def is_tiny(self) -> bool:

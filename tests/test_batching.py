@@ -9,7 +9,7 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel
 
-from serve_app.generation.batching import BatchInvariantUNet, invariant_layers
+from serve_app.generation.batching import BatchInvariantDenoiser, invariant_layers
 from serve_app.generation.pipelines import load_pipeline
 from serve_app.settings import Settings
 from tests.generation_helpers import (
@@ -83,7 +83,7 @@ def test_rewritten_layers_compute_what_the_originals_do() -> None:
 
 def test_on_a_cpu_the_unet_runs_the_whole_batch_in_one_forward(settings: Settings) -> None:
     unet = fresh_unet(settings)
-    wrapper = BatchInvariantUNet(unet)
+    wrapper = BatchInvariantDenoiser(unet)
     wrapper.blocks = 2
     calls: list[int] = []
     inner = wrapper._forward
@@ -92,3 +92,33 @@ def test_on_a_cpu_the_unet_runs_the_whole_batch_in_one_forward(settings: Setting
     with torch.no_grad():
         unet(torch.randn(6, 4, 8, 8), 10, encoder_hidden_states=context)
     assert not wrapper.split and calls == [6]
+
+
+def test_split_mode_runs_a_transformer_per_image_with_its_shared_position_ids() -> None:
+    # The GPU path, exercised on a CPU: FLUX's transformer takes keyword inputs only, and
+    # its position ids have no batch dimension even when their length equals the batch.
+    from serve_app.generation import tiny_parts
+
+    transformer = tiny_parts.flux_transformer(text_width=32, pooled_width=32,
+                                              guidance_embeds=True)
+    wrapper = BatchInvariantDenoiser(transformer, on_cpu=False)
+    assert wrapper.split
+    calls: list[int] = []
+    inner = wrapper._forward
+    wrapper._forward = lambda **k: calls.append(len(k["hidden_states"])) or inner(**k)
+    gen = torch.Generator().manual_seed(0)
+    n, tokens, text = 4, 4, 3  # img_ids has as many rows as the batch has images
+    inputs = {
+        "hidden_states": torch.randn(n, tokens, 64, generator=gen),
+        "encoder_hidden_states": torch.randn(n, text, 32, generator=gen),
+        "pooled_projections": torch.randn(n, 32, generator=gen),
+        "timestep": torch.full((n,), 0.5), "guidance": torch.full((n,), 3.5),
+        "img_ids": torch.randn(tokens, 3, generator=gen), "txt_ids": torch.zeros(text, 3),
+        "return_dict": False,
+    }
+    with torch.no_grad():
+        whole = transformer(**inputs)[0]
+        alone = [inner(**{k: v[i:i + 1] if k not in ("img_ids", "txt_ids", "return_dict")
+                          else v for k, v in inputs.items()})[0] for i in range(n)]
+    assert calls == [1] * n
+    assert torch.equal(whole, torch.cat(alone))

@@ -2,41 +2,41 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
-from serve_app.generation.prompts import PromptCache
+from serve_app.generation.prompts import Embeddings, PromptCache
 
 
-class CountingPipe:
-    _execution_device = torch.device("cpu")
-
+class CountingEncoder:
     def __init__(self) -> None:
-        self.encoded: list[tuple[Any, ...]] = []
+        self.encoded: list[tuple[str, str, bool]] = []
 
-    def encode_prompt(self, prompt: str, device: torch.device, n: int, guidance: bool,
-                      negative_prompt: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, prompt: str, negative_prompt: str, guidance: bool) -> Embeddings:
         self.encoded.append((prompt, negative_prompt, guidance))
-        return torch.full((n, 2), float(len(prompt))), torch.zeros(n, 2)
+        out = {"prompt_embeds": torch.full((1, 2), float(len(prompt)))}
+        if guidance:
+            out["negative_prompt_embeds"] = torch.zeros(1, 2)
+        return out
 
 
 def test_hits_skip_the_encoder_and_keys_separate_what_changes_the_embeddings() -> None:
-    pipe, cache = CountingPipe(), PromptCache(size=8)
-    first = cache.embeddings(pipe, "a cat", "", True)  # type: ignore[arg-type]
-    assert cache.embeddings(pipe, "a cat", "", True) is first  # type: ignore[arg-type]
-    cache.embeddings(pipe, "a cat", "blurry", True)  # type: ignore[arg-type]
-    unguided = cache.embeddings(pipe, "a cat", "", False)  # type: ignore[arg-type]
-    assert unguided[1] is None
-    assert pipe.encoded == [("a cat", None, True), ("a cat", "blurry", True),
-                            ("a cat", None, False)]
+    encoder = CountingEncoder()
+    cache = PromptCache(encoder, size=8)
+    first = cache.embeddings("a cat", "", True)
+    assert cache.embeddings("a cat", "", True) is first
+    cache.embeddings("a cat", "blurry", True)
+    unguided = cache.embeddings("a cat", "", False)
+    assert set(unguided) == {"prompt_embeds"}
+    assert encoder.encoded == [("a cat", "", True), ("a cat", "blurry", True),
+                               ("a cat", "", False)]
     assert (cache.hits, cache.misses, len(cache)) == (1, 3, 3)
 
 
 def test_the_least_recently_used_entry_goes_first() -> None:
-    pipe, cache = CountingPipe(), PromptCache(size=2)
+    encoder = CountingEncoder()
+    cache = PromptCache(encoder, size=2)
     for prompt in ("a", "b", "a", "c"):  # "b" is the least recently used when "c" comes
-        cache.embeddings(pipe, prompt, "", True)  # type: ignore[arg-type]
-    cache.embeddings(pipe, "a", "", True)  # type: ignore[arg-type]
-    cache.embeddings(pipe, "b", "", True)  # type: ignore[arg-type]
-    assert [p for p, _, _ in pipe.encoded] == ["a", "b", "c", "b"]
+        cache.embeddings(prompt, "", True)
+    cache.embeddings("a", "", True)
+    cache.embeddings("b", "", True)
+    assert [p for p, _, _ in encoder.encoded] == ["a", "b", "c", "b"]

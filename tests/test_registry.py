@@ -20,7 +20,8 @@ def entry(**over: Any) -> dict[str, Any]:
 def test_the_shipped_registry_parses_and_serves_only_what_is_present(
     registry: Registry, settings: Settings
 ) -> None:
-    assert [m.id for m in registry.served(settings)] == ["tiny-sd", "tiny-sd-inpaint"]
+    assert [m.id for m in registry.served(settings)] == [
+        "tiny-sd", "tiny-sd-inpaint", "tiny-sdxl", "tiny-flux", "tiny-sd3"]
     assert registry.get("sdxl") is not None and registry.get("sdxl").pipeline == "sdxl"
 
 
@@ -76,3 +77,30 @@ def test_unreadable_registry_is_a_config_error(tmp_path: Path) -> None:
 
 def test_every_default_sampler_is_known(registry: Registry) -> None:
     assert all(m.defaults.sampler in SAMPLERS for m in registry.models)
+
+
+def test_a_family_sets_the_default_sampler_and_refuses_the_others_naming_the_valid_ones(
+    registry: Registry,
+) -> None:
+    flux = parse_registry({"models": [entry(id="f", source="tiny-flux")]}).models[0]
+    assert (flux.pipeline, flux.defaults.sampler, flux.samplers) == ("flux", "euler", ("euler",))
+    assert flux.sampler_error("euler") is None
+    assert flux.sampler_error("dpm++_2m") == (
+        "Sampler 'dpm++_2m' does not apply to model 'f' (a flux model); valid samplers: euler")
+    assert flux.sampler_error("magic") == "Unknown sampler 'magic'; valid samplers: euler"
+    sdxl = registry.get("tiny-sdxl")
+    assert sdxl is not None and sdxl.samplers == SAMPLERS and sdxl.sampler_error("heun") is None
+
+
+def test_family_mismatches_in_the_registry_stop_the_start() -> None:
+    cases = [
+        (entry(source="tiny-flux", defaults={"sampler": "euler_a"}), "does not apply"),
+        (entry(source="tiny-flux", pipeline="sd"), "source 'tiny-flux' is a 'flux' model"),
+        (entry(source="path", path="x", pipeline="sd3", defaults={"sampler": "ddim"}),
+         "valid samplers: euler"),
+        (entry(pipeline="kandinsky"), "models[0] (m).pipeline"),
+    ]
+    for data, message in cases:
+        with pytest.raises(ConfigError) as exc:
+            parse_registry({"models": [data]})
+        assert message in str(exc.value), data

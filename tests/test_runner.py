@@ -344,7 +344,7 @@ def test_a_repeated_prompt_reuses_its_embeddings_and_makes_the_same_image(
     own = ModelRunner(tiny_spec(), settings)
     first = own.generate(make_task(prompt="a quiet harbour", seed=4))
     again = own.generate(make_task(prompt="a quiet harbour", seed=4))
-    assert (own._prompts.misses, own._prompts.hits) == (1, 1)
+    assert (own._modes.prompts.misses, own._modes.prompts.hits) == (1, 1)
     fresh = ModelRunner(tiny_spec(), settings).generate(make_task(prompt="a quiet harbour",
                                                                   seed=4))
     assert first.images == again.images == fresh.images
@@ -353,7 +353,7 @@ def test_a_repeated_prompt_reuses_its_embeddings_and_makes_the_same_image(
 def test_pipelines_keep_their_diffusers_class_with_the_device_pinned(runner: ModelRunner) -> None:
     from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
 
-    base, img2img = runner.pipeline, runner._pipes.img2img()
+    base, img2img = runner.pipeline, runner._modes.pipes.img2img()
     assert isinstance(base, StableDiffusionPipeline)
     assert isinstance(img2img, StableDiffusionImg2ImgPipeline)
     assert type(base).__name__ == "StableDiffusionPipeline"
@@ -361,11 +361,11 @@ def test_pipelines_keep_their_diffusers_class_with_the_device_pinned(runner: Mod
 
 
 def test_small_images_run_on_one_cpu_thread_and_the_count_comes_back() -> None:
-    from serve_app.generation.runner import _cpu_threads
+    from serve_app.generation.steps import cpu_threads
 
     with torch_threads(2):
         seen = {}
         for size in (64, 128):
-            with _cpu_threads("cpu", make_task(width=size, height=size)):
+            with cpu_threads("cpu", make_task(width=size, height=size)):
                 seen[size] = torch.get_num_threads()
         assert seen == {64: 1, 128: 2} and torch.get_num_threads() == 2

@@ -13,9 +13,15 @@ from diffusers import (
     StableDiffusionPipeline,
 )
 
-from serve_app.generation.samplers import SCHEDULERS, SamplerFactory, make_scheduler
+from serve_app.generation.samplers import (
+    FLOW_SCHEDULERS,
+    SCHEDULERS,
+    SamplerFactory,
+    make_scheduler,
+)
 from serve_app.generation.tiny import ensure_tiny_model
 from serve_app.messages import SAMPLERS
+from serve_app.model_families import FLOW_MATCHING_SAMPLERS, samplers_for
 from tests.generation_helpers import THIRD_PARTY_WARNINGS, tiny_settings, tiny_spec
 
 pytestmark = THIRD_PARTY_WARNINGS
@@ -46,6 +52,18 @@ def pipe(tmp_path_factory: pytest.TempPathFactory) -> StableDiffusionPipeline:
 def test_scheduler_table_covers_exactly_the_wire_samplers() -> None:
     assert tuple(SCHEDULERS) == SAMPLERS
     assert {name: cls.__name__ for name, (cls, _) in SCHEDULERS.items()} == EXPECTED_CLASSES
+
+
+def test_flow_matching_families_get_exactly_the_registrys_flow_samplers() -> None:
+    assert tuple(FLOW_SCHEDULERS) == FLOW_MATCHING_SAMPLERS == samplers_for("flux")
+    assert samplers_for("sd3") == FLOW_MATCHING_SAMPLERS and samplers_for("sdxl") == SAMPLERS
+    flux_config = {"shift": 3.0, "use_dynamic_shifting": True, "stochastic_sampling": True}
+    scheduler = make_scheduler("euler", flux_config, flow_matching=True)
+    assert type(scheduler).__name__ == "FlowMatchEulerDiscreteScheduler"
+    # The model's shift schedule carries over; the sampler's determinism is pinned.
+    assert scheduler.config.use_dynamic_shifting and not scheduler.config.stochastic_sampling
+    with pytest.raises(ValueError, match=r"valid: euler$"):
+        make_scheduler("euler_a", flux_config, flow_matching=True)
 
 
 @pytest.mark.parametrize("name", SAMPLERS)

@@ -7,7 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from diffusers import StableDiffusionInpaintPipeline, StableDiffusionPipeline
+from diffusers import FluxPipeline, StableDiffusionInpaintPipeline, StableDiffusionPipeline
 
 from serve_app.errors import ConfigError
 from serve_app.generation import tiny
@@ -30,11 +30,17 @@ def digests(folder: Path) -> dict[str, str]:
     }
 
 
-def test_two_builds_are_byte_identical(tmp_path: Path) -> None:
-    first = digests(build_tiny_model(tmp_path / "a" / "tiny-sd"))
-    second = digests(build_tiny_model(tmp_path / "b" / "tiny-sd"))
-    weights = [name for name in first if name.endswith(".safetensors")]
-    assert len(weights) == 3  # unet, vae, text encoder
+@pytest.mark.parametrize(("source", "weights"), [
+    ("tiny", {"unet", "vae", "text_encoder"}),
+    ("tiny-inpaint", {"unet", "vae", "text_encoder"}),
+    ("tiny-sdxl", {"unet", "vae", "text_encoder", "text_encoder_2"}),
+    ("tiny-flux", {"transformer", "vae", "text_encoder", "text_encoder_2"}),
+    ("tiny-sd3", {"transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"}),
+])
+def test_two_builds_are_byte_identical(tmp_path: Path, source: str, weights: set[str]) -> None:
+    first = digests(build_tiny_model(tmp_path / "a" / source, source))
+    second = digests(build_tiny_model(tmp_path / "b" / source, source))
+    assert {name.split("/")[0] for name in first if name.endswith(".safetensors")} == weights
     assert first == second
 
 
@@ -51,9 +57,21 @@ def test_tiny_model_loads_like_a_real_checkpoint(tmp_path: Path) -> None:
 
 
 def test_inpainting_variant_has_a_nine_channel_unet(tmp_path: Path) -> None:
-    folder = build_tiny_model(tmp_path / "tiny-inpaint", inpainting=True)
+    folder = build_tiny_model(tmp_path / "tiny-inpaint", "tiny-inpaint")
     pipe = StableDiffusionInpaintPipeline.from_pretrained(folder)
     assert pipe.unet.config.in_channels == 9
+
+
+def test_the_t5_tokenizer_is_built_offline_and_round_trips_through_save_and_load(
+    tmp_path: Path,
+) -> None:
+    folder = build_tiny_model(tmp_path / "tiny-flux", "tiny-flux")
+    pipe = FluxPipeline.from_pretrained(folder, local_files_only=True)
+    t5 = pipe.tokenizer_2
+    assert type(t5).__name__ == "T5Tokenizer" and t5.model_max_length == 512
+    ids = t5("A red fox, jumping!").input_ids
+    assert ids[-1] == t5.eos_token_id and t5.unk_token_id not in ids
+    assert t5.convert_ids_to_tokens(ids[:3]) == ["\u2581A", "\u2581r", "e"]
 
 
 def test_generated_vocab_is_byte_level_bpe(tmp_path: Path) -> None:

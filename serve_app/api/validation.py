@@ -149,6 +149,8 @@ def build_submission(
     sampler = req.sampler or spec.defaults.sampler
     if sampler not in SAMPLERS:
         raise InvalidRequest(f"Unknown sampler {sampler!r}; valid samplers: {', '.join(SAMPLERS)}")
+    if (problem := spec.sampler_error(sampler)) is not None:  # e.g. FLUX: flow matching only
+        raise InvalidRequest(problem)
     seed = _seed(req.seed)
 
     decoded = _decode_images(req, settings)
@@ -284,14 +286,16 @@ def _decode_images(req: GenerationCommon, settings: Settings) -> dict[str, Input
 def _size(
     req: GenerationCommon, spec: ModelSpec, source: InputImage | None, settings: Settings
 ) -> tuple[int, int]:
-    """Explicit size, else the input image's (rounded to multiples of 8, scaled down to fit
-    the limits), else the model's default."""
+    """Explicit size, else the input image's (rounded down to the model's size multiple:
+    8, or 16 for the transformer families; scaled down to fit the limits), else the
+    model's default."""
     limits = settings.limits
+    multiple = spec.size_multiple
     if source is not None:
         scale = min(1.0, limits.max_size / max(source.width, source.height),
                     (limits.max_pixels / (source.width * source.height)) ** 0.5)
         default_w, default_h = images.round_to_multiple(
-            int(source.width * scale), int(source.height * scale))
+            int(source.width * scale), int(source.height * scale), multiple)
     else:
         default_w, default_h = spec.defaults.width, spec.defaults.height
     width = req.width if req.width is not None else default_w
@@ -303,9 +307,10 @@ def _size(
                 f"{limits.min_size} px on each side, or pass width and height to resize it"
             )
         _check_range(name, value, limits.min_size, limits.max_size)
-        if value % 8:
+        if value % multiple:
             raise InvalidRequest(
-                f"{name} must be a multiple of 8 (got {value}; try {value - value % 8})"
+                f"{name} must be a multiple of {multiple} for model {spec.id} (got {value}; "
+                f"try {value - value % multiple})"
             )
     if width * height > limits.max_pixels:
         raise InvalidRequest(

@@ -16,8 +16,12 @@ call, image for image equal to unbatched calls (tests/test_batching.py checks it
 2 threads), and no slower: a batch of 16 took 56 ms against 70 ms for the plain layers at
 2 threads, a pair 17 ms against 23 ms.
 
+The same holds for the transformer denoisers (FLUX, SD 3): their layers are linear layers,
+norms, per-sample attention and element-wise operations (tests/test_families.py checks
+batched FLUX and SDXL images against lone ones).
+
 That was measured on CPUs only. Elsewhere (CUDA: cuBLAS and cuDNN choose kernels by shape
-too, batched GEMMs included) the UNet keeps the older, slower guarantee: its forward is
+too, batched GEMMs included) the denoiser keeps the older, slower guarantee: its forward is
 split into per-image sub-batches with exactly the shapes an unbatched call uses. With
 classifier-free guidance the pipeline lays the batch out as [uncond x n, cond x n] and an
 unbatched call runs the pair [uncond_i, cond_i], so the pair is the sub-batch. The VAE
@@ -84,38 +88,48 @@ def _pointwise_conv_forward(conv: torch.nn.Conv2d) -> Callable[[torch.Tensor], t
     return forward
 
 
-class BatchInvariantUNet:
-    """Makes a UNet batch-invariant in place: on a CPU by `invariant_layers`, elsewhere by
-    splitting its `forward` into per-image sub-batches.
+# Inputs without a batch dimension, whatever their length (FLUX's token position ids).
+_SHARED_INPUTS = frozenset({"img_ids", "txt_ids"})
+
+
+class BatchInvariantDenoiser:
+    """Makes a denoiser (UNet or transformer) batch-invariant in place: on a CPU by
+    `invariant_layers`, elsewhere by splitting its `forward` into per-image sub-batches.
 
     `blocks` is how many copies of each image the pipeline stacks: 2 under classifier-free
-    guidance, else 1. The runner sets it before each call (under its lock).
+    guidance, else 1. The runner sets it before each call (under its lock). `on_cpu` is
+    where the denoiser runs (not where its weights are now: offloaded ones sit on the CPU).
     """
 
-    def __init__(self, unet: torch.nn.Module, enabled: bool = True) -> None:
+    def __init__(self, denoiser: torch.nn.Module, enabled: bool = True,
+                 on_cpu: bool | None = None) -> None:
         self.blocks = 1
-        # Off (runtime.batch_invariant: false) the UNet is left as it is: on a GPU faster,
-        # and a batched image may differ from the same seed made alone in the last bits.
-        on_cpu = next(unet.parameters()).device.type == "cpu"
+        if on_cpu is None:
+            on_cpu = next(denoiser.parameters()).device.type == "cpu"
+        # Off (runtime.batch_invariant: false) the denoiser is left as it is: on a GPU
+        # faster, and a batched image may differ from the same seed made alone in the last
+        # bits.
         self.split = enabled and not on_cpu
         if enabled and on_cpu:
-            invariant_layers(unet)
-        self._forward: Callable[..., Any] = unet.forward
+            invariant_layers(denoiser)
+        self._forward: Callable[..., Any] = denoiser.forward
         # An instance attribute shadows the class's forward; the module and its config,
         # attention processors and hooks stay exactly what diffusers expects.
-        unet.forward = self._split_forward
+        denoiser.forward = self._split_forward
 
-    def _split_forward(self, sample: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+    def _split_forward(self, *args: Any, **kwargs: Any) -> Any:
+        # UNets take the latents first and positionally; transformers as `hidden_states`.
+        name = None if args else ("hidden_states" if "hidden_states" in kwargs else "sample")
+        sample = args[0] if args else kwargs[name]
         batch = sample.shape[0]
         n = batch // self.blocks
         if not self.split or n <= 1 or n * self.blocks != batch:
-            return self._forward(sample, *args, **kwargs)
+            return self._forward(*args, **kwargs)
         outputs = []
         for i in range(n):
             index = torch.tensor([i + b * n for b in range(self.blocks)], device=sample.device)
-            sub_args = _take(args, index, batch)
-            sub_kwargs = _take(kwargs, index, batch)
-            outputs.append(self._forward(sample[index], *sub_args, **sub_kwargs))
+            outputs.append(self._forward(*_take(args, index, batch),
+                                         **_take(kwargs, index, batch)))
         return _reassemble(outputs, n, self.blocks)
 
 
@@ -124,7 +138,8 @@ def _take(value: Any, index: torch.Tensor, batch: int) -> Any:
     if isinstance(value, torch.Tensor):
         return value[index] if value.ndim > 0 and value.shape[0] == batch else value
     if isinstance(value, dict):
-        return {k: _take(v, index, batch) for k, v in value.items()}
+        return {k: v if k in _SHARED_INPUTS else _take(v, index, batch)
+                for k, v in value.items()}
     if isinstance(value, list | tuple):
         return type(value)(_take(v, index, batch) for v in value)
     return value
@@ -135,7 +150,7 @@ def _reassemble(outputs: list[Any], n: int, blocks: int) -> Any:
     first = outputs[0]
     if isinstance(first, tuple):
         return (_interleave([o[0] for o in outputs], n, blocks), *first[1:])
-    # UNet2DConditionOutput: a dataclass-like mapping with `sample`.
+    # UNet2DConditionOutput / Transformer2DModelOutput: dataclass-like, with `sample`.
     return type(first)(sample=_interleave([o.sample for o in outputs], n, blocks))
 
 

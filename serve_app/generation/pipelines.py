@@ -5,15 +5,18 @@ Contract:
   `ModelRunner` takes (injectable, so tests and benchmarks can pass their own). It loads a
   diffusers folder with `from_pretrained`, a single `.safetensors`/`.ckpt` file with
   `from_single_file`, and builds the embedded tiny models on first use. Nothing here ever
-  reaches a model hub (`local_files_only=True`).
-- Runtime knobs (`spec.runtime`): device `auto` means CUDA when present; half precision
-  and `torch.compile` are CUDA knobs and are ignored on a CPU (float16 matmuls there are
-  slow or unsupported); channels-last, VAE tiling/slicing and attention slicing apply
-  everywhere. SDPA attention is diffusers' default.
+  reaches a model hub (`local_files_only=True`). `spec.pipeline` picks diffusers' own
+  pipeline class: SD 1.x, SDXL, FLUX.1 or SD 3.x (`PIPELINE_CLASSES`).
+- Runtime knobs (`spec.runtime`): device `auto` means CUDA when present; half precision,
+  CPU offload and `torch.compile` are CUDA knobs and are ignored on a CPU (float16 matmuls
+  there are slow or unsupported); channels-last (UNets and VAEs), VAE tiling/slicing and
+  attention slicing apply everywhere. SDPA attention is diffusers' default.
 - `PipelineSet` derives img2img and inpainting pipelines lazily with
-  `AutoPipelineFor*.from_pipe`, which shares the loaded modules (no extra memory). A model
-  with a 9-channel inpainting UNet cannot run the plain text2img/img2img pipelines, so its
-  set routes every mode through the inpainting pipeline (see `needs_inpaint_route`).
+  `AutoPipelineFor*.from_pipe`, which shares the loaded modules (no extra memory): SDXL's
+  inpainting runs on `StableDiffusionXLInpaintPipeline`, FLUX's on `FluxInpaintPipeline`.
+  A model with a 9-channel inpainting UNet cannot run the plain text2img/img2img
+  pipelines, so its set routes every mode through the inpainting pipeline (see
+  `needs_inpaint_route`).
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ from diffusers import (
     AutoPipelineForImage2Image,
     AutoPipelineForInpainting,
     DiffusionPipeline,
+    FluxPipeline,
+    StableDiffusion3Pipeline,
     StableDiffusionInpaintPipeline,
     StableDiffusionPipeline,
     StableDiffusionXLInpaintPipeline,
@@ -36,7 +41,8 @@ from diffusers import (
 )
 
 from serve_app.errors import ConfigError
-from serve_app.generation.batching import BatchInvariantUNet
+from serve_app.generation.batching import BatchInvariantDenoiser
+from serve_app.generation.families import Family, family_of
 from serve_app.generation.tiny import ensure_tiny_model
 from serve_app.registry import ModelSpec, Runtime
 from serve_app.settings import Settings
@@ -45,11 +51,16 @@ log = logging.getLogger(__name__)
 
 PipelineLoader = Callable[[ModelSpec, Settings, str, torch.dtype], DiffusionPipeline]
 
-_PIPELINE_CLASSES: dict[tuple[str, bool], type[DiffusionPipeline]] = {
+# (family, is a dedicated inpainting model) -> the class a model is loaded as. FLUX and SD 3
+# inpaint on their base models (FluxInpaintPipeline / StableDiffusion3InpaintPipeline via
+# from_pipe); their dedicated inpainting models (FLUX.1 Fill) are not supported.
+PIPELINE_CLASSES: dict[tuple[str, bool], type[DiffusionPipeline]] = {
     ("sd", False): StableDiffusionPipeline,
     ("sd", True): StableDiffusionInpaintPipeline,
     ("sdxl", False): StableDiffusionXLPipeline,
     ("sdxl", True): StableDiffusionXLInpaintPipeline,
+    ("flux", False): FluxPipeline,
+    ("sd3", False): StableDiffusion3Pipeline,
 }
 _DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -90,7 +101,7 @@ def load_pipeline(
     path = spec.weights_path(settings)
     if spec.is_tiny:
         ensure_tiny_model(spec.source, path)
-    cls = _PIPELINE_CLASSES[(spec.pipeline, _is_inpainting(spec, path))]
+    cls = _pipeline_class(spec, path)
     kwargs: dict[str, object] = {"dtype": dtype, "local_files_only": True}
     if spec.pipeline == "sd" and not settings.enable_nsfw_filter:
         # Not loading the checker at all saves its ~1.2 GB when the filter is off.
@@ -104,10 +115,61 @@ def load_pipeline(
             f"model {spec.id!r}: {path} is neither a diffusers folder nor a "
             f"{'/'.join(SINGLE_FILE_SUFFIXES)} file"
         )
-    pipe.to(device)
+    _place(pipe, spec.runtime, device)
+    if device == "cpu":
+        realign_weights(pipe)
     apply_runtime(pipe, spec.runtime, device)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+# What torch's CPU allocator guarantees, and what oneDNN's kernels expect of their operands.
+_ALIGNMENT = 64
+
+
+def realign_weights(pipe: DiffusionPipeline) -> int:
+    """Copy every weight that is not 64-byte aligned to fresh memory; returns how many.
+
+    `from_single_file` leaves weights where safetensors put them: at the file's offsets,
+    8-byte aligned. On a CPU, oneDNN picks other kernels for unaligned operands, which
+    moves the last bits of some layers' outputs (measured: the tiny model's time embedding,
+    then up to one level in some pixels of a 64 px image): the same weights would make
+    different images from a single file than from a folder. Aligned, they make the same.
+    """
+    moved = 0
+    for component in pipe.components.values():
+        if not isinstance(component, torch.nn.Module):
+            continue
+        for tensor in (*component.parameters(), *component.buffers()):
+            if tensor.numel() and tensor.data_ptr() % _ALIGNMENT:
+                tensor.data = tensor.data.clone()
+                moved += 1
+    return moved
+
+
+def _pipeline_class(spec: ModelSpec, path: Path) -> type[DiffusionPipeline]:
+    inpainting = _is_inpainting(spec, path)
+    cls = PIPELINE_CLASSES.get((spec.pipeline, inpainting))
+    if cls is None:
+        raise ConfigError(
+            f"model {spec.id!r}: dedicated {spec.pipeline} inpainting models are not supported; "
+            f"list the base model (type: base): it inpaints with its own inpainting pipeline"
+        )
+    return cls
+
+
+def _place(pipe: DiffusionPipeline, runtime: Runtime, device: str) -> None:
+    """Onto `device`, or, with `runtime.cpu_offload` on CUDA, into CPU memory with hooks
+    that move each model (or layer) onto the GPU while it runs."""
+    offload = runtime.cpu_offload if device.startswith("cuda") else "none"
+    if offload == "model":
+        pipe.enable_model_cpu_offload(device=device)
+    elif offload == "sequential":
+        pipe.enable_sequential_cpu_offload(device=device)
+    else:
+        if runtime.cpu_offload != "none":
+            log.info("runtime.cpu_offload is ignored on %s", device)
+        pipe.to(device)
 
 
 def _from_single_file(
@@ -141,8 +203,11 @@ def _is_inpainting(spec: ModelSpec, path: Path) -> bool:
 def apply_runtime(pipe: DiffusionPipeline, runtime: Runtime, device: str) -> None:
     """Apply the spec's speed/memory knobs to a loaded pipeline (see module docstring)."""
     on_cuda = device.startswith("cuda")
+    denoiser = denoiser_of(pipe)
     if runtime.channels_last:
-        pipe.unet.to(memory_format=torch.channels_last)
+        # A memory layout for 4-D convolution inputs: transformers' token tensors have none.
+        if getattr(pipe, "unet", None) is not None:
+            pipe.unet.to(memory_format=torch.channels_last)
         pipe.vae.to(memory_format=torch.channels_last)
     if runtime.vae_tiling:
         pipe.vae.enable_tiling()
@@ -152,10 +217,10 @@ def apply_runtime(pipe: DiffusionPipeline, runtime: Runtime, device: str) -> Non
     if runtime.attention_slicing:
         pipe.enable_attention_slicing()
     if runtime.compile and on_cuda:
-        # In place: the UNet keeps its type and config, so from_pipe and IP-Adapter work.
-        # Default mode: autotuning would add minutes to every replica start, and CUDA
+        # In place: the denoiser keeps its type and config, so from_pipe and IP-Adapter
+        # work. Default mode: autotuning would add minutes to every replica start, and CUDA
         # graphs fit badly with per-task sizes and batch splits.
-        pipe.unet.compile()
+        denoiser.compile()
     elif runtime.compile:
         log.info("runtime.compile is ignored on %s", device)
 
@@ -165,7 +230,8 @@ def pin_execution_device(pipe: DiffusionPipeline) -> None:
 
     diffusers recomputes it on every call (and `encode_prompt` asks again) by walking every
     module of every component for offload hooks: 4 ms a call for the tiny model on a CPU,
-    a tenth of a 64 px job. This service never offloads, so the answer cannot change. The
+    a tenth of a 64 px job. The answer cannot change after loading (with CPU offload it is
+    the GPU the hooks move modules to, set once by `_place`). The
     pipeline becomes an instance of a subclass under the same name, so diffusers' lookups
     by class name (`from_pipe`, `AutoPipeline*`) still work.
     """
@@ -185,22 +251,34 @@ def _pinned_class(cls: type) -> type:
     })
 
 
+def denoiser_of(pipe: DiffusionPipeline) -> torch.nn.Module:
+    """The UNet, or the transformer of FLUX / SD 3 pipelines."""
+    unet = getattr(pipe, "unet", None)
+    return unet if unet is not None else pipe.transformer
+
+
 def needs_inpaint_route(pipe: DiffusionPipeline) -> bool:
     """Whether the UNet takes 9 channels (latents + mask + masked image)."""
-    return int(pipe.unet.config.in_channels) == 9
+    unet = getattr(pipe, "unet", None)
+    return unet is not None and int(unet.config.in_channels) == 9
 
 
 class PipelineSet:
     """The loaded pipeline and the per-mode pipelines derived from it, created once each.
 
-    All of them share one UNet made batch-invariant and a VAE in slicing mode (see
+    All of them share one denoiser made batch-invariant and a VAE in slicing mode (see
     `serve_app.generation.batching`). Not thread-safe: the runner calls it under its lock.
     """
 
-    def __init__(self, base: DiffusionPipeline, batch_invariant: bool = True) -> None:
+    def __init__(self, base: DiffusionPipeline, family: Family | None = None,
+                 batch_invariant: bool = True, device: str | None = None) -> None:
         self.base = base
+        self.family = family or family_of("sd")
         self.inpaint_route = needs_inpaint_route(base)
-        self.unet = BatchInvariantUNet(base.unet, enabled=batch_invariant)
+        self.denoiser = BatchInvariantDenoiser(
+            self.family.denoiser(base), enabled=batch_invariant,
+            on_cpu=None if device is None else device == "cpu",
+        )
         if batch_invariant:
             base.vae.enable_slicing()
         pin_execution_device(base)

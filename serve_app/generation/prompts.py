@@ -1,30 +1,35 @@
 """Text-encoder outputs, cached by prompt.
 
 Encoding a prompt is a full text-encoder forward (4.5 ms for the tiny model on a CPU, more
-for a real CLIP) and users repeat prompts: the same negative prompt on every job, the
-same prompt at several seeds, retries. The embeddings depend only on the prompt, the
-negative prompt and whether guidance is on, so they are cached, least recently used
-first out, and handed to the pipeline as `prompt_embeds`: the pipeline repeats them per
-image exactly as it repeats the embeddings it encodes itself, so images are unchanged.
+for a real CLIP, much more for FLUX's T5) and users repeat prompts: the same negative prompt
+on every job, the same prompt at several seeds, retries. The embeddings depend only on the
+prompt, the negative prompt and whether guidance is on, so they are cached, least recently
+used first out, and handed to the pipeline as its `*_embeds` kwargs (which ones depends on
+the family: `serve_app.generation.families`): the pipeline repeats them per image exactly as
+it repeats the embeddings it encodes itself, so images are unchanged.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 
 import torch
-from diffusers import DiffusionPipeline
 
 # Two (77 x 768) float tensors per entry for SD 1.5: about 0.5 MB; 64 entries, 30 MB.
+# SDXL's (77 x 2048) pairs are ~1.3 MB, FLUX's (512 x 4096) T5 sequence 8 MB in float32.
 CACHE_SIZE = 64
 
-Embeddings = tuple[torch.Tensor, torch.Tensor | None]
+Embeddings = dict[str, torch.Tensor]
+Encoder = Callable[[str, str, bool], Embeddings]
 
 
 class PromptCache:
-    """One model's prompt embeddings (SD-style `encode_prompt` pipelines)."""
+    """One model's prompt embeddings; `encode(prompt, negative_prompt, guidance)` makes
+    them (one row per tensor) on a miss."""
 
-    def __init__(self, size: int = CACHE_SIZE) -> None:
+    def __init__(self, encode: Encoder, size: int = CACHE_SIZE) -> None:
+        self._encode = encode
         self._size = size
         self._entries: OrderedDict[tuple[str, str, bool], Embeddings] = OrderedDict()
         self.hits = 0
@@ -33,9 +38,7 @@ class PromptCache:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def embeddings(self, pipe: DiffusionPipeline, prompt: str, negative_prompt: str,
-                   guidance: bool) -> Embeddings:
-        """(prompt embeddings, negative embeddings or None without guidance), one row."""
+    def embeddings(self, prompt: str, negative_prompt: str, guidance: bool) -> Embeddings:
         key = (prompt, negative_prompt, guidance)
         found = self._entries.get(key)
         if found is not None:
@@ -44,11 +47,7 @@ class PromptCache:
             return found
         self.misses += 1
         with torch.no_grad():
-            positive, negative = pipe.encode_prompt(
-                prompt, pipe._execution_device, 1, guidance,
-                negative_prompt=negative_prompt or None,
-            )
-        entry = (positive, negative if guidance else None)
+            entry = self._encode(prompt, negative_prompt, guidance)
         self._entries[key] = entry
         if len(self._entries) > self._size:
             self._entries.popitem(last=False)

@@ -1,7 +1,11 @@
-"""Sampler names (the wire's `sampler`) -> diffusers schedulers.
+"""Sampler names (the wire's `sampler`) -> diffusers schedulers, per pipeline family.
 
-`SCHEDULERS` holds exactly the names of `serve_app.messages.SAMPLERS` (a test keeps them in
-step). A scheduler is derived from the model's own scheduler config with
+`SCHEDULERS` holds exactly the names of `serve_app.messages.SAMPLERS`, for the diffusion
+(SD 1.x / SDXL) families; `FLOW_SCHEDULERS` the names flow-matching families (FLUX, SD 3)
+accept, `serve_app.model_families.FLOW_MATCHING_SAMPLERS` (tests keep both in step). Which names a
+model accepts is the registry's (torch-free) answer, so the ingress refuses the others.
+
+A scheduler is derived from the model's own scheduler config with
 `Cls.from_config(base_config, **kwargs)`, so what the model was trained with (beta
 schedule, prediction type, timestep spacing) carries over, while the kwargs pin what the
 sampler name promises: a name means the same algorithm whatever the model ships with.
@@ -21,6 +25,7 @@ from diffusers import (
     DPMSolverMultistepScheduler,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
     HeunDiscreteScheduler,
     LMSDiscreteScheduler,
     PNDMScheduler,
@@ -53,12 +58,26 @@ SCHEDULERS: dict[str, tuple[type[SchedulerMixin], dict[str, Any]]] = {
 }
 
 
-def make_scheduler(name: str, base_config: Mapping[str, Any]) -> SchedulerMixin:
+# Flow matching: the plain (deterministic) Euler step on the model's own shift schedule.
+# Stochastic sampling would draw from the global RNG (the pipelines pass the scheduler no
+# generator), breaking seeded reproducibility.
+FLOW_SCHEDULERS: dict[str, tuple[type[SchedulerMixin], dict[str, Any]]] = {
+    "euler": (FlowMatchEulerDiscreteScheduler, {**_PLAIN_SIGMAS, "stochastic_sampling": False}),
+}
+
+
+def scheduler_table(flow_matching: bool) -> dict[str, tuple[type[SchedulerMixin], dict[str, Any]]]:
+    return FLOW_SCHEDULERS if flow_matching else SCHEDULERS
+
+
+def make_scheduler(name: str, base_config: Mapping[str, Any],
+                   flow_matching: bool = False) -> SchedulerMixin:
     """A fresh scheduler for sampler `name`, derived from a pipeline's scheduler config."""
+    table = scheduler_table(flow_matching)
     try:
-        cls, kwargs = SCHEDULERS[name]
+        cls, kwargs = table[name]
     except KeyError:
-        raise ValueError(f"unknown sampler {name!r}; valid: {', '.join(SCHEDULERS)}") from None
+        raise ValueError(f"unknown sampler {name!r}; valid: {', '.join(table)}") from None
     return cls.from_config(dict(base_config), **kwargs)
 
 
@@ -69,16 +88,21 @@ class SamplerFactory:
     what a sampler name resolves to.
     """
 
-    def __init__(self, base_config: Mapping[str, Any]) -> None:
+    def __init__(self, base_config: Mapping[str, Any], flow_matching: bool = False) -> None:
         self._base: Mapping[str, Any] = MappingProxyType(dict(base_config))
+        self._flow = flow_matching
         self._made: dict[str, SchedulerMixin] = {}
 
     @property
     def base_config(self) -> Mapping[str, Any]:
         return self._base
 
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(scheduler_table(self._flow))
+
     def make(self, name: str) -> SchedulerMixin:
-        return make_scheduler(name, self._base)
+        return make_scheduler(name, self._base, self._flow)
 
     def get(self, name: str) -> SchedulerMixin:
         """One scheduler per sampler, made once (`from_config` costs ~1.7 ms). Reusing it

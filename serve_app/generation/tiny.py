@@ -1,17 +1,22 @@
-"""The embedded default models: tiny Stable-Diffusion-shaped pipelines with seeded random weights.
+"""The embedded models: tiny pipelines of each family with seeded random weights.
 
-No machine here reaches a model hub, so the default model is built locally from small configs
-and saved exactly like a real checkpoint (`save_pretrained(..., safe_serialization=True)`);
-it then loads through the real code path, `StableDiffusionPipeline.from_pretrained(dir)`.
+No machine here reaches a model hub, so the test models are built locally from small configs
+(`serve_app.generation.tiny_parts`) and saved exactly like real checkpoints
+(`save_pretrained(..., safe_serialization=True)`); they then load through the real code
+path, `<Pipeline>.from_pretrained(dir)`.
+
+Sources (`TINY_SOURCES`, registry `source:`): `tiny` (SD 1.x shape), `tiny-inpaint` (its
+9-channel inpainting variant), `tiny-sdxl` (two CLIP encoders, pooled embeddings and time
+ids), `tiny-flux` (CLIP + T5, a guidance-distilled FLUX transformer, a 16-channel VAE) and
+`tiny-sd3` (two CLIPs + T5, an SD 3 transformer).
 
 Contract:
-- Every module is constructed right after `torch.manual_seed(<fixed>)` on the CPU, so the
-  weights (and so every image the model makes) are byte-identical on every machine.
-- The VAE has 4 blocks, so `vae_scale_factor` is 8 as in real SD: sizes are multiples of 8.
-- `inpainting=True` gives a 9-channel UNet for `StableDiffusionInpaintPipeline`.
+- Every module is seeded (see `tiny_parts`), so the weights (and so every image the model
+  makes) are byte-identical on every machine.
+- The VAEs have 4 blocks, so `vae_scale_factor` is 8 as in the real models.
 - Building is atomic (build in a temporary folder beside the target, then one rename),
   serialized across processes by a file lock, and idempotent (`ensure_tiny_model`).
-- No safety checker (`safety_checker=None`, `requires_safety_checker=False`).
+- No safety checker.
 
 `build_tiny_ip_adapter` writes a matching IP-Adapter (weights file + CLIP image encoder
 folder) in the layout of the real ones, so the IP-Adapter style path runs offline too.
@@ -19,7 +24,6 @@ folder) in the layout of the real ones, so the IP-Adapter style path runs offlin
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -27,147 +31,41 @@ from pathlib import Path
 
 import torch
 from diffusers import (
-    AutoencoderKL,
-    PNDMScheduler,
+    DiffusionPipeline,
+    FluxPipeline,
+    StableDiffusion3Pipeline,
     StableDiffusionInpaintPipeline,
     StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
 from filelock import FileLock
 from safetensors.torch import save_file
-from transformers import (
-    CLIPTextConfig,
-    CLIPTextModel,
-    CLIPTokenizer,
-    CLIPVisionConfig,
-    CLIPVisionModelWithProjection,
-)
+from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
 from serve_app.errors import ConfigError
+from serve_app.generation import tiny_parts as parts
+from serve_app.generation.tiny_parts import tokenizer_vocab, write_tokenizer_files
 
-TINY_SOURCES: tuple[str, ...] = ("tiny", "tiny-inpaint")
+__all__ = [
+    "TINY_SOURCES", "build_pipeline", "build_tiny_ip_adapter", "build_tiny_model",
+    "build_tiny_pipeline", "ensure_tiny_model", "tokenizer_vocab", "write_tokenizer_files",
+]
 
-# One seed per module, so changing one module's config leaves the others' weights alone.
-_SEEDS = {"unet": 0, "vae": 1, "text_encoder": 2, "image_encoder": 3, "ip_adapter": 4}
-_BOS = "<|startoftext|>"
-_EOS = "<|endoftext|>"
-_HIDDEN = 32  # text encoder width == UNet cross-attention width
-
-
-def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2/CLIP's reversible byte -> printable unicode character table (256 entries)."""
-    printable = (
-        list(range(ord("!"), ord("~") + 1))
-        + list(range(ord("¡"), ord("¬") + 1))
-        + list(range(ord("®"), ord("ÿ") + 1))
-    )
-    chars = list(printable)
-    extra = 0
-    for b in range(256):
-        if b not in printable:
-            printable.append(b)
-            chars.append(256 + extra)
-            extra += 1
-    return dict(zip(printable, (chr(c) for c in chars), strict=True))
-
-
-def tokenizer_vocab() -> dict[str, int]:
-    """A byte-level BPE vocabulary with no merges: every byte, as is and word-final."""
-    symbols = list(bytes_to_unicode().values())
-    tokens = symbols + [s + "</w>" for s in symbols] + [_BOS, _EOS]
-    return {token: i for i, token in enumerate(tokens)}
-
-
-def write_tokenizer_files(folder: Path) -> tuple[Path, Path]:
-    """Write `vocab.json` and `merges.txt` (header only: no merges) into `folder`."""
-    folder.mkdir(parents=True, exist_ok=True)
-    vocab_path = folder / "vocab.json"
-    merges_path = folder / "merges.txt"
-    vocab_path.write_text(json.dumps(tokenizer_vocab(), ensure_ascii=False, sort_keys=False))
-    merges_path.write_text("#version: 0.2\n")
-    return vocab_path, merges_path
-
-
-def _tokenizer(workdir: Path) -> CLIPTokenizer:
-    vocab_path, _ = write_tokenizer_files(workdir)
-    vocab = json.loads(vocab_path.read_text())
-    # Without model_max_length, padding to max length (what SD pipelines do) breaks.
-    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
-
-
-def _text_encoder(vocab_size: int, bos_id: int, eos_id: int) -> CLIPTextModel:
-    config = CLIPTextConfig(
-        vocab_size=vocab_size,
-        hidden_size=_HIDDEN,
-        intermediate_size=37,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=77,
-        projection_dim=_HIDDEN,
-        bos_token_id=bos_id,
-        eos_token_id=eos_id,
-        pad_token_id=eos_id,
-    )
-    torch.manual_seed(_SEEDS["text_encoder"])
-    return CLIPTextModel(config).eval()
-
-
-def _unet(in_channels: int) -> UNet2DConditionModel:
-    torch.manual_seed(_SEEDS["unet"])
-    return UNet2DConditionModel(
-        sample_size=32,
-        in_channels=in_channels,
-        out_channels=4,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=_HIDDEN,
-        attention_head_dim=8,
-    ).eval()
-
-
-def _vae() -> AutoencoderKL:
-    torch.manual_seed(_SEEDS["vae"])
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        # Four blocks: three downsamplings, vae_scale_factor 8 as in real SD.
-        block_out_channels=(8, 16, 16, 16),
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=256,
-    ).eval()
-
-
-def _scheduler() -> PNDMScheduler:
-    # SD 1.5's shipped scheduler config: samplers are derived from it with from_config.
-    return PNDMScheduler(
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        skip_prk_steps=True,
-        set_alpha_to_one=False,
-        steps_offset=1,
-    )
+TINY_SOURCES: tuple[str, ...] = ("tiny", "tiny-inpaint", "tiny-sdxl", "tiny-flux", "tiny-sd3")
+_HIDDEN = parts.HIDDEN
 
 
 def build_pipeline(workdir: Path, inpainting: bool = False) -> StableDiffusionPipeline:
-    """The tiny pipeline in memory (`workdir` receives the generated tokenizer files)."""
-    tokenizer = _tokenizer(workdir)
+    """The tiny SD pipeline in memory (`workdir` receives the generated tokenizer files)."""
+    tokenizer = parts.clip_tokenizer(workdir)
     pipeline_cls = StableDiffusionInpaintPipeline if inpainting else StableDiffusionPipeline
     return pipeline_cls(
-        vae=_vae(),
-        text_encoder=_text_encoder(
-            len(tokenizer), tokenizer.convert_tokens_to_ids(_BOS), tokenizer.eos_token_id
-        ),
+        vae=parts.vae(),
+        text_encoder=parts.clip_encoder(tokenizer, "text_encoder"),
         tokenizer=tokenizer,
-        unet=_unet(9 if inpainting else 4),
-        scheduler=_scheduler(),
+        unet=parts.sd_unet(9 if inpainting else 4),
+        scheduler=parts.sd_scheduler(),
         safety_checker=None,
         feature_extractor=None,
         image_encoder=None,
@@ -175,8 +73,75 @@ def build_pipeline(workdir: Path, inpainting: bool = False) -> StableDiffusionPi
     )
 
 
-def build_tiny_model(target_dir: Path, inpainting: bool = False) -> Path:
-    """Build the tiny model into `target_dir` atomically; returns `target_dir`.
+def build_sdxl_pipeline(workdir: Path) -> StableDiffusionXLPipeline:
+    """Both text encoders (the second with its projection, which gives the pooled
+    embedding) share the tokenizer; the UNet attends to their concatenated widths."""
+    tokenizer = parts.clip_tokenizer(workdir)
+    encoder = parts.clip_encoder(tokenizer, "text_encoder")
+    encoder_2 = parts.clip_encoder(tokenizer, "text_encoder_2", projection=True)
+    width = encoder.config.hidden_size + encoder_2.config.hidden_size
+    return StableDiffusionXLPipeline(
+        vae=parts.vae(),
+        text_encoder=encoder,
+        text_encoder_2=encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer,
+        unet=parts.sdxl_unet(4, width, encoder_2.config.projection_dim),
+        scheduler=parts.sdxl_scheduler(),
+    )
+
+
+def build_flux_pipeline(workdir: Path, guidance_embeds: bool = True) -> FluxPipeline:
+    """FLUX.1 dev's shape by default; `guidance_embeds=False` gives schnell's."""
+    tokenizer, tokenizer_2 = parts.clip_tokenizer(workdir), parts.t5_tokenizer()
+    clip = parts.clip_encoder(tokenizer, "text_encoder")
+    t5 = parts.t5_encoder(tokenizer_2, d_model=_HIDDEN)
+    return FluxPipeline(
+        scheduler=parts.flux_scheduler(),
+        vae=parts.vae(latent_channels=16),
+        text_encoder=clip,
+        tokenizer=tokenizer,
+        text_encoder_2=t5,
+        tokenizer_2=tokenizer_2,
+        transformer=parts.flux_transformer(t5.config.d_model, clip.config.hidden_size,
+                                           guidance_embeds),
+    )
+
+
+def build_sd3_pipeline(workdir: Path) -> StableDiffusion3Pipeline:
+    tokenizer, tokenizer_3 = parts.clip_tokenizer(workdir), parts.t5_tokenizer()
+    clip = parts.clip_encoder(tokenizer, "text_encoder", projection=True)
+    clip_2 = parts.clip_encoder(tokenizer, "text_encoder_2", projection=True)
+    # SD 3 pads the CLIPs' concatenated width up to T5's: T5 must be at least as wide.
+    t5 = parts.t5_encoder(tokenizer_3, d_model=2 * _HIDDEN)
+    return StableDiffusion3Pipeline(
+        transformer=parts.sd3_transformer(t5.config.d_model, 2 * _HIDDEN),
+        scheduler=parts.sd3_scheduler(),
+        vae=parts.vae(latent_channels=16),
+        text_encoder=clip,
+        tokenizer=tokenizer,
+        text_encoder_2=clip_2,
+        tokenizer_2=tokenizer,
+        text_encoder_3=t5,
+        tokenizer_3=tokenizer_3,
+    )
+
+
+def build_tiny_pipeline(source: str, workdir: Path) -> DiffusionPipeline:
+    """The in-memory pipeline of tiny `source` (one of `TINY_SOURCES`)."""
+    if source in ("tiny", "tiny-inpaint"):
+        return build_pipeline(workdir, inpainting=source == "tiny-inpaint")
+    if source == "tiny-sdxl":
+        return build_sdxl_pipeline(workdir)
+    if source == "tiny-flux":
+        return build_flux_pipeline(workdir)
+    if source == "tiny-sd3":
+        return build_sd3_pipeline(workdir)
+    raise ValueError(f"not a tiny model source: {source!r}; valid: {TINY_SOURCES}")
+
+
+def build_tiny_model(target_dir: Path, source: str = "tiny") -> Path:
+    """Build tiny `source` into `target_dir` atomically; returns `target_dir`.
 
     Safe against concurrent builders: a file lock beside the target serializes them, and
     the folder appears in one rename, so a reader sees either nothing or a complete model.
@@ -190,7 +155,7 @@ def build_tiny_model(target_dir: Path, inpainting: bool = False) -> Path:
         _clear_empty(target_dir)
         staging = Path(tempfile.mkdtemp(prefix=f".{target_dir.name}.build-", dir=target_dir.parent))
         try:
-            pipe = build_pipeline(staging / "_tokenizer_source", inpainting=inpainting)
+            pipe = build_tiny_pipeline(source, staging / "_tokenizer_source")
             pipe.save_pretrained(staging / "model", safe_serialization=True)
             try:
                 os.rename(staging / "model", target_dir)
@@ -205,13 +170,13 @@ def build_tiny_model(target_dir: Path, inpainting: bool = False) -> Path:
 
 
 def ensure_tiny_model(spec_source: str, target_dir: Path) -> Path:
-    """Build the tiny model for `spec_source` ("tiny" / "tiny-inpaint") unless already there."""
+    """Build the tiny model for `spec_source` (one of `TINY_SOURCES`) unless already there."""
     if spec_source not in TINY_SOURCES:
         raise ValueError(f"not a tiny model source: {spec_source!r}; valid: {TINY_SOURCES}")
     target_dir = Path(target_dir)
     if _complete(target_dir):
         return target_dir
-    return build_tiny_model(target_dir, inpainting=spec_source == "tiny-inpaint")
+    return build_tiny_model(target_dir, spec_source)
 
 
 def build_tiny_ip_adapter(target_dir: Path) -> tuple[Path, Path]:
@@ -222,7 +187,7 @@ def build_tiny_ip_adapter(target_dir: Path) -> tuple[Path, Path]:
     """
     target_dir = Path(target_dir)
     target_dir.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(_SEEDS["image_encoder"])
+    torch.manual_seed(parts.SEEDS["image_encoder"])
     encoder = CLIPVisionModelWithProjection(
         CLIPVisionConfig(
             hidden_size=_HIDDEN,
@@ -238,14 +203,14 @@ def build_tiny_ip_adapter(target_dir: Path) -> tuple[Path, Path]:
     encoder.save_pretrained(encoder_dir, safe_serialization=True)
 
     tokens = 4  # a plain IP-Adapter projects the image embedding to 4 extra text tokens
-    torch.manual_seed(_SEEDS["ip_adapter"])
+    torch.manual_seed(parts.SEEDS["ip_adapter"])
     tensors = {
         "image_proj.proj.weight": torch.randn(_HIDDEN * tokens, _HIDDEN) * 0.1,
         "image_proj.proj.bias": torch.zeros(_HIDDEN * tokens),
         "image_proj.norm.weight": torch.ones(_HIDDEN),
         "image_proj.norm.bias": torch.zeros(_HIDDEN),
     }
-    unet = _unet(4)
+    unet = parts.sd_unet(4)
     # diffusers numbers the cross-attention processors 1, 3, 5, ... in processor order.
     key_id = 1
     for name in unet.attn_processors:
