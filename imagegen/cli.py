@@ -110,12 +110,16 @@ def run_generation(args: argparse.Namespace,
         job = submit(client, options)
         args.submitted = job.id
         if args.no_wait:
-            display.print_json(job.raw) if args.json else print(job.id)
+            if args.json:
+                display.print_json(job.raw)
+            else:
+                print(job.id)
             return EXIT_OK
         with display.progress_bar(job, enabled=not args.json) as on_progress:
             done = client.wait(job, timeout=args.timeout, on_progress=on_progress,
                                raise_on_failure=False)
-    if done.status is not JobStatus.COMPLETED:
+    result = done.result
+    if done.status is not JobStatus.COMPLETED or result is None:
         if args.json:
             display.print_json(display.without_images(done.raw))
         print(f"imagegen: job {done.id} {done.status}: {done.error or 'no reason given'}",
@@ -127,10 +131,9 @@ def run_generation(args: argparse.Namespace,
     if args.json:
         display.print_json(display.without_images(done.raw) | {"files": [str(p) for p in paths]})
     else:
-        assert done.result is not None
-        taken = f"{done.result.time_taken_ms / 1000:.1f} s" if done.result.time_taken_ms else ""
-        for path, seed in zip(paths, done.result.seeds or [None] * len(paths), strict=False):
-            print(f"{path}  (seed {seed}{', ' + taken if taken else ''})")
+        taken = f", {result.time_taken_ms / 1000:.1f} s" if result.time_taken_ms else ""
+        for path, seed in zip(paths, result.seeds or [None] * len(paths), strict=False):
+            print(f"{path}  (seed {seed}{taken})")
     return EXIT_OK
 
 
@@ -168,7 +171,10 @@ def cmd_jobs(args: argparse.Namespace) -> int:
 def cmd_show(args: argparse.Namespace) -> int:
     with connect(args) as client:
         job = client.get(args.job_id)
-    display.print_json(display.without_images(job.raw)) if args.json else display.show_job(job)
+    if args.json:
+        display.print_json(display.without_images(job.raw))
+    else:
+        display.show_job(job)
     return EXIT_OK
 
 
@@ -185,7 +191,10 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 def cmd_models(args: argparse.Namespace) -> int:
     with connect(args) as client:
         models = client.models()
-    display.print_json([m.raw for m in models]) if args.json else display.show_models(models)
+    if args.json:
+        display.print_json([m.raw for m in models])
+    else:
+        display.show_models(models)
     return EXIT_OK
 
 
@@ -193,7 +202,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     with connect(args) as client:
         queue = client.queue_status()
         url = client.base_url
-    display.print_json(queue.raw) if args.json else display.show_status(url, queue)
+    if args.json:
+        display.print_json(queue.raw)
+    else:
+        display.show_status(url, queue)
     return EXIT_OK
 
 

@@ -60,7 +60,7 @@ def camel(name: str) -> str:
     return head + "".join(part.title() for part in rest)
 
 
-def job_id(job: str | Job) -> str:
+def _path_id(job: str | Job) -> str:
     """A job id from an id or a `Job`; quoted for use in a path."""
     return quote(job if isinstance(job, str) else job.id, safe="")
 
@@ -127,19 +127,19 @@ def style_transfer(content: ImageInput, style: ImageInput, prompt: str | None,
 
 
 def get(job: str | Job) -> Call:
-    return Call("GET", f"/jobs/{job_id(job)}")
+    return Call("GET", f"/jobs/{_path_id(job)}")
 
 
 def image(job: str | Job, index: int) -> Call:
-    return Call("GET", f"/jobs/{job_id(job)}/images/{int(index)}")
+    return Call("GET", f"/jobs/{_path_id(job)}/images/{int(index)}")
 
 
 def events(job: str | Job) -> Call:
-    return Call("GET", f"/jobs/{job_id(job)}/events")
+    return Call("GET", f"/jobs/{_path_id(job)}/events")
 
 
 def cancel(job: str | Job) -> Call:
-    return Call("POST", f"/jobs/{job_id(job)}/cancel")
+    return Call("POST", f"/jobs/{_path_id(job)}/cancel")
 
 
 def jobs(status: str | None, type: str | None, model: str | None, limit: int | None,

@@ -11,8 +11,15 @@ from typing import Any
 import httpx
 from httpx_sse import ServerSentEvent
 
-from imagegen.exceptions import APIError, ConnectionFailed, WaitTimeout, api_error
-from imagegen.results import Job
+from imagegen.exceptions import (
+    APIError,
+    ConnectionFailed,
+    JobCancelled,
+    JobFailed,
+    WaitTimeout,
+    api_error,
+)
+from imagegen.results import Job, JobStatus
 
 DEFAULT_URL = "http://localhost:3003"
 DEFAULT_TIMEOUT_S = 30.0
@@ -22,6 +29,22 @@ POLL_FIRST_S = 0.1
 POLL_MAX_S = 1.0
 
 ProgressCallback = Callable[[Job], Any]
+
+
+JobRef = str | Job
+
+
+def job_id(job: JobRef) -> str:
+    return job if isinstance(job, str) else job.id
+
+
+def finished(job: Job, raise_on_failure: bool) -> Job:
+    """`job`, or the error for a job that ended without images."""
+    if raise_on_failure and job.status is JobStatus.CANCELLED:
+        raise JobCancelled(job)
+    if raise_on_failure and job.status is JobStatus.FAILED:
+        raise JobFailed(job)
+    return job
 
 
 def client_options(base_url: str, api_key: str | None, timeout: float | None,
