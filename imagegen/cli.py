@@ -115,7 +115,8 @@ def run_generation(args: argparse.Namespace,
             else:
                 print(job.id)
             return EXIT_OK
-        with display.progress_bar(job, enabled=not args.json) as on_progress:
+        bar = not args.json and sys.stderr.isatty()
+        with display.progress_bar(job, enabled=bar) as on_progress:
             done = client.wait(job, timeout=args.timeout, on_progress=on_progress,
                                raise_on_failure=False)
     result = done.result

@@ -56,8 +56,9 @@ def describe(job: Job) -> str:
 
 
 @contextmanager
-def progress_bar(job: Job, enabled: bool = True) -> Iterator[ProgressCallback]:
-    """A bar on stderr that follows the job's events; yields the progress callback."""
+def progress_bar(job: Job, enabled: bool = True,
+                 console: Console | None = None) -> Iterator[ProgressCallback]:
+    """A bar (on stderr) that follows the job's events; yields the progress callback."""
     if not enabled:
         yield lambda _job: None
         return
@@ -72,7 +73,7 @@ def progress_bar(job: Job, enabled: bool = True) -> Iterator[ProgressCallback]:
 
     columns = (SpinnerColumn(), TextColumn("{task.fields[job]} {task.description}"),
                BarColumn(), TaskProgressColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=stderr(), transient=True) as bar:
+    with Progress(*columns, console=console or stderr(), transient=True) as bar:
         task = bar.add_task(describe(job), total=100, completed=job.progress, job=job.id)
 
         def update(current: Job) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import threading
 import time
@@ -177,10 +178,19 @@ def test_usage_errors_exit_2(capsys) -> None:
     assert exc.value.code == 2 and "size must look like 512x512" in capsys.readouterr().err
 
 
-def test_progress_bar_goes_to_stderr_and_leaves_stdout_to_results(url, tmp_path,
-                                                                  capsys) -> None:
-    out = tmp_path / "x.png"
-    assert main(["generate", "x", "-o", str(out), "--size", "64x64", "--url", url]) == 0
-    stdout = capsys.readouterr().out
-    assert one_line(stdout).startswith(str(out))
-    assert size_of(out) == ("PNG", (64, 64))
+def test_the_progress_bar_follows_status_phase_and_progress() -> None:
+    from rich.console import Console
+
+    from imagegen.display import progress_bar
+    from imagegen.results import Job
+
+    screen = io.StringIO()
+    console = Console(file=screen, force_terminal=True, width=100)
+    queued = Job.from_wire({"id": "job_1_a", "status": "queued", "queuePosition": 2,
+                            "phase": "queued"})
+    with progress_bar(queued, console=console) as update:
+        update(Job.from_wire({"id": "job_1_a", "status": "processing", "progress": 40,
+                              "phase": "generating", "queuePosition": 0}))
+    shown = screen.getvalue()  # the first frame, then the last one before it is cleared
+    assert "job_1_a queued (position 2)" in shown and "  0%" in shown
+    assert "job_1_a generating" in shown and " 40%" in shown
