@@ -24,6 +24,7 @@ WORKDIR /home/ray/imagegen
 COPY --chown=ray:users pyproject.toml README.md ./
 COPY --chown=ray:users serve_app ./serve_app
 COPY --chown=ray:users deployments ./deployments
+COPY --chown=ray:users imagegen ./imagegen
 COPY --chown=ray:users config ./config
 RUN pip install --no-cache-dir -e . \
     && python -c "import torch; assert torch.__version__.split('+')[0] == '2.13.0', torch.__version__"

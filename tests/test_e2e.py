@@ -104,3 +104,26 @@ def test_bad_input_through_the_real_stack(client, body, message) -> None:
 def test_unknown_job_is_404(client) -> None:
     resp = client.get("/jobs/job_1_missing")
     assert resp.status_code == 404 and resp.json() == {"error": "Job not found"}
+
+
+def test_cli_generate_through_the_real_stack_writes_the_pngs(serve_harness, tmp_path,
+                                                              capsys) -> None:
+    from imagegen.cli import main
+    from imagegen.client import Client
+
+    out = tmp_path / "lake.png"
+    assert main(["generate", "a lake at dawn", "-o", str(out), "-n", "2", "--size", "128x96",
+                 "--steps", "2", "--seed", "11", "--url", serve_harness.url]) == 0
+    files = [tmp_path / "lake-0.png", tmp_path / "lake-1.png"]
+    for path in files:
+        with Image.open(path) as image:
+            assert (image.format, image.size) == ("PNG", (128, 96))
+    assert files[0].read_bytes() != files[1].read_bytes()
+    assert capsys.readouterr().out.splitlines()[0].startswith(f"{files[0]}  (seed 11")
+    with Client(serve_harness.url) as client:
+        (job,) = client.jobs(limit=1).jobs
+        assert client.image_bytes(job, 1) == files[1].read_bytes()
+        # The event stream passes Serve's HAProxy: records until the job ends.
+        streamed = list(client.stream(client.text2img("x", width=64, height=64, steps=1),
+                                      timeout=60))
+    assert streamed[-1].status == "completed"
