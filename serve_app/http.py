@@ -163,6 +163,9 @@ def create_api() -> FastAPI:
         queue = await _ctx(request).backend.queue_status()
         return {"status": "ok", "queuedJobs": queue["queuedJobs"]}
 
+    from serve_app.playground import routes as playground_routes
+
+    api.router.routes.extend(playground_routes())
     return api
 
 
