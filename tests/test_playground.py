@@ -283,6 +283,31 @@ def test_generate_through_the_page_by_its_labels(page, client, shots) -> None:
     assert control(page, "Number of images").get_attribute("value") == "1"
 
 
+def test_history_pages_through_the_job_list_and_opens_a_job(page, client) -> None:
+    jobs = [client.post("/generate/text2img", json={
+        "prompt": f"page {n}", "width": 64, "height": 64, "steps": 1}).json() for n in range(3)]
+    done = [wait_for(client, j["id"]) for j in jobs]
+    newest_first = [j["id"] for j in reversed(jobs)]
+
+    def listed(d: WebDriver) -> list[str]:  # in one call: the list is redrawn as it loads
+        return d.execute_script("return [...document.querySelectorAll("
+                                "'#history-list .history-item')].map((e) => e.title);")
+
+    page.execute_script("document.getElementById('history-list').dataset.pageSize = '2'")
+    button(page, "Refresh").click()
+    wait(page, 10).until(lambda d: listed(d) == newest_first[:2])
+    button(page, "Older").click()
+    wait(page, 10).until(lambda d: listed(d)[:1] == newest_first[2:])
+    button(page, "Newer").click()
+    wait(page, 10).until(lambda d: listed(d) == newest_first[:2])
+    assert not button(page, "Newer").is_enabled()
+
+    page.find_element(By.CSS_SELECTOR, f"[title='{jobs[1]['id']}']").click()
+    [image] = wait(page, 10).until(lambda d: d.find_elements(By.XPATH, GENERATED))
+    assert image.get_attribute("alt") == f"Generated image 1 (seed {done[1]['result']['seed']})"
+    assert image.get_attribute("src") == done[1]["result"]["images"][0]
+
+
 def test_event_stream_parser_handles_any_chunk_boundary(page) -> None:
     stream = (": ping\r\n\r\nevent: job\r\ndata: {\"a\": \"é→\"}\r\nid: 7\r\n\r\n"
               "data: one\ndata:two\n\n: comment\nevent: other\ndata: x\n\n"

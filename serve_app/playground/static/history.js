@@ -35,7 +35,7 @@ export class History {
   }
 
   async load() {
-    const params = { limit: PAGE_SIZE };
+    const params = { limit: Number(this.list.dataset.pageSize) || PAGE_SIZE };
     const cursor = this.cursors.at(-1);
     if (cursor) params.cursor = cursor;
     const status = $('history-status').value;
