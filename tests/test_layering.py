@@ -18,7 +18,8 @@ PACKAGES = ("serve_app", "deployments")
 KERNEL = ("serve_app.errors", "serve_app.settings", "serve_app.registry", "serve_app.messages",
           "serve_app.credentials", "serve_app.model_families")
 ALLOWED: dict[str, tuple[str, ...]] = {
-    "serve_app.api": ("serve_app.api", "serve_app.jobs.job", *KERNEL),
+    "serve_app.api": ("serve_app.api", "serve_app.jobs.job", "serve_app.playground", *KERNEL),
+    "serve_app.playground": (),
     "serve_app.jobs": ("serve_app.jobs", "serve_app.stores", *KERNEL),
     "serve_app.stores": ("serve_app.stores",),
     "serve_app.generation": ("serve_app.generation", *KERNEL),

@@ -36,6 +36,7 @@ from serve_app.api.wire import (
 from serve_app.errors import InvalidRequest, RateLimited
 from serve_app.jobs.job import JobStatus
 from serve_app.messages import OPEN, JobType, Submission
+from serve_app.playground import routes as playground_routes
 from serve_app.registry import Registry
 from serve_app.settings import Settings
 
@@ -153,6 +154,7 @@ def create_api(ctx: ApiContext) -> FastAPI:
         queue = await _ctx(request).backend.queue_status(OPEN)
         return JSONResponse({"status": "ok", "queuedJobs": queue["queuedJobs"]})
 
+    api.router.routes.extend(playground_routes())
     _document_request_models(api)
     return api
 

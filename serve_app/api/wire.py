@@ -182,6 +182,7 @@ class ModelInfo(Reply):
     description: str
     type: str
     pipeline: str = Field(description="Model family: sd, sdxl, flux or sd3")
+    samplers: list[str] = Field(description="The samplers this model accepts")
     loaded: bool = Field(description="Whether a replica is ready (else a cold start)")
     version: str
     served: bool = Field(description="Whether its weights are present here")

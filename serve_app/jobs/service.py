@@ -262,6 +262,7 @@ class JobTracker:
                 "description": spec.description,
                 "type": spec.type,
                 "pipeline": spec.pipeline,
+                "samplers": list(spec.samplers),
                 "loaded": replicas > 0,
                 "version": spec.version,
                 "served": served,
