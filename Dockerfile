@@ -4,9 +4,11 @@
 #
 #   docker build -t imagegen:latest .
 #
-# One GPU machine (Ray starts inside the container; weights under /srv/models):
-#   docker run --gpus all --shm-size=8g -p 3003:3003 -p 8265:8265 \
-#     -v /srv/models:/models imagegen:latest
+# One GPU machine (Ray starts inside the container; weights under /srv/models; it serves
+# on 0.0.0.0, so it needs API keys: API_KEYS, or a keys file mounted and named by
+# IMAGEGEN_API_KEYS_FILE; ALLOW_ANONYMOUS=1 serves openly on purpose):
+#   docker run --gpus all --shm-size=8g -p 3003:3003 \
+#     -e API_KEYS="alice:$(imagegen keys new --bare)" -v /srv/models:/models imagegen:latest
 #   # smoke test without weights: add -e IMAGEGEN_DEFAULT_MODEL=tiny-sd
 #
 # On Kubernetes, config/rayservice.yaml runs this image; KubeRay replaces CMD with its own

@@ -7,6 +7,8 @@ its own tracker handle.
 
 from __future__ import annotations
 
+import logging
+
 from fastapi import FastAPI
 from ray.serve.handle import DeploymentHandle
 
@@ -15,16 +17,37 @@ from serve_app.api.tracker_client import TrackerClient
 from serve_app.registry import Registry
 from serve_app.settings import Settings
 
+log = logging.getLogger(__name__)
+
 
 class Ingress:
-    def __init__(
+    async def __init__(  # type: ignore[misc]  # Serve awaits an async constructor
         self,
         tracker: DeploymentHandle,
         settings: Settings,
         registry: Registry,
         served: frozenset[str],
     ) -> None:
+        # The builder checked IMAGEGEN_HOST; Serve's own HTTP host (the serve config's
+        # http_options) is only known here. An open service on another host does not start.
+        host = await _serve_http_host()
+        if host is not None:
+            settings.check_exposure(host)
         self._api = create_api(ApiContext(TrackerClient(tracker), settings, registry, served))
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return self._api
+
+
+async def _serve_http_host() -> str | None:
+    """The host Serve's HTTP options name, as its controller has them; None if unknown."""
+    from ray.serve.context import _get_global_client
+
+    try:
+        client = _get_global_client()
+        options = await client._controller.get_http_config.remote()
+        return str(options.host) if options.host else None
+    except Exception:  # a Ray internal: never let it stop the service
+        log.warning("could not read Serve's HTTP host; the open-service check used "
+                    "IMAGEGEN_HOST only", exc_info=True)
+        return None

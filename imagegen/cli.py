@@ -21,7 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from imagegen import display
+from imagegen import display, keys
 from imagegen.client import Client
 from imagegen.exceptions import APIError, ImagegenError, WaitTimeout
 from imagegen.payloads import GenerationOptions
@@ -305,6 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_server)
     sub.add_parser("build-tiny-models", help="build the embedded tiny models"
                    ).set_defaults(run=cmd_server)
+    keys.add_parser(sub)
     return parser
 
 

@@ -62,6 +62,7 @@ def model_options(spec: ModelSpec) -> dict[str, Any]:
 
 def resolve(args: AppArgs) -> tuple[Settings, Registry, list[ModelSpec]]:
     settings = load_settings(args.settings)
+    settings.check_exposure(settings.host)
     registry = (
         load_registry(args.models)
         if isinstance(args.models, str)

@@ -108,6 +108,7 @@ def serve_forever(config_path: str) -> None:
         http["port"] = settings.port
     if "IMAGEGEN_HOST" in os.environ or "host" not in http:
         http["host"] = settings.host
+    settings.check_exposure(http["host"])
 
     try:
         start_local_ray()

@@ -7,6 +7,7 @@ environment of whatever machine they land on).
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -98,6 +99,25 @@ class Settings(BaseModel):
     def open(self) -> bool:
         """No API keys: every request is served, as the one anonymous caller."""
         return not self.api_keys
+
+    def check_exposure(self, host: str) -> None:
+        """Refuse to serve without API keys on anything but loopback, unless asked to."""
+        if self.open and not self.allow_anonymous and not is_loopback(host):
+            raise ConfigError(
+                f"Refusing to serve on {host} without API keys: anyone who reaches it could "
+                "read and cancel every job. Set API_KEYS (e.g. API_KEYS=alice:$(imagegen keys "
+                "new --bare)) or IMAGEGEN_API_KEYS_FILE, or set ALLOW_ANONYMOUS=1 to serve "
+                "openly on purpose.")
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` (an address or a name) is this machine only."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 # Environment variable -> settings field. The first six are the seed document's.

@@ -70,11 +70,12 @@ def cluster_config() -> dict[str, Any]:
 
 
 def app_settings_env(app: dict[str, Any], monkeypatch: pytest.MonkeyPatch,
-                     redis_addr: str) -> dict[str, str]:
+                     redis_addr: str, redis_password: str = "pw") -> dict[str, str]:
     """The app's runtime_env env_vars as a Ray worker sees them: expanded by Ray itself
     (`${VAR}` from the node's environment, as exported before `ray start`)."""
     env_vars: dict[str, str] = (app.get("runtime_env") or {}).get("env_vars") or {}
     monkeypatch.setenv("IMAGEGEN_REDIS_ADDR", redis_addr)
+    monkeypatch.setenv("IMAGEGEN_REDIS_PASSWORD", redis_password)
     for key in env_vars:
         monkeypatch.setenv(key, "")  # restored after the test; update_envs overwrites
     update_envs(env_vars)
@@ -141,6 +142,25 @@ def test_cluster_head_runs_redis_and_every_node_exports_its_address() -> None:
         assert match.end() < command.index("ray start")
 
 
+def test_cluster_redis_wants_a_password_and_is_not_on_every_interface() -> None:
+    config = cluster_config()
+    head_setup = " ".join(config["head_setup_commands"])
+    assert "--requirepass" in head_setup and "--protected-mode yes" in head_setup
+    assert "0.0.0.0" not in head_setup and "--protected-mode no" not in head_setup
+    assert config["file_mounts"]["~/imagegen-secrets"] == "~/.imagegen/secrets"
+
+
+def test_cluster_turns_ray_token_auth_on_everywhere_and_keeps_the_dashboard_local() -> None:
+    config = cluster_config()
+    for start in (config["head_start_ray_commands"], config["worker_start_ray_commands"]):
+        command = " ".join(start)
+        assert "RAY_AUTH_MODE=token" in command
+        assert "RAY_AUTH_TOKEN_PATH=~/imagegen-secrets/ray-token" in command
+        assert command.index("RAY_AUTH_MODE") < command.index("ray start")
+        assert "IMAGEGEN_REDIS_PASSWORD" in command and "IMAGEGEN_API_KEYS_FILE" in command
+    assert "--dashboard-host=127.0.0.1" in " ".join(config["head_start_ray_commands"])
+
+
 # --- serve configs ------------------------------------------------------------------
 
 
@@ -177,7 +197,7 @@ def test_gpu_serve_config_points_the_store_at_the_nodes_redis(
     (app,) = load_yaml("config/serve.gpu.yaml")["applications"]
     env = app_settings_env(app, monkeypatch, redis_addr=f"10.0.0.5:{REDIS_PORT}")
     settings = load_settings(app["args"]["settings"], env=env)
-    assert settings.redis_url == f"redis://10.0.0.5:{REDIS_PORT}/0"
+    assert settings.redis_url == f"redis://:pw@10.0.0.5:{REDIS_PORT}/0"
 
 
 def test_gpu_app_composes_when_the_weights_are_present(
@@ -305,10 +325,25 @@ def test_rayservice_pods_run_the_image_with_weights_redis_and_the_serve_port() -
         mount = next(m for m in container["volumeMounts"] if m["mountPath"] == "/models")
         volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])
         assert volume["persistentVolumeClaim"]["claimName"] in claims
-        env = {e["name"]: e["value"] for e in container["env"]}
-        host, redis_port = env["IMAGEGEN_REDIS_ADDR"].split(":")
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        host, redis_port = str(env["IMAGEGEN_REDIS_ADDR"]).split(":")
         ports = [p["port"] for p in redis_services[host]["spec"]["ports"]]
         assert int(redis_port) in ports
+
+
+def test_rayservice_secrets_come_from_a_secret_and_ray_uses_tokens() -> None:
+    service = rayservice()
+    assert service["spec"]["rayClusterConfig"]["authOptions"] == {"mode": "token"}
+    (redis,) = rayservice_resources("Deployment").values()
+    (container,) = redis["spec"]["template"]["spec"]["containers"]
+    assert "--requirepass" in container["args"]
+    (password,) = [e for e in container["env"] if e["name"] == "REDIS_PASSWORD"]
+    assert password["valueFrom"]["secretKeyRef"]["name"] == "imagegen-secrets"
+    for pod in ray_pod_specs(service):
+        (ray_container,) = pod["containers"]
+        env = {e["name"]: e for e in ray_container["env"]}
+        assert "secretKeyRef" in env["IMAGEGEN_REDIS_PASSWORD"]["valueFrom"]
+        assert "value" not in env["IMAGEGEN_REDIS_PASSWORD"]
 
 
 # --- image --------------------------------------------------------------------------
