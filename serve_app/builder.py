@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from ray.serve import Application
 
@@ -32,6 +32,8 @@ class AppArgs(BaseModel):
     models: str | dict[str, Any] = "config/models.yaml"
     # Overrides of `serve_app.settings.Settings` fields; environment variables win.
     settings: dict[str, Any] = {}
+    # HTTP ingress replicas (each answers HTTP itself behind Serve's HAProxy).
+    ingress_replicas: int = Field(1, ge=1, le=64)
 
 
 # The ingress and the tracker take no CPU of their own from Ray's accounting: they are
@@ -87,5 +89,6 @@ def build_app(args: AppArgs | dict[str, Any] | None = None) -> Application:
     served_ids = frozenset(models)
     tracker = serve.deployment(Tracker, **TRACKER_OPTIONS).bind(
         settings, registry, served_ids, models)
-    ingress = serve.deployment(serve.ingress()(Ingress), **INGRESS_OPTIONS)
+    ingress = serve.deployment(serve.ingress()(Ingress), **INGRESS_OPTIONS,
+                               num_replicas=args.ingress_replicas)
     return ingress.bind(tracker, settings, registry, served_ids)

@@ -28,14 +28,15 @@ class ServeHarness:
     data_dir: Path
 
     def deploy(self, models: str | dict[str, Any] = "config/models.yaml",
-               **settings: Any) -> None:
+               ingress_replicas: int = 1, **settings: Any) -> None:
         from ray import serve
 
         from serve_app.builder import build_app
 
         base = {"cache_dir": str(self.cache_dir), "data_dir": str(self.data_dir),
                 "store": "sqlite"}
-        serve.run(build_app({"models": models, "settings": base | settings}),
+        serve.run(build_app({"models": models, "settings": base | settings,
+                             "ingress_replicas": ingress_replicas}),
                   name=APP_NAME, route_prefix="/",
                   logging_config={"enable_access_log": False})
 
