@@ -145,7 +145,7 @@ class NoReplicas:
         raise RuntimeError("the scale benchmark runs no jobs")
         yield  # pragma: no cover
 
-    async def ready_counts(self) -> dict[str, int]:
+    async def replica_states(self) -> dict[str, dict[str, int]]:
         return {}
 
 

@@ -33,7 +33,9 @@ class Ingress:
         host = await _serve_http_host()
         if host is not None:
             settings.check_exposure(host)
-        self._api = create_api(ApiContext(TrackerClient(tracker), settings, registry, served))
+        # Serve echoes X-Request-ID on every answer itself.
+        self._api = create_api(ApiContext(TrackerClient(tracker), settings, registry, served),
+                               echo_request_id=False)
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return self._api

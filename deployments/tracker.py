@@ -35,6 +35,10 @@ REPLICAS_EVERY_S = 1.0
 REPLICAS_IDLE_EVERY_S = 15.0
 
 
+_STARTING = frozenset({ReplicaState.STARTING, ReplicaState.UPDATING, ReplicaState.RECOVERING,
+                       ReplicaState.PENDING_MIGRATION})
+
+
 def model_deployment_name(model_id: str) -> str:
     return f"model-{model_id}"
 
@@ -61,14 +65,18 @@ class ServeReplicas:
             if not finished:
                 response.cancel()  # interrupts the pipeline at its next step
 
-    async def ready_counts(self) -> dict[str, int]:
+    async def replica_states(self) -> dict[str, dict[str, int]]:
         status = await asyncio.to_thread(serve.status)
         app = status.applications.get(serve.get_replica_context().app_name)
-        counts: dict[str, int] = {}
+        out: dict[str, dict[str, int]] = {}
         for model_id in self._handles:
             dep = app.deployments.get(model_deployment_name(model_id)) if app else None
-            counts[model_id] = dep.replica_states.get(ReplicaState.RUNNING, 0) if dep else 0
-        return counts
+            states = dep.replica_states if dep else {}
+            out[model_id] = {
+                "ready": states.get(ReplicaState.RUNNING, 0),
+                "starting": sum(n for state, n in states.items() if state in _STARTING),
+            }
+        return out
 
 
 class Tracker:
@@ -152,6 +160,11 @@ class Tracker:
     async def get(self, job_id: str, caller: Caller, limited: bool = True) -> bytes:
         return await (await self._ready()).get(job_id, caller, limited=limited)
 
+    async def watch(self, job_id: str, caller: Caller) -> AsyncGenerator[bytes, None]:
+        """Streams the job's record at each change (a streaming handle call)."""
+        async for record in (await self._ready()).watch(job_id, caller):
+            yield record
+
     async def image(self, job_id: str, index: int, caller: Caller) -> tuple[bytes, str]:
         return await (await self._ready()).image(job_id, index, caller)
 
@@ -166,3 +179,9 @@ class Tracker:
 
     async def models(self, caller: Caller) -> dict[str, Any]:
         return await (await self._ready()).models(caller)
+
+    async def metrics_text(self, caller: Caller) -> bytes:
+        return (await self._ready()).metrics_text(caller)
+
+    async def record_http(self, samples: list[tuple[str, str, int, float]]) -> None:
+        (await self._ready()).record_http(samples)

@@ -49,6 +49,10 @@ class Unauthorized(ServiceError):
     """No API key, or a key that is not configured (401)."""
 
 
+class Forbidden(ServiceError):
+    """The key is valid but may not do this (403)."""
+
+
 class PayloadTooLarge(ServiceError):
     """The request body is over the limit (413)."""
 

@@ -166,3 +166,4 @@ class Submission:
     caller: Caller = OPEN
     # A digest of the request, so a reused Idempotency-Key with another body is refused.
     fingerprint: str | None = None
+    request_id: str | None = None  # X-Request-ID

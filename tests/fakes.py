@@ -84,5 +84,5 @@ class FakeReplicas:
         finally:
             self.closed.extend(task.job_id for task in tasks)
 
-    async def ready_counts(self) -> dict[str, int]:
-        return dict(self.replicas)
+    async def replica_states(self) -> dict[str, dict[str, int]]:
+        return {m: {"ready": n, "starting": 0} for m, n in self.replicas.items()}

@@ -89,14 +89,16 @@ async def test_a_change_not_yet_saved_is_what_reads_see() -> None:
 async def test_watchers_hear_every_change_progress_included() -> None:
     book, _ = new_book()
     seen: list[tuple[str, int]] = []
-    book.watch(lambda j: seen.append((j.status.value, j.progress)))
+    book.watch(lambda j, before: seen.append(
+        (before and before.value, j.status.value, j.progress)))
     a = job("a")
     await book.add([a], now_ms=0)
     book.apply(a, lambda j: j.start(1))
     a.report_progress(1, 2)
-    book.notify(a)
+    book.notify(a, a.status)
     book.apply(a, lambda j: j.complete(result(5), 6))
-    assert seen == [("processing", 0), ("processing", 50), ("completed", 100)]
+    assert seen == [(None, "queued", 0), ("queued", "processing", 0),
+                    ("processing", "processing", 50), ("processing", "completed", 100)]
 
 
 async def test_finished_records_are_served_within_the_byte_budget_then_from_the_store(

@@ -117,8 +117,8 @@ class ScriptedReplicas:
         finally:
             call.ended = True
 
-    async def ready_counts(self) -> dict[str, int]:
-        return dict.fromkeys(SERVED, 1)
+    async def replica_states(self) -> dict[str, dict[str, int]]:
+        return {model: {"ready": 1, "starting": 0} for model in SERVED}
 
 
 class DispatchModel(RuleBasedStateMachine):

@@ -117,3 +117,26 @@ def test_a_flood_from_one_key_does_not_hold_back_another_keys_job(
     finished = [wait_for(client, j["id"], timeout_s=180) for j in flood]
     ahead = [j for j in finished if j["completedAt"] < done["completedAt"]]
     assert len(ahead) <= 8, f"{len(ahead)} of the flood finished first"  # two calls' worth
+
+
+def test_one_scrape_counts_what_both_ingress_replicas_served(url: str) -> None:
+    from tests.test_metrics import samples, value
+
+    def queue_status_hits() -> float:
+        m = samples(call(url, "GET", "/metrics", OPS).text)
+        return value(m, "imagegen_http_requests_total", route="/queue/status", method="GET",
+                     status="200")
+
+    before = queue_status_hits()
+    for _ in range(12):  # a connection each: HAProxy spreads them over both replicas
+        assert call(url, "GET", "/queue/status", OPS).status_code == 200
+    time.sleep(1.5)  # each replica reports its requests once a second
+    assert queue_status_hits() - before == 12
+    job = call(url, "POST", "/generate/text2img", OPS, json=SMALL).json()
+    with httpx.Client(base_url=url, timeout=60,
+                      headers={"Authorization": f"Bearer {OPS}"}) as client:
+        wait_for(client, job["id"])
+    m = samples(call(url, "GET", "/metrics", OPS).text)
+    assert value(m, "imagegen_jobs_total", status="completed", type="text2img",
+                 model="tiny-sd") >= 1
+    assert value(m, "imagegen_job_run_seconds_count", model="tiny-sd") >= 1

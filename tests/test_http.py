@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import json
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -200,13 +201,31 @@ async def test_cancel_list_stats_and_image_bytes(client, dispatcher) -> None:
     assert (await client.get(f"/jobs/{first['id']}/images/3")).status_code == 404
 
 
+def sse_events(body: str) -> list[dict[str, str]]:
+    """The events of a server-sent event stream, each as its fields."""
+    events = []
+    for block in body.replace("\r\n", "\n").split("\n\n"):
+        fields = dict(line.split(": ", 1) for line in block.splitlines()
+                      if ": " in line and not line.startswith(":"))
+        if fields:
+            events.append(fields)
+    return events
+
+
 async def test_events_stream_until_the_job_ends(client) -> None:
-    job = (await client.post("/generate/text2img", json={"prompt": "a"})).json()
+    job = (await client.post("/generate/text2img", json={"prompt": "a", "steps": 4})).json()
     async with client.stream("GET", f"/jobs/{job['id']}/events") as resp:
         body = (await resp.aread()).decode()
     assert resp.headers["content-type"].startswith("text/event-stream")
-    assert body.rstrip().splitlines()[-1].startswith("data: ")
-    assert '"status": "completed"' in body and "images" not in body
+    events = sse_events(body)
+    records = [json.loads(e["data"]) for e in events]
+    assert {e["event"] for e in events} == {"job"} and all(e["id"] for e in events)
+    assert records[-1]["status"] == "completed" and "images" not in records[-1]["result"]
+    assert len({e["id"] for e in events}) == len(events)  # each event a new state
+    # Resuming with the last id sends nothing new: the job has not changed since.
+    async with client.stream("GET", f"/jobs/{job['id']}/events",
+                             headers={"Last-Event-ID": events[-1]["id"]}) as again:
+        assert sse_events((await again.aread()).decode()) == []
 
 
 async def test_models_and_health(client) -> None:

@@ -6,6 +6,7 @@ In production the routes speak to the tracker actor through `TrackerClient`
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any, Protocol
 
 from serve_app.messages import Caller, Submission
@@ -16,16 +17,19 @@ if TYPE_CHECKING:  # the ingress itself never loads the tracker's code
 
 class JobsBackend(Protocol):
     """Every call but `submit` names its caller (a submission carries its own): the
-    tracker checks ownership and rate limits. `limited=False` reads (an event stream's
-    polls) do not draw on the caller's read budget."""
+    tracker checks ownership and rate limits. `limited=False` reads do not draw on the
+    caller's read budget. `watch` pushes a job's record at each change until it ends."""
 
     async def submit(self, sub: Submission) -> dict[str, Any]: ...
     async def get(self, job_id: str, caller: Caller, limited: bool = True) -> bytes: ...
+    def watch(self, job_id: str, caller: Caller) -> AsyncIterator[bytes]: ...
     async def image(self, job_id: str, index: int, caller: Caller) -> tuple[bytes, str]: ...
     async def list_jobs(self, caller: Caller, **filters: Any) -> dict[str, Any]: ...
     async def cancel(self, job_id: str, caller: Caller) -> dict[str, Any]: ...
     async def queue_status(self, caller: Caller) -> dict[str, Any]: ...
     async def models(self, caller: Caller) -> dict[str, Any]: ...
+    async def metrics_text(self, caller: Caller) -> bytes: ...
+    async def record_http(self, samples: list[tuple[str, str, int, float]]) -> None: ...
 
 
 class InProcessBackend:
@@ -39,6 +43,9 @@ class InProcessBackend:
 
     async def get(self, job_id: str, caller: Caller, limited: bool = True) -> bytes:
         return await self.tracker.get(job_id, caller, limited=limited)
+
+    def watch(self, job_id: str, caller: Caller) -> AsyncIterator[bytes]:
+        return self.tracker.watch(job_id, caller)
 
     async def image(self, job_id: str, index: int, caller: Caller) -> tuple[bytes, str]:
         return await self.tracker.image(job_id, index, caller)
@@ -54,3 +61,9 @@ class InProcessBackend:
 
     async def models(self, caller: Caller) -> dict[str, Any]:
         return await self.tracker.models(caller)
+
+    async def metrics_text(self, caller: Caller) -> bytes:
+        return self.tracker.metrics_text(caller)
+
+    async def record_http(self, samples: list[tuple[str, str, int, float]]) -> None:
+        self.tracker.record_http(samples)

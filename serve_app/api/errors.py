@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serve_app.errors import (
+    Forbidden,
     IdempotencyConflict,
     IllegalTransition,
     ImageNotFound,
@@ -32,6 +33,7 @@ STATUS_CODES: dict[type[ServiceError], int] = {
     InvalidRequest: 400,
     ModelNotAvailable: 400,
     Unauthorized: 401,
+    Forbidden: 403,
     JobNotFound: 404,
     ImageNotFound: 404,
     JobNotCancellable: 409,

@@ -16,6 +16,7 @@ import dataclasses
 import logging
 import time
 import uuid
+from collections.abc import AsyncIterator
 from typing import Any
 
 from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
@@ -78,6 +79,20 @@ class TrackerClient:
     async def get(self, job_id: str, caller: Caller, limited: bool = True) -> bytes:
         return await self._call("get", job_id, caller, limited)
 
+    async def watch(self, job_id: str, caller: Caller) -> AsyncIterator[bytes]:
+        """The tracker's pushed records of one job, over a streaming call; closing this
+        generator cancels the call."""
+        response = self._handle.options(stream=True).watch.remote(job_id, caller)
+        try:
+            async for record in response:
+                yield record
+        except RayTaskError as exc:
+            if isinstance(exc.cause, ServiceError):
+                raise exc.cause from None
+            raise
+        finally:
+            response.cancel()
+
     async def image(self, job_id: str, index: int, caller: Caller) -> tuple[bytes, str]:
         return await self._call("image", job_id, index, caller)
 
@@ -92,3 +107,9 @@ class TrackerClient:
 
     async def models(self, caller: Caller) -> dict[str, Any]:
         return await self._call("models", caller)
+
+    async def metrics_text(self, caller: Caller) -> bytes:
+        return await self._call("metrics_text", caller)
+
+    async def record_http(self, samples: list[tuple[str, str, int, float]]) -> None:
+        await self._call("record_http", samples)

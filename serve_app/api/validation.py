@@ -131,6 +131,7 @@ def build_submission(
     served: frozenset[str],
     idempotency_key: str | None = None,
     caller: Caller = OPEN,
+    request_id: str | None = None,
 ) -> Submission:
     req = parse(job_type, body)
     spec = resolve_model(req.model or settings.default_model, registry, served)
@@ -190,7 +191,7 @@ def build_submission(
     _check_work(task, limits.max_work)
     fingerprint = _fingerprint(job_type, body) if idempotency_key is not None else None
     return Submission(job_type, _target(job_type, spec, served), req.priority, echo, task,
-                      idempotency_key, caller, fingerprint)
+                      idempotency_key, caller, fingerprint, request_id)
 
 
 def _fingerprint(job_type: JobType, body: Any) -> str:

@@ -50,6 +50,10 @@ class GenerationCommon(WireModel):
 
 
 class Text2ImgRequest(GenerationCommon):
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "prompt": "A serene lake surrounded by mountains at sunset", "steps": 30,
+        "width": 512, "height": 512, "seed": 42}]})
+
     prompt: str
 
 

@@ -23,7 +23,9 @@ from serve_app.stores.contract import Totals
 
 RECENT_BYTES = 64 * 1024 * 1024
 
-Watcher = Callable[[Job], None]
+# Called after every change of any job with the status it had before: None for a new job;
+# the same status for a change within it (progress, phase).
+Watcher = Callable[[Job, "JobStatus | None"], None]
 _STATUSES = tuple(s.value for s in JobStatus)
 
 
@@ -41,7 +43,8 @@ class JobBook:
         self._totals = await self.calls.read(lambda store: store.totals())
 
     def watch(self, watcher: Watcher) -> None:
-        """`watcher(job)` runs after every change to any job (progress included)."""
+        """`watcher(job, before)` runs after every change to any job (progress included).
+        It must not block: the tracker's loop runs it."""
         self._watchers.append(watcher)
 
     # -- changes -----------------------------------------------------------------------
@@ -62,6 +65,7 @@ class JobBook:
             raise
         for job in jobs:
             self._count(job, job.status, 1)
+            self.notify(job, None)
 
     def apply(self, job: Job, step: Callable[[Job], None]) -> None:
         """Run `step` (one of `job`'s transitions) and record the change."""
@@ -72,12 +76,12 @@ class JobBook:
         if job.status.is_terminal():
             self.remember(job)
         self.writes.mark(job)
-        self.notify(job)
+        self.notify(job, before)
 
-    def notify(self, job: Job) -> None:
-        """A change that is not saved (progress): watchers only."""
+    def notify(self, job: Job, before: JobStatus | None) -> None:
+        """Tell the watchers; alone, for a change that is not saved (progress)."""
         for watcher in self._watchers:
-            watcher(job)
+            watcher(job, before)
 
     async def prune(self, finished_before_ms: int, keep_last: int) -> int:
         removed = await self.calls.write(

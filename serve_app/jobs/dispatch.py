@@ -56,7 +56,28 @@ class Replicas(Protocol):
     def run(self, model_id: str, tasks: list[GenerationTask]) -> AsyncIterator[ReplicaEvent]:
         ...
 
-    async def ready_counts(self) -> dict[str, int]: ...
+    async def replica_states(self) -> dict[str, dict[str, int]]:
+        """Per model: how many replicas are `ready` and how many `starting`."""
+        ...
+
+
+class Observer(Protocol):
+    """What the dispatch reports of calls (the metrics)."""
+
+    def call_admitted(self, model: str, jobs: int) -> None: ...
+    def call_started(self, model: str, cold: bool, waited_s: float) -> None: ...
+    def step(self, model: str) -> None: ...
+
+
+class _Unobserved:
+    def call_admitted(self, model: str, jobs: int) -> None:
+        pass
+
+    def call_started(self, model: str, cold: bool, waited_s: float) -> None:
+        pass
+
+    def step(self, model: str) -> None:
+        pass
 
 
 @dataclass(frozen=True)
@@ -75,6 +96,8 @@ class Call:
     jobs: list[Job]
     tasks: list[GenerationTask]
     open: dict[str, Job]
+    admitted_at: float = 0.0  # loop time
+    cold: bool = False  # admitted while the model had no ready replica
     started: bool = False
     outcome: Outcome | None = None
     task: asyncio.Task[None] | None = None
@@ -101,6 +124,7 @@ class Dispatch:
     replicas: Replicas
     limits: Limits
     clock: Callable[[], int]
+    observer: Observer = field(default_factory=_Unobserved)
     _places: dict[str, _Place] = field(default_factory=dict)
     _calls: dict[str, set[Call]] = field(default_factory=dict)
     _ready: dict[str, int] = field(default_factory=dict)
@@ -184,13 +208,15 @@ class Dispatch:
             if jobs is None:
                 return
             tasks = [job.task for job in jobs if job.task is not None]
-            call = Call(model, jobs, tasks, {job.id: job for job in jobs})
             ready = self._ready.get(model, 0) > 0
+            loop = asyncio.get_running_loop()
+            call = Call(model, jobs, tasks, {job.id: job for job in jobs},
+                        admitted_at=loop.time(), cold=not ready)
+            self.observer.call_admitted(model, len(jobs))
             for job in jobs:
                 self.queues.take(job.id)
                 self._places[job.id].call = call
                 self.book.apply(job, lambda j, r=ready: j.admit(r))
-            loop = asyncio.get_running_loop()
             name = f"call {jobs[0].id}+{len(jobs) - 1}"
             call.task = loop.create_task(self._drive(call), name=name)
             call.task.add_done_callback(functools.partial(self._ended, call))
@@ -239,20 +265,22 @@ class Dispatch:
 
     def _started(self, call: Call, event: Started) -> None:
         call.started = True
+        loop = asyncio.get_running_loop()
+        self.observer.call_started(call.model, call.cold, loop.time() - call.admitted_at)
         if call.deadline is not None:
             call.deadline.cancel()
-        call.deadline = asyncio.get_running_loop().call_later(
-            self.limits.timeout_s, self._expire, call)
+        call.deadline = loop.call_later(self.limits.timeout_s, self._expire, call)
         now = self.clock()
         for job in list(call.open.values()):
             if job.status is JobStatus.QUEUED:
                 self.book.apply(job, lambda j: j.start(now, event.replica))
 
     def _progress(self, call: Call, event: Progress) -> None:
+        self.observer.step(call.model)
         for job in call.open.values():
             if job.status is JobStatus.PROCESSING:
                 job.report_progress(event.step, event.total)
-                self.book.notify(job)
+                self.book.notify(job, job.status)
 
     def _finished(self, call: Call, result: GenerationResult) -> None:
         job = call.open.get(result.job_id)

@@ -107,7 +107,8 @@ class Intake:
         now = self._clock()
         job = Job(id=new_job_id(now), type=sub.type, model=sub.model, request=sub.request,
                   created_at_ms=now, priority=sub.priority, idempotency_key=scoped_key(sub),
-                  owner=sub.caller.name, fingerprint=sub.fingerprint)
+                  owner=sub.caller.name, fingerprint=sub.fingerprint,
+                  request_id=sub.request_id)
         job.task = dataclasses.replace(sub.task, job_id=job.id)
         return job
 

@@ -117,6 +117,7 @@ class Job:
     idempotency_key: str | None = None
     owner: str | None = None  # the API key that submitted it, by name
     fingerprint: str | None = None  # the request's digest, bound to its Idempotency-Key
+    request_id: str | None = None  # the X-Request-ID of the submit, carried in its logs
 
     # -- transitions while queued ----------------------------------------------------
 

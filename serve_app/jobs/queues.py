@@ -21,6 +21,7 @@ from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from serve_app.jobs.job import Job
+from serve_app.messages import Priority
 
 
 @dataclass(order=True)
@@ -42,6 +43,7 @@ class JobQueues:
         self._virtual: dict[tuple[str, int], float] = {}  # (model, rank) -> virtual time
         self._finish: dict[tuple[str, int, str], float] = {}  # ... and key -> its next tag
         self._waiting: Counter[str] = Counter()  # waiting jobs per key
+        self._depths: Counter[tuple[str, Priority]] = Counter()  # per model and priority
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -51,6 +53,11 @@ class JobQueues:
 
     def models(self) -> list[str]:
         return list(self._heaps)
+
+    def depths(self) -> list[tuple[str, Priority, int]]:
+        """Waiting jobs per model and priority, every model and priority named."""
+        return [(model, priority, self._depths[(model, priority)])
+                for model in self._heaps for priority in Priority]
 
     def waiting(self, owner: str | None) -> int:
         """Jobs of one key (None: the anonymous caller) waiting, across models."""
@@ -66,6 +73,7 @@ class JobQueues:
         entry = _Entry(rank, start, self._sequence, job)
         self._entries[job.id] = entry
         self._waiting[owner] += 1
+        self._depths[(job.model, job.priority)] += 1
         heapq.heappush(self._heaps[job.model], entry)
 
     def take(self, job_id: str) -> None:
@@ -89,6 +97,7 @@ class JobQueues:
         if entry is None:
             return False
         entry.alive = False
+        self._depths[(entry.job.model, entry.job.priority)] -= 1
         self._waiting[entry.job.owner or ""] -= 1
         if not self._waiting[entry.job.owner or ""]:
             del self._waiting[entry.job.owner or ""]

@@ -15,10 +15,11 @@ import base64
 import json
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 from serve_app.errors import (
+    Forbidden,
     ImageNotFound,
     InvalidRequest,
     JobNotCancellable,
@@ -28,9 +29,12 @@ from serve_app.errors import (
 from serve_app.jobs.book import JobBook
 from serve_app.jobs.codec import loads
 from serve_app.jobs.dispatch import Dispatch, Limits, Replicas
+from serve_app.jobs.feeds import Feeds, without_images
 from serve_app.jobs.intake import Intake, Outcome
 from serve_app.jobs.job import Job, JobStatus
+from serve_app.jobs.joblog import JobLog
 from serve_app.jobs.lanes import Lane
+from serve_app.jobs.metrics import ServiceMetrics
 from serve_app.jobs.persistence import StoreCalls
 from serve_app.jobs.queues import JobQueues
 from serve_app.jobs.ratelimit import RateLimiter
@@ -65,6 +69,9 @@ class JobTracker:
         self._clock = clock
         self._replicas = replicas
         self._book = JobBook(store)
+        self.metrics = ServiceMetrics()
+        self._book.watch(self.metrics.job_changed)
+        self._book.watch(JobLog().changed)
         queues = JobQueues(served, weights={k.name: k.weight for k in settings.api_keys})
         self._dispatch = Dispatch(
             book=self._book,
@@ -73,11 +80,16 @@ class JobTracker:
             replicas=replicas,
             limits=Limits(settings.job_timeout_ms / 1000, settings.max_attempts),
             clock=clock,
+            observer=self.metrics,
         )
+        self._replica_states: dict[str, dict[str, int]] = {}
+        self.metrics.live(queues.depths, lambda: self._replica_states)
         self._intake = Intake(settings=settings, served=served, book=self._book,
                               dispatch=self._dispatch, clock=clock,
                               retry_after_s=self._retry_after_s)
         self._reads = RateLimiter("requests", settings.read_rate, settings.read_burst)
+        self._feeds = Feeds()
+        self._book.watch(self._feeds.changed)
 
     @property
     def book(self) -> JobBook:
@@ -151,10 +163,26 @@ class JobTracker:
         job = self._dispatch.live(job_id)
         if job is not None:
             _visible(job.owner, caller)
-            return json.dumps(job.to_wire(self._dispatch.position(job))).encode()
+            return json.dumps(self._render(job)).encode()
         owner, record = await self._book.rendered(job_id)
         _visible(owner, caller)
         return record
+
+    async def watch(self, job_id: str, caller: Caller = OPEN) -> AsyncIterator[bytes]:
+        """The record (without images) now and at every change until the job ends: what an
+        event stream sends. Pushed: nothing polls."""
+        job = self._dispatch.live(job_id)
+        if job is None:
+            owner, record = await self._book.rendered(job_id)
+            _visible(owner, caller)
+            yield without_images(json.loads(record))
+            return
+        _visible(job.owner, caller)
+        async for record in self._feeds.follow(job, self._render):
+            yield record
+
+    def _render(self, job: Job) -> dict[str, Any]:
+        return job.to_wire(self._dispatch.position(job))
 
     async def image(self, job_id: str, index: int, caller: Caller = OPEN) -> tuple[bytes, str]:
         self._reads.take(caller.client)
@@ -240,11 +268,24 @@ class JobTracker:
     # -- models ----------------------------------------------------------------------
 
     async def refresh_replicas(self) -> dict[str, int]:
-        """Ask how many replicas each model has ready; jobs waiting on a cold start learn
-        when their model is up."""
-        counts = await self._replicas.ready_counts()
+        """Ask how many replicas each model has ready (and starting); jobs waiting on a
+        cold start learn when their model is up."""
+        self._replica_states = await self._replicas.replica_states()
+        counts = {m: s.get("ready", 0) for m, s in self._replica_states.items()}
         self._dispatch.replicas_ready(counts)
         return counts
+
+    # -- metrics ---------------------------------------------------------------------
+
+    def metrics_text(self, caller: Caller = OPEN) -> bytes:
+        """The Prometheus exposition of the whole service (admin keys only)."""
+        if not caller.admin:
+            raise Forbidden("Metrics are for admin keys")
+        return self.metrics.exposition()
+
+    def record_http(self, samples: list[tuple[str, str, int, float]]) -> None:
+        """HTTP requests an ingress replica served since its last report."""
+        self.metrics.http_requests(samples)
 
     def waiting_on_cold_start(self) -> bool:
         return self._dispatch.waiting_on_cold_start()
