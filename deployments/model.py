@@ -9,6 +9,7 @@ them; only the replica process does.
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator
+from typing import Any
 
 from ray import serve
 
@@ -19,12 +20,18 @@ from serve_app.settings import Settings
 
 class ModelReplica:
     def __init__(self, spec: ModelSpec, settings: Settings) -> None:
-        from serve_app.generation.runner import ModelRunner
         from serve_app.generation.worker import ModelWorker
 
         context = serve.get_replica_context()
         name = f"{spec.id}#{context.replica_id.unique_id}"
-        self._runner = ModelRunner(spec, settings)
+        if spec.source == "null":  # benchmarks: the service's own cost, no torch
+            from serve_app.generation.null import NullRunner
+
+            self._runner: Any = NullRunner(spec)
+        else:
+            from serve_app.generation.runner import ModelRunner
+
+            self._runner = ModelRunner(spec, settings)
         self._worker = ModelWorker(self._runner, replica_name=name)
 
     def __del__(self) -> None:

@@ -38,7 +38,9 @@ TINY_PIPELINES: dict[str, str] = {
     "tiny-flux": "flux",
     "tiny-sd3": "sd3",
 }
-Source = Literal["path", "tiny", "tiny-inpaint", "tiny-sdxl", "tiny-flux", "tiny-sd3"]
+# `null`: no model at all, for benchmarks of the service's own cost (serve_app.generation
+# .null): never in a served registry by default.
+Source = Literal["path", "tiny", "tiny-inpaint", "tiny-sdxl", "tiny-flux", "tiny-sd3", "null"]
 
 
 def samplers_for(pipeline: str) -> tuple[str, ...]:

@@ -122,6 +122,8 @@ class Runtime(Strict):
     # Batched images byte-identical to the same seeds made alone (batch-invariant layers on
     # a CPU, per-image UNet sub-batches elsewhere). Off trades that for batched speed.
     batch_invariant: bool = True
+    # `source: null` only: how long each pretend denoising step takes.
+    null_step_ms: float = Field(0.0, ge=0, le=10_000)
 
 
 class ModelSpec(Strict):

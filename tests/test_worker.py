@@ -70,8 +70,15 @@ async def collect(worker: ModelWorker, task: GenerationTask) -> list[ReplicaEven
     return [event async for event in worker.stream(task)]
 
 
+async def test_progress_is_coalesced_to_the_first_the_last_and_one_per_interval() -> None:
+    worker = ModelWorker(FakeRunner(), "tiny-sd#0", progress_every_s=10)
+    events = await collect(worker, make_task(steps=30))
+    progress = [e for e in events if isinstance(e, Progress)]
+    assert progress == [Progress(1, 30), Progress(30, 30)]  # 30 quick steps, one interval
+
+
 async def test_stream_yields_started_progress_then_finished() -> None:
-    worker = ModelWorker(FakeRunner(), "tiny-sd#0")
+    worker = ModelWorker(FakeRunner(), "tiny-sd#0", progress_every_s=0)
     events = await collect(worker, make_task(steps=3))
     assert events[0] == Started("tiny-sd#0")
     assert events[1:4] == [Progress(1, 3), Progress(2, 3), Progress(3, 3)]
@@ -183,7 +190,7 @@ async def test_real_pipeline_streams_then_stops_within_a_step_when_cancelled(
     runner: ModelRunner,
 ) -> None:
     counting = CountingRunner(runner)
-    worker = ModelWorker(counting, "tiny-sd#0")
+    worker = ModelWorker(counting, "tiny-sd#0", progress_every_s=0)
     events = await collect(worker, make_task(steps=3, sampler="euler"))
     assert [type(e) for e in events] == [Started, Progress, Progress, Progress, Finished]
 

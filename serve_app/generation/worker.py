@@ -7,7 +7,9 @@ with `loop.call_soon_threadsafe`.
 
 Contract of `stream(task)`:
 - One pipeline call at a time per worker (an `asyncio.Lock`); other tasks wait their turn.
-- Events, in order: `Started(replica)`, `Progress(step, total)` per denoising step,
+- Events, in order: `Started(replica)`, `Progress(step, total)` for the first step, then at
+  most every `progress_every_s` (0.1 s: the tracker, the store and every event stream need
+  no more), and for the last step,
   `Finished(result)` with `result.replica` set. A runner error propagates unchanged.
 - If the consumer goes away (its task is cancelled at an `await`, or it closes the
   generator with `aclose()`), the runner is told to stop at its next step, and the worker
@@ -21,6 +23,7 @@ import asyncio
 import contextlib
 import dataclasses
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import Protocol, cast
 
@@ -53,14 +56,17 @@ class Runner(Protocol):
 
 
 _DONE = object()  # queue sentinel: the pipeline thread has finished
+PROGRESS_EVERY_S = 0.1
 
 
 class ModelWorker:
     """Runs tasks on one runner, one at a time, streaming their progress."""
 
-    def __init__(self, runner: Runner, replica_name: str) -> None:
+    def __init__(self, runner: Runner, replica_name: str,
+                 progress_every_s: float = PROGRESS_EVERY_S) -> None:
         self.runner = runner
         self.replica_name = replica_name
+        self.progress_every_s = progress_every_s
         self._lock = asyncio.Lock()
 
     @property
@@ -79,7 +85,13 @@ class ModelWorker:
             queue: asyncio.Queue[object] = asyncio.Queue()
             stop = threading.Event()
 
+            sent = [0.0]  # when the last Progress left (monotonic)
+
             def on_step(step: int, total: int) -> None:
+                now = time.monotonic()
+                if 1 < step < total and now - sent[0] < self.progress_every_s:
+                    return  # coalesced: the next one carries this step's progress too
+                sent[0] = now
                 loop.call_soon_threadsafe(queue.put_nowait, Progress(step, total))
 
             def run() -> list[GenerationResult]:

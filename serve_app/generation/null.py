@@ -1,0 +1,64 @@
+"""A model replica without a model, for measuring the service's own cost per job.
+
+`source: null` in a registry entry: a runner that answers at once (or after
+`runtime.null_step_ms` per step) with one tiny PNG per image, and reports every denoising
+step like a real pipeline, so the tracker, the handles and the event streams do all their
+work while the replica costs next to nothing. It imports no torch: a null replica starts in
+a fraction of a second. Never served by the default registry; bench/ uses it.
+"""
+
+from __future__ import annotations
+
+import base64
+import time
+from collections.abc import Callable
+
+from serve_app.messages import GenerationResult, GenerationTask
+from serve_app.registry import ModelSpec
+
+# 1x1 PNG, grey.
+PNG = base64.b64decode(
+    "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAAAAAA6fptVAAAACklEQVR4nGNoAAAAggCBd81ytgAAAABJRU5Er"
+    "kJggg==")
+
+
+class Interrupted(Exception):
+    """Stopped at a step, like the pipeline runner's."""
+
+
+class NullRunner:
+    def __init__(self, spec: ModelSpec) -> None:
+        self.spec = spec
+        self._step_s = spec.runtime.null_step_ms / 1000
+
+    def generate(
+        self,
+        task: GenerationTask,
+        on_step: Callable[[int, int], None] | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> GenerationResult:
+        (result,) = self.generate_batch([task], on_step, should_stop)
+        return result
+
+    def generate_batch(
+        self,
+        tasks: list[GenerationTask],
+        on_step: Callable[[int, int], None] | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> list[GenerationResult]:
+        started = time.perf_counter()
+        steps = tasks[0].steps
+        for step in range(1, steps + 1):
+            if self._step_s:
+                time.sleep(self._step_s)
+            if on_step is not None:
+                on_step(step, steps)
+            if should_stop is not None and should_stop():
+                raise Interrupted(f"stopped after {step} step(s)")
+        elapsed = round((time.perf_counter() - started) * 1000)
+        return [GenerationResult([PNG] * t.num_images, t.seeds, "image/png",
+                                 time_taken_ms=elapsed, model=self.spec.id, job_id=t.job_id)
+                for t in tasks]
+
+    def close(self) -> None:
+        pass
