@@ -211,9 +211,12 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_server(args: argparse.Namespace) -> int:
-    """`serve` and `build-tiny-models` belong to the service: load it only for them."""
+    """`serve`, `deploy` and `build-tiny-models` belong to the service: load it only for
+    them."""
     from serve_app import cli as server_cli
 
+    if args.command == "deploy":
+        return server_cli.main(["deploy", args.config, "--address", args.address])
     argv = [args.command] + (["--config", args.config] if getattr(args, "config", None) else [])
     return server_cli.main(argv)
 
@@ -305,6 +308,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_server)
     sub.add_parser("build-tiny-models", help="build the embedded tiny models"
                    ).set_defaults(run=cmd_server)
+    p = sub.add_parser("deploy", help="serve deploy with the model registry inlined, so a "
+                                      "changed config/models.yaml is applied")
+    p.add_argument("config", nargs="?", default="config/serve.yaml")
+    p.add_argument("--address", default=os.environ.get("RAY_DASHBOARD_ADDRESS",
+                                                       "http://localhost:8265"))
+    p.set_defaults(run=cmd_server)
     keys.add_parser(sub)
     return parser
 

@@ -206,9 +206,19 @@ def main(argv: list[str] | None = None) -> int:
     run = sub.add_parser("serve", help="run the service locally")
     run.add_argument("--config", default="config/serve.yaml")
     sub.add_parser("build-tiny-models", help="build the embedded tiny models")
+    dep = sub.add_parser("deploy", help="serve deploy, with the model registry inlined")
+    dep.add_argument("config", nargs="?", default="config/serve.yaml")
+    dep.add_argument("--address", default=os.environ.get("RAY_DASHBOARD_ADDRESS",
+                                                         "http://localhost:8265"))
     args = parser.parse_args(argv)
     try:
-        if args.command == "serve":
+        if args.command == "deploy":
+            from serve_app.deploy import deploy
+
+            deploy(args.config, args.address)
+            print(f"imagegen: sent {args.config} (registry inlined) to {args.address}; "
+                  "`serve status` shows the rollout")
+        elif args.command == "serve":
             serve_forever(args.config)
             # Ray's native side takes another 1.5-2.5 s to tear down at interpreter exit,
             # after ray.shutdown() and with nothing left to clean up: skip it.
