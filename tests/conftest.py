@@ -30,14 +30,20 @@ def settings(tmp_path: Path) -> Settings:
                     model_path=str(tmp_path / "weights"), store="memory")
 
 
-@pytest.fixture(scope="module")
-def serve_harness(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
-    """A local Ray + Serve per test module (modules may need differently shaped clusters),
-    with the default app deployed."""
-    from tests import serve_harness as harness_module
+@pytest.fixture(scope="session")
+def local_ray(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """One local Ray + Serve for every e2e module of the session (started on first use)."""
+    from tests.serve_harness import LocalRay
 
-    gen = harness_module.start(tmp_path_factory.mktemp("e2e"))
-    harness = next(gen)
+    ray_holder = LocalRay(tmp_path_factory.mktemp("e2e"))
+    yield ray_holder
+    ray_holder.stop()
+
+
+@pytest.fixture(scope="module")
+def serve_harness(local_ray, request: pytest.FixtureRequest):  # type: ignore[no-untyped-def]
+    """The session's Ray + Serve with the default app deployed, and a job store of this
+    module's own."""
+    harness = local_ray.harness().for_module(request.module.__name__.rsplit(".", 1)[-1])
     harness.deploy()
-    yield harness
-    gen.close()
+    return harness

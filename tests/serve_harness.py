@@ -1,14 +1,14 @@
-"""A real Ray Serve application on loopback, shared by the end-to-end tests of a module.
+"""A real Ray Serve application on loopback, shared by the end-to-end tests.
 
-Ray start-up costs ~15 s a cycle here, so each e2e module shares one local Ray and one
-deployment of the app; a test that needs another shape of the app redeploys it with
-`deploy()`.
+Ray start-up and shutdown cost ~20 s a cycle here, so one local Ray + Serve serves every
+e2e module of the session (`LocalRay`); each module deploys the app it needs and gets a job
+store of its own, so no module sees another's jobs. A module that needs a Ray of another
+shape (tests/test_multinode.py) stops it first; the next module starts it again.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,14 +27,20 @@ class ServeHarness:
     cache_dir: Path
     data_dir: Path
 
+    def for_module(self, name: str) -> ServeHarness:
+        """The same Ray and Serve, with a job store of the module's own."""
+        return ServeHarness(self.url, self.cache_dir, self.data_dir.parent / name / "data")
+
     def deploy(self, models: str | dict[str, Any] = "config/models.yaml",
                ingress_replicas: int = 1, **settings: Any) -> None:
         from ray import serve
 
         from serve_app.builder import build_app
 
+        # Tests poll and submit faster than a person: rate limits are off unless a test
+        # turns them on (tests/test_e2e_security.py).
         base = {"cache_dir": str(self.cache_dir), "data_dir": str(self.data_dir),
-                "store": "sqlite"}
+                "store": "sqlite", "submit_rate": 0, "read_rate": 0}
         serve.run(build_app({"models": models, "settings": base | settings,
                              "ingress_replicas": ingress_replicas}),
                   name=APP_NAME, route_prefix="/",
@@ -44,21 +50,34 @@ class ServeHarness:
         return httpx.Client(base_url=self.url, timeout=60)
 
 
-def start(tmp: Path) -> Iterator[ServeHarness]:
-    from ray import serve
+class LocalRay:
+    """The session's local Ray + Serve, started on first use and stopped at the end (or
+    by a module that needs the machine to itself)."""
 
-    start_local_ray(num_cpus=4)
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port},
-                logging_config={"enable_access_log": False})
-    harness = ServeHarness(f"http://127.0.0.1:{port}", tmp / "models", tmp / "data")
-    try:
-        yield harness
-    finally:
-        import ray
+    def __init__(self, tmp: Path) -> None:
+        self._tmp = tmp
+        self._harness: ServeHarness | None = None
 
-        serve.shutdown()
-        ray.shutdown()
+    def harness(self) -> ServeHarness:
+        if self._harness is None:
+            from ray import serve
+
+            start_local_ray(num_cpus=4)
+            port = free_port()
+            serve.start(http_options={"host": "127.0.0.1", "port": port},
+                        logging_config={"enable_access_log": False})
+            self._harness = ServeHarness(f"http://127.0.0.1:{port}", self._tmp / "models",
+                                         self._tmp / "base" / "data")
+        return self._harness
+
+    def stop(self) -> None:
+        if self._harness is not None:
+            import ray
+            from ray import serve
+
+            serve.shutdown()
+            ray.shutdown()
+            self._harness = None
 
 
 def wait_for(client: httpx.Client, job_id: str, timeout_s: float = 120,

@@ -72,9 +72,11 @@ def test_a_job_whose_replica_cannot_be_placed_times_out_while_other_models_run(
     assert failed["status"] == "failed", failed
     assert "timed out" in failed["error"] and "waiting for a replica" in failed["error"]
     assert TIMEOUT_MS / 1000 - 1 <= waited <= TIMEOUT_MS / 1000 + 15
-    # The model is free for its next job, which waits its own JOB_TIMEOUT.
+    # The model is free for its next job, which waits its own JOB_TIMEOUT (cancelled here,
+    # so the next test starts with an empty queue).
     again = submit(client, model="tiny-gpu", **SMALL)
     assert again["queuePosition"] == 0
+    assert client.post(f"/jobs/{again['id']}/cancel").json()["status"] == "cancelled"
 
 
 def test_a_storm_of_cancels_leaves_every_model_working_and_the_queue_empty(

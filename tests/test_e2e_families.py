@@ -17,7 +17,6 @@ import pytest
 from PIL import Image
 
 from serve_app.registry import load_registry
-from tests import serve_harness as harness_module
 from tests.serve_harness import ServeHarness, wait_for
 
 pytestmark = pytest.mark.e2e
@@ -36,12 +35,9 @@ def shipped_entries() -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def harness(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeHarness]:
-    gen = harness_module.start(tmp_path_factory.mktemp("e2e-families"))
-    served = next(gen)
-    served.deploy(shipped_entries(), default_model="tiny-sdxl")
-    yield served
-    gen.close()
+def harness(serve_harness: ServeHarness) -> ServeHarness:
+    serve_harness.deploy(shipped_entries(), default_model="tiny-sdxl")
+    return serve_harness
 
 
 @pytest.fixture(scope="module")

@@ -42,7 +42,9 @@ def registry(num_gpus: float) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def cluster_app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeHarness]:
+def cluster_app(tmp_path_factory: pytest.TempPathFactory,
+                local_ray: Any) -> Iterator[ServeHarness]:
+    local_ray.stop()  # this module runs a Ray cluster of its own
     with pytest.MonkeyPatch.context() as env:
         # Every node and the processes it starts inherit this environment: loopback only,
         # no usage stats, no token auth (as `imagegen serve` runs Ray), the pack scheduler.
