@@ -3,7 +3,7 @@
     .venv/bin/python -m bench.run [--quick] [--only NAME ...] [--profile]
 
 Starts one local Ray + Serve on loopback, runs the figures (submit, e2e, batching,
-coldstart, scale), shuts its Ray down, then prints a table and, as the LAST line of
+coldstart, scale, tracker), shuts its Ray down, then prints a table and, as the LAST line of
 stdout, the JSON summary. Every run writes `bench/results/<date>-<label>[-quick].json`
 (machine, date, load average, every number); a full run (all figures, not --quick) also
 rewrites the results table in bench/README.md. Progress goes to stderr.
@@ -31,7 +31,7 @@ from typing import Any
 
 from bench.common import ROOT, load_average, log, machine_info, wait_quiet
 
-FIGURES = ("submit", "e2e", "batching", "coldstart", "scale")
+FIGURES = ("submit", "e2e", "batching", "coldstart", "scale", "tracker")
 RESULTS_DIR = ROOT / "bench" / "results"
 README = ROOT / "bench" / "README.md"
 TABLE_START = "<!-- results:start -->"

@@ -32,7 +32,8 @@ class ModelReplica:
             from serve_app.generation.runner import ModelRunner
 
             self._runner = ModelRunner(spec, settings)
-        self._worker = ModelWorker(self._runner, replica_name=name)
+        self._worker = ModelWorker(self._runner, replica_name=name,
+                                   progress_every_s=settings.progress_every_ms / 1000)
 
     def __del__(self) -> None:
         # Serve calls this on graceful shutdown, after the running call has finished (the

@@ -86,6 +86,9 @@ class Settings(BaseModel):
     submit_burst: int = Field(60, ge=1)
     read_rate: float = Field(50.0, ge=0)
     read_burst: int = Field(100, ge=1)
+    # A running job's progress leaves its replica at most this often (and for its first and
+    # last step): what the tracker, the store and every event stream see. 0: every step.
+    progress_every_ms: int = Field(100, ge=0, le=10_000)
     # Jobs one key may have waiting at once (its own 429), and event streams open at once.
     max_queued_per_key: int = Field(50, ge=1)
     max_streams_per_key: int = Field(10, ge=1)
@@ -146,6 +149,7 @@ ENV_VARS: dict[str, str] = {
     "IMAGEGEN_READ_BURST": "read_burst",
     "IMAGEGEN_MAX_QUEUED_PER_KEY": "max_queued_per_key",
     "IMAGEGEN_MAX_STREAMS_PER_KEY": "max_streams_per_key",
+    "IMAGEGEN_PROGRESS_EVERY_MS": "progress_every_ms",
 }
 
 
