@@ -9,34 +9,41 @@ tags 1..100 ahead, and a key that then queues one job gets the next free tag: it
 at most one job of each other key, not after all 100.
 
 Only jobs not yet handed to a replica are here; their number is what MAX_QUEUE_SIZE
-bounds, and each key's what its own cap bounds. Removal (a cancel, a job leaving with
-another's batch) is lazy: the entry is marked dead and skipped.
+bounds, and each key's what its own cap bounds. Each model's queue is a sorted list
+(sortedcontainers): the next job, a job's position, adding and removing are each O(log n),
+which keeps a submit's answer (it carries the position) cheap behind a long queue.
 """
 
 from __future__ import annotations
 
-import heapq
 from collections import Counter
 from collections.abc import Callable, Hashable, Iterable, Mapping
-from dataclasses import dataclass, field
+
+from sortedcontainers import SortedKeyList
 
 from serve_app.jobs.job import Job
 from serve_app.messages import Priority
 
+# (priority rank, virtual start tag, arrival sequence): the order jobs leave in.
+_Key = tuple[int, float, int]
 
-@dataclass(order=True)
+
 class _Entry:
-    rank: int
-    tag: float
-    sequence: int
-    job: Job = field(compare=False)
-    alive: bool = field(default=True, compare=False)
+    __slots__ = ("job", "key")
+
+    def __init__(self, job: Job, key: _Key) -> None:
+        self.job = job
+        self.key = key
+
+
+def _key(entry: _Entry) -> _Key:
+    return entry.key
 
 
 class JobQueues:
     def __init__(self, models: Iterable[str], weights: Mapping[str, float] | None = None
                  ) -> None:
-        self._heaps: dict[str, list[_Entry]] = {m: [] for m in models}
+        self._lists: dict[str, SortedKeyList] = {m: SortedKeyList(key=_key) for m in models}
         self._entries: dict[str, _Entry] = {}
         self._sequence = 0
         self._weights = dict(weights or {})
@@ -52,12 +59,12 @@ class JobQueues:
         return job_id in self._entries
 
     def models(self) -> list[str]:
-        return list(self._heaps)
+        return list(self._lists)
 
     def depths(self) -> list[tuple[str, Priority, int]]:
         """Waiting jobs per model and priority, every model and priority named."""
         return [(model, priority, self._depths[(model, priority)])
-                for model in self._heaps for priority in Priority]
+                for model in self._lists for priority in Priority]
 
     def waiting(self, owner: str | None) -> int:
         """Jobs of one key (None: the anonymous caller) waiting, across models."""
@@ -70,18 +77,19 @@ class JobQueues:
         start = max(virtual, self._finish.get((job.model, rank, owner), 0.0))
         self._finish[(job.model, rank, owner)] = start + 1.0 / self._weights.get(owner, 1.0)
         self._sequence += 1
-        entry = _Entry(rank, start, self._sequence, job)
+        entry = _Entry(job, (rank, start, self._sequence))
         self._entries[job.id] = entry
         self._waiting[owner] += 1
         self._depths[(job.model, job.priority)] += 1
-        heapq.heappush(self._heaps[job.model], entry)
+        self._lists[job.model].add(entry)
 
     def take(self, job_id: str) -> None:
         """`job_id` leaves for a replica: the queue's virtual time moves to its tag."""
         entry = self._entries.get(job_id)
         if entry is not None:
-            slot = (entry.job.model, entry.rank)
-            self._virtual[slot] = max(self._virtual.get(slot, 0.0), entry.tag)
+            rank, tag, _ = entry.key
+            slot = (entry.job.model, rank)
+            self._virtual[slot] = max(self._virtual.get(slot, 0.0), tag)
             if len(self._finish) > 1024:
                 self._forget_idle_keys()
         self.remove(job_id)
@@ -96,7 +104,7 @@ class JobQueues:
         entry = self._entries.pop(job_id, None)
         if entry is None:
             return False
-        entry.alive = False
+        self._lists[entry.job.model].remove(entry)
         self._depths[(entry.job.model, entry.job.priority)] -= 1
         self._waiting[entry.job.owner or ""] -= 1
         if not self._waiting[entry.job.owner or ""]:
@@ -105,10 +113,8 @@ class JobQueues:
 
     def peek(self, model: str) -> Job | None:
         """The job that would leave next, left in place."""
-        heap = self._heaps[model]
-        while heap and not heap[0].alive:
-            heapq.heappop(heap)
-        return heap[0].job if heap else None
+        queue = self._lists[model]
+        return queue[0].job if queue else None
 
     def matching(
         self, model: str, key: Hashable, key_of: Callable[[Job], Hashable], limit: int
@@ -117,8 +123,8 @@ class JobQueues:
         found: list[Job] = []
         if limit <= 0:
             return found
-        for entry in sorted(self._heaps[model]):
-            if entry.alive and key_of(entry.job) == key:
+        for entry in self._lists[model]:
+            if key_of(entry.job) == key:
                 found.append(entry.job)
                 if len(found) == limit:
                     break
@@ -126,7 +132,7 @@ class JobQueues:
 
     def position(self, job: Job) -> int | None:
         """1-based place among the model's waiting jobs; None when it is not waiting."""
-        if job.id not in self._entries:
+        entry = self._entries.get(job.id)
+        if entry is None:
             return None
-        ahead = self._entries[job.id]
-        return 1 + sum(1 for e in self._heaps[job.model] if e.alive and e < ahead)
+        return 1 + self._lists[job.model].bisect_key_left(entry.key)
