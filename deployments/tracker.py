@@ -166,3 +166,9 @@ class Tracker:
 
     async def models(self, caller: Caller) -> dict[str, Any]:
         return await (await self._ready()).models(caller)
+
+    async def remember(self, caller: Caller, name: str, value: str | None) -> None:
+        (await self._ready()).remember(caller, name, value)
+
+    async def recall(self, caller: Caller) -> dict[str, str]:
+        return (await self._ready()).recall(caller)

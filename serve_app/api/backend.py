@@ -26,6 +26,9 @@ class JobsBackend(Protocol):
     async def cancel(self, job_id: str, caller: Caller) -> dict[str, Any]: ...
     async def queue_status(self, caller: Caller) -> dict[str, Any]: ...
     async def models(self, caller: Caller) -> dict[str, Any]: ...
+    # Small per-caller settings (serve_app.jobs.callers), shared by every ingress replica.
+    async def remember(self, caller: Caller, name: str, value: str | None) -> None: ...
+    async def recall(self, caller: Caller) -> dict[str, str]: ...
 
 
 class InProcessBackend:
@@ -54,3 +57,9 @@ class InProcessBackend:
 
     async def models(self, caller: Caller) -> dict[str, Any]:
         return await self.tracker.models(caller)
+
+    async def remember(self, caller: Caller, name: str, value: str | None) -> None:
+        self.tracker.remember(caller, name, value)
+
+    async def recall(self, caller: Caller) -> dict[str, str]:
+        return self.tracker.recall(caller)

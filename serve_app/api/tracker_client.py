@@ -92,3 +92,9 @@ class TrackerClient:
 
     async def models(self, caller: Caller) -> dict[str, Any]:
         return await self._call("models", caller)
+
+    async def remember(self, caller: Caller, name: str, value: str | None) -> None:
+        await self._call("remember", caller, name, value)
+
+    async def recall(self, caller: Caller) -> dict[str, str]:
+        return await self._call("recall", caller)
