@@ -304,3 +304,34 @@ def test_caller_notes_are_per_caller_bounded_and_forgettable() -> None:
         notes.remember("a", "x" * 65, "v")
     with pytest.raises(InvalidRequest):
         notes.remember("a", "model", "v" * 513)
+
+
+class Statuses:
+    """A backend whose job goes through the given statuses, one per read."""
+
+    def __init__(self, *statuses: str) -> None:
+        self.statuses = list(statuses)
+        self.reads = 0
+
+    async def get(self, job_id: str, caller: Any, limited: bool = True) -> bytes:
+        assert limited is False  # waiting must not spend the caller's read budget
+        self.reads += 1
+        status = self.statuses.pop(0) if len(self.statuses) > 1 else self.statuses[0]
+        return json.dumps({"id": job_id, "status": status}).encode()
+
+
+@pytest.mark.anyio
+async def test_waiting_ends_with_the_job_or_the_client_or_the_deadline() -> None:
+    from serve_app.api.compat.jobs import poll_until_ended
+    from serve_app.messages import OPEN
+
+    backend = Statuses("queued", "processing", "completed")
+    done = await poll_until_ended(backend, "job_1", OPEN, timeout_s=5)
+    assert done is not None and done["status"] == "completed" and backend.reads == 3
+
+    async def gone() -> bool:
+        return True
+
+    left = await poll_until_ended(Statuses("processing"), "job_1", OPEN, 5, gone)
+    assert left is not None and left["status"] == "processing"
+    assert await poll_until_ended(Statuses("queued"), "job_1", OPEN, timeout_s=0.15) is None

@@ -84,8 +84,9 @@ async def wait_for_job(request: Request, job_id: str, *,
     """The job's record once it has ended (completed, failed or cancelled).
 
     Bounded by JOB_TIMEOUT from now: a job still queued or running then is cancelled and a
-    504 is raised, never repeatable. A client that hangs up stops the wait (the job runs on,
-    visible in `GET /jobs`)."""
+    504 is raised, never repeatable. A client that hangs up ends the wait but not the job
+    (it runs on, visible in `GET /jobs`, as an A1111 job does; clients that want it stopped
+    say so, as SillyTavern does with `/sdapi/v1/interrupt`)."""
     ctx = context(request)
     timeout_s = ctx.settings.job_timeout_ms / 1000 if timeout_s is None else timeout_s
     record = await poll_until_ended(ctx.backend, job_id, caller_of(request), timeout_s,
@@ -96,6 +97,9 @@ async def wait_for_job(request: Request, job_id: str, *,
             f"Job {job_id} did not finish within {timeout_s:g} s (JOB_TIMEOUT) and was "
             "cancelled; try fewer steps or a smaller size, or retry later",
             504, code="timeout", repeatable=False)
+    if record["status"] not in TERMINAL:  # nobody is listening any more
+        raise DialectError(f"The client closed the request; job {job_id} runs on", 499,
+                           repeatable=False)
     return record
 
 
@@ -104,7 +108,8 @@ async def poll_until_ended(backend: JobsBackend, job_id: str, caller: Caller,
                            gone: Callable[[], Awaitable[bool]] | None = None,
                            ) -> dict[str, Any] | None:
     """Poll the job every POLL_INTERVAL_S (reads that do not draw on the caller's read
-    budget) until it ends; None if it has not ended after `timeout_s`."""
+    budget) until it ends, and return its record; the record as it is if `gone()` says
+    the client left first; None if it has not ended after `timeout_s`."""
     deadline = time.monotonic() + timeout_s
     while True:
         try:
@@ -114,9 +119,9 @@ async def poll_until_ended(backend: JobsBackend, job_id: str, caller: Caller,
             message = getattr(exc, "message", None) or "the job's state could not be read"
             raise DialectError(f"Job {job_id} was accepted, but {message}", 500,
                                code="job_unreadable", repeatable=False) from exc
-        if record["status"] in TERMINAL:
+        if record["status"] in TERMINAL or (gone is not None and await gone()):
             return record
-        if time.monotonic() >= deadline or (gone is not None and await gone()):
+        if time.monotonic() >= deadline:
             return None
         await asyncio.sleep(POLL_INTERVAL_S)
 
