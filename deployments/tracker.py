@@ -185,3 +185,9 @@ class Tracker:
 
     async def record_http(self, samples: list[tuple[str, str, int, float]]) -> None:
         (await self._ready()).record_http(samples)
+
+    async def remember(self, caller: Caller, name: str, value: str | None) -> None:
+        (await self._ready()).remember(caller, name, value)
+
+    async def recall(self, caller: Caller) -> dict[str, str]:
+        return (await self._ready()).recall(caller)

@@ -47,13 +47,22 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
 
 @schemathesis.check
 def error_body_is_json(ctx: Any, response: Any, case: Any) -> bool | None:
-    """Every 4xx is a JSON `{"error": "<what is wrong>"}`."""
+    """Every 4xx is a JSON `{"error": "<what is wrong>"}`; in the compatible dialects, their
+    own shape: OpenAI's `{"error": {"message": ...}}`, A1111's `{"error", "detail", ...}`."""
     if 400 <= response.status_code < 500:
         try:
             body = json.loads(response.content)
         except ValueError:
             body = None
-        if not (isinstance(body, dict) and isinstance(body.get("error"), str)):
+        path = case.formatted_path
+        error = body.get("error") if isinstance(body, dict) else None
+        if path.startswith("/v1/"):
+            ok = isinstance(error, dict) and isinstance(error.get("message"), str)
+        elif path.startswith("/sdapi/"):
+            ok = isinstance(error, str) and isinstance(body.get("detail"), str)
+        else:
+            ok = isinstance(error, str)
+        if not ok:
             raise AssertionError(f"{response.status_code} without an {{\"error\": ...}} body: "
                                  f"{response.text[:200]}")
     return None

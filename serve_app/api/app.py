@@ -22,6 +22,7 @@ from starlette.concurrency import run_in_threadpool
 
 from serve_app.api import errors
 from serve_app.api.backend import JobsBackend
+from serve_app.api.compat import a1111, openai
 from serve_app.api.events import HEARTBEAT_S, Subscriptions, job_events
 from serve_app.api.guard import Guard, caller_of
 from serve_app.api.http_metrics import HttpMetrics, HttpRecorder
@@ -199,6 +200,8 @@ def create_api(ctx: ApiContext, *, echo_request_id: bool = True) -> FastAPI:
         return JSONResponse({"status": "ok", "queuedJobs": queue["queuedJobs"]})
 
     api.router.routes.extend(playground_routes())
+    api.include_router(openai.router)  # the tools people already use (docs/compat.md)
+    api.include_router(a1111.router)
     _document_request_models(api)
     return api
 

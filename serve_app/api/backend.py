@@ -31,6 +31,10 @@ class JobsBackend(Protocol):
     async def metrics_text(self, caller: Caller) -> bytes: ...
     async def record_http(self, samples: list[tuple[str, str, int, float]]) -> None: ...
 
+    # Small per-caller settings (serve_app.jobs.callers), shared by every ingress replica.
+    async def remember(self, caller: Caller, name: str, value: str | None) -> None: ...
+    async def recall(self, caller: Caller) -> dict[str, str]: ...
+
 
 class InProcessBackend:
     """The `JobsBackend` over a tracker on the same event loop."""
@@ -67,3 +71,9 @@ class InProcessBackend:
 
     async def record_http(self, samples: list[tuple[str, str, int, float]]) -> None:
         self.tracker.record_http(samples)
+
+    async def remember(self, caller: Caller, name: str, value: str | None) -> None:
+        self.tracker.remember(caller, name, value)
+
+    async def recall(self, caller: Caller) -> dict[str, str]:
+        return self.tracker.recall(caller)

@@ -8,6 +8,8 @@ tracker, which owns ownership checks and rate limits (shared by every ingress re
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hmac
 import json
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -15,6 +17,7 @@ from typing import Any
 
 from fastapi import Request
 
+from serve_app.api.compat.dialects import render_error
 from serve_app.credentials import ApiKey, hash_key
 from serve_app.errors import PayloadTooLarge
 from serve_app.messages import Caller
@@ -68,11 +71,11 @@ class Guard:
         headers = _headers(scope)
         length = headers.get("content-length", "")
         if length.isdigit() and int(length) > self.max_body:
-            await _reject(send, 413, self._too_large(int(length)))
+            await _reject(scope, send, 413, self._too_large(int(length)))
             return
         caller = self._caller(scope, headers)
         if caller is None:
-            await _reject(send, 401, self._unauthorized(headers), {
+            await _reject(scope, send, 401, self._unauthorized(headers), {
                 "www-authenticate": 'Bearer realm="imagegen"'})
             return
         scope.setdefault("state", {})["caller"] = caller
@@ -128,12 +131,22 @@ def _presented_key(headers: dict[str, str]) -> str:
     scheme, _, value = auth.partition(" ")
     if scheme.lower() == "bearer" and value.strip():
         return value.strip()
+    if scheme.lower() == "basic" and value.strip():
+        # AUTOMATIC1111 clients (webuiapi, Open WebUI, SillyTavern) send HTTP Basic auth:
+        # the key is the password, the user name is not checked.
+        try:
+            decoded = base64.b64decode(value.strip(), validate=True).decode()
+        except (binascii.Error, UnicodeDecodeError):
+            return ""
+        return decoded.partition(":")[2].strip()
     return headers.get("x-api-key", "").strip()
 
 
-async def _reject(send: Send, status: int, message: str,
+async def _reject(scope: Scope, send: Send, status: int, message: str,
                   extra: dict[str, str] | None = None) -> None:
-    body = json.dumps({"error": message}).encode()
+    payload, dialect_headers = render_error(scope.get("path", "/"), status, message)
+    extra = {**(extra or {}), **dialect_headers}
+    body = json.dumps(payload).encode()
     headers = [(b"content-type", b"application/json"),
                (b"content-length", str(len(body)).encode())]
     headers += [(k.encode(), v.encode()) for k, v in (extra or {}).items()]

@@ -87,6 +87,13 @@ def decode_mask(value: object, field: str, limits: Limits, image: InputImage) ->
     return InputImage(png=_encode_png(mask), width=mask.width, height=mask.height)
 
 
+def open_image(value: object, field: str, limits: Limits) -> Image.Image:
+    """The image of a base64 field (bare or data URI), decoded under the same bounds as
+    `decode_input_image` but as it is (alpha kept): for adapters that read a mask from
+    an image's alpha (`serve_app.api.compat`)."""
+    return _eight_bit(_open_image(value, field, limits))
+
+
 def round_to_multiple(width: int, height: int, multiple: int = 8) -> tuple[int, int]:
     """`(width, height)` each rounded down to a multiple of `multiple`, never below it."""
     if multiple < 1:

@@ -113,3 +113,9 @@ class TrackerClient:
 
     async def record_http(self, samples: list[tuple[str, str, int, float]]) -> None:
         await self._call("record_http", samples)
+
+    async def remember(self, caller: Caller, name: str, value: str | None) -> None:
+        await self._call("remember", caller, name, value)
+
+    async def recall(self, caller: Caller) -> dict[str, str]:
+        return await self._call("recall", caller)

@@ -27,6 +27,7 @@ from serve_app.errors import (
     ServiceError,
 )
 from serve_app.jobs.book import JobBook
+from serve_app.jobs.callers import CallerNotes
 from serve_app.jobs.codec import loads
 from serve_app.jobs.dispatch import Dispatch, Limits, Replicas
 from serve_app.jobs.feeds import Feeds, without_images
@@ -90,6 +91,7 @@ class JobTracker:
         self._reads = RateLimiter("requests", settings.read_rate, settings.read_burst)
         self._feeds = Feeds()
         self._book.watch(self._feeds.changed)
+        self._notes = CallerNotes()
 
     @property
     def book(self) -> JobBook:
@@ -317,6 +319,14 @@ class JobTracker:
                 "default": spec.id == self._settings.default_model,
             })
         return {"models": out}
+
+    # -- per-caller settings (the compatible APIs' state, shared by every ingress) ----
+
+    def remember(self, caller: Caller, name: str, value: str | None) -> None:
+        self._notes.remember(caller.client, name, value)
+
+    def recall(self, caller: Caller) -> dict[str, str]:
+        return self._notes.recall(caller.client)
 
     def _retry_after_s(self) -> int:
         avg_ms = self._book.average_ms()

@@ -1,0 +1,169 @@
+"""What both compatible APIs do with a job: submit it as our own routes do, wait for it, and
+say where its images are.
+
+A compatible request becomes our own generate request body (camelCase) and goes through
+`build_submission` and `backend.submit` like `POST /generate/...`: the same validation,
+queue, priority, batching, limits, API keys and ownership. The dialects answer only when
+the job has ended, so `wait_for_job` polls the tracker; it is the one place that waits, to
+be swapped for a pushed primitive when the tracker offers one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import re
+import time
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+from fastapi import Request
+from starlette.concurrency import run_in_threadpool
+
+from serve_app.api.compat.dialects import DialectError, renamed
+from serve_app.api.guard import caller_of
+from serve_app.api.validation import build_submission
+from serve_app.errors import InvalidRequest, JobNotCancellable, JobNotFound, ModelNotAvailable
+from serve_app.messages import Caller, JobType, Submission
+
+if TYPE_CHECKING:
+    from serve_app.api.app import ApiContext
+    from serve_app.api.backend import JobsBackend
+
+POLL_INTERVAL_S = 0.1
+TERMINAL = frozenset({"completed", "failed", "cancelled"})
+# Our validation wants a prompt; dialects that have none (OpenAI variations) or allow an
+# empty one (AUTOMATIC1111) validate with this stand-in, then run with "".
+_NO_PROMPT = "-"
+_HOST = re.compile(r"^[A-Za-z0-9.\-]+(:\d{1,5})?$|^\[[0-9A-Fa-f:.]+\](:\d{1,5})?$")
+
+
+def context(request: Request) -> ApiContext:
+    ctx: ApiContext = request.app.state.ctx
+    return ctx
+
+
+async def submit(request: Request, names: dict[str, str],
+                 build: Callable[[], tuple[JobType, dict[str, Any]]],
+                 *, heavy: bool) -> dict[str, Any]:
+    """Validate what `build()` makes (the job type and our request body) and submit it; the
+    job's record. `heavy`: `build` or the validation decodes images, so both run off the
+    event loop. A validation error is answered in the dialect's field `names`."""
+    ctx = context(request)
+    caller = caller_of(request)
+    key = request.headers.get("idempotency-key") or None
+    if key is not None and len(key) > 255:
+        raise InvalidRequest("Idempotency-Key must be at most 255 characters")
+
+    def validate() -> Submission:
+        job_type, body = build()
+        empty = not str(body.get("prompt") or "").strip()
+        if empty:
+            body = {**body, "prompt": _NO_PROMPT}
+        try:
+            sub = build_submission(job_type, body, settings=ctx.settings,
+                                   registry=ctx.registry, served=ctx.served,
+                                   idempotency_key=key, caller=caller)
+        except (InvalidRequest, ModelNotAvailable) as exc:
+            raise renamed(exc, names) from None
+        return _without_prompt(sub) if empty else sub
+
+    sub = await run_in_threadpool(validate) if heavy else validate()
+    return await ctx.backend.submit(sub)
+
+
+def _without_prompt(sub: Submission) -> Submission:
+    task = dataclasses.replace(sub.task, prompt="")
+    return dataclasses.replace(sub, task=task, request={**sub.request, "prompt": ""})
+
+
+async def wait_for_job(request: Request, job_id: str, *,
+                       timeout_s: float | None = None) -> dict[str, Any]:
+    """The job's record once it has ended (completed, failed or cancelled).
+
+    Bounded by JOB_TIMEOUT from now: a job still queued or running then is cancelled and a
+    504 is raised, never repeatable. A client that hangs up ends the wait but not the job
+    (it runs on, visible in `GET /jobs`, as an A1111 job does; clients that want it stopped
+    say so, as SillyTavern does with `/sdapi/v1/interrupt`)."""
+    ctx = context(request)
+    timeout_s = ctx.settings.job_timeout_ms / 1000 if timeout_s is None else timeout_s
+    record = await poll_until_ended(ctx.backend, job_id, caller_of(request), timeout_s,
+                                    request.is_disconnected)
+    if record is None:
+        await cancel_quietly(ctx.backend, job_id, caller_of(request))
+        raise DialectError(
+            f"Job {job_id} did not finish within {timeout_s:g} s (JOB_TIMEOUT) and was "
+            "cancelled; try fewer steps or a smaller size, or retry later",
+            504, code="timeout", repeatable=False)
+    if record["status"] not in TERMINAL:  # nobody is listening any more
+        raise DialectError(f"The client closed the request; job {job_id} runs on", 499,
+                           repeatable=False)
+    return record
+
+
+async def poll_until_ended(backend: JobsBackend, job_id: str, caller: Caller,
+                           timeout_s: float,
+                           gone: Callable[[], Awaitable[bool]] | None = None,
+                           ) -> dict[str, Any] | None:
+    """Poll the job every POLL_INTERVAL_S (reads that do not draw on the caller's read
+    budget) until it ends, and return its record; the record as it is if `gone()` says
+    the client left first; None if it has not ended after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            record: dict[str, Any] = json.loads(await backend.get(job_id, caller, limited=False))
+        except Exception as exc:
+            # The job was accepted: whatever goes wrong now, the client must not repeat it.
+            message = getattr(exc, "message", None) or "the job's state could not be read"
+            raise DialectError(f"Job {job_id} was accepted, but {message}", 500,
+                               code="job_unreadable", repeatable=False) from exc
+        if record["status"] in TERMINAL or (gone is not None and await gone()):
+            return record
+        if time.monotonic() >= deadline:
+            return None
+        await asyncio.sleep(POLL_INTERVAL_S)
+
+
+async def cancel_quietly(backend: JobsBackend, job_id: str, caller: Caller) -> None:
+    """Cancel the job unless it has ended or is gone."""
+    with contextlib.suppress(JobNotCancellable, JobNotFound):
+        await backend.cancel(job_id, caller)
+
+
+def public_base(request: Request) -> str:
+    """This service's base URL as the client reached it: the request's scheme and host,
+    or what a proxy in front says (RFC 7239 `Forwarded`, else `X-Forwarded-Proto`,
+    `X-Forwarded-Host` and `X-Forwarded-Prefix`)."""
+    headers = request.headers
+    forwarded = _forwarded(headers.get("forwarded", ""))
+    proto = forwarded.get("proto") or _first(headers.get("x-forwarded-proto"))
+    host = forwarded.get("host") or _first(headers.get("x-forwarded-host"))
+    if proto not in ("http", "https"):
+        proto = request.url.scheme
+    if not host or not _HOST.match(host):
+        host = request.url.netloc
+    prefix = _first(headers.get("x-forwarded-prefix")) or request.scope.get("root_path", "")
+    prefix = "/" + prefix.strip("/") if prefix.strip("/") else ""
+    if not re.fullmatch(r"[A-Za-z0-9._~/\-]*", prefix):
+        prefix = ""
+    return f"{proto}://{host}{prefix}"
+
+
+def image_url(base: str, job_id: str, index: int) -> str:
+    return f"{base}/jobs/{job_id}/images/{index}"
+
+
+def _first(value: str | None) -> str:
+    return (value or "").split(",")[0].strip()
+
+
+def _forwarded(value: str) -> dict[str, str]:
+    """The first element of a `Forwarded` header: `for=...;proto=https;host=example.com`."""
+    found: dict[str, str] = {}
+    for pair in _first(value).split(";"):
+        name, _, raw = pair.partition("=")
+        if raw:
+            found[name.strip().lower()] = raw.strip().strip('"')
+    return found
