@@ -74,9 +74,11 @@ class Feeds:
         try:
             while True:
                 wake.clear()  # a change from here on wakes it again: none is missed
-                current = feed.job
-                yield without_images(render(current))
-                if current.status.is_terminal():
+                # The status as rendered: the job object may have moved on (even ended)
+                # by the time the consumer asks for the next record.
+                ended = feed.job.status.is_terminal()
+                yield without_images(render(feed.job))
+                if ended:
                     return
                 await wake.wait()
                 await asyncio.sleep(self._min_interval_s)
