@@ -89,6 +89,8 @@ class GenerationTask:
     style_image: InputImage | None = None
     style_strength: float = 0.0
     content_strength: float = 0.0
+    # A latent thumbnail every this many steps (`preview: true`); 0: none.
+    preview_every: int = 0
 
     @property
     def seeds(self) -> list[int]:
@@ -127,6 +129,8 @@ class Started:
 class Progress:
     step: int
     total: int
+    # JPEG thumbnails of the latents at this step, by job id (`preview: true` jobs).
+    previews: dict[str, bytes] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -40,6 +40,13 @@ def fake_image(task: GenerationTask, seed: int) -> bytes:
     return f"{task.prompt}|{seed}|{task.width}x{task.height}".encode()
 
 
+def fake_previews(tasks: list[GenerationTask], step: int) -> dict[str, bytes]:
+    """What a replica's latent thumbnails would be at `step`: the tasks with
+    `preview_every` due, before the last step (`serve_app.generation.previews`)."""
+    return {t.job_id: f"thumbnail of {t.job_id} at {step}".encode() for t in tasks
+            if t.preview_every and step % t.preview_every == 0 and step < t.steps}
+
+
 @dataclass
 class FakeReplicas:
     """Plays the model replicas. Each run: Started, one Progress per step, Finished.
@@ -73,7 +80,7 @@ class FakeReplicas:
             if self.explode:
                 raise RuntimeError(self.explode)
             for step in range(1, steps + 1):
-                yield Progress(step, steps)
+                yield Progress(step, steps, fake_previews(tasks, step))
                 if self.hold is not None and step == 1:
                     await self.hold.wait()
             for task in tasks:

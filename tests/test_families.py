@@ -220,3 +220,18 @@ def test_the_registry_knows_each_familys_size_multiple_without_torch(
     for runner in (sdxl, flux, sd3):
         family = runner._modes.family
         assert runner.spec.size_multiple == family.size_multiple(runner.pipeline), family.name
+
+
+@pytest.mark.parametrize("family", ["sdxl", "flux", "sd3"])
+def test_each_family_shows_latent_thumbnails_at_the_image_shape(
+    family: str, request: pytest.FixtureRequest
+) -> None:
+    """16-channel latents (FLUX: packed 2x2 into a sequence) preview like SD's 4."""
+    import io
+
+    runner: ModelRunner = request.getfixturevalue(family)
+    got: list[tuple[int, dict[str, bytes]]] = []
+    runner.generate(task(runner, width=128, height=64, preview_every=1),
+                    on_preview=lambda step, total, th: got.append((step, th)))
+    assert [step for step, _ in got] == [1]
+    assert Image.open(io.BytesIO(got[0][1]["job-1"])).size == (128, 64)

@@ -111,3 +111,21 @@ def test_summary_has_no_payloads() -> None:
     summary = job.summary()
     assert "result" not in summary and "request" not in summary
     assert summary["status"] == "completed"
+
+
+def test_a_preview_shows_while_running_is_not_stored_and_goes_with_the_run() -> None:
+    from serve_app.jobs.codec import dumps, loads
+    from serve_app.jobs.job import Preview
+
+    job = make_job()
+    job.start(0, "r1")
+    job.report_progress(2, 8, Preview(2, "data:image/jpeg;base64,AA=="))
+    job.report_progress(3, 8)  # a step without a thumbnail keeps the last one
+    assert job.to_wire()["preview"] == {"step": 2, "image": "data:image/jpeg;base64,AA=="}
+    assert "preview" not in dumps(job) and loads(dumps(job)).preview is None
+    job.requeue("replica lost")
+    assert "preview" not in job.to_wire()
+    job.start(1, "r2")
+    job.report_progress(4, 8, Preview(4, "data:image/jpeg;base64,AQ=="))
+    job.complete(result(), 2)
+    assert "preview" not in job.to_wire()

@@ -439,3 +439,36 @@ async def test_the_cache_of_finished_records_stays_within_its_byte_budget(
     assert 0 < len(book._recent) < 10
     # evicted records are still served, from the store
     assert [(await record(tracker, i))["status"] for i in ids] == ["completed"] * len(ids)
+
+
+async def test_a_running_job_shows_its_latest_preview_which_is_never_stored(
+    registry, settings
+) -> None:
+    hold = asyncio.Event()
+    store = memory_store()
+    tracker = make_tracker(registry, settings, FakeReplicas(hold=hold), store=store)
+    job = await tracker.submit(submission(registry, settings, steps=4, preview=True,
+                                          previewEvery=1))
+    assert job["request"]["preview"] is True and job["request"]["previewEvery"] == 1
+    await settle()  # parked after step 1
+    running = await record(tracker, job["id"])
+    assert running["preview"]["step"] == 1
+    uri = running["preview"]["image"]
+    assert uri.startswith("data:image/jpeg;base64,")
+    assert base64.b64decode(uri.split(",", 1)[1]) == f"thumbnail of {job['id']} at 1".encode()
+    saved = store.store.load(job["id"])  # progress (and its preview) is memory-only
+    assert saved is None or "preview" not in json.loads(saved)
+    hold.set()
+    await settle()
+    done = await record(tracker, job["id"])
+    assert done["status"] == "completed" and "preview" not in done
+
+
+async def test_a_job_without_preview_has_none(registry, settings) -> None:
+    hold = asyncio.Event()
+    tracker = make_tracker(registry, settings, FakeReplicas(hold=hold))
+    job = await tracker.submit(submission(registry, settings, steps=4))
+    await settle()
+    running = await record(tracker, job["id"])
+    assert running["status"] == "processing" and "preview" not in running
+    assert "preview" not in running["request"] and "previewEvery" not in running["request"]

@@ -214,3 +214,12 @@ async def test_real_pipeline_streams_then_stops_within_a_step_when_cancelled(
         for e in events
         if isinstance(e, Finished)
     ]
+
+
+async def test_a_step_with_thumbnails_is_never_coalesced_away(runner: ModelRunner) -> None:
+    worker = ModelWorker(runner, "tiny-sd#0", progress_every_s=10)
+    events = await collect(worker, make_task(steps=6, sampler="euler", preview_every=2))
+    progress = [e for e in events if isinstance(e, Progress)]
+    assert [(p.step, sorted(p.previews)) for p in progress] == [
+        (1, []), (2, ["job-1"]), (4, ["job-1"]), (6, [])]
+    assert all(p.previews["job-1"][:2] == b"\xff\xd8" for p in progress[1:3])  # JPEG

@@ -153,6 +153,7 @@ def build_submission(
     if (problem := spec.sampler_error(sampler)) is not None:  # e.g. FLUX: flow matching only
         raise InvalidRequest(problem)
     seed = _seed(req.seed)
+    preview_every = _preview_every(req, steps)
 
     decoded = _decode_images(req, settings)
     first = next(iter(decoded.values()), None)
@@ -180,8 +181,12 @@ def build_submission(
         style_image=decoded.get("style_image"),
         style_strength=float(getattr(req, "style_strength", 0.0)),
         content_strength=float(getattr(req, "content_strength", 0.0)),
+        preview_every=preview_every,
     )
-    echo = req.model_dump(by_alias=True, mode="json", exclude=set(IMAGE_FIELDS))
+    echo = req.model_dump(by_alias=True, mode="json",
+                          exclude={*IMAGE_FIELDS, "preview", "preview_every"})
+    if preview_every:
+        echo.update(preview=True, previewEvery=preview_every)
     echo.update(
         model=spec.id, width=width, height=height, steps=steps, guidanceScale=float(guidance),
         sampler=sampler, seed=seed, negativePrompt=task.negative_prompt,
@@ -248,6 +253,19 @@ def _check_range(name: str, value: float, lo: float, hi: float) -> None:
 def _number(x: float) -> str:
     """As a client wrote it: integers whole (a seed bound is 4294967295, not 4.29497e+09)."""
     return str(x) if isinstance(x, int) else f"{x:g}"
+
+
+def _preview_every(req: GenerationCommon, steps: int) -> int:
+    """Steps between latent thumbnails: 0 without `preview`, else `previewEvery`, by
+    default about eight per job."""
+    if not req.preview:
+        if req.preview_every is not None:
+            raise InvalidRequest("previewEvery needs preview: true")
+        return 0
+    if req.preview_every is None:
+        return max(1, steps // 8)
+    _check_range("previewEvery", req.preview_every, 1, steps)
+    return req.preview_every
 
 
 def _seed(seed: int | None) -> int:

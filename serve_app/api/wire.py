@@ -47,6 +47,10 @@ class GenerationCommon(WireModel):
     output_format: Annotated[OutputFormat, Field(strict=False)] = OutputFormat.PNG
     quality: int = 95
     priority: Annotated[Priority, Field(strict=False)] = Priority.NORMAL
+    preview: bool = Field(False, description="Show a thumbnail of the image forming in the "
+                          "record (`preview`) every `previewEvery` steps while it runs")
+    preview_every: int | None = Field(None, description="Steps between thumbnails "
+                                      "(default: about eight per job)")
 
 
 class Text2ImgRequest(GenerationCommon):
@@ -117,6 +121,11 @@ class JobResultBody(Reply):
     nsfw_content_detected: list[bool] | None = None
 
 
+class PreviewBody(Reply):
+    step: int = Field(description="The denoising step it shows")
+    image: str = Field(description="A JPEG data URI, at most 128 px on its longer side")
+
+
 class JobRecord(Reply):
     """GET /jobs/:id, and the answer to a submit (202)."""
 
@@ -134,6 +143,9 @@ class JobRecord(Reply):
         None, description="1 = next; 0 = handed to a replica; absent once running")
     started_at: str | None = None
     completed_at: str | None = None
+    preview: PreviewBody | None = Field(
+        None, description="The latest thumbnail of the image forming (`preview: true`), while "
+        "it runs")
     result: JobResultBody | None = None
     error: str | None = None
     attempts: int | None = None

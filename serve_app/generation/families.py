@@ -54,6 +54,11 @@ class Family:
         return {"prompt": task.prompt, "negative_prompt": task.negative_prompt or None,
                 "guidance_scale": task.guidance_scale}
 
+    def spatial_latents(self, pipe: DiffusionPipeline, latents: torch.Tensor, width: int,
+                        height: int) -> torch.Tensor:
+        """The denoising loop's latents as (batch, channels, h, w), for previews."""
+        return latents
+
     def encode(self, pipe: DiffusionPipeline, prompt: str, negative_prompt: str,
                guidance: bool) -> Embeddings:
         """One prompt's embeddings (one row each), as the pipeline's `*_embeds` kwargs."""
@@ -95,6 +100,11 @@ class FluxFamily(Family):
 
     def classifier_free(self, pipe: DiffusionPipeline, task: GenerationTask) -> bool:
         return False
+
+    def spatial_latents(self, pipe: DiffusionPipeline, latents: torch.Tensor, width: int,
+                        height: int) -> torch.Tensor:
+        # FLUX's loop runs on 2x2 patches packed into a sequence: unpack them.
+        return pipe._unpack_latents(latents, height, width, pipe.vae_scale_factor)
 
     def call_kwargs(self, pipe: DiffusionPipeline, task: GenerationTask) -> dict[str, Any]:
         kwargs: dict[str, Any] = {"prompt": task.prompt}

@@ -26,6 +26,7 @@ from PIL import Image
 from serve_app.errors import InvalidRequest
 from serve_app.generation.images import binarize_mask, decode_mask, decode_rgb, fit, keep_unmasked
 from serve_app.generation.pipelines import PipelineSet
+from serve_app.generation.previews import Previewer
 from serve_app.generation.prompts import PromptCache
 from serve_app.generation.samplers import SamplerFactory
 from serve_app.generation.steps import Interrupted, StepHook, cpu_threads
@@ -48,6 +49,7 @@ class ModeCalls:
         base = pipes.base
         self.prompts = PromptCache(lambda p, n, g: self.family.encode(base, p, n, g))
         self.ip_adapter = ip_adapter
+        self.previewer = Previewer()
 
     @property
     def batchable(self) -> bool:

@@ -36,6 +36,7 @@ class NullRunner:
         task: GenerationTask,
         on_step: Callable[[int, int], None] | None = None,
         should_stop: Callable[[], bool] | None = None,
+        on_preview: Callable[[int, int, dict[str, bytes]], None] | None = None,
     ) -> GenerationResult:
         (result,) = self.generate_batch([task], on_step, should_stop)
         return result
@@ -45,7 +46,9 @@ class NullRunner:
         tasks: list[GenerationTask],
         on_step: Callable[[int, int], None] | None = None,
         should_stop: Callable[[], bool] | None = None,
+        on_preview: Callable[[int, int, dict[str, bytes]], None] | None = None,
     ) -> list[GenerationResult]:
+        """`on_preview` is never called: there are no latents to show."""
         started = time.perf_counter()
         steps = tasks[0].steps
         for step in range(1, steps + 1):

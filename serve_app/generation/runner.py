@@ -13,7 +13,9 @@ Contract of `generate(task, on_step, should_stop)`:
   `torch.Generator` per seed, so an image made in a batch is byte-identical to the same
   seed made alone, on any device.
 - `on_step(step, total)` runs after every denoising step (`total` is the pipeline's
-  timestep count, which second-order samplers make larger than `task.steps`).
+  timestep count, which second-order samplers make larger than `task.steps`); before it,
+  `on_preview(step, total, {job_id: jpeg})` gets the latent thumbnails of the tasks with
+  `preview_every` due at that step (`serve_app.generation.previews`).
 - When `should_stop()` turns true, the pipeline stops at the end of the current step and
   `generate` raises `Interrupted` instead of returning a partial result.
 - A sampler the model's family does not take (`ModelSpec.samplers`) or a size it cannot
@@ -45,6 +47,7 @@ from serve_app.generation.pipelines import (
     resolve_dtype,
     resolve_model_file,
 )
+from serve_app.generation.previews import PreviewCallback, Previews
 from serve_app.generation.steps import Interrupted, StepCallback, StepHook, StopCheck
 from serve_app.generation.style import IPAdapter
 from serve_app.messages import GenerationResult, GenerationTask, JobType
@@ -120,12 +123,14 @@ class ModelRunner:
         task: GenerationTask,
         on_step: StepCallback | None = None,
         should_stop: StopCheck | None = None,
+        on_preview: PreviewCallback | None = None,
     ) -> GenerationResult:
         with self._lock:
             # Timed from here: waiting for the lock is queueing, not generation.
             started = time.perf_counter()
             modes = self._ready(task, should_stop, f"task {task.job_id}")
-            images, nsfw = modes.run(task, StepHook(on_step, should_stop))
+            previews = Previews.wanted([task], modes.previewer, modes.family, on_preview)
+            images, nsfw = modes.run(task, StepHook(on_step, should_stop, previews))
         return self._result(task, images, nsfw, started)
 
     def generate_batch(
@@ -133,18 +138,21 @@ class ModelRunner:
         tasks: list[GenerationTask],
         on_step: StepCallback | None = None,
         should_stop: StopCheck | None = None,
+        on_preview: PreviewCallback | None = None,
     ) -> list[GenerationResult]:
         """Several jobs' tasks in one pipeline call when they share a `batch_key` (and the
         model is `batchable`), else one call after another. Each image is byte-identical to
         the one its task would make alone."""
         keys = {t.batch_key() for t in tasks}
         if len(tasks) == 1 or None in keys or len(keys) > 1 or not self.batchable:
-            return [dataclasses.replace(self.generate(t, on_step, should_stop), job_id=t.job_id)
+            return [dataclasses.replace(self.generate(t, on_step, should_stop, on_preview),
+                                        job_id=t.job_id)
                     for t in tasks]
         started = time.perf_counter()
         with self._lock:
             modes = self._ready(tasks[0], should_stop, f"batch of {len(tasks)}")
-            images, nsfw = modes.text2img_batch(tasks, StepHook(on_step, should_stop))
+            previews = Previews.wanted(tasks, modes.previewer, modes.family, on_preview)
+            images, nsfw = modes.text2img_batch(tasks, StepHook(on_step, should_stop, previews))
         results, offset = [], 0
         for task in tasks:
             n = task.num_images

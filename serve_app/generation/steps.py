@@ -1,9 +1,10 @@
 """Per-step plumbing of a pipeline call: progress and interruption, and CPU thread counts.
 
 `StepHook` is the pipelines' `callback_on_step_end`: it reports `(step, total)` after every
-denoising step and, when asked to stop, sets `pipe._interrupt` (diffusers' supported way:
-the loop skips the remaining steps); the caller then raises `Interrupted` rather than
-returning a partial result. `cpu_threads` runs small images on one CPU thread.
+denoising step (after the latent thumbnails the call owes, `serve_app.generation.previews`)
+and, when asked to stop, sets `pipe._interrupt` (diffusers' supported way: the loop skips
+the remaining steps); the caller then raises `Interrupted` rather than returning a partial
+result. `cpu_threads` runs small images on one CPU thread.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 import torch
 from diffusers import DiffusionPipeline
 
+from serve_app.generation.previews import Previews
 from serve_app.messages import GenerationTask
 
 StepCallback = Callable[[int, int], None]
@@ -33,9 +35,11 @@ class Interrupted(Exception):
 class StepHook:
     """The pipeline's `callback_on_step_end`: reports progress and requests interruption."""
 
-    def __init__(self, on_step: StepCallback | None, should_stop: StopCheck | None) -> None:
+    def __init__(self, on_step: StepCallback | None, should_stop: StopCheck | None,
+                 previews: Previews | None = None) -> None:
         self._on_step = on_step
         self._should_stop = should_stop
+        self._previews = previews
         self.steps = 0
         self.stopped = False
 
@@ -43,8 +47,11 @@ class StepHook:
         self, pipe: DiffusionPipeline, step: int, timestep: Any, tensors: dict[str, Any]
     ) -> dict[str, Any]:
         self.steps = step + 1
+        total = int(pipe.num_timesteps)
+        if self._previews is not None:
+            self._previews.after_step(pipe, step + 1, total, tensors["latents"])
         if self._on_step is not None:
-            self._on_step(step + 1, int(pipe.num_timesteps))
+            self._on_step(step + 1, total)
         if self._should_stop is not None and self._should_stop():
             # diffusers' supported way to stop: the loop skips the remaining steps.
             pipe._interrupt = True

@@ -9,8 +9,9 @@ Contract of `stream(task)`:
 - One pipeline call at a time per worker (an `asyncio.Lock`); other tasks wait their turn.
 - Events, in order: `Started(replica)`, `Progress(step, total)` for the first step, then at
   most every `progress_every_s` (0.1 s: the tracker, the store and every event stream need
-  no more), and for the last step,
-  `Finished(result)` with `result.replica` set. A runner error propagates unchanged.
+  no more), and for the last step, `Finished(result)` with `result.replica` set. A step
+  with latent thumbnails (tasks with `preview_every`) always gets its `Progress`, carrying
+  them. A runner error propagates unchanged.
 - If the consumer goes away (its task is cancelled at an `await`, or it closes the
   generator with `aclose()`), the runner is told to stop at its next step, and the worker
   waits for the thread to finish before re-raising: the lock is released only once the
@@ -45,6 +46,7 @@ class Runner(Protocol):
         task: GenerationTask,
         on_step: Callable[[int, int], None] | None = None,
         should_stop: Callable[[], bool] | None = None,
+        on_preview: Callable[[int, int, dict[str, bytes]], None] | None = None,
     ) -> GenerationResult: ...
 
     def generate_batch(
@@ -52,6 +54,7 @@ class Runner(Protocol):
         tasks: list[GenerationTask],
         on_step: Callable[[int, int], None] | None = None,
         should_stop: Callable[[], bool] | None = None,
+        on_preview: Callable[[int, int, dict[str, bytes]], None] | None = None,
     ) -> list[GenerationResult]: ...
 
 
@@ -94,10 +97,18 @@ class ModelWorker:
                 sent[0] = now
                 loop.call_soon_threadsafe(queue.put_nowait, Progress(step, total))
 
+            def on_preview(step: int, total: int, thumbnails: dict[str, bytes]) -> None:
+                # Before on_step for the same step, which this makes coalesce.
+                sent[0] = time.monotonic()
+                loop.call_soon_threadsafe(queue.put_nowait, Progress(step, total, thumbnails))
+
+            # Only asked of a runner when a task wants previews (fakes need not know it).
+            wants = {"on_preview": on_preview} if any(t.preview_every for t in tasks) else {}
+
             def run() -> list[GenerationResult]:
                 if len(tasks) == 1:
-                    return [self.runner.generate(tasks[0], on_step, stop.is_set)]
-                return self.runner.generate_batch(tasks, on_step, stop.is_set)
+                    return [self.runner.generate(tasks[0], on_step, stop.is_set, **wants)]
+                return self.runner.generate_batch(tasks, on_step, stop.is_set, **wants)
 
             job = asyncio.ensure_future(asyncio.to_thread(run))
             # Scheduled after every progress item the thread queued, so it arrives last.

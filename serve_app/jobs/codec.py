@@ -12,7 +12,7 @@ import dataclasses
 import json
 from typing import Any
 
-from serve_app.jobs.job import Job, JobResult, JobStatus, Phase
+from serve_app.jobs.job import TRANSIENT, Job, JobResult, JobStatus, Phase
 from serve_app.messages import GenerationTask, InputImage, JobType, OutputFormat, Priority
 from serve_app.stores.contract import JobRow
 
@@ -50,7 +50,8 @@ def task_from_json(data: dict[str, Any]) -> GenerationTask:
 
 
 def job_to_json(job: Job) -> dict[str, Any]:
-    out = {f.name: getattr(job, f.name) for f in dataclasses.fields(job)}
+    out = {f.name: getattr(job, f.name) for f in dataclasses.fields(job)
+           if f.name not in TRANSIENT}
     out["type"] = job.type.value
     out["priority"] = job.priority.value
     out["status"] = job.status.value

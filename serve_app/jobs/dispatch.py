@@ -34,7 +34,7 @@ from serve_app.jobs.book import JobBook
 from serve_app.jobs.job import Job, JobStatus, Phase
 from serve_app.jobs.lanes import Lane
 from serve_app.jobs.queues import JobQueues
-from serve_app.jobs.results import describe_failure, gave_up, job_result
+from serve_app.jobs.results import describe_failure, gave_up, job_result, preview_of
 from serve_app.messages import (
     Finished,
     GenerationResult,
@@ -279,7 +279,9 @@ class Dispatch:
         self.observer.step(call.model)
         for job in call.open.values():
             if job.status is JobStatus.PROCESSING:
-                job.report_progress(event.step, event.total)
+                thumbnail = event.previews.get(job.id)
+                preview = None if thumbnail is None else preview_of(event.step, thumbnail)
+                job.report_progress(event.step, event.total, preview)
                 self.book.notify(job, job.status)
 
     def _finished(self, call: Call, result: GenerationResult) -> None:

@@ -38,6 +38,8 @@ class JobStatus(StrEnum):
 
 
 _TERMINAL = frozenset({JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED})
+# Job fields that live only in the tracker's memory, never in a store.
+TRANSIENT = frozenset({"preview"})
 
 
 class Phase(StrEnum):
@@ -92,6 +94,17 @@ class JobResult:
         return out
 
 
+@dataclass(frozen=True)
+class Preview:
+    """A thumbnail of the latents at `step` (`preview: true`), as a JPEG data URI."""
+
+    step: int
+    image: str
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"step": self.step, "image": self.image}
+
+
 @dataclass
 class Job:
     """One generation job. `request` is the normalized wire request (no image payloads)."""
@@ -118,6 +131,8 @@ class Job:
     owner: str | None = None  # the API key that submitted it, by name
     fingerprint: str | None = None  # the request's digest, bound to its Idempotency-Key
     request_id: str | None = None  # the X-Request-ID of the submit, carried in its logs
+    # The latest latent thumbnail while it runs; never stored (`TRANSIENT`).
+    preview: Preview | None = None
 
     # -- transitions while queued ----------------------------------------------------
 
@@ -151,11 +166,13 @@ class Job:
         self.phase = Phase.GENERATING
         self.retry_reason = None
 
-    def report_progress(self, step: int, total: int) -> None:
+    def report_progress(self, step: int, total: int, preview: Preview | None = None) -> None:
         self._require(JobStatus.PROCESSING, "report progress on")
         if total > 0:
             # 100 is reserved for "completed": a finished denoise still has to decode.
             self.progress = max(self.progress, min(99, (100 * step) // total))
+        if preview is not None:
+            self.preview = preview
 
     def requeue(self, reason: str) -> None:
         """Back to the queue after its replica died (or the service restarted) while it
@@ -165,6 +182,7 @@ class Job:
         self.started_at_ms = None
         self.progress = 0
         self.replica = None
+        self.preview = None
         self.phase = Phase.RETRYING
         self.retry_reason = reason
 
@@ -195,6 +213,7 @@ class Job:
         self.completed_at_ms = now_ms
         self.phase = None
         self.retry_reason = None
+        self.preview = None
         self.task = None  # a finished job never runs again; drop its input images
 
     def _require(self, expected: JobStatus, action: str) -> None:
@@ -248,6 +267,8 @@ class Job:
             out["startedAt"] = iso(self.started_at_ms)
         if self.completed_at_ms is not None:
             out["completedAt"] = iso(self.completed_at_ms)
+        if self.preview is not None:
+            out["preview"] = self.preview.to_wire()
         if self.result is not None:
             out["result"] = self.result.to_wire()
         if self.error is not None:

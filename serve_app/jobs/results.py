@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 
 from serve_app.errors import ServiceError
-from serve_app.jobs.job import Job, JobResult
+from serve_app.jobs.job import Job, JobResult, Preview
 from serve_app.messages import GenerationResult
 
 # Request fields echoed in `result.parameters`.
@@ -27,6 +27,11 @@ def job_result(job: Job, result: GenerationResult, now_ms: int) -> JobResult:
         content_type=result.content_type,
         nsfw_detected=result.nsfw_detected,
     )
+
+
+def preview_of(step: int, thumbnail: bytes) -> Preview:
+    """A replica's latent thumbnail (JPEG) as the job's record shows it."""
+    return Preview(step, "data:image/jpeg;base64," + base64.b64encode(thumbnail).decode())
 
 
 def gave_up(attempts: int, reason: str) -> str:
