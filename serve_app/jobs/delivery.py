@@ -76,11 +76,13 @@ class HttpSender:
         self._client: httpx.AsyncClient | None = None  # made at the first attempt
 
     def _http(self) -> httpx.AsyncClient:
+        # No kept-alive connections: the pool is keyed by address, and a TLS connection
+        # checked for one host name must not carry another host's webhook.
         if self._client is None:
             self._client = httpx.AsyncClient(
                 timeout=httpx.Timeout(self._timeout_s), follow_redirects=False,
                 trust_env=False,
-                limits=httpx.Limits(max_connections=100, max_keepalive_connections=20))
+                limits=httpx.Limits(max_connections=100, max_keepalive_connections=0))
         return self._client
 
     async def send(self, url: str, headers: dict[str, str], body: bytes) -> int:

@@ -86,11 +86,6 @@ class WebhookNotifier:
         self._closed = False
         book.watch(self._on_change)
 
-    @property
-    def backlog(self) -> int:
-        """Deliveries waiting for their next attempt or making it."""
-        return len(self._scheduled)
-
     # -- events ----------------------------------------------------------------------
 
     def _on_change(self, job: Job, before: JobStatus | None) -> None:
