@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import ipaddress
+from typing import get_args
 
 import pytest
 from pydantic import SecretStr
+from starlette.requests import Request
 
 from serve_app.api.validation import build_submission
+from serve_app.api.webhook_fields import public_base_url
+from serve_app.api.wire import WebhookEventName
 from serve_app.errors import ConfigError, InvalidRequest
 from serve_app.messages import JobType, WebhookEvent
 from serve_app.registry import Registry
@@ -150,3 +154,24 @@ def test_private_targets_pass_when_the_server_allows_them(registry, settings) ->
     sub = submit(registry, with_secret(settings, webhook_allow_private=True),
                  webhook="http://127.0.0.1:9/h")
     assert sub.webhook is not None and sub.webhook.url == "http://127.0.0.1:9/h"
+
+
+def request_to(headers: dict[str, str], scheme: str = "http") -> Request:
+    return Request({"type": "http", "method": "POST", "scheme": scheme, "path": "/x",
+                    "root_path": "", "query_string": b"", "server": ("127.0.0.1", 3003),
+                    "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()]})
+
+
+def test_image_links_use_the_url_the_client_reached() -> None:
+    assert public_base_url(request_to({"host": "127.0.0.1:3003"})) == "http://127.0.0.1:3003"
+    behind_proxy = {"host": "10.0.0.5:3003", "x-forwarded-proto": "https",
+                    "x-forwarded-host": "gen.example.com, 10.0.0.1"}
+    assert public_base_url(request_to(behind_proxy)) == "https://gen.example.com"
+    assert public_base_url(request_to({"host": "h:1", "x-forwarded-proto": "https"})
+                           ) == "https://h:1"
+    odd = {"host": "h:1", "x-forwarded-proto": "gopher", "x-forwarded-host": "a/b@c"}
+    assert public_base_url(request_to(odd)) == "http://h:1"
+
+
+def test_the_wire_names_the_same_events_as_the_tracker() -> None:
+    assert list(get_args(WebhookEventName)) == [e.value for e in WebhookEvent]

@@ -251,6 +251,38 @@ async def test_a_restarted_tracker_resumes_a_pending_delivery_with_the_same_id(
     await tracker.close()
 
 
+@pytest.mark.anyio
+async def test_a_job_that_ran_at_a_restart_keeps_one_state_for_its_webhooks(
+        registry, settings, tmp_path: Path) -> None:
+    """A job resumed by the restart is the tracker's own object, and the resumed delivery
+    must change that one: otherwise its later saves would bring `pending` back."""
+    s = hook_settings(settings, webhook_retry_base_s=0.05)
+    path = tmp_path / "jobs.sqlite3"
+    first = ScriptedSender(time.time, script=[503] * 1000)
+    tracker = JobTracker(settings=s, registry=registry,
+                         store=InlineStoreCalls(SQLiteStore(path)),
+                         replicas=FakeReplicas(hold=asyncio.Event()), served=SERVED,
+                         webhook_sender=first)
+    await tracker.start()
+    job = await tracker.submit(submission(registry, s, webhookEvents=["started", "completed"]))
+    await wait_until(lambda: _true(len(first.sent) >= 1))
+    await tracker.close()  # it was running: the next start runs it again
+
+    second = ScriptedSender(time.time)
+    tracker = JobTracker(settings=s, registry=registry,
+                         store=InlineStoreCalls(SQLiteStore(path)), replicas=FakeReplicas(),
+                         served=SERVED, webhook_sender=second)
+    await tracker.start()
+    await wait_until(lambda: _delivered(tracker, job["id"]))
+    await tracker.book.writes.flush()
+    stored = await _stored(path, job["id"])
+    assert [(d["event"], d["status"]) for d in stored["webhook"]["deliveries"]] == [
+        ("started", "delivered"), ("completed", "delivered")]
+    assert sorted(second.events()) == ["completed", "started"]  # each once; order not kept
+    assert tracker.book.calls.store.webhooks_pending() == []
+    await tracker.close()
+
+
 async def _true(value: bool) -> bool:
     return value
 
