@@ -5,11 +5,9 @@ every signature with the `standardwebhooks` package."""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 
 import pytest
 
-from tests import serve_harness as harness_module
 from tests.serve_harness import ServeHarness, wait_for
 from tests.webhook_receiver import SECRET, body_of, receiver
 
@@ -17,14 +15,13 @@ pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture(scope="module")
-def harness(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeHarness]:
-    """One deployment, with webhooks on (the shared fixture would deploy twice)."""
-    gen = harness_module.start(tmp_path_factory.mktemp("e2e-webhooks"))
-    harness = next(gen)
+def harness(local_ray) -> ServeHarness:  # type: ignore[no-untyped-def]
+    """The session's Ray + Serve, deployed once with webhooks on (the shared
+    `serve_harness` fixture would deploy the default app first)."""
+    harness: ServeHarness = local_ray.harness().for_module("test_e2e_webhooks")
     harness.deploy(webhook_secret=SECRET, webhook_allow_private=True,
                    webhook_retry_base_s=0.2)
-    yield harness
-    gen.close()
+    return harness
 
 
 def test_a_refused_webhook_is_retried_and_verifies_with_standardwebhooks(
