@@ -157,6 +157,29 @@ class Caller:
 OPEN = Caller(name=None, admin=True, client="local")
 
 
+class WebhookEvent(StrEnum):
+    """What a job's webhook may be sent for (`webhookEvents`)."""
+
+    STARTED = "started"
+    PROGRESS = "progress"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+DEFAULT_WEBHOOK_EVENTS = (WebhookEvent.COMPLETED, WebhookEvent.FAILED, WebhookEvent.CANCELLED)
+
+
+@dataclass(frozen=True)
+class WebhookRequest:
+    """Where a job's webhooks go and for which events. `base_url` is the service's public
+    URL as the ingress saw the submit, so a webhook can link the job's images."""
+
+    url: str
+    events: tuple[WebhookEvent, ...]
+    base_url: str
+
+
 @dataclass(frozen=True)
 class Submission:
     """A validated request, ready for the tracker: what to run and what to echo back."""
@@ -171,3 +194,4 @@ class Submission:
     # A digest of the request, so a reused Idempotency-Key with another body is refused.
     fingerprint: str | None = None
     request_id: str | None = None  # X-Request-ID
+    webhook: WebhookRequest | None = None

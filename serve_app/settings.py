@@ -7,13 +7,15 @@ environment of whatever machine they land on).
 
 from __future__ import annotations
 
+import base64
+import binascii
 import ipaddress
 import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
 from serve_app.credentials import ApiKey, check_unique, load_keys_file, parse_keys
 from serve_app.errors import ConfigError
@@ -92,6 +94,24 @@ class Settings(BaseModel):
     # Jobs one key may have waiting at once (its own 429), and event streams open at once.
     max_queued_per_key: int = Field(50, ge=1)
     max_streams_per_key: int = Field(10, ge=1)
+    # Webhooks (serve_app.jobs.webhooks). The Standard Webhooks signing secret: `whsec_` +
+    # base64 of random bytes (24 to 64 recommended); without one, a webhook is a 400.
+    # Private targets (loopback, private, link-local) only when allowed. A delivery is
+    # retried with exponential backoff (base, doubling, capped) until its deadline.
+    webhook_secret: SecretStr | None = None
+    webhook_allow_private: bool = False
+    webhook_deadline_s: int = Field(24 * 3600, ge=1)
+    webhook_retry_base_s: float = Field(2.0, gt=0)
+    webhook_retry_max_s: float = Field(3600.0, gt=0)
+    webhook_timeout_s: float = Field(10.0, gt=0)
+    webhook_concurrency: int = Field(8, ge=1)
+
+    @field_validator("webhook_secret", mode="after")
+    @classmethod
+    def _check_webhook_secret(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            webhook_key(value)  # raises ValueError naming what is wrong (never the secret)
+        return value
 
     @field_validator("api_keys", mode="before")
     @classmethod
@@ -123,6 +143,30 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+WEBHOOK_SECRET_HELP = (
+    "set WEBHOOK_SECRET to whsec_ followed by the base64 of 24 to 64 random bytes, e.g. "
+    "WEBHOOK_SECRET=whsec_$(python3 -c 'import base64,secrets; "
+    "print(base64.b64encode(secrets.token_bytes(32)).decode())')")
+
+
+def webhook_key(secret: SecretStr) -> bytes:
+    """The HMAC key inside a `whsec_` secret (Standard Webhooks); ValueError if malformed.
+    Like the reference library, base64 padding is optional and any non-empty key is taken
+    (the specification recommends 24 to 64 bytes)."""
+    text = secret.get_secret_value().strip()
+    if not text.startswith("whsec_"):
+        raise ValueError("the webhook secret must start with whsec_; " + WEBHOOK_SECRET_HELP)
+    encoded = text.removeprefix("whsec_")
+    try:
+        key = base64.b64decode(encoded + "=" * (-len(encoded) % 4), validate=True)
+    except binascii.Error:
+        raise ValueError("the webhook secret is not valid base64 after whsec_; "
+                         + WEBHOOK_SECRET_HELP) from None
+    if not key:
+        raise ValueError("the webhook secret is empty; " + WEBHOOK_SECRET_HELP)
+    return key
+
+
 # Environment variable -> settings field. The first six are the seed document's.
 ENV_VARS: dict[str, str] = {
     "PORT": "port",
@@ -150,6 +194,9 @@ ENV_VARS: dict[str, str] = {
     "IMAGEGEN_MAX_QUEUED_PER_KEY": "max_queued_per_key",
     "IMAGEGEN_MAX_STREAMS_PER_KEY": "max_streams_per_key",
     "IMAGEGEN_PROGRESS_EVERY_MS": "progress_every_ms",
+    "WEBHOOK_SECRET": "webhook_secret",
+    "IMAGEGEN_WEBHOOK_ALLOW_PRIVATE": "webhook_allow_private",
+    "IMAGEGEN_WEBHOOK_DEADLINE_S": "webhook_deadline_s",
 }
 
 

@@ -16,7 +16,7 @@ PACKAGES = ("serve_app", "deployments")
 # What each layer may import of the project (module prefixes). The kernel (errors, settings,
 # registry, messages) is shared by all; the composers (builder, cli) may import anything.
 KERNEL = ("serve_app.errors", "serve_app.settings", "serve_app.registry", "serve_app.messages",
-          "serve_app.credentials", "serve_app.model_families")
+          "serve_app.credentials", "serve_app.model_families", "serve_app.webhook_targets")
 ALLOWED: dict[str, tuple[str, ...]] = {
     "serve_app.api": ("serve_app.api", "serve_app.jobs.job", "serve_app.jobs.feeds",
                       "serve_app.playground", *KERNEL),
@@ -28,6 +28,7 @@ ALLOWED: dict[str, tuple[str, ...]] = {
     "serve_app.messages": (),
     "serve_app.settings": ("serve_app.errors", "serve_app.credentials"),
     "serve_app.credentials": (),
+    "serve_app.webhook_targets": (),
     "serve_app.registry": ("serve_app.errors", "serve_app.settings", "serve_app.messages",
                            "serve_app.model_families"),
     "serve_app.model_families": ("serve_app.messages",),

@@ -23,7 +23,15 @@ import redis
 
 from serve_app.jobs.codec import loads, to_row
 from serve_app.jobs.job import Job, JobResult, JobStatus
-from serve_app.messages import GenerationTask, InputImage, JobType, OutputFormat, Priority
+from serve_app.jobs.webhook_state import Delivery, WebhookState
+from serve_app.messages import (
+    GenerationTask,
+    InputImage,
+    JobType,
+    OutputFormat,
+    Priority,
+    WebhookEvent,
+)
 from serve_app.stores import redis as redis_store
 from serve_app.stores.contract import JobFilter, JobStore, Page
 from serve_app.stores.memory import MemoryStore
@@ -429,6 +437,31 @@ def test_concurrent_saves_from_threads_keep_indexes_and_sums_exact(store: Jobs) 
     assert store.processing_time() == (41, 40 * 10 + 1_000)
     assert store.unfinished() == []
     assert len(store.query(JobFilter(status=JobStatus.COMPLETED), 100, None).jobs) == 41
+
+
+def test_webhooks_pending_lists_jobs_until_their_deliveries_are_settled(store: Jobs) -> None:
+    def with_hook(job: Job, settled: bool) -> Job:
+        job.webhook = WebhookState("https://hooks.example.com/h", [WebhookEvent.COMPLETED],
+                                   "http://gen.test")
+        sent = Delivery(WebhookEvent.COMPLETED, f"msg_{job.id}", "{}", created_at_ms=1)
+        if settled:
+            sent.delivered(2)
+        job.webhook.put(sent)
+        return job
+
+    waiting = with_hook(advance(make_job("job_1", 1_000), JobStatus.COMPLETED), False)
+    store.save(waiting)
+    store.save(with_hook(advance(make_job("job_2", 1_001), JobStatus.FAILED), True))
+    store.save(advance(make_job("job_3", 1_002), JobStatus.COMPLETED))
+    assert [loads(r) for r in store.store.webhooks_pending()] == [waiting]
+    assert waiting.webhook is not None
+    waiting.webhook.deliveries[0].delivered(3)
+    store.save(waiting)
+    assert store.store.webhooks_pending() == []
+    pruned = with_hook(advance(make_job("job_4", 1_003), JobStatus.CANCELLED), False)
+    store.save(pruned)
+    assert store.prune(finished_before_ms=10**12, keep_last=0) == 4
+    assert store.store.webhooks_pending() == []
 
 
 # -- SQLite only ---------------------------------------------------------------------------

@@ -28,6 +28,7 @@ from serve_app.api.guard import Guard, caller_of
 from serve_app.api.http_metrics import HttpMetrics, HttpRecorder
 from serve_app.api.request_ids import RequestIds
 from serve_app.api.validation import build_submission, parse_json
+from serve_app.api.webhook_fields import public_base_url
 from serve_app.api.wire import (
     REQUEST_MODELS,
     CancelResult,
@@ -222,7 +223,8 @@ async def _submit(request: Request, job_type: JobType, key: str | None) -> Respo
         return build_submission(job_type, body, settings=ctx.settings, registry=ctx.registry,
                                 served=ctx.served, idempotency_key=key,
                                 caller=caller_of(request),
-                                request_id=request.headers.get("x-request-id"))
+                                request_id=request.headers.get("x-request-id"),
+                                base_url=public_base_url(request))
 
     # Decoding input images is CPU work: keep it off the event loop.
     carries_images = job_type is not JobType.TEXT2IMG

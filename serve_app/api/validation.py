@@ -17,9 +17,11 @@ from pydantic import ValidationError
 from pydantic.alias_generators import to_camel
 
 from serve_app.api import input_images as images
+from serve_app.api.webhook_fields import webhook_request
 from serve_app.api.wire import (
     IMAGE_FIELDS,
     REQUEST_MODELS,
+    WEBHOOK_FIELDS,
     GenerationCommon,
     Img2ImgRequest,
     InpaintRequest,
@@ -132,10 +134,13 @@ def build_submission(
     idempotency_key: str | None = None,
     caller: Caller = OPEN,
     request_id: str | None = None,
+    base_url: str = "",
 ) -> Submission:
+    """`base_url`: the service's public URL, for the image links of the job's webhooks."""
     req = parse(job_type, body)
     spec = resolve_model(req.model or settings.default_model, registry, served)
     limits = settings.limits
+    webhook = webhook_request(req, settings, base_url)
 
     _check_text("prompt", getattr(req, "prompt", "") or "", limits.max_prompt_chars)
     _check_text("negativePrompt", req.negative_prompt or "", limits.max_prompt_chars)
@@ -184,7 +189,7 @@ def build_submission(
         preview_every=preview_every,
     )
     echo = req.model_dump(by_alias=True, mode="json",
-                          exclude={*IMAGE_FIELDS, "preview", "preview_every"})
+                          exclude={*IMAGE_FIELDS, *WEBHOOK_FIELDS, "preview", "preview_every"})
     if preview_every:
         echo.update(preview=True, previewEvery=preview_every)
     echo.update(
@@ -196,7 +201,7 @@ def build_submission(
     _check_work(task, limits.max_work)
     fingerprint = _fingerprint(job_type, body) if idempotency_key is not None else None
     return Submission(job_type, _target(job_type, spec, served), req.priority, echo, task,
-                      idempotency_key, caller, fingerprint, request_id)
+                      idempotency_key, caller, fingerprint, request_id, webhook)
 
 
 def _fingerprint(job_type: JobType, body: Any) -> str:

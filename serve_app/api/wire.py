@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
-from serve_app.messages import JobType, OutputFormat, Priority
+from serve_app.messages import JobType, OutputFormat, Priority, WebhookEvent
 
 
 class WireModel(BaseModel):
@@ -51,6 +51,10 @@ class GenerationCommon(WireModel):
                           "record (`preview`) every `previewEvery` steps while it runs")
     preview_every: int | None = Field(None, description="Steps between thumbnails "
                                       "(default: about eight per job)")
+    # Where to POST the job's webhooks (Standard Webhooks, signed), and for which events
+    # (default: completed, failed, cancelled).
+    webhook: str | None = None
+    webhook_events: list[Annotated[WebhookEvent, Field(strict=False)]] | None = None
 
 
 class Text2ImgRequest(GenerationCommon):
@@ -92,6 +96,8 @@ REQUEST_MODELS: dict[JobType, type[GenerationCommon]] = {
 # Request fields that carry images: kept out of job records (a record echoes a short
 # description instead of megabytes of base64).
 IMAGE_FIELDS: tuple[str, ...] = ("init_image", "image", "mask", "content_image", "style_image")
+# Request fields the record shows in its `webhook` section, not in its request echo.
+WEBHOOK_FIELDS: tuple[str, ...] = ("webhook", "webhook_events")
 
 
 # -- responses --------------------------------------------------------------------------
@@ -126,6 +132,25 @@ class PreviewBody(Reply):
     image: str = Field(description="A JPEG data URI, at most 128 px on its longer side")
 
 
+WebhookEventName = Literal["started", "progress", "completed", "failed", "cancelled"]
+
+
+class WebhookDelivery(Reply):
+    event: WebhookEventName
+    id: str = Field(description="The webhook-id header: the same on every attempt")
+    status: Literal["pending", "delivered", "failed"]
+    attempts: int
+    last_status: int | None = Field(None, description="HTTP status of the last attempt")
+    last_error: str | None = Field(None, description="Why the last attempt got no status")
+    next_attempt_at: str | None = None
+
+
+class WebhookInfo(Reply):
+    url: str
+    events: list[WebhookEventName]
+    deliveries: list[WebhookDelivery]
+
+
 class JobRecord(Reply):
     """GET /jobs/:id, and the answer to a submit (202)."""
 
@@ -149,6 +174,14 @@ class JobRecord(Reply):
     result: JobResultBody | None = None
     error: str | None = None
     attempts: int | None = None
+    webhook: WebhookInfo | None = None
+
+
+class WebhookBody(JobRecord):
+    """What a webhook POSTs: the job record at the event (without its `webhook` section),
+    with `result.images` as URLs of `GET /jobs/:id/images/:n` instead of data URIs."""
+
+    event: WebhookEventName
 
 
 class JobSummary(Reply):

@@ -78,6 +78,14 @@ class JobBook:
         self.writes.mark(job)
         self.notify(job, before)
 
+    def touch(self, job: Job) -> None:
+        """A change outside the state machine (a webhook delivery's state): saved behind,
+        and a finished job's cached record dropped, so the next read renders it anew."""
+        cached = self._recent.pop(job.id, None)
+        if cached is not None:
+            self._recent_bytes -= len(cached[1])
+        self.writes.mark(job)
+
     def notify(self, job: Job, before: JobStatus | None) -> None:
         """Tell the watchers; alone, for a change that is not saved (progress)."""
         for watcher in self._watchers:

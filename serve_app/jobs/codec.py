@@ -13,6 +13,7 @@ import json
 from typing import Any
 
 from serve_app.jobs.job import TRANSIENT, Job, JobResult, JobStatus, Phase
+from serve_app.jobs.webhook_state import WebhookState
 from serve_app.messages import GenerationTask, InputImage, JobType, OutputFormat, Priority
 from serve_app.stores.contract import JobRow
 
@@ -58,6 +59,7 @@ def job_to_json(job: Job) -> dict[str, Any]:
     out["phase"] = job.phase.value if job.phase is not None else None
     out["result"] = dataclasses.asdict(job.result) if job.result else None
     out["task"] = task_to_json(job.task) if job.task is not None else None
+    out["webhook"] = job.webhook.to_json() if job.webhook is not None else None
     return out
 
 
@@ -71,6 +73,7 @@ def job_from_json(data: dict[str, Any]) -> Job:
         values["retry_reason"] = reason
     values["result"] = JobResult(**values["result"]) if values.get("result") else None
     values["task"] = task_from_json(values["task"]) if values.get("task") else None
+    values["webhook"] = WebhookState.from_json(values["webhook"]) if values.get("webhook") else None
     return Job(**values)
 
 
@@ -101,6 +104,7 @@ def to_row(job: Job) -> JobRow:
         completed_at_ms=job.completed_at_ms,
         time_taken_ms=job.result.time_taken_ms if done and job.result else None,
         idempotency_key=job.idempotency_key,
+        webhooks_pending=job.webhook is not None and bool(job.webhook.pending),
         record=dumps(job),
         summary=json.dumps(job.summary(), separators=(",", ":")),
     )

@@ -21,6 +21,7 @@ from serve_app.jobs.book import JobBook
 from serve_app.jobs.dispatch import Dispatch
 from serve_app.jobs.job import Job, new_job_id
 from serve_app.jobs.ratelimit import RateLimiter
+from serve_app.jobs.webhook_state import WebhookState
 from serve_app.messages import Submission
 from serve_app.settings import Settings
 
@@ -108,7 +109,8 @@ class Intake:
         job = Job(id=new_job_id(now), type=sub.type, model=sub.model, request=sub.request,
                   created_at_ms=now, priority=sub.priority, idempotency_key=scoped_key(sub),
                   owner=sub.caller.name, fingerprint=sub.fingerprint,
-                  request_id=sub.request_id)
+                  request_id=sub.request_id,
+                  webhook=WebhookState.of(sub.webhook) if sub.webhook is not None else None)
         job.task = dataclasses.replace(sub.task, job_id=job.id)
         return job
 

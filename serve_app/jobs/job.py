@@ -23,6 +23,7 @@ from enum import StrEnum
 from typing import Any
 
 from serve_app.errors import IllegalTransition
+from serve_app.jobs.webhook_state import WebhookState
 from serve_app.messages import GenerationTask, JobType, Priority
 
 
@@ -131,6 +132,7 @@ class Job:
     owner: str | None = None  # the API key that submitted it, by name
     fingerprint: str | None = None  # the request's digest, bound to its Idempotency-Key
     request_id: str | None = None  # the X-Request-ID of the submit, carried in its logs
+    webhook: WebhookState | None = None  # where its webhooks go, and how they went
     # The latest latent thumbnail while it runs; never stored (`TRANSIENT`).
     preview: Preview | None = None
 
@@ -275,4 +277,6 @@ class Job:
             out["error"] = self.error
         if self.attempts:
             out["attempts"] = self.attempts
+        if self.webhook is not None:
+            out["webhook"] = self.webhook.to_wire()
         return out

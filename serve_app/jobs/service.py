@@ -29,6 +29,7 @@ from serve_app.errors import (
 from serve_app.jobs.book import JobBook
 from serve_app.jobs.callers import CallerNotes
 from serve_app.jobs.codec import loads
+from serve_app.jobs.delivery import Sender
 from serve_app.jobs.dispatch import Dispatch, Limits, Replicas
 from serve_app.jobs.feeds import Feeds, without_images
 from serve_app.jobs.intake import Intake, Outcome
@@ -40,6 +41,7 @@ from serve_app.jobs.persistence import StoreCalls
 from serve_app.jobs.queues import JobQueues
 from serve_app.jobs.ratelimit import RateLimiter
 from serve_app.jobs.results import gave_up
+from serve_app.jobs.webhooks import WebhookNotifier
 from serve_app.messages import OPEN, Caller, JobType, Submission
 from serve_app.registry import Registry, Scaling
 from serve_app.settings import Settings
@@ -63,6 +65,7 @@ class JobTracker:
         replicas: Replicas,
         served: frozenset[str],
         clock: Callable[[], int] = wall_clock_ms,
+        webhook_sender: Sender | None = None,
     ) -> None:
         self._settings = settings
         self._registry = registry
@@ -92,6 +95,8 @@ class JobTracker:
         self._feeds = Feeds()
         self._book.watch(self._feeds.changed)
         self._notes = CallerNotes()
+        self.webhooks = WebhookNotifier(self._book, settings, clock=clock, sender=webhook_sender,
+                                        on_outcome=self.metrics.webhook_delivery)
 
     @property
     def book(self) -> JobBook:
@@ -126,6 +131,7 @@ class JobTracker:
                 self._book.apply(job, lambda j, r=reason: j.requeue(r))
             self._dispatch.add(job)
             resumed += 1
+        await self.webhooks.resume(self._dispatch.live)
         return resumed
 
     async def prune(self) -> int:
@@ -134,6 +140,7 @@ class JobTracker:
 
     async def close(self) -> None:
         await self._dispatch.close()
+        await self.webhooks.close()
         await self._book.writes.close()
 
     def audit(self) -> list[str]:

@@ -37,6 +37,9 @@ class JobRow:
     idempotency_key: str | None
     record: str  # the whole job (serve_app.jobs.codec)
     summary: str  # what listings show, stored beside it so a page never decodes images
+    # Webhook deliveries are still to be made for it (finished or not): what a restart
+    # resumes (`JobStore.webhooks_pending`).
+    webhooks_pending: bool = False
 
     @property
     def finished(self) -> bool:
@@ -82,6 +85,9 @@ class JobStore(Protocol):
 
     def find_idempotent(self, key: str) -> str | None:
         """The id of the job that holds this Idempotency-Key, if any."""
+
+    def webhooks_pending(self) -> list[str]:
+        """Records of the jobs last saved with `webhooks_pending` set, in no set order."""
 
     def query(self, flt: JobFilter, limit: int, cursor: str | None) -> Page:
         """Newest first; `cursor` is the `next_cursor` of the previous page (checked with

@@ -37,6 +37,9 @@ class MemoryStore:
         rows = [r for r in self._rows.values() if r.status in UNFINISHED]
         return [r.record for r in reversed(newest_first(rows))]
 
+    def webhooks_pending(self) -> list[str]:
+        return [r.record for r in self._rows.values() if r.webhooks_pending]
+
     def find_idempotent(self, key: str) -> str | None:
         job_id = self._idempotency.get(key)
         return job_id if job_id in self._rows else None

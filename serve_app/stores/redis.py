@@ -13,6 +13,7 @@ Keys, all under one namespace `ns`:
     {ns}:idx:finished         the same, for finished jobs (prune's keep_last)
     {ns}:idx:finished_at      finished job ids scored by completed_at (prune's cutoff)
     {ns}:idempotency          hash: Idempotency-Key -> job id (the first holder keeps it)
+    {ns}:webhooks             set: ids of jobs with webhook deliveries still to make
     {ns}:totals               hash: "{owner}|{status}" -> jobs, "{owner}|#done" and
                               "{owner}|#done_ms" -> the completed jobs' count and time
 
@@ -165,6 +166,10 @@ class RedisStore:
                     pipe.set(meta_key, new.dump())
                 if row.idempotency_key:
                     pipe.hsetnx(self._key("idempotency"), row.idempotency_key, row.id)
+                if row.webhooks_pending:
+                    pipe.sadd(self._key("webhooks"), row.id)
+                else:
+                    pipe.srem(self._key("webhooks"), row.id)
 
         if meta_keys:
             self._r.transaction(write, *meta_keys)
@@ -198,6 +203,7 @@ class RedisStore:
                 self._index(pipe, job_id, meta, -1)
                 pipe.delete(self._key("job", job_id), self._key("meta", job_id),
                             self._key("sum", job_id))
+                pipe.srem(self._key("webhooks"), job_id)
                 if meta.idempotency_key and owner == job_id:
                     pipe.hdel(self._key("idempotency"), meta.idempotency_key)
                 deleted.append(job_id)
@@ -225,6 +231,12 @@ class RedisStore:
         members = self._r.zrangebylex(self._key("idx", "unfinished"), "-", "+")
         keys = [self._key("job", _member_parts(_text(m))[1]) for m in members]
         # A record pruned between the index read and this one is skipped.
+        return [_text(raw) for raw in (self._r.mget(keys) if keys else []) if raw is not None]
+
+    def webhooks_pending(self) -> list[str]:
+        ids = sorted(_text(i) for i in self._r.smembers(self._key("webhooks")))
+        keys = [self._key("job", job_id) for job_id in ids]
+        # A record pruned between the two reads is skipped.
         return [_text(raw) for raw in (self._r.mget(keys) if keys else []) if raw is not None]
 
     def find_idempotent(self, key: str) -> str | None:

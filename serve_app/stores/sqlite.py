@@ -26,7 +26,7 @@ from serve_app.stores.contract import (
     encode_cursor,
 )
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 _FINISHED = "(" + ", ".join(f"'{s}'" for s in FINISHED) + ")"
 _UNFINISHED = "(" + ", ".join(f"'{s}'" for s in UNFINISHED) + ")"
@@ -58,6 +58,7 @@ CREATE INDEX IF NOT EXISTS jobs_finished ON jobs (created_at, id)
     WHERE status IN {_FINISHED};
 CREATE INDEX IF NOT EXISTS jobs_finished_at ON jobs (completed_at)
     WHERE status IN {_FINISHED};
+CREATE TABLE IF NOT EXISTS webhooks_pending (id TEXT PRIMARY KEY);
 """
 
 # Insert or replace by id. A job may name an Idempotency-Key another job already holds
@@ -153,10 +154,15 @@ class SQLiteStore:
             }
             for r in rows
         ]
+        pending = [(r.id,) for r in rows if r.webhooks_pending]
+        settled = [(r.id,) for r in rows if not r.webhooks_pending]
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 self._db.executemany(_UPSERT, params)
+                self._db.executemany(
+                    "INSERT OR IGNORE INTO webhooks_pending (id) VALUES (?)", pending)
+                self._db.executemany("DELETE FROM webhooks_pending WHERE id = ?", settled)
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
@@ -169,6 +175,12 @@ class SQLiteStore:
 
     def unfinished(self) -> list[str]:
         sql = f"SELECT record FROM jobs WHERE status IN {_UNFINISHED} ORDER BY created_at, id"
+        with self._lock:
+            rows = self._db.execute(sql).fetchall()
+        return [r[0] for r in rows]
+
+    def webhooks_pending(self) -> list[str]:
+        sql = "SELECT record FROM jobs JOIN webhooks_pending USING (id)"
         with self._lock:
             rows = self._db.execute(sql).fetchall()
         return [r[0] for r in rows]
@@ -225,6 +237,8 @@ class SQLiteStore:
             try:
                 old = self._db.execute(_PRUNE_OLD, (finished_before_ms,)).rowcount
                 beyond = self._db.execute(_PRUNE_BEYOND, (keep_last,)).rowcount
+                self._db.execute(
+                    "DELETE FROM webhooks_pending WHERE id NOT IN (SELECT id FROM jobs)")
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise

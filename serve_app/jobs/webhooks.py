@@ -1,0 +1,237 @@
+"""Webhooks: the events a job asked for, sent to its URL off the tracker's hot path.
+
+`WebhookNotifier` watches the book (`JobBook.watch`): when a job with a webhook starts or
+ends, the watcher only records a `Delivery` in the job (its `webhook-id`, `msg_<job>_<event>`,
+and its body, the job record at that moment with image URLs in place of image bytes),
+marks the job to be saved with it, and arms a timer. Worker tasks (at most
+`webhook_concurrency` at once) make the attempts; an attempt that gets no 2xx is tried
+again after an exponential, jittered wait (`delivery.backoff_s`) until the delivery's
+deadline (`webhook_deadline_s` from the event), then it is given up as `failed`. Every
+change of a delivery is saved through the book like any job change, so a tracker that
+restarts resumes pending deliveries (`resume`), with the same id and body: delivery is at
+least once, and receivers de-duplicate by `webhook-id`.
+
+`progress` is best effort: at most once a second per job, one attempt, never retried nor
+resumed (a later progress or the final event supersedes it); the job record shows the
+latest one sent.
+
+`on_outcome` hears every attempt's outcome: "delivered", "retried" (failed, will be tried
+again), "failed" (given up), "dropped" (a progress attempt that failed): for metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+from collections.abc import Callable
+from typing import Any
+
+from serve_app.jobs.book import JobBook
+from serve_app.jobs.codec import loads
+from serve_app.jobs.delivery import DeliveryFailed, HttpSender, Sender, backoff_s, signed_headers
+from serve_app.jobs.job import Job, JobStatus
+from serve_app.jobs.webhook_state import Delivery, DeliveryStatus, WebhookState
+from serve_app.messages import WebhookEvent
+from serve_app.settings import Settings, webhook_key
+
+log = logging.getLogger(__name__)
+
+PROGRESS_EVERY_MS = 1000
+NO_SECRET = "WEBHOOK_SECRET is not set on the tracker: the webhook cannot be signed"
+
+
+def _ignore(outcome: str) -> None:
+    pass
+
+
+def message_id(job_id: str, event: str) -> str:
+    """The `webhook-id` of a job's event: the same on every attempt and after restarts."""
+    return f"msg_{job_id.removeprefix('job_')}_{event}"
+
+
+def payload(job: Job, event: WebhookEvent, base_url: str) -> str:
+    """The body: the job record without its webhook section, with `event`, and with image
+    URLs (`GET /jobs/:id/images/:n`) in place of the images."""
+    record: dict[str, Any] = job.to_wire()
+    record.pop("webhook", None)
+    result = record.get("result")
+    if result is not None:
+        base = base_url.rstrip("/")
+        record["result"] = result | {
+            "images": [f"{base}/jobs/{job.id}/images/{n}" for n in range(len(result["images"]))]}
+    return json.dumps({"event": event.value} | record, separators=(",", ":"))
+
+
+class WebhookNotifier:
+    def __init__(self, book: JobBook, settings: Settings, *, clock: Callable[[], int],
+                 sender: Sender | None = None, rng: random.Random | None = None,
+                 on_outcome: Callable[[str], None] = _ignore) -> None:
+        self._book = book
+        self._clock = clock
+        self._key = webhook_key(settings.webhook_secret) if settings.webhook_secret else None
+        self._sender = sender or HttpSender(timeout_s=settings.webhook_timeout_s,
+                                            allow_private=settings.webhook_allow_private)
+        self._rng = rng or random.Random()
+        self._on_outcome = on_outcome
+        self._deadline_ms = settings.webhook_deadline_s * 1000
+        self._base_s = settings.webhook_retry_base_s
+        self._max_s = settings.webhook_retry_max_s
+        self._concurrency = settings.webhook_concurrency
+        self._queue: asyncio.Queue[tuple[Job, Delivery]] = asyncio.Queue()
+        self._scheduled: dict[str, asyncio.TimerHandle | None] = {}  # delivery id -> timer
+        self._progress: dict[str, tuple[int, int]] = {}  # job id -> (progress, at ms) sent
+        self._workers: list[asyncio.Task[None]] = []
+        self._closed = False
+        book.watch(self._on_change)
+
+    # -- events ----------------------------------------------------------------------
+
+    def _on_change(self, job: Job, before: JobStatus | None) -> None:
+        """Runs after every change of every job, on the tracker's loop: cheap, no I/O."""
+        hook = job.webhook
+        if hook is None:
+            return
+        if job.status is JobStatus.PROCESSING:
+            if hook.wants(WebhookEvent.STARTED) and hook.get(WebhookEvent.STARTED) is None:
+                self._add(job, hook, WebhookEvent.STARTED)
+            if hook.wants(WebhookEvent.PROGRESS):
+                self._maybe_progress(job, hook)
+        elif job.status.is_terminal():
+            self._progress.pop(job.id, None)
+            event = WebhookEvent(job.status.value)
+            if hook.wants(event) and hook.get(event) is None:
+                self._add(job, hook, event)
+
+    def _add(self, job: Job, hook: WebhookState, event: WebhookEvent) -> None:
+        now = self._clock()
+        delivery = Delivery(event, message_id(job.id, event.value),
+                            payload(job, event, hook.base_url), created_at_ms=now,
+                            next_attempt_ms=now)
+        hook.put(delivery)
+        self._book.touch(job)  # saved with the job: a restart resumes it
+        self._schedule(job, delivery)
+
+    def _maybe_progress(self, job: Job, hook: WebhookState) -> None:
+        sent, at_ms = self._progress.get(job.id, (0, 0))
+        now = self._clock()
+        if job.progress <= sent or now - at_ms < PROGRESS_EVERY_MS:
+            return
+        self._progress[job.id] = (job.progress, now)
+        event = WebhookEvent.PROGRESS
+        delivery = Delivery(event, message_id(job.id, f"progress_{job.progress}"),
+                            payload(job, event, hook.base_url), created_at_ms=now)
+        self._schedule(job, delivery)
+
+    # -- attempts ----------------------------------------------------------------------
+
+    def _schedule(self, job: Job, delivery: Delivery) -> None:
+        if self._closed or delivery.id in self._scheduled:
+            return  # closed: it stays pending in the saved record; the next start sends it
+        self._start_workers()
+        delay_s = max(0, (delivery.next_attempt_ms or self._clock()) - self._clock()) / 1000
+        loop = asyncio.get_running_loop()
+        if delay_s == 0:
+            self._scheduled[delivery.id] = None
+            self._queue.put_nowait((job, delivery))
+        else:
+            self._scheduled[delivery.id] = loop.call_later(
+                delay_s, self._queue.put_nowait, (job, delivery))
+
+    def _start_workers(self) -> None:
+        if not self._workers:
+            loop = asyncio.get_running_loop()
+            self._workers = [loop.create_task(self._work(), name=f"webhooks-{i}")
+                             for i in range(self._concurrency)]
+
+    async def _work(self) -> None:
+        while True:
+            job, delivery = await self._queue.get()
+            try:
+                await self._attempt(job, delivery)
+            except Exception:
+                log.exception("webhook %s of job %s: attempt failed unexpectedly",
+                              delivery.id, job.id)
+                self._scheduled.pop(delivery.id, None)
+
+    async def _attempt(self, job: Job, delivery: Delivery) -> None:
+        hook = job.webhook
+        progress = delivery.event is WebhookEvent.PROGRESS
+        stale = progress and job.status.is_terminal()  # the final event says more
+        if hook is None or stale or delivery.status is not DeliveryStatus.PENDING:
+            self._scheduled.pop(delivery.id, None)
+            return
+        if self._key is None:
+            self._scheduled.pop(delivery.id, None)
+            delivery.give_up(self._clock(), NO_SECRET)
+            self._settled(job, hook, delivery, "failed")
+            return
+        body = delivery.payload.encode()
+        headers = signed_headers(self._key, delivery.id, self._clock() // 1000, body)
+        status: int | None = None
+        error: str | None = None
+        try:
+            status = await self._sender.send(hook.url, headers, body)
+        except DeliveryFailed as exc:
+            error = exc.reason
+        self._scheduled.pop(delivery.id, None)
+        delivery.attempted(status, error)
+        now = self._clock()
+        if status is not None and 200 <= status < 300:
+            delivery.delivered(now)
+            outcome = "delivered"
+        elif progress:
+            delivery.give_up(now)
+            outcome = "dropped"
+        else:
+            wait_ms = int(1000 * backoff_s(delivery.attempts, self._rng, base_s=self._base_s,
+                                           max_s=self._max_s))
+            if now + wait_ms > delivery.created_at_ms + self._deadline_ms:
+                delivery.give_up(now)
+                outcome = "failed"
+                log.warning("webhook %s of job %s given up after %d attempt(s): %s",
+                            delivery.id, job.id, delivery.attempts, error or f"HTTP {status}")
+            else:
+                delivery.retry_at(now + wait_ms)
+                outcome = "retried"
+        self._settled(job, hook, delivery, outcome)
+        if outcome == "retried":
+            self._schedule(job, delivery)
+
+    def _settled(self, job: Job, hook: WebhookState, delivery: Delivery, outcome: str) -> None:
+        if delivery.event is WebhookEvent.PROGRESS:
+            hook.put(delivery)  # shown in the record, saved with the next change
+        else:
+            self._book.touch(job)
+        self._on_outcome(outcome)
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    async def resume(self, live: Callable[[str], Job | None]) -> int:
+        """Schedule the pending deliveries the store holds (at start). `live` finds the
+        tracker's own object for a job it holds, which must be the one changed."""
+        texts = await self._book.calls.read(lambda store: store.webhooks_pending())
+        resumed = 0
+        for text in texts:
+            stored = loads(text)
+            job = live(stored.id) or self._book.writes.pending(stored.id) or stored
+            for delivery in job.webhook.pending if job.webhook is not None else []:
+                if delivery.id not in self._scheduled:
+                    self._schedule(job, delivery)
+                    resumed += 1
+        return resumed
+
+    async def close(self) -> None:
+        """Stop: timers and attempts in flight are dropped; what is pending stays saved
+        as pending, and a restart sends it again (same id)."""
+        self._closed = True
+        for timer in self._scheduled.values():
+            if timer is not None:
+                timer.cancel()
+        self._scheduled.clear()
+        for worker in self._workers:
+            worker.cancel()
+        await asyncio.gather(*self._workers, return_exceptions=True)
+        self._workers = []
+        await self._sender.aclose()
