@@ -9,13 +9,21 @@ from pathlib import Path
 import pytest
 import torch
 from peft.tuners.lora import LoraLayer
+from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from serve_app.errors import ModelNotAvailable
 from serve_app.generation.runner import ModelRunner
-from serve_app.messages import GenerationTask
+from serve_app.messages import GenerationTask, JobType
 from serve_app.settings import Settings
-from tests.generation_helpers import THIRD_PARTY_WARNINGS, make_task, tiny_settings, tiny_spec
+from tests.generation_helpers import (
+    THIRD_PARTY_WARNINGS,
+    gradient,
+    input_image,
+    make_task,
+    tiny_settings,
+    tiny_spec,
+)
 
 pytestmark = THIRD_PARTY_WARNINGS
 
@@ -150,3 +158,20 @@ def test_the_other_families_take_loras_too(settings: Settings, model_id: str,
     styled = runner.generate(dataclasses.replace(task, loras=(("style", 1.0),))).images
     assert styled != base
     assert runner.generate(task).images == base
+
+
+def test_img2img_and_inpainting_jobs_take_loras(settings: Settings, runner: ModelRunner) -> None:
+    img2img = make_task(mode=JobType.IMG2IMG, init_image=input_image(gradient(64, 64)),
+                        strength=0.6, steps=3)
+    base = runner.generate(img2img).images
+    assert runner.generate(dataclasses.replace(img2img, loras=(("style", 0.0),))).images == base
+    assert runner.generate(dataclasses.replace(img2img, loras=(("style", 1.0),))).images != base
+    inpainter = ModelRunner(tiny_spec("tiny-sd-inpaint", "tiny-inpaint", loras=LORAS[:1]),
+                            settings)
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (16, 16, 48, 48))
+    inpaint = dataclasses.replace(img2img, mode=JobType.INPAINT, mask_image=input_image(mask))
+    plain = inpainter.generate(inpaint).images
+    styled = inpainter.generate(dataclasses.replace(inpaint, loras=(("style", 1.0),))).images
+    assert styled != plain
+    assert inpainter.generate(inpaint).images == plain
