@@ -101,7 +101,7 @@ class GenerationTask:
     style_image: InputImage | None = None
     style_strength: float = 0.0
     content_strength: float = 0.0
-    # Registry LoRAs of the model and their scales, in the request's order.
+    # Registry LoRAs of the model and their scales, by name (one set, one batch key).
     loras: tuple[tuple[str, float], ...] = ()
     control: ControlInput | None = None
 
