@@ -42,6 +42,8 @@ class GenerationOptions(TypedDict, total=False):
     output_format: str  # png, jpeg or webp
     quality: int
     priority: str  # low, normal or high
+    loras: list[dict[str, Any]]  # [{"name": ..., "scale": ...}], names from GET /models
+    control_net: dict[str, Any]  # {"model", "image" (data URI), "conditioningScale", "preprocess"}
 
 
 @dataclass(frozen=True)

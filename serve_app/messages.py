@@ -67,6 +67,18 @@ class InputImage:
 
 
 @dataclass(frozen=True)
+class ControlInput:
+    """A task's ControlNet conditioning: the registry id of the net, the control image as
+    sent (preprocessed on the replica: `canny` edges, or `none` to use it as is) and how
+    strongly it steers the denoiser."""
+
+    model: str
+    image: InputImage
+    conditioning_scale: float = 1.0
+    preprocess: str = "none"
+
+
+@dataclass(frozen=True)
 class GenerationTask:
     """One pipeline call's worth of work, as the tracker sends it to a model replica."""
 
@@ -89,6 +101,9 @@ class GenerationTask:
     style_image: InputImage | None = None
     style_strength: float = 0.0
     content_strength: float = 0.0
+    # Registry LoRAs of the model and their scales, by name (one set, one batch key).
+    loras: tuple[tuple[str, float], ...] = ()
+    control: ControlInput | None = None
     # A latent thumbnail every this many steps (`preview: true`); 0: none.
     preview_every: int = 0
 
@@ -98,11 +113,12 @@ class GenerationTask:
 
     def batch_key(self) -> tuple[Any, ...] | None:
         """Tasks with equal keys can share one pipeline call (prompts and seeds may
-        differ). Only text2img batches: the other modes carry per-job input images."""
-        if self.mode is not JobType.TEXT2IMG:
+        differ). Only text2img batches: the other modes carry per-job input images, and so
+        does a ControlNet job. A batch runs one LoRA set at the same scales."""
+        if self.mode is not JobType.TEXT2IMG or self.control is not None:
             return None
         return (self.mode, self.width, self.height, self.steps, self.sampler,
-                self.guidance_scale, self.output_format, self.quality)
+                self.guidance_scale, self.output_format, self.quality, self.loras)
 
 
 @dataclass(frozen=True)

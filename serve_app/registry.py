@@ -16,6 +16,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from serve_app.errors import ConfigError
 from serve_app.messages import SAMPLERS
+from serve_app.model_adapters import (
+    ControlNetSpec,
+    LoraSpec,
+    adapter_path,
+    adapter_problems,
+    inherit_loras,
+)
 from serve_app.model_families import (
     PIPELINE_SAMPLERS,
     SIZE_MULTIPLES,
@@ -143,6 +150,9 @@ class ModelSpec(Strict):
     inpainting_model: str | None = None
     ip_adapter: str | None = None
     image_encoder: str | None = None
+    # Per-request adapters (serve_app.model_adapters): LoRAs by name, ControlNets by id.
+    loras: tuple[LoraSpec, ...] = ()
+    control_nets: tuple[ControlNetSpec, ...] = ()
     defaults: Defaults = Defaults()
     scaling: Scaling = Scaling()
     resources: Resources = Resources()
@@ -177,7 +187,22 @@ class ModelSpec(Strict):
         problem = self.sampler_error(self.defaults.sampler)
         if problem is not None:
             raise ValueError(f"defaults.sampler: {problem}")
+        problems = adapter_problems(self.id, self.pipeline, self.is_tiny, self.loras,
+                                    self.control_nets)
+        if problems:
+            raise ValueError("; ".join(problems))
         return self
+
+    def lora(self, name: str) -> LoraSpec | None:
+        return next((lo for lo in self.loras if lo.name == name), None)
+
+    def control_net(self, net_id: str) -> ControlNetSpec | None:
+        return next((c for c in self.control_nets if c.id == net_id), None)
+
+    def adapter_path(self, adapter: LoraSpec | ControlNetSpec, settings: Settings) -> Path:
+        """Where `adapter`'s weights are (see `serve_app.model_adapters.adapter_path`)."""
+        kind = "loras" if isinstance(adapter, LoraSpec) else "controlnets"
+        return adapter_path(kind, adapter, self.id, settings.cache_dir, settings.model_path)
 
     @property
     def samplers(self) -> tuple[str, ...]:
@@ -223,6 +248,13 @@ class ModelSpec(Strict):
 
 class Registry(Strict):
     models: list[ModelSpec]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _inherit_loras(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "models" in data:
+            data = {**data, "models": inherit_loras(data["models"])}
+        return data
 
     @model_validator(mode="after")
     def _consistent(self) -> Registry:

@@ -50,6 +50,11 @@ class Limits(BaseModel):
     # numImages (1024 x 1024, 50 steps, 4 images is 210), so one request cannot hold a GPU
     # for an hour.
     max_work: float = 250.0
+    # LoRAs one request may stack, and the bound on each one's |scale|.
+    max_loras: int = 5
+    max_lora_scale: float = 4.0
+    # ControlNet conditioning scale: 0 (no effect) to this.
+    max_conditioning_scale: float = 2.0
 
 
 class Settings(BaseModel):

@@ -16,7 +16,8 @@ PACKAGES = ("serve_app", "deployments")
 # What each layer may import of the project (module prefixes). The kernel (errors, settings,
 # registry, messages) is shared by all; the composers (builder, cli) may import anything.
 KERNEL = ("serve_app.errors", "serve_app.settings", "serve_app.registry", "serve_app.messages",
-          "serve_app.credentials", "serve_app.model_families", "serve_app.webhook_targets")
+          "serve_app.credentials", "serve_app.model_families", "serve_app.webhook_targets",
+          "serve_app.model_adapters")
 ALLOWED: dict[str, tuple[str, ...]] = {
     "serve_app.api": ("serve_app.api", "serve_app.jobs.job", "serve_app.jobs.feeds",
                       "serve_app.playground", *KERNEL),
@@ -30,8 +31,9 @@ ALLOWED: dict[str, tuple[str, ...]] = {
     "serve_app.credentials": (),
     "serve_app.webhook_targets": (),
     "serve_app.registry": ("serve_app.errors", "serve_app.settings", "serve_app.messages",
-                           "serve_app.model_families"),
+                           "serve_app.model_families", "serve_app.model_adapters"),
     "serve_app.model_families": ("serve_app.messages",),
+    "serve_app.model_adapters": ("serve_app.model_families",),
     "deployments.ingress": ("serve_app.api", *KERNEL),
     "deployments.tracker": ("serve_app.jobs", "serve_app.stores", *KERNEL),
     "deployments.model": ("serve_app.generation", *KERNEL),

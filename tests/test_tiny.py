@@ -31,8 +31,8 @@ def digests(folder: Path) -> dict[str, str]:
 
 
 @pytest.mark.parametrize(("source", "weights"), [
-    ("tiny", {"unet", "vae", "text_encoder"}),
-    ("tiny-inpaint", {"unet", "vae", "text_encoder"}),
+    ("tiny", {"unet", "vae", "text_encoder", "safety_checker"}),
+    ("tiny-inpaint", {"unet", "vae", "text_encoder", "safety_checker"}),
     ("tiny-sdxl", {"unet", "vae", "text_encoder", "text_encoder_2"}),
     ("tiny-flux", {"transformer", "vae", "text_encoder", "text_encoder_2"}),
     ("tiny-sd3", {"transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"}),
@@ -47,7 +47,10 @@ def test_two_builds_are_byte_identical(tmp_path: Path, source: str, weights: set
 def test_tiny_model_loads_like_a_real_checkpoint(tmp_path: Path) -> None:
     pipe = StableDiffusionPipeline.from_pretrained(build_tiny_model(tmp_path / "tiny-sd"))
     assert pipe.vae_scale_factor == 8
-    assert pipe.safety_checker is None
+    # As SD 1.x ships: a checker and its feature extractor (the runner drops them unless
+    # ENABLE_NSFW_FILTER is set).
+    assert type(pipe.safety_checker).__name__ == "StableDiffusionSafetyChecker"
+    assert pipe.feature_extractor.crop_size == {"height": 32, "width": 32}
     assert pipe.unet.config.in_channels == 4
     assert pipe.tokenizer.model_max_length == 77
     ids = pipe.tokenizer("A red fox, jumping!", padding="max_length").input_ids

@@ -17,9 +17,11 @@ from pydantic import ValidationError
 from pydantic.alias_generators import to_camel
 
 from serve_app.api import input_images as images
+from serve_app.api.adapter_requests import check_control, check_loras, echo_adapters
 from serve_app.api.webhook_fields import webhook_request
 from serve_app.api.wire import (
     IMAGE_FIELDS,
+    NESTED_MODELS,
     REQUEST_MODELS,
     WEBHOOK_FIELDS,
     GenerationCommon,
@@ -107,13 +109,15 @@ def _present(value: Any) -> bool:
 
 def _describe(exc: ValidationError, job_type: JobType) -> str:
     err = exc.errors()[0]
-    name = to_camel(str(err["loc"][0])) if err["loc"] else "body"
+    name = _field_path(err["loc"])
     kind = err["type"]
     got = err.get("input")
     if kind == "missing":
         return f"{name} is required"
     if kind == "extra_forbidden":
-        valid = sorted({to_camel(f) for f in REQUEST_MODELS[job_type].model_fields})
+        model = NESTED_MODELS.get(str(err["loc"][0]), REQUEST_MODELS[job_type]) \
+            if len(err["loc"]) > 1 else REQUEST_MODELS[job_type]
+        valid = sorted({to_camel(f) for f in model.model_fields})
         return f"Unknown field {name!r}; valid fields are: {', '.join(valid)}"
     if kind in _TYPE_WORDS:
         return f"{name} must be {_TYPE_WORDS[kind]} (got {got!r})"
@@ -122,6 +126,14 @@ def _describe(exc: ValidationError, job_type: JobType) -> str:
     if kind == "finite_number":
         return f"{name} must be a finite number"
     return f"{name}: {err['msg']} (got {got!r})"
+
+
+def _field_path(loc: tuple[int | str, ...]) -> str:
+    """A pydantic error location as the wire names it: `loras[0].scale`."""
+    path = ""
+    for part in loc:
+        path += f"[{part}]" if isinstance(part, int) else ("." if path else "") + to_camel(part)
+    return path or "body"
 
 
 def build_submission(
@@ -161,7 +173,10 @@ def build_submission(
     preview_every = _preview_every(req, steps)
 
     decoded = _decode_images(req, settings)
-    first = next(iter(decoded.values()), None)
+    loras = check_loras(req, spec, registry, limits)
+    control = check_control(req, job_type, spec, limits)
+    # Without a size, text2img with a ControlNet makes its control image's.
+    first = next(iter(decoded.values()), control.image if control else None)
     width, height = _size(req, spec, first, settings)
 
     task = GenerationTask(
@@ -187,9 +202,14 @@ def build_submission(
         style_strength=float(getattr(req, "style_strength", 0.0)),
         content_strength=float(getattr(req, "content_strength", 0.0)),
         preview_every=preview_every,
+        loras=loras,
+        control=control,
     )
     echo = req.model_dump(by_alias=True, mode="json",
-                          exclude={*IMAGE_FIELDS, *WEBHOOK_FIELDS, "preview", "preview_every"})
+                          exclude={**dict.fromkeys([*IMAGE_FIELDS, *WEBHOOK_FIELDS, "preview",
+                                                    "preview_every"], True),
+                                   "control_net": {"image"}})
+    echo_adapters(echo, control)
     if preview_every:
         echo.update(preview=True, previewEvery=preview_every)
     echo.update(

@@ -31,6 +31,23 @@ class WireModel(BaseModel):
 Number = Annotated[float, Field(allow_inf_nan=False)]
 
 
+class LoraRef(WireModel):
+    """One of the model's LoRAs (`GET /models`: `loras`) and its scale (0 = no effect)."""
+
+    name: str
+    scale: Number = 1.0
+
+
+class ControlNetRef(WireModel):
+    """A ControlNet of the model (`GET /models`: `controlNets`) steering the denoiser with
+    `image` (base64 or a data URI), after `canny` edge detection or as is (`none`)."""
+
+    model: str
+    image: str
+    conditioning_scale: Number = 1.0
+    preprocess: Literal["none", "canny"] = "none"
+
+
 class GenerationCommon(WireModel):
     """Fields every generation mode shares. `None` means "use the model's default"."""
 
@@ -55,6 +72,9 @@ class GenerationCommon(WireModel):
     # (default: completed, failed, cancelled).
     webhook: str | None = None
     webhook_events: list[Annotated[WebhookEvent, Field(strict=False)]] | None = None
+    loras: list[LoraRef] = []
+    # text2img and img2img only (validation says so for the other modes).
+    control_net: ControlNetRef | None = None
 
 
 class Text2ImgRequest(GenerationCommon):
@@ -93,6 +113,9 @@ REQUEST_MODELS: dict[JobType, type[GenerationCommon]] = {
     JobType.STYLE_TRANSFER: StyleTransferRequest,
 }
 
+# Request fields holding objects: unknown keys inside them are reported against these.
+NESTED_MODELS: dict[str, type[WireModel]] = {"loras": LoraRef, "control_net": ControlNetRef}
+
 # Request fields that carry images: kept out of job records (a record echoes a short
 # description instead of megabytes of base64).
 IMAGE_FIELDS: tuple[str, ...] = ("init_image", "image", "mask", "content_image", "style_image")
@@ -124,7 +147,10 @@ class JobResultBody(Reply):
     parameters: dict[str, Any]
     time_taken: int = Field(description="Milliseconds from start to completion")
     content_type: str
-    nsfw_content_detected: list[bool] | None = None
+    nsfw: list[bool] | None = Field(
+        None, description="Per image: the safety checker flagged it (and it was replaced by a "
+        "black image). Present whenever a checker ran (ENABLE_NSFW_FILTER and a model that "
+        "has one), absent otherwise")
 
 
 class PreviewBody(Reply):
@@ -225,6 +251,17 @@ class ModelDefaults(Reply):
     sampler: str
 
 
+class LoraInfo(Reply):
+    name: str
+    description: str
+    format: Literal["diffusers", "kohya"]
+
+
+class ControlNetInfo(Reply):
+    id: str
+    description: str
+
+
 class ModelInfo(Reply):
     id: str
     name: str
@@ -241,6 +278,9 @@ class ModelInfo(Reply):
     max_batch_size: int
     defaults: ModelDefaults
     default: bool = Field(description="The model a request without `model` gets")
+    loras: list[LoraInfo] = Field(description="LoRAs a request may name in `loras`")
+    control_nets: list[ControlNetInfo] = Field(
+        description="ControlNets a request may name in `controlNet.model`")
 
 
 class ModelList(Reply):

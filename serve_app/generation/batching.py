@@ -104,18 +104,25 @@ class BatchInvariantDenoiser:
     def __init__(self, denoiser: torch.nn.Module, enabled: bool = True,
                  on_cpu: bool | None = None) -> None:
         self.blocks = 1
+        self.model = denoiser
         if on_cpu is None:
             on_cpu = next(denoiser.parameters()).device.type == "cpu"
         # Off (runtime.batch_invariant: false) the denoiser is left as it is: on a GPU
         # faster, and a batched image may differ from the same seed made alone in the last
         # bits.
         self.split = enabled and not on_cpu
-        if enabled and on_cpu:
-            invariant_layers(denoiser)
+        self.rewrites = enabled and on_cpu
+        self.refresh()
         self._forward: Callable[..., Any] = denoiser.forward
         # An instance attribute shadows the class's forward; the module and its config,
         # attention processors and hooks stay exactly what diffusers expects.
         denoiser.forward = self._split_forward
+
+    def refresh(self) -> None:
+        """Rewrite the layers again: after layers were added (a LoRA load wraps linear
+        layers in PEFT's, whose own `lora_A`/`lora_B` are new `nn.Linear`s)."""
+        if self.rewrites:
+            invariant_layers(self.model)
 
     def _split_forward(self, *args: Any, **kwargs: Any) -> Any:
         # UNets take the latents first and positionally; transformers as `hidden_states`.
@@ -146,12 +153,25 @@ def _take(value: Any, index: torch.Tensor, batch: int) -> Any:
 
 
 def _reassemble(outputs: list[Any], n: int, blocks: int) -> Any:
-    """Per-image outputs (each `blocks` rows) back in the pipeline's [block][image] order."""
+    """Per-image outputs (each `blocks` rows) back in the pipeline's [block][image] order.
+
+    Denoisers return `(sample,)` or an output with `sample`; ControlNets return
+    `(down_block_residuals, mid_block_residual)` or an output with those: every tensor in
+    them is per image."""
     first = outputs[0]
     if isinstance(first, tuple):
-        return (_interleave([o[0] for o in outputs], n, blocks), *first[1:])
-    # UNet2DConditionOutput / Transformer2DModelOutput: dataclass-like, with `sample`.
-    return type(first)(sample=_interleave([o.sample for o in outputs], n, blocks))
+        return tuple(_join([o[i] for o in outputs], n, blocks) for i in range(len(first)))
+    # diffusers' BaseOutput (an ordered dict of its fields), e.g. UNet2DConditionOutput.
+    return type(first)(**{k: _join([o[k] for o in outputs], n, blocks) for k in first})
+
+
+def _join(parts: list[Any], n: int, blocks: int) -> Any:
+    if isinstance(parts[0], torch.Tensor):
+        return _interleave(parts, n, blocks)
+    if isinstance(parts[0], list | tuple):
+        return type(parts[0])(_join([p[i] for p in parts], n, blocks)
+                              for i in range(len(parts[0])))
+    return parts[0]
 
 
 def _interleave(parts: list[torch.Tensor], n: int, blocks: int) -> torch.Tensor:

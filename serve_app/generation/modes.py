@@ -24,6 +24,7 @@ from diffusers import DiffusionPipeline
 from PIL import Image
 
 from serve_app.errors import InvalidRequest
+from serve_app.generation.controlnets import ControlNets, control_image
 from serve_app.generation.images import binarize_mask, decode_mask, decode_rgb, fit, keep_unmasked
 from serve_app.generation.pipelines import PipelineSet
 from serve_app.generation.previews import Previewer
@@ -40,7 +41,8 @@ class ModeCalls:
     """One model's per-mode pipeline calls (see the module docstring)."""
 
     def __init__(self, model_id: str, pipes: PipelineSet, device: str,
-                 ip_adapter: IPAdapter | None = None) -> None:
+                 ip_adapter: IPAdapter | None = None,
+                 controls: ControlNets | None = None) -> None:
         self.model_id = model_id
         self.pipes = pipes
         self.family = pipes.family
@@ -49,6 +51,7 @@ class ModeCalls:
         base = pipes.base
         self.prompts = PromptCache(lambda p, n, g: self.family.encode(base, p, n, g))
         self.ip_adapter = ip_adapter
+        self.controls = controls
         self.previewer = Previewer()
 
     @property
@@ -65,6 +68,8 @@ class ModeCalls:
                 f"width and height must be multiples of {multiple} for model {self.model_id!r} "
                 f"(got {task.width}x{task.height})"
             )
+        if task.control is not None:
+            return self._controlled(task, hook)
         if task.mode is JobType.TEXT2IMG:
             if self.pipes.inpaint_route:
                 return self._inpaint(task, hook, *_blank_canvas(task), strength=1.0)
@@ -92,8 +97,9 @@ class ModeCalls:
         cfg = self.family.classifier_free(pipe, first)
         rows: dict[str, list[torch.Tensor]] = {}
         for task in tasks:
+            # Keyed by the LoRAs too: a LoRA may change the text encoders.
             for name, tensor in self.prompts.embeddings(task.prompt, task.negative_prompt,
-                                                        cfg).items():
+                                                        cfg, task.loras).items():
                 rows.setdefault(name, []).append(
                     tensor.repeat_interleave(task.num_images, dim=0))
         embeds = {name: torch.cat(parts) for name, parts in rows.items()}
@@ -101,6 +107,21 @@ class ModeCalls:
         return self._call(pipe, first, hook, seeds=seeds, prompt=None, negative_prompt=None,
                           num_images_per_prompt=1, width=first.width, height=first.height,
                           **embeds)
+
+    def _controlled(self, task: GenerationTask, hook: StepHook) -> Images:
+        """text2img or img2img steered by the task's ControlNet (`controlnets`)."""
+        control = task.control
+        if control is None or self.controls is None:
+            raise InvalidRequest(f"model {self.model_id!r} has no ControlNets")
+        pipe = self.controls.pipeline(control.model, task.mode)
+        condition = control_image(control, task.width, task.height)
+        scale = {"controlnet_conditioning_scale": control.conditioning_scale}
+        if task.mode is JobType.TEXT2IMG:
+            return self._call(pipe, task, hook, image=condition, width=task.width,
+                              height=task.height, **scale)
+        init = _input_rgb(task, task.init_image, "init_image")
+        return self._call(pipe, task, hook, image=init, control_image=condition,
+                          strength=_strength(task.strength, task.steps), **scale)
 
     def _img2img(self, task: GenerationTask, hook: StepHook, init: Image.Image,
                  strength: float, **extra: Any) -> Images:
@@ -147,7 +168,10 @@ class ModeCalls:
     def _call(self, pipe: DiffusionPipeline, task: GenerationTask, hook: StepHook,
               seeds: list[int] | None = None, **kwargs: Any) -> Images:
         pipe.scheduler = self.samplers.get(task.sampler)
-        self.pipes.denoiser.blocks = 2 if self.family.classifier_free(pipe, task) else 1
+        blocks = 2 if self.family.classifier_free(pipe, task) else 1
+        self.pipes.denoiser.blocks = blocks
+        if self.controls is not None:
+            self.controls.set_blocks(blocks)
         call = (self.family.call_kwargs(pipe, task)
                 | {"num_images_per_prompt": task.num_images} | kwargs)
         # inference_mode, not only the pipeline's no_grad: no version counters or view

@@ -12,7 +12,7 @@ it repeats the embeddings it encodes itself, so images are unchanged.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 
 import torch
 
@@ -31,15 +31,17 @@ class PromptCache:
     def __init__(self, encode: Encoder, size: int = CACHE_SIZE) -> None:
         self._encode = encode
         self._size = size
-        self._entries: OrderedDict[tuple[str, str, bool], Embeddings] = OrderedDict()
+        self._entries: OrderedDict[tuple[str, str, bool, Hashable], Embeddings] = OrderedDict()
         self.hits = 0
         self.misses = 0
 
     def __len__(self) -> int:
         return len(self._entries)
 
-    def embeddings(self, prompt: str, negative_prompt: str, guidance: bool) -> Embeddings:
-        key = (prompt, negative_prompt, guidance)
+    def embeddings(self, prompt: str, negative_prompt: str, guidance: bool,
+                   variant: Hashable = ()) -> Embeddings:
+        """`variant` is what else the encoders' output depends on (the active LoRAs)."""
+        key = (prompt, negative_prompt, guidance, variant)
         found = self._entries.get(key)
         if found is not None:
             self._entries.move_to_end(key)

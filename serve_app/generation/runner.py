@@ -36,8 +36,10 @@ from diffusers import DiffusionPipeline
 from PIL import Image
 
 from serve_app.errors import ConfigError, InvalidRequest
+from serve_app.generation.controlnets import ControlNets
 from serve_app.generation.families import family_of
 from serve_app.generation.images import encode_image
+from serve_app.generation.loras import LoraSet
 from serve_app.generation.modes import ModeCalls
 from serve_app.generation.pipelines import (
     PipelineLoader,
@@ -48,6 +50,7 @@ from serve_app.generation.pipelines import (
     resolve_model_file,
 )
 from serve_app.generation.previews import PreviewCallback, Previews
+from serve_app.generation.safety import prepare_checker
 from serve_app.generation.steps import Interrupted, StepCallback, StepHook, StopCheck
 from serve_app.generation.style import IPAdapter
 from serve_app.messages import GenerationResult, GenerationTask, JobType
@@ -76,9 +79,16 @@ class ModelRunner:
         if not settings.enable_nsfw_filter and getattr(base, "safety_checker", None) is not None:
             # A custom loader may bring a checker the settings do not want.
             base.safety_checker = None
-        pipes = PipelineSet(base, family_of(spec.pipeline),
-                            batch_invariant=spec.runtime.batch_invariant, device=self.device)
-        self._modes: ModeCalls | None = ModeCalls(spec.id, pipes, self.device, ip_adapter)
+        invariant = spec.runtime.batch_invariant
+        pipes = PipelineSet(base, family_of(spec.pipeline), batch_invariant=invariant,
+                            device=self.device)
+        prepare_checker(base, invariant and self.device == "cpu")
+        self._loras = LoraSet(spec, settings, base, pipes.family.denoiser_attr,
+                              after_load=pipes.denoiser.refresh)
+        controls = (ControlNets(spec, settings, pipes, self.device, self.dtype, invariant)
+                    if spec.control_nets else None)
+        self._modes: ModeCalls | None = ModeCalls(spec.id, pipes, self.device, ip_adapter,
+                                                  controls)
         self._lock = threading.Lock()
 
     @property
@@ -175,6 +185,7 @@ class ModelRunner:
             raise InvalidRequest(problem)
         if should_stop is not None and should_stop():
             raise Interrupted(f"{what} was stopped before it started")
+        self._loras.activate(task.loras)
         return modes
 
     def _result(self, task: GenerationTask, images: list[Image.Image], nsfw: list[bool],

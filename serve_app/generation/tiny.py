@@ -16,7 +16,9 @@ Contract:
 - The VAEs have 4 blocks, so `vae_scale_factor` is 8 as in the real models.
 - Building is atomic (build in a temporary folder beside the target, then one rename),
   serialized across processes by a file lock, and idempotent (`ensure_tiny_model`).
-- No safety checker.
+- The SD 1.x ones (`tiny`, `tiny-inpaint`) include a tiny safety checker that never flags
+  unless its thresholds are lowered (`serve_app.generation.safety`); it is loaded only with
+  ENABLE_NSFW_FILTER.
 
 `build_tiny_ip_adapter` writes a matching IP-Adapter (weights file + CLIP image encoder
 folder) in the layout of the real ones, so the IP-Adapter style path runs offline too.
@@ -45,6 +47,7 @@ from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
 from serve_app.errors import ConfigError
 from serve_app.generation import tiny_parts as parts
+from serve_app.generation.safety import tiny_feature_extractor, tiny_safety_checker
 from serve_app.generation.tiny_parts import tokenizer_vocab, write_tokenizer_files
 
 __all__ = [
@@ -66,10 +69,11 @@ def build_pipeline(workdir: Path, inpainting: bool = False) -> StableDiffusionPi
         tokenizer=tokenizer,
         unet=parts.sd_unet(9 if inpainting else 4),
         scheduler=parts.sd_scheduler(),
-        safety_checker=None,
-        feature_extractor=None,
+        # As SD 1.x ships: loaded only with ENABLE_NSFW_FILTER (serve_app.generation.safety).
+        safety_checker=tiny_safety_checker(parts.SEEDS["safety_checker"]),
+        feature_extractor=tiny_feature_extractor(),
         image_encoder=None,
-        requires_safety_checker=False,
+        requires_safety_checker=True,
     )
 
 

@@ -37,7 +37,8 @@ from transformers import (
 # One seed per module. The first five are tiny-sd's (and its IP-Adapter's): unchanged, so
 # tiny-sd makes the images it always made.
 SEEDS = {"unet": 0, "vae": 1, "text_encoder": 2, "image_encoder": 3, "ip_adapter": 4,
-         "text_encoder_2": 5, "t5": 6, "transformer": 7, "vae_16": 8, "sdxl_unet": 9}
+         "text_encoder_2": 5, "t5": 6, "transformer": 7, "vae_16": 8, "sdxl_unet": 9,
+         "safety_checker": 10}
 BOS = "<|startoftext|>"
 EOS = "<|endoftext|>"
 HIDDEN = 32  # CLIP width == tiny-sd's UNet cross-attention width

@@ -14,7 +14,14 @@ from typing import Any
 
 from serve_app.jobs.job import TRANSIENT, Job, JobResult, JobStatus, Phase
 from serve_app.jobs.webhook_state import WebhookState
-from serve_app.messages import GenerationTask, InputImage, JobType, OutputFormat, Priority
+from serve_app.messages import (
+    ControlInput,
+    GenerationTask,
+    InputImage,
+    JobType,
+    OutputFormat,
+    Priority,
+)
 from serve_app.stores.contract import JobRow
 
 _IMAGE_SLOTS = ("init_image", "mask_image", "style_image")
@@ -38,6 +45,10 @@ def task_to_json(task: GenerationTask) -> dict[str, Any]:
         out[slot] = _image_to_json(out[slot])
     out["mode"] = task.mode.value
     out["output_format"] = task.output_format.value
+    out["loras"] = [[name, scale] for name, scale in task.loras]
+    if task.control is not None:
+        out["control"] = dataclasses.asdict(task.control) | {
+            "image": _image_to_json(task.control.image)}
     return out
 
 
@@ -47,6 +58,11 @@ def task_from_json(data: dict[str, Any]) -> GenerationTask:
         values[slot] = _image_from_json(values.get(slot))
     values["mode"] = JobType(values["mode"])
     values["output_format"] = OutputFormat(values["output_format"])
+    # Records written before LoRAs and ControlNets existed have neither.
+    values["loras"] = tuple((str(name), float(scale)) for name, scale in values.get("loras", ()))
+    control = values.get("control")
+    if control is not None:
+        values["control"] = ControlInput(**control | {"image": _image_from_json(control["image"])})
     return GenerationTask(**values)
 
 

@@ -90,8 +90,8 @@ class JobResult:
             "timeTaken": self.time_taken_ms,
             "contentType": self.content_type,
         }
-        if self.nsfw_detected:
-            out["nsfwContentDetected"] = self.nsfw_detected
+        if self.nsfw_detected:  # empty when no safety checker ran
+            out["nsfw"] = self.nsfw_detected
         return out
 
 

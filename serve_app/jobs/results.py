@@ -10,7 +10,8 @@ from serve_app.messages import GenerationResult
 
 # Request fields echoed in `result.parameters`.
 _ECHOED = ("prompt", "negativePrompt", "width", "height", "steps", "guidanceScale", "sampler",
-           "strength", "inpaintingStrength", "styleStrength", "contentStrength", "numImages")
+           "strength", "inpaintingStrength", "styleStrength", "contentStrength", "numImages",
+           "loras", "controlNet")
 
 
 def job_result(job: Job, result: GenerationResult, now_ms: int) -> JobResult:

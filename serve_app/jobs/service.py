@@ -43,6 +43,7 @@ from serve_app.jobs.ratelimit import RateLimiter
 from serve_app.jobs.results import gave_up
 from serve_app.jobs.webhooks import WebhookNotifier
 from serve_app.messages import OPEN, Caller, JobType, Submission
+from serve_app.model_adapters import describe_control_nets, describe_loras
 from serve_app.registry import Registry, Scaling
 from serve_app.settings import Settings
 from serve_app.stores.contract import JobFilter, decode_cursor
@@ -324,6 +325,8 @@ class JobTracker:
                              "steps": spec.defaults.steps, "sampler": spec.defaults.sampler,
                              "guidanceScale": spec.defaults.guidance_scale},
                 "default": spec.id == self._settings.default_model,
+                "loras": describe_loras(spec.loras),
+                "controlNets": describe_control_nets(spec.control_nets),
             })
         return {"models": out}
 
