@@ -197,12 +197,24 @@ def test_webuiapi_start_up_probes_and_listings_answer(server) -> None:
     assert model.keys() == {"title", "model_name", "hash", "sha256", "filename", "config"}
     assert api.get_options()["sd_model_checkpoint"] == model["title"]
     assert api.get_scripts() == {"txt2img": [], "img2img": []}
-    assert api.get_loras() == [] and api.get_sd_vae() == [] and api.get_embeddings() == {
-        "loaded": {}, "skipped": {}}
+    assert [lo["name"] for lo in api.get_loras()] == ["tiny-style", "tiny-detail"]
+    assert api.get_sd_vae() == [] and api.get_embeddings() == {"loaded": {}, "skipped": {}}
     assert api.get_upscalers()[0]["name"] == "None" and api.get_cmd_flags()["api"] is True
     assert api.get_progress()["state"]["job_count"] == 0
     api.util_set_model("tiny-sd")
     assert api.util_get_current_model() == model["title"]
+
+
+def test_a1111_lora_tags_in_the_prompt_become_the_jobs_loras(server) -> None:
+    api = sdapi(server)
+    api.txt2img(prompt="a barn <lora:tiny-style:0.5>, red", width=64, height=64, steps=2,
+                seed=3)
+    job = httpx.get(f"{server.url}/jobs/{jobs(server)[0]['id']}").json()
+    assert job["request"]["prompt"] == "a barn , red"
+    assert job["request"]["loras"] == [{"name": "tiny-style", "scale": 0.5}]
+    with pytest.raises(RuntimeError) as unknown:
+        api.txt2img(prompt="x <lora:nope:1>", width=64, height=64)
+    assert unknown.value.args[0] == 400 and "nope" in unknown.value.args[1]
 
 
 def test_a1111_errors_are_a1111s(server) -> None:

@@ -172,11 +172,23 @@ def test_txt2img_fields_become_our_body() -> None:
            "enable_hr": True, "restore_faces": True, "alwayson_scripts": {}}
     job_type, body = a1111.generation_job(req, "tiny-sd", LIMITS, img2img=False)
     assert job_type is JobType.TEXT2IMG
-    assert body == {"outputFormat": "png", "prompt": "cat", "negativePrompt": "dog",
+    assert body == {"outputFormat": "png", "preview": True, "prompt": "cat",
+                    "negativePrompt": "dog",
                     "steps": 9, "guidanceScale": 6, "width": 96, "height": 64, "seed": -1,
                     "numImages": 6, "sampler": "ddim", "model": "tiny-sd"}
     with pytest.raises(DialectError):
         a1111.generation_job({"batch_size": 0}, None, LIMITS, img2img=False)
+
+
+def test_lora_tags_leave_the_prompt_as_loras() -> None:
+    assert a1111.lora_tags("a cat <lora:tiny-style:0.8> <lora:tiny-detail> sitting") == (
+        "a cat sitting", [{"name": "tiny-style", "scale": 0.8},
+                          {"name": "tiny-detail", "scale": 1.0}])
+    assert a1111.lora_tags("<lora:tiny-style:0.7:0.2>x")[1] == [
+        {"name": "tiny-style", "scale": 0.7}]
+    assert a1111.lora_tags("no tags,  spaced") == ("no tags,  spaced", [])
+    with pytest.raises(DialectError, match="not a number"):
+        a1111.lora_tags("<lora:tiny-style:lots>")
 
 
 def test_img2img_is_img2img_without_mask_and_inpainting_with_one() -> None:
@@ -240,6 +252,9 @@ def test_progress_follows_the_callers_job() -> None:
     body = a1111.progress_body(running, now)
     assert body["progress"] == 0.5 and body["eta_relative"] == pytest.approx(4.0)
     assert (body["state"]["sampling_step"], body["state"]["sampling_steps"]) == (2, 4)
+    assert body["current_image"] is None
+    previewed = running | {"preview": {"step": 2, "image": "data:image/jpeg;base64,/9j/AA=="}}
+    assert a1111.progress_body(previewed, now)["current_image"] == "/9j/AA=="
     stopped = a1111.progress_body(finished("cancelled"), now)
     assert stopped["state"]["interrupted"] is True and stopped["state"]["job_count"] == 0
 

@@ -111,11 +111,13 @@ def test_webuiapi_watches_and_interrupts_its_running_job(harness, sdapi) -> None
         prompt="a long one", width=512, height=512, steps=60, seed=5)))
     worker.start()
     deadline = time.monotonic() + 60
-    while (progress := sdapi.get_progress())["state"]["sampling_step"] < 2:
+    # A1111's live preview: the latent thumbnail, every 60 // 8 = 7 steps.
+    while (progress := sdapi.get_progress())["current_image"] is None:
         assert time.monotonic() < deadline and worker.is_alive(), progress
         time.sleep(0.05)
     assert progress["state"]["job_count"] == 1 and progress["state"]["sampling_steps"] == 60
-    assert 0 < progress["progress"] < 1
+    assert progress["state"]["sampling_step"] >= 7 and 0 < progress["progress"] < 1
+    assert picture(base64.b64decode(progress["current_image"])).size == (128, 128)
     assert sdapi.interrupt() == {}
     worker.join(60)
     assert box["result"].images == [] and box["result"].info["interrupted"] is True

@@ -33,7 +33,7 @@ JOB_NOTE = "a1111.job"
 
 # What clients probe on start-up and we have nothing of: A1111's answer for an empty list.
 EMPTY: dict[str, Any] = {
-    "/loras": [], "/sd-vae": [], "/latent-upscale-modes": [], "/hypernetworks": [],
+    "/sd-vae": [], "/latent-upscale-modes": [], "/hypernetworks": [],
     "/face-restorers": [], "/realesrgan-models": [], "/prompt-styles": [], "/extensions": [],
     "/embeddings": {"loaded": {}, "skipped": {}},
     "/scripts": {"txt2img": [], "img2img": []},
@@ -116,6 +116,12 @@ async def list_schedulers() -> JSONResponse:
 async def list_sd_models(request: Request) -> JSONResponse:
     ctx = context(request)
     return JSONResponse([translate.checkpoint(m, ctx.settings) for m in _checkpoints(request)])
+
+
+@router.get("/loras", responses=_READ_ERRORS)
+async def list_loras(request: Request) -> JSONResponse:
+    """The LoRAs of the caller's selected checkpoint (or the default model)."""
+    return JSONResponse(translate.lora_entries(await _selected(request)))
 
 
 @router.get("/options", responses=_READ_ERRORS)

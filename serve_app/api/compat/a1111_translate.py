@@ -7,8 +7,13 @@ Implemented fields: `prompt`, `negative_prompt`, `steps`, `cfg_scale`, `width`, 
 `seed` (-1 random), `sampler_name` / `sampler_index` / `scheduler`, `batch_size` x
 `n_iter` images (seeds seed, seed+1, ... as in A1111), `override_settings.
 sd_model_checkpoint`, `send_images`; img2img adds `init_images` (the first), `mask`,
-`denoising_strength`, `inpainting_mask_invert`. Every other field is accepted and ignored
-(docs/compat.md lists them). Fields left out take the model's defaults.
+`denoising_strength`, `inpainting_mask_invert`. Jobs ask for latent previews, which
+`/progress` shows as `current_image`, as A1111's live previews. LoRAs are named in the
+prompt as A1111 does, `<lora:name:multiplier>` (multiplier 1 if left out): the tags leave
+the prompt and become the job's `loras` (the model's registry LoRAs; `GET
+/sdapi/v1/loras` lists them).
+Every other field is accepted and ignored (docs/compat.md lists them). Fields left out take
+the model's defaults.
 """
 
 from __future__ import annotations
@@ -38,11 +43,15 @@ FIELD_NAMES = {
     "seed": "seed", "guidanceScale": "cfg_scale", "initImage": "init_images",
     "image": "init_images", "mask": "mask", "strength": "denoising_strength",
     "inpaintingStrength": "denoising_strength", "sampler": "sampler_name",
+    "loras": "prompt",
 }
 # Ours <- theirs, for the fields that map one to one.
 _DIRECT = {"prompt": "prompt", "negative_prompt": "negativePrompt", "steps": "steps",
            "cfg_scale": "guidanceScale", "width": "width", "height": "height", "seed": "seed"}
 _TITLE = re.compile(r"^(?P<name>.*?)\s*\[[0-9a-fA-F]{8,64}\]$")
+# <lora:name>, <lora:name:0.8>, <lora:name:0.8:0.5> (A1111's separate text-encoder weight,
+# which we do not split: the first multiplier applies).
+_LORA_TAG = re.compile(r"<lora:(?P<name>[^:>]+)(?::(?P<scale>[^:>]*))?(?::[^>]*)?>")
 
 
 def generation_job(req: dict[str, Any], model: str | None, limits: Limits,
@@ -50,10 +59,15 @@ def generation_job(req: dict[str, Any], model: str | None, limits: Limits,
     """Our job type and body for a txt2img or img2img request; `model` is the checkpoint
     to use (None: the server's default). img2img decodes the mask when it must be
     inverted: run it off the event loop."""
-    body: dict[str, Any] = {"outputFormat": "png"}
+    # A1111 shows live previews by default: so does every job it submits (`current_image`).
+    body: dict[str, Any] = {"outputFormat": "png", "preview": True}
     for theirs, ours in _DIRECT.items():
         if req.get(theirs) is not None:
             body[ours] = req[theirs]
+    if isinstance(body.get("prompt"), str):
+        body["prompt"], loras = lora_tags(body["prompt"])
+        if loras:
+            body["loras"] = loras
     body["numImages"] = _count(req, "batch_size") * _count(req, "n_iter")
     resolved = resolve(req.get("sampler_name") or req.get("sampler_index"), req.get("scheduler"))
     if resolved is not None:
@@ -78,6 +92,27 @@ def generation_job(req: dict[str, Any], model: str | None, limits: Limits,
     if strength is not None:
         body["inpaintingStrength"] = strength
     return JobType.INPAINT, body
+
+
+def lora_tags(prompt: str) -> tuple[str, list[dict[str, Any]]]:
+    """The prompt without its `<lora:name:multiplier>` tags, and those LoRAs in our terms."""
+    loras = []
+    for tag in _LORA_TAG.finditer(prompt):
+        raw = (tag["scale"] or "").strip()
+        try:
+            scale = float(raw) if raw else 1.0
+        except ValueError:
+            raise DialectError(f"LoRA multiplier in {tag[0]!r} is not a number; write "
+                               "<lora:name:0.8>") from None
+        loras.append({"name": tag["name"].strip(), "scale": scale})
+    cleaned = " ".join(_LORA_TAG.sub(" ", prompt).split()) if loras else prompt
+    return cleaned, loras
+
+
+def lora_entries(spec: ModelSpec) -> list[dict[str, Any]]:
+    """`GET /sdapi/v1/loras`: a model's registry LoRAs, as A1111 lists its LoRA files."""
+    return [{"name": lo.name, "alias": lo.name, "path": f"{lo.name}.safetensors",
+             "metadata": {"description": lo.description}} for lo in spec.loras]
 
 
 def generation_response(record: dict[str, Any], req: dict[str, Any],
@@ -146,7 +181,10 @@ def progress_body(record: dict[str, Any] | None, now: datetime) -> dict[str, Any
     phase = record.get("phase") or record["status"]
     text = (f"Queued (position {record['queuePosition']})"
             if record["status"] == "queued" and record.get("queuePosition") else phase)
-    return {"progress": progress, "eta_relative": eta, "state": state, "current_image": None,
+    # A1111's live preview: the job's latest latent thumbnail (base64, no data URI prefix).
+    preview = record.get("preview")
+    current = preview["image"].partition(",")[2] if isinstance(preview, dict) else None
+    return {"progress": progress, "eta_relative": eta, "state": state, "current_image": current,
             "textinfo": text, "current_task": record["id"]}
 
 
