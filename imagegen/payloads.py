@@ -44,6 +44,10 @@ class GenerationOptions(TypedDict, total=False):
     priority: str  # low, normal or high
     loras: list[dict[str, Any]]  # [{"name": ..., "scale": ...}], names from GET /models
     control_net: dict[str, Any]  # {"model", "image" (data URI), "conditioningScale", "preprocess"}
+    preview: bool  # Job.preview shows the image forming while it runs (see watch())
+    preview_every: int
+    webhook: str  # where the service POSTs signed job events
+    webhook_events: list[str]  # started, progress, completed, failed, cancelled
 
 
 @dataclass(frozen=True)

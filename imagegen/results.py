@@ -67,6 +67,8 @@ class JobResult:
     parameters: dict[str, Any]
     time_taken_ms: int | None
     content_type: str | None
+    # Per image, whether the safety checker flagged it (None: no checker ran).
+    nsfw: list[bool] | None = None
 
     @classmethod
     def from_wire(cls, data: dict[str, Any]) -> JobResult:
@@ -78,6 +80,7 @@ class JobResult:
             parameters=dict(data.get("parameters") or {}),
             time_taken_ms=data.get("timeTaken"),
             content_type=data.get("contentType"),
+            nsfw=data.get("nsfw"),
         )
 
     def image_bytes(self, index: int = 0) -> bytes:
@@ -115,6 +118,8 @@ class Job:
     completed_at: datetime | None = None
     request: dict[str, Any] | None = None
     result: JobResult | None = None
+    # While it runs with `preview=True`: the latest latent thumbnail, a JPEG data URI.
+    preview: str | None = None
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
@@ -136,6 +141,8 @@ class Job:
             completed_at=_time(data.get("completedAt")),
             request=data.get("request"),
             result=JobResult.from_wire(result) if isinstance(result, dict) else None,
+            preview=(data["preview"].get("image") if isinstance(data.get("preview"), dict)
+                     else None),
             raw=data,
         )
 

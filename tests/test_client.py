@@ -242,3 +242,14 @@ def test_async_client_submits_waits_and_streams(server: LiveServer) -> None:
     done, seen, streamed = asyncio.run(scenario())
     assert done.result is not None and done.result.seeds == [3] and seen[-1].done
     assert streamed[-1].status == "completed"
+
+
+def test_a_record_shows_its_preview_while_running_and_its_nsfw_flags_when_done() -> None:
+    from imagegen.results import Job
+
+    running = Job.from_wire({"id": "j", "type": "text2img", "status": "processing",
+                             "preview": {"step": 3, "image": "data:image/jpeg;base64,AA=="}})
+    assert running.preview == "data:image/jpeg;base64,AA==" and running.result is None
+    done = Job.from_wire({"id": "j", "type": "text2img", "status": "completed", "result": {
+        "images": ["data:image/png;base64,AA=="], "seeds": [1], "nsfw": [False]}})
+    assert done.preview is None and done.result is not None and done.result.nsfw == [False]

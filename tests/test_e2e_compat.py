@@ -38,9 +38,12 @@ def models() -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def harness(serve_harness: ServeHarness) -> ServeHarness:
-    serve_harness.deploy(models())
-    return serve_harness
+def harness(local_ray) -> ServeHarness:  # type: ignore[no-untyped-def]
+    """The session's Ray with this module's app (not `serve_harness`, which would deploy
+    the default app first)."""
+    harness: ServeHarness = local_ray.harness().for_module("test_e2e_compat")
+    harness.deploy(models())
+    return harness
 
 
 @pytest.fixture(scope="module")

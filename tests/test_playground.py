@@ -162,6 +162,12 @@ def test_the_progress_bar_moves_and_cancel_stops_the_job(page, client, shots) ->
     rising = sorted(set(seen) - {0})
     assert len(rising) >= 2 and seen == sorted(seen), seen  # live, and never backwards
     assert page.find_element(By.ID, "phase").text.startswith("Generating")
+    # The image forming: a latent preview every 120 // 8 = 15 steps, at the image's size.
+    forming = wait(page).until(lambda d: d.find_elements(By.CSS_SELECTOR, "img.forming"))[0]
+    assert forming.get_attribute("src").startswith("data:image/jpeg;base64,")
+    step = int(forming.get_attribute("alt").removeprefix("The image forming (step ")[:-1])
+    assert step % 15 == 0 and step < 120
+    assert page.execute_script("return arguments[0].naturalWidth", forming) == 128
     snap(page, shots / "progress.png")
 
     button(page, "Cancel").click()

@@ -7,7 +7,7 @@ import { GenerateForm } from './form.js';
 import { History } from './history.js';
 import { ImageInput } from './inputs.js';
 import { MaskPainter } from './mask.js';
-import { renderMessage, renderResults } from './results.js';
+import { renderForming, renderMessage, renderResults } from './results.js';
 
 const $ = (id) => document.getElementById(id);
 const POLL_MS = 500; // only when the event stream broke off
@@ -111,6 +111,7 @@ function showRecord(r) {
   $('phase').textContent = describe(r);
   $('phase').dataset.status = r.status;
   $('job-meta').textContent = `${r.id} · ${r.type} · ${r.model} · ${r.priority} priority`;
+  if (r.preview && r.status === 'processing') renderForming(results, r);
 }
 
 function setBusy(busy) {

@@ -82,6 +82,7 @@ export class GenerateForm {
       seed: number('seed'),
       numImages: number('num-images'),
       priority: $('priority').value,
+      preview: true, // the image forming, shown while it runs
     };
     const negative = $('negative-prompt').value.trim();
     if (negative) body.negativePrompt = negative;

@@ -38,6 +38,19 @@ export function renderResults(root, job, { onReuse }) {
   root.replaceChildren(...[prompt, ...figures].filter(Boolean));
 }
 
+/** While `job` runs: its latest latent preview (`preview: true`), drawn at the image's size. */
+export function renderForming(root, job) {
+  const { step, image } = job.preview;
+  const shown = root.querySelector('img.forming');
+  if (shown && shown.dataset.step === String(step)) return;
+  root.replaceChildren(el('figure', { class: 'result' },
+    el('img', { class: 'forming', src: image, 'data-step': step,
+      alt: `The image forming (step ${step})`,
+      width: job.request.width, height: job.request.height }),
+    el('figcaption', { class: 'hint' },
+      `Step ${step} of ${job.request.steps}: a quick preview from the latents`)));
+}
+
 export function renderMessage(root, text) {
   root.replaceChildren(el('p', { class: 'hint' }, text));
 }
