@@ -26,11 +26,21 @@ SINK_MODEL = "sink"
 # num_cpus 64 on a Ray started with 4 logical CPUs: the replica can never be placed, so
 # the jobs of the submit figure park in the tracker's queue and nothing generates while
 # the submit path is measured (generation would compete for the same two cores).
+# The submit shape runs with an API key, as a deployment does; rate limits and the per-key
+# queue cap are off (one key's 16 connections are what they exist to refuse), so the figure
+# is the path's capacity with keys checked. `submit-open` is the same without keys.
+BENCH_KEY = "bench-key-0123456789abcdef"
+_SUBMIT_SETTINGS: dict[str, Any] = {
+    "default_model": SINK_MODEL, "max_queue_size": 10_000_000, "max_concurrent_jobs": 1,
+    "submit_rate": 0, "read_rate": 0, "max_queued_per_key": 10_000_000}
 SHAPES: dict[str, dict[str, Any]] = {
     "submit": {
         "models": [tiny_model(SINK_MODEL, num_cpus=64, min_replicas=0, initial_replicas=0)],
-        "settings": {"default_model": SINK_MODEL, "max_queue_size": 10_000_000,
-                     "max_concurrent_jobs": 1},
+        "settings": _SUBMIT_SETTINGS | {"api_keys": [{"name": "bench", "key": BENCH_KEY}]},
+    },
+    "submit-open": {
+        "models": [tiny_model(SINK_MODEL, num_cpus=64, min_replicas=0, initial_replicas=0)],
+        "settings": _SUBMIT_SETTINGS,
     },
     # e2e, batching, cold start and scale: tiny-sd always up (one replica that takes
     # batches of up to 8 jobs), and a min-0 copy of it for the cold start.
@@ -40,8 +50,10 @@ SHAPES: dict[str, dict[str, Any]] = {
             tiny_model(COLD_MODEL, min_replicas=0, initial_replicas=0, idle_timeout_s=3,
                        upscale_delay_s=0),
         ],
+        # Rate limits off: a poller reading a job every few ms is what they would refuse.
         "settings": {"default_model": "tiny-sd", "max_concurrent_jobs": 8,
-                     "max_queue_size": 1000},
+                     "max_queue_size": 1000, "submit_rate": 0, "read_rate": 0,
+                     "max_queued_per_key": 1000},
     },
 }
 LOGGING = {"enable_access_log": False}

@@ -133,14 +133,17 @@ class Client:
     """A blocking keep-alive client on `http.client`, for pollers and one-at-a-time
     requests. JSON in, (status, JSON) out."""
 
-    def __init__(self, base_url: str, timeout_s: float = 60) -> None:
+    def __init__(self, base_url: str, timeout_s: float = 60,
+                 headers: dict[str, str] | None = None) -> None:
         self.host, self.port = _address(base_url)
         self.timeout_s = timeout_s
+        self.headers = dict(headers or {})  # sent with every request (an API key)
         self._conn: http.client.HTTPConnection | None = None
 
     def request(self, method: str, path: str, payload: Any = None) -> tuple[int, Any]:
         body = None if payload is None else json.dumps(payload).encode()
-        headers = {"Content-Type": "application/json"} if body is not None else {}
+        headers = self.headers | ({"Content-Type": "application/json"} if body is not None
+                                  else {})
         for attempt in (1, 2):  # once more on a connection the server closed
             if self._conn is None:
                 self._conn = http.client.HTTPConnection(self.host, self.port,

@@ -93,8 +93,9 @@ def headline(name: str, result: dict[str, Any]) -> str:
         return f"ERROR {result['error'][:60]}"
     if name == "submit":
         return (f"{h['service_accepted_per_s']}/s p50 {h['service_p50_ms']} p99 "
-                f"{h['service_p99_ms']} ms vs bare {h['baseline_accepted_per_s']}/s p50 "
-                f"{h['baseline_p50_ms']} p99 {h['baseline_p99_ms']} ms")
+                f"{h['service_p99_ms']} ms (API key) vs bare {h['baseline_accepted_per_s']}/s "
+                f"p50 {h['baseline_p50_ms']} p99 {h['baseline_p99_ms']} ms; without keys "
+                f"{h['keyless_accepted_per_s']}/s (auth ratio {result.get('auth_ratio')})")
     if name == "e2e":
         return (f"p50 {h['service_p50_ms']} p99 {h['service_p99_ms']} ms vs in-process "
                 f"{h['in_process_p50_ms']} ms")
