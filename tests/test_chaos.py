@@ -28,7 +28,7 @@ SMALL = {"width": 64, "height": 64, "steps": 2}
 LONG_MODEL = "model-tiny-sd"
 TRACKER = "Tracker"
 # Enough for a kill, a replica restart (torch import on two busy cores) and a re-run.
-RECOVERY_S = 120
+RECOVERY_S = 180  # a replica restart on a loaded two-core machine
 
 
 @pytest.fixture

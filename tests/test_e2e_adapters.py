@@ -17,7 +17,6 @@ import pytest
 from PIL import Image, ImageDraw
 
 from serve_app.registry import load_registry
-from tests import serve_harness as harness_module
 from tests.serve_harness import ServeHarness, wait_for
 
 pytestmark = pytest.mark.e2e
@@ -34,18 +33,16 @@ def shipped(*ids: str, **changes: dict[str, Any]) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def harness(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeHarness]:
+def harness(local_ray) -> ServeHarness:  # type: ignore[no-untyped-def]
     """One deployment (a redeploy costs ~30 s here): the shipped tiny-sd with its adapters,
     and a copy whose safety checker flags everything, with ENABLE_NSFW_FILTER on."""
-    gen = harness_module.start(tmp_path_factory.mktemp("e2e-adapters"))
-    served = next(gen)
+    served: ServeHarness = local_ray.harness().for_module("test_e2e_adapters")
     flagging_model(served)
     models = shipped("tiny-sd", "tiny-sd-inpaint")["models"]
     flagging = models[0] | {"id": "tiny-flagging", "inpainting_model": None, "loras": [],
                             "control_nets": []}
     served.deploy({"models": [*models, flagging]}, enable_nsfw_filter=True)
-    yield served
-    gen.close()
+    return served
 
 
 def flagging_model(harness: ServeHarness) -> None:

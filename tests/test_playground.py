@@ -284,8 +284,11 @@ def test_generate_through_the_page_by_its_labels(page, client, shots) -> None:
     same = wait_for(client, resp.json()["id"])
     assert [i.get_attribute("src") for i in images] == same["result"]["images"]
 
-    button(page, "Reuse these settings").click()  # image 1: its seed, one image
-    assert control(page, "Seed").get_attribute("value") == "1234"
+    control(page, "Seed").clear()
+    reuse = button(page, "Reuse these settings")  # image 1: its seed, one image
+    page.execute_script("arguments[0].scrollIntoView({block: 'center'})", reuse)
+    reuse.click()
+    wait(page, 10).until(lambda d: control(d, "Seed").get_attribute("value") == "1234")
     assert control(page, "Number of images").get_attribute("value") == "1"
 
 
