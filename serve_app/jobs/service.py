@@ -28,9 +28,11 @@ from serve_app.errors import (
 )
 from serve_app.jobs.book import JobBook
 from serve_app.jobs.callers import CallerNotes
+from serve_app.jobs.calls import Limits, Replicas
+from serve_app.jobs.catalog import describe_models
 from serve_app.jobs.codec import loads
 from serve_app.jobs.delivery import Sender
-from serve_app.jobs.dispatch import Dispatch, Limits, Replicas
+from serve_app.jobs.dispatch import Dispatch
 from serve_app.jobs.feeds import Feeds, without_images
 from serve_app.jobs.intake import Intake, Outcome
 from serve_app.jobs.job import Job, JobStatus
@@ -43,7 +45,6 @@ from serve_app.jobs.ratelimit import RateLimiter
 from serve_app.jobs.results import gave_up
 from serve_app.jobs.webhooks import WebhookNotifier
 from serve_app.messages import OPEN, Caller, JobType, Submission
-from serve_app.model_adapters import describe_control_nets, describe_loras
 from serve_app.registry import Registry, Scaling
 from serve_app.settings import Settings
 from serve_app.stores.contract import JobFilter, decode_cursor
@@ -117,8 +118,9 @@ class JobTracker:
         A job that was running when the service stopped runs again, within its attempts."""
         await self._book.load_totals()
         texts = await self._book.calls.read(lambda store: store.unfinished())
-        resumed = 0
-        for job in map(loads, texts):
+        loaded = {job.id: job for job in map(loads, texts)}
+        runnable = []
+        for job in loaded.values():
             if job.model not in self._served or job.task is None:
                 reason = f"Model {job.model} is no longer served here"
                 self._book.apply(job, lambda j, r=reason: j.fail(r, self._clock()))
@@ -130,10 +132,13 @@ class JobTracker:
                     self._book.apply(job, lambda j, e=error: j.fail(e, self._clock()))
                     continue
                 self._book.apply(job, lambda j, r=reason: j.requeue(r))
+            runnable.append(job)
+        # Webhooks first: their deliveries must attach to these objects, and a job handed
+        # to dispatch may run and settle while the resume reads the store.
+        await self.webhooks.resume(loaded.get)
+        for job in runnable:
             self._dispatch.add(job)
-            resumed += 1
-        await self.webhooks.resume(self._dispatch.live)
-        return resumed
+        return len(runnable)
 
     async def prune(self) -> int:
         cutoff = self._clock() - self._settings.retention_s * 1000
@@ -303,32 +308,8 @@ class JobTracker:
     async def models(self, caller: Caller = OPEN) -> dict[str, Any]:
         self._reads.take(caller.client)
         counts = await self.refresh_replicas()
-        out = []
-        for spec in self._registry.models:
-            served = spec.id in self._served
-            replicas = counts.get(spec.id, 0) if served else 0
-            out.append({
-                "id": spec.id,
-                "name": spec.name,
-                "description": spec.description,
-                "type": spec.type,
-                "pipeline": spec.pipeline,
-                "samplers": list(spec.samplers),
-                "loaded": replicas > 0,
-                "version": spec.version,
-                "served": served,
-                "replicas": replicas,
-                "minReplicas": spec.scaling.min_replicas,
-                "maxReplicas": spec.scaling.max_replicas,
-                "maxBatchSize": spec.scaling.max_batch_size,
-                "defaults": {"width": spec.defaults.width, "height": spec.defaults.height,
-                             "steps": spec.defaults.steps, "sampler": spec.defaults.sampler,
-                             "guidanceScale": spec.defaults.guidance_scale},
-                "default": spec.id == self._settings.default_model,
-                "loras": describe_loras(spec.loras),
-                "controlNets": describe_control_nets(spec.control_nets),
-            })
-        return {"models": out}
+        return describe_models(self._registry, self._served, counts,
+                               self._settings.default_model)
 
     # -- per-caller settings (the compatible APIs' state, shared by every ingress) ----
 

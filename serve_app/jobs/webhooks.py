@@ -209,8 +209,9 @@ class WebhookNotifier:
     # -- lifecycle ---------------------------------------------------------------------
 
     async def resume(self, live: Callable[[str], Job | None]) -> int:
-        """Schedule the pending deliveries the store holds (at start). `live` finds the
-        tracker's own object for a job it holds, which must be the one changed."""
+        """Schedule the pending deliveries the store holds (at start, before any job is
+        dispatched). `live` finds the tracker's own object for a job it loaded, which must
+        be the one changed: a copy's saves would race the tracker's own."""
         texts = await self._book.calls.read(lambda store: store.webhooks_pending())
         resumed = 0
         for text in texts:
