@@ -26,8 +26,9 @@ from serve_app.api.compat import a1111, openai
 from serve_app.api.events import HEARTBEAT_S, Subscriptions, job_events
 from serve_app.api.guard import Guard, caller_of
 from serve_app.api.http_metrics import HttpMetrics, HttpRecorder
+from serve_app.api.json_body import parse_json
 from serve_app.api.request_ids import RequestIds
-from serve_app.api.validation import build_submission, parse_json
+from serve_app.api.validation import build_submission
 from serve_app.api.webhook_fields import public_base_url
 from serve_app.api.wire import (
     REQUEST_MODELS,

@@ -1,9 +1,9 @@
-"""Request validation: a raw JSON body in, a `Submission` (or an `InvalidRequest`) out.
+"""Request validation: a parsed JSON body in, a `Submission` (or an `InvalidRequest`) out.
 
-The body is parsed and bounded here (`parse_json`), types and shapes come from the pydantic
-models in `serve_app.api.wire`, limits from settings and defaults from the model's registry
-entry, in the spirit of diffusers' `check_inputs()`: every message names the camelCase field
-and says what would be accepted.
+The body comes parsed and bounded (`serve_app.api.json_body`); types and shapes come from
+the pydantic models in `serve_app.api.wire`, limits from settings and defaults from the
+model's registry entry, in the spirit of diffusers' `check_inputs()`: every message names
+the camelCase field and says what would be accepted.
 """
 
 from __future__ import annotations
@@ -43,52 +43,12 @@ from serve_app.messages import (
 from serve_app.registry import ModelSpec, Registry
 from serve_app.settings import Settings
 
-# Deeper JSON than this is no request this API defines (its bodies are flat objects).
-MAX_JSON_DEPTH = 32
-
 _TYPE_WORDS = {
     "int_type": "an integer",
     "float_type": "a number",
     "string_type": "a string",
     "bool_type": "true or false",
 }
-
-
-def parse_json(raw: bytes) -> Any:
-    """A request body as JSON: valid UTF-8, at most MAX_JSON_DEPTH deep, no lone surrogate
-    (`"\\ud800"` decodes to a string that no UTF-8 store or encoder accepts)."""
-    try:
-        body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InvalidRequest(f"Request body is not valid JSON: {exc}") from None
-    except RecursionError:
-        raise _too_deep() from None
-    _check_json_values(body, 1)
-    return body
-
-
-def _check_json_values(value: Any, depth: int) -> None:
-    if depth > MAX_JSON_DEPTH:
-        raise _too_deep()
-    if isinstance(value, str):
-        if not value.isascii():
-            try:
-                value.encode("utf-8")
-            except UnicodeEncodeError:
-                raise InvalidRequest(
-                    "Request body holds a lone UTF-16 surrogate (such as \\ud800), which is not "
-                    "text; send valid Unicode") from None
-    elif isinstance(value, dict):
-        for key, item in value.items():
-            _check_json_values(key, depth + 1)
-            _check_json_values(item, depth + 1)
-    elif isinstance(value, list):
-        for item in value:
-            _check_json_values(item, depth + 1)
-
-
-def _too_deep() -> InvalidRequest:
-    return InvalidRequest(f"Request body is nested too deeply (at most {MAX_JSON_DEPTH} levels)")
 
 
 def parse(job_type: JobType, body: Any) -> GenerationCommon:

@@ -24,96 +24,28 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from contextlib import aclosing
 from dataclasses import dataclass, field
-from typing import Protocol
 
 from serve_app.errors import ReplicaLost
 from serve_app.jobs.book import JobBook
+from serve_app.jobs.calls import Call, Limits, Observer, Outcome, Replicas, Unobserved
 from serve_app.jobs.job import Job, JobStatus, Phase
 from serve_app.jobs.lanes import Lane
 from serve_app.jobs.queues import JobQueues
 from serve_app.jobs.results import describe_failure, gave_up, job_result, preview_of
-from serve_app.messages import (
-    Finished,
-    GenerationResult,
-    GenerationTask,
-    Progress,
-    ReplicaEvent,
-    Started,
-)
+from serve_app.messages import Finished, GenerationResult, Progress, Started
 
 log = logging.getLogger(__name__)
 
 Step = Callable[[Job], None]
 
 
-class Replicas(Protocol):
-    """How tasks reach a model's replicas. Closing the stream early must cancel the call
-    (and so interrupt the pipeline); a dead replica raises `ReplicaLost`."""
-
-    def run(self, model_id: str, tasks: list[GenerationTask]) -> AsyncIterator[ReplicaEvent]:
-        ...
-
-    async def replica_states(self) -> dict[str, dict[str, int]]:
-        """Per model: how many replicas are `ready` and how many `starting`."""
-        ...
-
-
-class Observer(Protocol):
-    """What the dispatch reports of calls (the metrics)."""
-
-    def call_admitted(self, model: str, jobs: int) -> None: ...
-    def call_started(self, model: str, cold: bool, waited_s: float) -> None: ...
-    def step(self, model: str) -> None: ...
-
-
-class _Unobserved:
-    def call_admitted(self, model: str, jobs: int) -> None:
-        pass
-
-    def call_started(self, model: str, cold: bool, waited_s: float) -> None:
-        pass
-
-    def step(self, model: str) -> None:
-        pass
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """How a call's stream ended, for the jobs it still holds: `lost` ones may run again."""
-
-    lost: bool
-    reason: str
-
-
-@dataclass(eq=False)
-class Call:
-    """One replica call: the jobs admitted together, and those of them not yet settled."""
-
-    model: str
-    jobs: list[Job]
-    tasks: list[GenerationTask]
-    open: dict[str, Job]
-    admitted_at: float = 0.0  # loop time
-    cold: bool = False  # admitted while the model had no ready replica
-    started: bool = False
-    outcome: Outcome | None = None
-    task: asyncio.Task[None] | None = None
-    deadline: asyncio.TimerHandle | None = None
-
-
 @dataclass(eq=False)
 class _Place:
     job: Job
     call: Call | None = None  # None: in its model's queue
-
-
-@dataclass(frozen=True)
-class Limits:
-    timeout_s: float
-    max_attempts: int
 
 
 @dataclass
@@ -124,7 +56,7 @@ class Dispatch:
     replicas: Replicas
     limits: Limits
     clock: Callable[[], int]
-    observer: Observer = field(default_factory=_Unobserved)
+    observer: Observer = field(default_factory=Unobserved)
     _places: dict[str, _Place] = field(default_factory=dict)
     _calls: dict[str, set[Call]] = field(default_factory=dict)
     _ready: dict[str, int] = field(default_factory=dict)

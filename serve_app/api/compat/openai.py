@@ -25,7 +25,7 @@ from serve_app.api.compat.dialects import (
     multipart_body,
 )
 from serve_app.api.compat.jobs import context, public_base, submit, wait_for_job
-from serve_app.api.validation import parse_json
+from serve_app.api.json_body import parse_json
 from serve_app.messages import JobType
 
 router = APIRouter(prefix="/v1", tags=["OpenAI Images API"])
