@@ -14,6 +14,19 @@ local_ray_env()
 ROOT = Path(__file__).resolve().parent.parent
 
 
+# Modules that stop the session's shared Ray to run one of another shape: last, so the
+# shared Ray is not started a second time for the modules after them (~20 s).
+OWN_RAY_MODULES = {"test_multinode"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    def own_ray(item: pytest.Item) -> bool:
+        return item.module is not None and item.module.__name__.rsplit(".", 1)[-1] in (
+            OWN_RAY_MODULES)
+
+    items.sort(key=own_ray)  # stable: every other test keeps its place
+
+
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
