@@ -16,7 +16,7 @@ from typing import Any
 
 import psutil
 
-from bench.common import log, tiny_model, wait_http, wait_quiet
+from bench.common import log, shipped_model, tiny_model, wait_http, wait_quiet
 from serve_app.cli import free_port
 
 APP_NAME = "imagegen"
@@ -33,6 +33,11 @@ BENCH_KEY = "bench-key-0123456789abcdef"
 _SUBMIT_SETTINGS: dict[str, Any] = {
     "default_model": SINK_MODEL, "max_queue_size": 10_000_000, "max_concurrent_jobs": 1,
     "submit_rate": 0, "read_rate": 0, "max_queued_per_key": 10_000_000}
+# Shipped settings, but with rate limits off: a poller reading a job every few ms is what
+# they exist to refuse.
+_SERVICE_SETTINGS: dict[str, Any] = {
+    "default_model": "tiny-sd", "max_queue_size": 1000, "submit_rate": 0, "read_rate": 0,
+    "max_queued_per_key": 1000}
 SHAPES: dict[str, dict[str, Any]] = {
     "submit": {
         "models": [tiny_model(SINK_MODEL, num_cpus=64, min_replicas=0, initial_replicas=0)],
@@ -42,20 +47,28 @@ SHAPES: dict[str, dict[str, Any]] = {
         "models": [tiny_model(SINK_MODEL, num_cpus=64, min_replicas=0, initial_replicas=0)],
         "settings": _SUBMIT_SETTINGS,
     },
-    # e2e, batching, cold start and scale: tiny-sd always up (one replica that takes
-    # batches of up to 8 jobs), and a min-0 copy of it for the cold start.
+    # e2e, batching, cold start and scale: tiny-sd as config/models.yaml ships it (its
+    # scaling, batch size and CPUs), and a min-0 copy of the tiny model for the cold start.
     "service": {
         "models": [
-            tiny_model("tiny-sd", num_cpus=2, max_batch_size=8),
+            shipped_model("tiny-sd"),
             tiny_model(COLD_MODEL, min_replicas=0, initial_replicas=0, idle_timeout_s=3,
                        upscale_delay_s=0),
         ],
-        # Rate limits off: a poller reading a job every few ms is what they would refuse.
-        "settings": {"default_model": "tiny-sd", "max_concurrent_jobs": 8,
-                     "max_queue_size": 1000, "submit_rate": 0, "read_rate": 0,
-                     "max_queued_per_key": 1000},
+        "settings": _SERVICE_SETTINGS,
     },
 }
+# Labelled variants of the service shape's tiny-sd that the batching figure measures beside
+# what ships (each is `service` with these scaling/resources and MAX_CONCURRENT_JOBS).
+VARIANTS: dict[str, dict[str, Any]] = {
+    "batch 8": {"max_batch_size": 8, "num_cpus": 1},
+    "batch 8, 2 CPUs": {"max_batch_size": 8, "num_cpus": 2},
+}
+for _label, _v in VARIANTS.items():
+    SHAPES[f"service ({_label})"] = {
+        "models": [shipped_model("tiny-sd", max_batch_size=_v["max_batch_size"],
+                                 num_cpus=_v["num_cpus"])],
+        "settings": _SERVICE_SETTINGS | {"max_concurrent_jobs": _v["max_batch_size"]}}
 LOGGING = {"enable_access_log": False}
 RAY_CPUS = 4  # logical, as the e2e tests use: room for two 1-CPU replicas
 

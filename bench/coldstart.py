@@ -10,13 +10,16 @@ same job again, warm. The figure is cold ÷ warm (medians).
 
 from __future__ import annotations
 
+import json
 import statistics
+import subprocess
+import sys
 import threading
 import time
 from typing import Any
 
 from bench.cluster import COLD_MODEL, BenchCluster
-from bench.common import log, ratio, rnd
+from bench.common import ROOT, log, ratio, rnd
 from bench.context import Context
 from bench.e2e import one_job
 from bench.loadgen import Client
@@ -83,6 +86,8 @@ def run(ctx: Context) -> dict[str, Any]:
                 to_created.append(watch.created_at - watch.started_at)
             warm.append(one_job(client, BODY)["e2e_s"])
     cold_p50, warm_p50 = statistics.median(cold), statistics.median(warm)
+    log("coldstart: a replica's start, step by step, in a fresh process")
+    phases = replica_phases(ctx)
     return {
         "figure": "cold first job ÷ warm job, submit->completed (64 px, 1 step)",
         "ratio": ratio(cold_p50, warm_p50),
@@ -95,6 +100,7 @@ def run(ctx: Context) -> dict[str, Any]:
             if to_created else None,
             "submit_to_replica_running_s": rnd(statistics.median(to_running), 3)
             if to_running else None,
+            "replica_phases_s": phases,
         },
         "cold_s": [rnd(x, 3) for x in cold],
         "warm_s": [rnd(x, 3) for x in warm],
@@ -102,3 +108,38 @@ def run(ctx: Context) -> dict[str, Any]:
         "submit_to_replica_running_s": [rnd(x, 3) for x in to_running],
         "scale_to_zero_wait_s": [rnd(x, 1) for x in waited_for_zero],
     }
+
+
+_PHASES = """
+import json, sys, time
+t = [time.time()]
+import ray, ray.serve  # what every Serve replica process has loaded before our code
+t.append(time.time())
+from serve_app.generation.runner import ModelRunner  # torch, diffusers, transformers
+from serve_app.registry import parse_registry
+from serve_app.settings import load_settings
+t.append(time.time())
+args = json.loads(sys.argv[1])
+runner = ModelRunner(parse_registry(args["models"]).get(args["model"]),
+                     load_settings(args["settings"]), device="cpu")
+t.append(time.time())
+import psutil
+born = psutil.Process().create_time()
+print(json.dumps({"interpreter_start": round(t[0] - born, 2),
+                  "import_ray_serve": round(t[1] - t[0], 2),
+                  "import_torch_diffusers": round(t[2] - t[1], 2),
+                  "pipeline_load": round(t[3] - t[2], 2)}))
+"""
+
+
+def replica_phases(ctx: Context) -> dict[str, float]:
+    """What a replica's start does, timed step by step in a fresh process outside Ray:
+    the interpreter, `ray` + Serve, torch and diffusers, the pipeline load. The rest of
+    submit -> RUNNING is Ray's: the autoscaling decision, placing the actor, starting its
+    worker process, and Serve's health check."""
+    args = ctx.cluster.app_args("service")
+    payload = json.dumps({"models": args["models"], "settings": args["settings"],
+                          "model": COLD_MODEL})
+    out = subprocess.run([sys.executable, "-c", _PHASES, payload], capture_output=True,
+                         text=True, timeout=300, check=True, cwd=ROOT)
+    return json.loads(out.stdout.strip().splitlines()[-1])

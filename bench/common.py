@@ -119,6 +119,21 @@ def machine_info() -> dict[str, Any]:
 # -- the models the benchmarks deploy (inline registry entries) -------------------------
 
 
+def shipped_model(model_id: str, *, num_cpus: float | None = None,
+                  **scaling: Any) -> dict[str, Any]:
+    """A registry entry as config/models.yaml ships it; `num_cpus` and `scaling` keys
+    override it for a labelled variant. Its inpainting model is not deployed here."""
+    from serve_app.registry import load_registry
+
+    entry = load_registry(ROOT / "config" / "models.yaml").get(model_id).model_dump(
+        exclude_none=True, mode="json")
+    entry.pop("inpainting_model", None)
+    entry["scaling"] = entry.get("scaling", {}) | scaling
+    if num_cpus is not None:
+        entry["resources"] = entry.get("resources", {}) | {"num_cpus": num_cpus}
+    return entry
+
+
 def tiny_model(model_id: str, *, num_cpus: float = 1.0, **scaling: Any) -> dict[str, Any]:
     """A registry entry for the embedded tiny model under its own id (its own weights
     folder in the cache dir, its own deployment)."""

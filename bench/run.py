@@ -100,14 +100,16 @@ def headline(name: str, result: dict[str, Any]) -> str:
         return (f"p50 {h['service_p50_ms']} p99 {h['service_p99_ms']} ms vs in-process "
                 f"{h['in_process_p50_ms']} ms")
     if name == "batching":
-        return (f"concurrent {h['concurrent_s']} s (batches {h['batches_formed']}) vs "
-                f"sequential {h['sequential_s']} s; in-process batch "
+        variants = ", ".join(f"{k} {v}x" for k, v in (h.get("variants") or {}).items())
+        return (f"as shipped: concurrent {h['concurrent_s']} s (batches {h['batches_formed']}) "
+                f"vs sequential {h['sequential_s']} s; variants: {variants}; in-process batch "
                 f"{h['in_process_batch_speedup']}x, identical to alone "
                 f"{h['in_process_identical']}")
     if name == "coldstart":
         return (f"cold {h['cold_p50_s']} s (replica created after "
                 f"{h['submit_to_replica_created_s']} s, RUNNING after "
-                f"{h['submit_to_replica_running_s']} s) vs warm {h['warm_p50_ms']} ms")
+                f"{h['submit_to_replica_running_s']} s; in the replica: "
+                f"{h.get('replica_phases_s')}) vs warm {h['warm_p50_ms']} ms")
     if name == "scale":
         return (f"{h['records']:,} records: GET /jobs/:id p50 {h['get_p50_ms']} p99 "
                 f"{h['get_p99_ms']} ms (in-process {h['get_p50_in_process_ms']}), GET /jobs "

@@ -60,7 +60,7 @@ class Filler:
         self.image = tiny_png_uri()
 
     def count(self) -> int:
-        return sum(self.store.counts().values())
+        return sum(sum(t.counts.values()) for t in self.store.totals().values())
 
     def fill_to(self, total: int) -> dict[str, Any]:
         from serve_app.jobs.codec import to_row

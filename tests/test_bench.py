@@ -53,3 +53,30 @@ def test_gpu_script_without_cuda_says_so_and_exits_cleanly() -> None:
     assert out.returncode == 0, out.stderr[-3000:]
     assert "CUDA is not available" in out.stderr
     assert "skipped" in json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_the_service_shape_measures_tiny_sd_as_shipped_and_variants_say_what_differs() -> None:
+    from bench.cluster import SHAPES, VARIANTS
+    from serve_app.registry import load_registry, parse_registry
+
+    shipped = load_registry(ROOT / "config" / "models.yaml").get("tiny-sd")
+    for shape, changes in [("service", {}), *((f"service ({k})", v) for k, v in VARIANTS.items())]:
+        bench_entry = parse_registry({"models": SHAPES[shape]["models"]}).get("tiny-sd")
+        scaling = shipped.scaling.model_copy(
+            update={k: v for k, v in changes.items() if k != "num_cpus"})
+        assert bench_entry.scaling == scaling, shape
+        assert bench_entry.resources.num_cpus == changes.get(
+            "num_cpus", shipped.resources.num_cpus), shape
+        assert (bench_entry.source, bench_entry.defaults) == (shipped.source, shipped.defaults)
+
+
+def test_the_scale_figure_fills_the_store_through_its_current_api(tmp_path: Path) -> None:
+    from bench.scale import Filler
+
+    filler = Filler(tmp_path / "jobs.sqlite3")
+    try:
+        assert filler.fill_to(30)["records"] == 30
+        assert filler.count() == 30
+        assert filler.fill_to(30)["added"] == 0
+    finally:
+        filler.store.close()
