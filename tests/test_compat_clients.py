@@ -33,8 +33,22 @@ def server(registry: Registry, settings: Settings) -> Iterator[LiveServer]:
         yield live
 
 
+_clients: list[openai.OpenAI] = []
+
+
+@pytest.fixture(autouse=True)
+def _close_clients() -> Iterator[None]:
+    """Each test's OpenAI clients closed when it ends: a pool left to the garbage collector
+    warns about its sockets in whichever later test the collection happens to run."""
+    yield
+    while _clients:
+        _clients.pop().close()
+
+
 def oai(server: LiveServer, key: str = "unused", **options: Any) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=key, **options)
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=key, **options)
+    _clients.append(client)
+    return client
 
 
 def sdapi(server: LiveServer, **options: Any) -> webuiapi.WebUIApi:

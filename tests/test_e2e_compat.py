@@ -10,6 +10,7 @@ import base64
 import io
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -47,8 +48,9 @@ def harness(local_ray) -> ServeHarness:  # type: ignore[no-untyped-def]
 
 
 @pytest.fixture(scope="module")
-def oai(harness: ServeHarness) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{harness.url}/v1", api_key="unused", timeout=120)
+def oai(harness: ServeHarness) -> Iterator[openai.OpenAI]:
+    with openai.OpenAI(base_url=f"{harness.url}/v1", api_key="unused", timeout=120) as client:
+        yield client
 
 
 @pytest.fixture(scope="module")
