@@ -33,16 +33,20 @@ def server(registry: Registry, settings: Settings) -> Iterator[LiveServer]:
         yield live
 
 
-_clients: list[openai.OpenAI] = []
+_clients: list[openai.OpenAI | webuiapi.WebUIApi] = []
 
 
 @pytest.fixture(autouse=True)
 def _close_clients() -> Iterator[None]:
-    """Each test's OpenAI clients closed when it ends: a pool left to the garbage collector
-    warns about its sockets in whichever later test the collection happens to run."""
+    """Each test's clients closed when it ends: a connection pool left to the garbage
+    collector warns about its sockets in whichever later test the collection runs in."""
     yield
     while _clients:
-        _clients.pop().close()
+        client = _clients.pop()
+        if isinstance(client, webuiapi.WebUIApi):
+            client.session.close()  # webuiapi keeps a requests.Session and never closes it
+        else:
+            client.close()
 
 
 def oai(server: LiveServer, key: str = "unused", **options: Any) -> openai.OpenAI:
@@ -53,7 +57,9 @@ def oai(server: LiveServer, key: str = "unused", **options: Any) -> openai.OpenA
 
 def sdapi(server: LiveServer, **options: Any) -> webuiapi.WebUIApi:
     host, port = server.url.removeprefix("http://").split(":")
-    return webuiapi.WebUIApi(host, int(port), **options)
+    api = webuiapi.WebUIApi(host, int(port), **options)
+    _clients.append(api)
+    return api
 
 
 def jobs(server: LiveServer, headers: dict[str, str] | None = None) -> list[dict[str, Any]]:

@@ -54,9 +54,11 @@ def oai(harness: ServeHarness) -> Iterator[openai.OpenAI]:
 
 
 @pytest.fixture(scope="module")
-def sdapi(harness: ServeHarness) -> webuiapi.WebUIApi:
+def sdapi(harness: ServeHarness) -> Iterator[webuiapi.WebUIApi]:
     host, port = harness.url.removeprefix("http://").split(":")
-    return webuiapi.WebUIApi(host, int(port))
+    api = webuiapi.WebUIApi(host, int(port))
+    yield api
+    api.session.close()  # webuiapi keeps a requests.Session and never closes it
 
 
 def picture(data: bytes) -> Image.Image:
