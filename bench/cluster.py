@@ -17,6 +17,7 @@ from typing import Any
 import psutil
 
 from bench.common import log, shipped_model, tiny_model, wait_http, wait_quiet
+from deployments.warm_pool import local_idle_warm_workers
 from serve_app.cli import free_port
 
 APP_NAME = "imagegen"
@@ -57,6 +58,12 @@ SHAPES: dict[str, dict[str, Any]] = {
         ],
         "settings": _SERVICE_SETTINGS,
     },
+}
+# The cold start's baseline: the service shape without warm workers (every replica from a
+# fresh process, as before deployments/warm_pool.py).
+SHAPES["service (no warm workers)"] = {
+    "models": SHAPES["service"]["models"],
+    "settings": _SERVICE_SETTINGS | {"warm_workers": 0},
 }
 # Labelled variants of the service shape's tiny-sd that the batching figure measures beside
 # what ships (each is `service` with these scaling/resources and MAX_CONCURRENT_JOBS).
@@ -170,6 +177,19 @@ def ray_processes() -> dict[str, psutil.Process]:
             role = title[len(prefix):].split()[0].split(".")[0]
             found[role.lower() if role in ("Ingress", "Tracker") else role] = proc
     return found
+
+
+def stop_idle_warm_workers() -> int:
+    """Kill this driver's idle warm workers: the cold start's baseline must not find one
+    the shipped shape left behind. Returns how many."""
+    stopped = 0
+    for proc in local_idle_warm_workers():
+        try:
+            proc.kill()
+            stopped += 1
+        except psutil.NoSuchProcess:
+            continue
+    return stopped
 
 
 def rss_mib(proc: psutil.Process | None) -> float | None:

@@ -106,10 +106,12 @@ def headline(name: str, result: dict[str, Any]) -> str:
                 f"{h['in_process_batch_speedup']}x, identical to alone "
                 f"{h['in_process_identical']}")
     if name == "coldstart":
-        return (f"cold {h['cold_p50_s']} s (replica created after "
+        return (f"cold {h['cold_p50_s']} s with warm workers (replica created after "
                 f"{h['submit_to_replica_created_s']} s, RUNNING after "
-                f"{h['submit_to_replica_running_s']} s; in the replica: "
-                f"{h.get('replica_phases_s')}) vs warm {h['warm_p50_ms']} ms")
+                f"{h['submit_to_replica_running_s']} s; the replica: "
+                f"{h.get('replica_startup')}) vs {h['no_warm_workers_cold_p50_s']} s without "
+                f"(a cold process: {h.get('cold_process_phases_s')}); warm job "
+                f"{h['warm_p50_ms']} ms")
     if name == "scale":
         return (f"{h['records']:,} records: GET /jobs/:id p50 {h['get_p50_ms']} p99 "
                 f"{h['get_p99_ms']} ms (in-process {h['get_p50_in_process_ms']}), GET /jobs "

@@ -8,18 +8,25 @@ them; only the replica process does.
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import AsyncGenerator
 from typing import Any
 
+import psutil
 from ray import serve
 
 from serve_app.messages import GenerationTask, ReplicaEvent
 from serve_app.registry import ModelSpec
 from serve_app.settings import Settings
 
+log = logging.getLogger(__name__)
+
 
 class ModelReplica:
     def __init__(self, spec: ModelSpec, settings: Settings) -> None:
+        began = time.time()
+        from serve_app.generation import preload
         from serve_app.generation.worker import ModelWorker
 
         context = serve.get_replica_context()
@@ -34,6 +41,13 @@ class ModelReplica:
             self._runner = ModelRunner(spec, settings)
         self._worker = ModelWorker(self._runner, replica_name=name,
                                    progress_every_s=settings.progress_every_ms / 1000)
+        self._startup = startup_phases(psutil.Process().create_time(), began, time.time(),
+                                       preload.IMPORTS_STARTED, preload.IMPORTS_DONE)
+        log.info("replica %s started: %s", name, self._startup)
+
+    def startup(self) -> dict[str, Any]:
+        """How this replica's start went (seconds): see `startup_phases`."""
+        return self._startup
 
     def __del__(self) -> None:
         # Serve calls this on graceful shutdown, after the running call has finished (the
@@ -48,3 +62,28 @@ class ModelReplica:
         cancels the stream interrupts the pipeline at its next step."""
         async for event in self._worker.stream(tasks):
             yield event
+
+
+# A process whose imports were done this long before the replica's constructor began was
+# waiting for it: a warm worker. One Ray started for the replica itself (the imports then
+# run first, on the replica's own time) begins the constructor within a few hundred ms.
+WARM_IDLE_S = 1.0
+
+
+def startup_phases(born: float, began: float, ready: float, preload_started: float | None,
+                   preload_done: float | None) -> dict[str, Any]:
+    """A replica's start in wall-clock seconds: `process_age_s`, how old its process was
+    when the constructor began; `preload_s`, the imports Ray's preload did in it;
+    `idle_before_s`, how long the process had waited, imports done, before the replica
+    was put on it; `warm_worker`, whether that wait says it was a warm worker (and not a
+    process started for this replica); `init_s`, the constructor (imports not done ahead,
+    pipeline load, warm-up)."""
+    idle = began - preload_done if preload_done is not None else None
+    return {
+        "warm_worker": idle is not None and idle >= WARM_IDLE_S,
+        "process_age_s": round(began - born, 3),
+        "preload_s": round(preload_done - preload_started, 3)
+        if preload_started is not None and preload_done is not None else None,
+        "idle_before_s": round(idle, 3) if idle is not None else None,
+        "init_s": round(ready - began, 3),
+    }

@@ -18,6 +18,7 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 from ray.serve.handle import DeploymentHandle
 from ray.serve.schema import ReplicaState
 
+from deployments.warm_pool import WarmPool
 from serve_app.errors import ReplicaLost, ServiceError
 from serve_app.jobs.persistence import StoreIO
 from serve_app.jobs.service import JobTracker
@@ -33,6 +34,7 @@ PRUNE_EVERY_S = 300
 # replica counts are polled every second only while a job waits on a cold model.
 REPLICAS_EVERY_S = 1.0
 REPLICAS_IDLE_EVERY_S = 15.0
+WARM_EVERY_S = 5.0
 
 
 _STARTING = frozenset({ReplicaState.STARTING, ReplicaState.UPDATING, ReplicaState.RECOVERING,
@@ -93,6 +95,11 @@ class Tracker:
             settings=settings, registry=registry, store=StoreIO(store),
             replicas=ServeReplicas(models), served=served,
         )
+        needs = [{"CPU": spec.resources.num_cpus, "GPU": spec.resources.num_gpus}
+                 for m in served
+                 if (spec := registry.get(m)) is not None and spec.source != "null"]
+        self._warm = WarmPool(settings.warm_workers, needs) if settings.warm_workers and needs \
+            else None
         self._started: asyncio.Task[int] | None = None
         self._background: list[asyncio.Task[None]] = []
         self._next_idle_refresh = 0.0
@@ -132,7 +139,13 @@ class Tracker:
         loop = asyncio.get_running_loop()
         self._background = [loop.create_task(self._every(PRUNE_EVERY_S, self._prune)),
                             loop.create_task(self._every(REPLICAS_EVERY_S, self._refresh))]
+        if self._warm is not None:
+            self._background.append(loop.create_task(self._every(WARM_EVERY_S, self._top_up)))
         return resumed
+
+    async def _top_up(self) -> None:
+        if self._warm is not None:
+            await asyncio.to_thread(self._warm.top_up)
 
     async def _prune(self) -> None:
         await self._tracker.prune()

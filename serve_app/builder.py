@@ -18,6 +18,7 @@ from deployments.ingress import Ingress
 from deployments.model import ModelReplica
 from deployments.tracker import Tracker, model_deployment_name
 from serve_app.errors import ConfigError
+from serve_app.generation.preload import model_runtime_env
 from serve_app.registry import ModelSpec, Registry, load_registry, parse_registry
 from serve_app.settings import Settings, load_settings
 
@@ -53,7 +54,10 @@ def model_options(spec: ModelSpec) -> dict[str, Any]:
     return {
         "name": model_deployment_name(spec.id),
         "health_check_period_s": 10,
-        "ray_actor_options": spec.resources.ray_actor_options(),
+        # The runtime env marks the replica's process as a model's: Ray then hands it one
+        # of the warm workers kept with the same env (deployments/warm_pool.py).
+        "ray_actor_options": spec.resources.ray_actor_options()
+        | {"runtime_env": model_runtime_env()},
         "autoscaling_config": spec.scaling.autoscaling_config(),
         # One call at a time per replica (a batch of jobs is one call): calls beyond the
         # ready replicas queue in Serve's router, which is the demand autoscaling sees.

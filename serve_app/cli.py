@@ -24,6 +24,7 @@ from typing import Any
 import yaml
 
 from serve_app.errors import ConfigError
+from serve_app.generation.preload import MODULE as PRELOAD_MODULE
 from serve_app.registry import resolve_config_path
 from serve_app.settings import load_settings
 
@@ -43,6 +44,9 @@ LOCAL_RAY_ENV = {
     "RAY_USAGE_STATS_ENABLED": "0",
     "RAY_AUTH_MODE": "disabled",
     "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2",
+    # Every worker Ray starts imports this first: in a model replica's (warm) worker it
+    # loads torch and diffusers before the replica needs them (deployments/warm_pool.py).
+    "RAY_preload_python_modules": PRELOAD_MODULE,
     **SERVE_FAST_PATH_ENV,
 }
 OBJECT_STORE_BYTES = 256 * 1024 * 1024

@@ -49,6 +49,17 @@ class ServeHarness:
     def client(self) -> httpx.Client:
         return httpx.Client(base_url=self.url, timeout=60)
 
+    def replica_startup(self, model_id: str) -> dict[str, Any]:
+        """How a running replica of `model_id` started (`ModelReplica.startup`)."""
+        from ray import serve
+
+        handle = serve.get_deployment_handle(f"model-{model_id}", app_name=APP_NAME)
+        if not handle.is_initialized:
+            # Serve's fast path (RAY_SERVE_THROUGHPUT_OPTIMIZED) would bind the handle to the
+            # caller's event loop; a synchronous driver has none.
+            handle._init(_run_router_in_separate_loop=True)
+        return dict(handle.startup.remote().result(timeout_s=60))
+
 
 class LocalRay:
     """The session's local Ray + Serve, started on first use and stopped at the end (or

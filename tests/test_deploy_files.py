@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import copy
+import importlib
 import os
 import re
 from pathlib import Path
@@ -27,7 +28,9 @@ from ray.serve.config import AutoscalingConfig
 from ray.serve.schema import DeploymentSchema, RayActorOptionsSchema, ServeDeploySchema
 
 from serve_app.builder import AppArgs, build_app, model_options, resolve
+from serve_app.cli import LOCAL_RAY_ENV
 from serve_app.errors import ConfigError
+from serve_app.generation.preload import MODULE as PRELOAD_MODULE
 from serve_app.registry import Registry, load_registry
 from serve_app.settings import ENV_VARS, load_settings
 
@@ -140,6 +143,21 @@ def test_cluster_head_runs_redis_and_every_node_exports_its_address() -> None:
         assert match.group(1).endswith(f":{REDIS_PORT}")
         # Exported in the same shell before `ray start`: Ray's processes inherit it.
         assert match.end() < command.index("ray start")
+
+
+def test_every_node_preloads_the_model_workers_imports() -> None:
+    # Without it the tracker's warm workers start without torch (docs/coldstart.md).
+    preload = f"export RAY_preload_python_modules={PRELOAD_MODULE};"
+    config = cluster_config()
+    for start in (config["head_start_ray_commands"], config["worker_start_ray_commands"]):
+        command = " ".join(start)
+        assert preload in command and command.index(preload) < command.index("ray start")
+    for pod in ray_pod_specs(rayservice()):
+        (container,) = pod["containers"]
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        assert env["RAY_preload_python_modules"] == PRELOAD_MODULE
+    assert LOCAL_RAY_ENV["RAY_preload_python_modules"] == PRELOAD_MODULE
+    importlib.import_module(PRELOAD_MODULE)  # importable, and a no-op here
 
 
 def test_cluster_redis_wants_a_password_and_is_not_on_every_interface() -> None:

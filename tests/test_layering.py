@@ -35,7 +35,10 @@ ALLOWED: dict[str, tuple[str, ...]] = {
     "serve_app.model_families": ("serve_app.messages",),
     "serve_app.model_adapters": ("serve_app.model_families",),
     "deployments.ingress": ("serve_app.api", *KERNEL),
-    "deployments.tracker": ("serve_app.jobs", "serve_app.stores", *KERNEL),
+    "deployments.tracker": ("serve_app.jobs", "serve_app.stores", "deployments.warm_pool",
+                            *KERNEL),
+    # The marker of a model replica's process, from the module that acts on it (no torch).
+    "deployments.warm_pool": ("serve_app.generation.preload", *KERNEL),
     "deployments.model": ("serve_app.generation", *KERNEL),
 }
 TORCH = ("torch", "diffusers", "transformers")
@@ -145,7 +148,8 @@ def test_the_checker_sees_a_cycle_and_a_wrong_way_import() -> None:
 
 # The replica's worker and the null runner load no torch either: a null replica starts fast.
 TORCH_FREE = sorted([m for m in modules() if not m.startswith("serve_app.generation")]
-                    + ["serve_app.generation.worker", "serve_app.generation.null"])
+                    + ["serve_app.generation.worker", "serve_app.generation.null",
+                       "serve_app.generation.preload"])
 
 
 def test_only_generation_loads_torch() -> None:

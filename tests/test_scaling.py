@@ -1,6 +1,7 @@
 """Scale to zero through real Ray Serve on loopback: a model with `min_replicas: 0` holds no
 replica while idle, its first job waits in `loading_model` through a cold start, and after
-`idle_timeout_s` without work its last replica goes, until the next job brings it back."""
+`idle_timeout_s` without work its last replica goes, until the next job brings it back, on
+one of the warm workers the tracker keeps (its imports done ahead)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
+from deployments.warm_pool import wait_local_warm_worker
 from serve_app.builder import build_app
 from serve_app.errors import ConfigError
 from tests.serve_harness import TERMINAL, ServeHarness
@@ -100,7 +102,8 @@ def test_first_job_waits_in_loading_model_through_a_cold_start(client) -> None:
     assert (entry["replicas"], entry["loaded"]) == (1, True)
 
 
-def test_an_idle_model_scales_to_zero_and_the_next_job_brings_it_back(client) -> None:
+def test_an_idle_model_scales_to_zero_and_the_next_job_brings_it_back(
+        client, scale_to_zero_app: ServeHarness) -> None:
     # Stand-alone: warm the model first if an earlier test did not.
     if model_entry(client)["replicas"] == 0:
         assert run_cold_start(client)[0]["status"] == "completed"
@@ -111,11 +114,18 @@ def test_an_idle_model_scales_to_zero_and_the_next_job_brings_it_back(client) ->
     idle_for = time.time() - datetime.fromisoformat(last["completedAt"]).timestamp()
     assert idle_for >= IDLE_TIMEOUT_S, idle_for
 
+    # The tracker replaces a warm worker a replica took within seconds; its imports take
+    # ~10 s more on this machine. A deployment that has been up a while has one ready.
+    wait_local_warm_worker(timeout_s=120)
     done, phases = run_cold_start(client)
     assert done["status"] == "completed", done
     assert phases[:1] == ["loading_model"], phases
     entry = model_entry(client)
     assert (entry["replicas"], entry["loaded"]) == (1, True)
+    # The replica took the warm worker: its imports were done before it was created.
+    startup = scale_to_zero_app.replica_startup(MODEL)
+    assert startup["warm_worker"] is True, startup
+    assert startup["preload_s"] > 0 and startup["idle_before_s"] >= 1.0, startup
 
 
 def test_a_misspelt_autoscaling_key_stops_the_build_naming_it(tmp_path: Path) -> None:
