@@ -167,6 +167,12 @@ class Tracker:
     async def check_health(self) -> None:
         await self._ready()
 
+    async def node_id(self) -> str:
+        """The Ray node this tracker runs on (an ingress there can read a SQLite store)."""
+        import ray
+
+        return str(ray.get_runtime_context().get_node_id())
+
     async def submit_many(self, subs: list[Submission]) -> list[dict[str, Any] | ServiceError]:
         return await (await self._ready()).submit_many(subs)
 

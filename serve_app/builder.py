@@ -95,4 +95,4 @@ def build_app(args: AppArgs | dict[str, Any] | None = None) -> Application:
         settings, registry, served_ids, models)
     ingress = serve.deployment(serve.ingress()(Ingress), **INGRESS_OPTIONS,
                                num_replicas=args.ingress_replicas)
-    return ingress.bind(tracker, settings, registry, served_ids)
+    return ingress.bind(tracker, settings, registry, served_ids, args.ingress_replicas)

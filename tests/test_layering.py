@@ -20,6 +20,7 @@ KERNEL = ("serve_app.errors", "serve_app.settings", "serve_app.registry", "serve
           "serve_app.model_adapters")
 ALLOWED: dict[str, tuple[str, ...]] = {
     "serve_app.api": ("serve_app.api", "serve_app.jobs.job", "serve_app.jobs.feeds",
+                      "serve_app.jobs.reads", "serve_app.jobs.ratelimit",
                       "serve_app.playground", *KERNEL),
     "serve_app.playground": (),
     "serve_app.jobs": ("serve_app.jobs", "serve_app.stores", *KERNEL),
@@ -34,7 +35,8 @@ ALLOWED: dict[str, tuple[str, ...]] = {
                            "serve_app.model_families", "serve_app.model_adapters"),
     "serve_app.model_families": ("serve_app.messages",),
     "serve_app.model_adapters": ("serve_app.model_families",),
-    "deployments.ingress": ("serve_app.api", *KERNEL),
+    "deployments.ingress": ("serve_app.api", "serve_app.jobs.reads", "serve_app.jobs.persistence",
+                            "serve_app.stores", *KERNEL),
     "deployments.tracker": ("serve_app.jobs", "serve_app.stores", "deployments.warm_pool",
                             *KERNEL),
     # The marker of a model replica's process, from the module that acts on it (no torch).

@@ -18,10 +18,13 @@ if TYPE_CHECKING:  # the ingress itself never loads the tracker's code
 class JobsBackend(Protocol):
     """Every call but `submit` names its caller (a submission carries its own): the
     tracker checks ownership and rate limits. `limited=False` reads do not draw on the
-    caller's read budget. `watch` pushes a job's record at each change until it ends."""
+    caller's read budget; a `live` read asks the tracker even where the ingress reads the
+    store itself (`serve_app.api.direct_reads`): it has the running job's latest preview.
+    `watch` pushes a job's record at each change until it ends."""
 
     async def submit(self, sub: Submission) -> dict[str, Any]: ...
-    async def get(self, job_id: str, caller: Caller, limited: bool = True) -> bytes: ...
+    async def get(self, job_id: str, caller: Caller, limited: bool = True,
+                  live: bool = False) -> bytes: ...
     def watch(self, job_id: str, caller: Caller) -> AsyncIterator[bytes]: ...
     async def image(self, job_id: str, index: int, caller: Caller) -> tuple[bytes, str]: ...
     async def list_jobs(self, caller: Caller, **filters: Any) -> dict[str, Any]: ...
@@ -45,8 +48,9 @@ class InProcessBackend:
     async def submit(self, sub: Submission) -> dict[str, Any]:
         return await self.tracker.submit(sub)
 
-    async def get(self, job_id: str, caller: Caller, limited: bool = True) -> bytes:
-        return await self.tracker.get(job_id, caller, limited=limited)
+    async def get(self, job_id: str, caller: Caller, limited: bool = True,
+                  live: bool = False) -> bytes:
+        return await self.tracker.get(job_id, caller, limited=limited)  # always live
 
     def watch(self, job_id: str, caller: Caller) -> AsyncIterator[bytes]:
         return self.tracker.watch(job_id, caller)

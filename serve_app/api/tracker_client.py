@@ -76,8 +76,9 @@ class TrackerClient:
             sub = dataclasses.replace(sub, idempotency_key=f"auto:{uuid.uuid4().hex}")
         return await self._submits(sub)
 
-    async def get(self, job_id: str, caller: Caller, limited: bool = True) -> bytes:
-        return await self._call("get", job_id, caller, limited)
+    async def get(self, job_id: str, caller: Caller, limited: bool = True,
+                  live: bool = False) -> bytes:
+        return await self._call("get", job_id, caller, limited)  # the tracker's is live
 
     async def watch(self, job_id: str, caller: Caller) -> AsyncIterator[bytes]:
         """The tracker's pushed records of one job, over a streaming call; closing this

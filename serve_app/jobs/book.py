@@ -11,7 +11,9 @@ Where a job *is* (queued, in a call, running) is not kept here: that is `Dispatc
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 
@@ -22,6 +24,9 @@ from serve_app.jobs.persistence import StoreCalls, WriteBehind
 from serve_app.stores.contract import Totals
 
 RECENT_BYTES = 64 * 1024 * 1024
+SETTLE_S = 2.0
+
+log = logging.getLogger(__name__)
 
 # Called after every change of any job with the status it had before: None for a new job;
 # the same status for a change within it (progress, phase).
@@ -86,10 +91,27 @@ class JobBook:
             self._recent_bytes -= len(cached[1])
         self.writes.mark(job)
 
+    def progressed(self, job: Job) -> None:
+        """A running job's progress (and preview) changed: saved behind, so readers of the
+        store see it (a replica reports progress at most every IMAGEGEN_PROGRESS_EVERY_MS;
+        the saves of all jobs that changed meanwhile are one store call)."""
+        self.writes.mark(job)
+        self.notify(job, job.status)
+
     def notify(self, job: Job, before: JobStatus | None) -> None:
-        """Tell the watchers; alone, for a change that is not saved (progress)."""
+        """Tell the watchers."""
         for watcher in self._watchers:
             watcher(job, before)
+
+    async def stored(self, job_ids: Sequence[str], timeout_s: float = SETTLE_S) -> None:
+        """Until the store holds these jobs' current states, for at most `timeout_s` (a
+        store that is down must not hold an answer up: the state is saved when it is back).
+        Called before a client is told of a state it may then read from the store."""
+        try:
+            await asyncio.wait_for(self.writes.saved(job_ids), timeout_s)
+        except TimeoutError:
+            log.warning("%d job state(s) not saved within %.1f s; answering anyway",
+                        len(job_ids), timeout_s)
 
     async def prune(self, finished_before_ms: int, keep_last: int) -> int:
         removed = await self.calls.write(

@@ -214,7 +214,7 @@ class Dispatch:
                 thumbnail = event.previews.get(job.id)
                 preview = None if thumbnail is None else preview_of(event.step, thumbnail)
                 job.report_progress(event.step, event.total, preview)
-                self.book.notify(job, job.status)
+                self.book.progressed(job)
 
     def _finished(self, call: Call, result: GenerationResult) -> None:
         job = call.open.get(result.job_id)

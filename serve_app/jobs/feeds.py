@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,9 +43,15 @@ def without_images(record: dict[str, Any]) -> bytes:
 
 
 class Feeds:
-    def __init__(self, min_interval_s: float = MIN_INTERVAL_S) -> None:
+    """`before_end(job_id)` is awaited before a finished job's record is sent: the book's
+    save of it, so a client told by its stream that the job ended reads it ended from the
+    store too (GET /jobs/:id is answered from the store)."""
+
+    def __init__(self, min_interval_s: float = MIN_INTERVAL_S,
+                 before_end: Callable[[str], Awaitable[None]] | None = None) -> None:
         self._feeds: dict[str, _Feed] = {}
         self._min_interval_s = min_interval_s
+        self._before_end = before_end
 
     def changed(self, job: Job, before: JobStatus | None = None) -> None:
         """A book watcher: wake the job's feed, if anyone watches it. A job that leaves its
@@ -77,6 +83,8 @@ class Feeds:
                 # The status as rendered: the job object may have moved on (even ended)
                 # by the time the consumer asks for the next record.
                 ended = feed.job.status.is_terminal()
+                if ended and self._before_end is not None:
+                    await self._before_end(job.id)
                 yield without_images(render(feed.job))
                 if ended:
                     return

@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol, TypeVar
 
@@ -108,6 +108,9 @@ class WriteBehind:
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
+        self._saved = asyncio.Event()  # set and cleared after each successful save
+        self._taken = 0  # save batches handed to the store so far
+        self._done = 0  # the latest of them the store confirmed
         self._task: asyncio.Task[None] | None = None
 
     def mark(self, job: Job) -> None:
@@ -130,6 +133,19 @@ class WriteBehind:
         """Until every job marked so far is saved (retrying through store errors)."""
         await self._idle.wait()
 
+    async def saved(self, job_ids: Sequence[str]) -> None:
+        """Until the store has these jobs' states as of now (later changes may still be
+        on their way): what a reader of the store (the ingress, `serve_app.jobs.reads`)
+        must see once a client was told of it."""
+        if any(i in self._marked for i in job_ids):
+            batch = self._taken + 1  # the next batch carries them
+        elif any(i in self._saving for i in job_ids):
+            batch = self._taken
+        else:
+            return
+        while self._done < batch:
+            await self._saved.wait()
+
     async def close(self, timeout_s: float = 5.0) -> None:
         """Save what is marked (for up to `timeout_s`), then stop."""
         try:
@@ -150,6 +166,7 @@ class WriteBehind:
             if not self._marked:
                 continue
             self._saving, self._marked = self._marked, {}
+            self._taken += 1
             rows = [to_row(job) for job in self._saving.values()]
             try:
                 await self._calls.write(functools.partial(_save, rows=rows))
@@ -165,6 +182,9 @@ class WriteBehind:
                 continue
             pause = RETRY_FIRST_S
             self._saving = {}
+            self._done = self._taken  # a batch that failed went out again in this one
+            self._saved.set()
+            self._saved.clear()  # wakes the waiters of `saved`; the next save sets it again
             if not self._marked:
                 self._idle.set()
 

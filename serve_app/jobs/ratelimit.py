@@ -1,8 +1,10 @@
 """Token buckets per caller: `rate` requests a second on average, `burst` at once.
 
-They live in the tracker, the one actor every ingress replica calls, so a key's budget is
-shared by all replicas (no per-process guess) at no extra hop: the call being limited is
-already on its way there. An idle caller's bucket refills and is then forgotten.
+Submits and the reads that reach the tracker are limited there, the one actor every ingress
+replica calls, so a key's budget is shared by all replicas at no extra hop: the call being
+limited is already on its way there. Job reads an ingress answers from the store are limited
+in that replica, at its share of the budget (`serve_app.api.direct_reads`). An idle caller's
+bucket refills and is then forgotten.
 """
 
 from __future__ import annotations

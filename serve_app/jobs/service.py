@@ -21,7 +21,6 @@ from typing import Any
 from serve_app.errors import (
     Forbidden,
     ImageNotFound,
-    InvalidRequest,
     JobNotCancellable,
     JobNotFound,
     ServiceError,
@@ -42,16 +41,15 @@ from serve_app.jobs.metrics import ServiceMetrics
 from serve_app.jobs.persistence import StoreCalls
 from serve_app.jobs.queues import JobQueues
 from serve_app.jobs.ratelimit import RateLimiter
+from serve_app.jobs.reads import query_page
 from serve_app.jobs.results import gave_up
 from serve_app.jobs.webhooks import WebhookNotifier
-from serve_app.messages import OPEN, Caller, JobType, Submission
+from serve_app.messages import OPEN, Caller, Submission
 from serve_app.registry import Registry, Scaling
 from serve_app.settings import Settings
-from serve_app.stores.contract import JobFilter, decode_cursor
 
 log = logging.getLogger(__name__)
 
-MAX_PAGE = 500
 
 def wall_clock_ms() -> int:
     return time.time_ns() // 1_000_000
@@ -94,7 +92,7 @@ class JobTracker:
                               dispatch=self._dispatch, clock=clock,
                               retry_after_s=self._retry_after_s)
         self._reads = RateLimiter("requests", settings.read_rate, settings.read_burst)
-        self._feeds = Feeds()
+        self._feeds = Feeds(before_end=lambda job_id: self._book.stored([job_id]))
         self._book.watch(self._feeds.changed)
         self._notes = CallerNotes()
         self.webhooks = WebhookNotifier(self._book, settings, clock=clock, sender=webhook_sender,
@@ -212,28 +210,9 @@ class JobTracker:
         _, _, payload = job.result.images[index].partition(",")
         return base64.b64decode(payload), job.result.content_type
 
-    async def list_jobs(
-        self,
-        caller: Caller = OPEN,
-        *,
-        status: JobStatus | None = None,
-        type: JobType | None = None,
-        model: str | None = None,
-        limit: int = 100,
-        cursor: str | None = None,
-    ) -> dict[str, Any]:
+    async def list_jobs(self, caller: Caller = OPEN, **filters: Any) -> dict[str, Any]:
         self._reads.take(caller.client)
-        if not 1 <= limit <= MAX_PAGE:
-            raise InvalidRequest(f"limit must be between 1 and {MAX_PAGE} (got {limit})")
-        if cursor is not None:
-            try:
-                decode_cursor(cursor)
-            except ValueError:
-                raise InvalidRequest(
-                    "cursor is not valid: pass the nextCursor of a previous page") from None
-        flt = JobFilter(status.value if status else None, type.value if type else None, model,
-                        owner=None if caller.admin else caller.name)
-        page = await self._book.calls.read(lambda store: store.query(flt, limit, cursor))
+        page = await query_page(self._book.calls, caller, **filters)
         # Stored summaries are current but for the progress of running jobs.
         summaries = []
         for summary in page.jobs:
@@ -278,6 +257,7 @@ class JobTracker:
         if job.status is not JobStatus.CANCELLED:
             raise JobNotCancellable(
                 f"Job {job_id} cannot be cancelled: it is already {job.status}")
+        await self._book.stored([job_id])  # a GET after the answer reads it cancelled
         return {"success": True, "id": job_id, "status": job.status.value}
 
     # -- models ----------------------------------------------------------------------

@@ -87,7 +87,8 @@ async def progress(request: Request) -> JSONResponse:
     record = None
     if job_id is not None:
         try:
-            record = json.loads(await ctx.backend.get(job_id, caller))
+            # Live: the running job's latest preview is the tracker's (never stored).
+            record = json.loads(await ctx.backend.get(job_id, caller, live=True))
         except JobNotFound:  # pruned, or another key's after a key change
             record = None
     return JSONResponse(translate.progress_body(record, datetime.now(UTC)))

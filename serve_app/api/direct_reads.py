@@ -1,0 +1,86 @@
+"""The `JobsBackend` of an ingress replica that reads the job store itself.
+
+GET /jobs/:id of a running or finished job, GET /jobs and the images are answered from the
+store (`serve_app.jobs.reads.StoreReads`) without a call to the tracker, so polling clients
+cost the tracker nothing. What only the tracker knows still goes to it: a queued job's
+record (its `queuePosition`, and its phase once handed to a replica), a live read (`live`:
+A1111's /progress shows the running job's latest preview, which is never stored), and
+every write.
+
+These reads are rate limited here, per ingress replica, at the configured read rate divided
+among the replicas (Serve's HAProxy spreads a client's requests across them), where the
+tracker's shared buckets limited them before; everything else is limited as it was.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import AsyncIterator
+from typing import Any
+
+from serve_app.api.backend import JobsBackend
+from serve_app.jobs.job import JobStatus
+from serve_app.jobs.ratelimit import RateLimiter
+from serve_app.jobs.reads import StoreReads
+from serve_app.messages import Caller, Submission
+from serve_app.settings import Settings
+
+
+class DirectReads:
+    def __init__(self, tracker: JobsBackend, reads: StoreReads, settings: Settings,
+                 ingress_replicas: int = 1) -> None:
+        self._tracker = tracker
+        self._reads = reads
+        replicas = max(1, ingress_replicas)
+        self._limiter = RateLimiter("requests", settings.read_rate / replicas,
+                                    max(1, math.ceil(settings.read_burst / replicas)))
+
+    # -- answered from the store ---------------------------------------------------------
+
+    async def get(self, job_id: str, caller: Caller, limited: bool = True,
+                  live: bool = False) -> bytes:
+        if live:
+            return await self._tracker.get(job_id, caller, limited, live=True)
+        if limited:
+            self._limiter.take(caller.client)
+        job, record = await self._reads.find(job_id, caller)
+        if job.status is JobStatus.QUEUED:
+            return await self._tracker.get(job_id, caller, limited=False)
+        return record
+
+    async def image(self, job_id: str, index: int, caller: Caller) -> tuple[bytes, str]:
+        self._limiter.take(caller.client)
+        return await self._reads.image(job_id, index, caller)
+
+    async def list_jobs(self, caller: Caller, **filters: Any) -> dict[str, Any]:
+        self._limiter.take(caller.client)
+        return await self._reads.list_jobs(caller, **filters)
+
+    # -- the tracker's -------------------------------------------------------------------
+
+    async def submit(self, sub: Submission) -> dict[str, Any]:
+        return await self._tracker.submit(sub)
+
+    def watch(self, job_id: str, caller: Caller) -> AsyncIterator[bytes]:
+        return self._tracker.watch(job_id, caller)
+
+    async def cancel(self, job_id: str, caller: Caller) -> dict[str, Any]:
+        return await self._tracker.cancel(job_id, caller)
+
+    async def queue_status(self, caller: Caller) -> dict[str, Any]:
+        return await self._tracker.queue_status(caller)
+
+    async def models(self, caller: Caller) -> dict[str, Any]:
+        return await self._tracker.models(caller)
+
+    async def metrics_text(self, caller: Caller) -> bytes:
+        return await self._tracker.metrics_text(caller)
+
+    async def record_http(self, samples: list[tuple[str, str, int, float]]) -> None:
+        await self._tracker.record_http(samples)
+
+    async def remember(self, caller: Caller, name: str, value: str | None) -> None:
+        await self._tracker.remember(caller, name, value)
+
+    async def recall(self, caller: Caller) -> dict[str, str]:
+        return await self._tracker.recall(caller)
