@@ -38,9 +38,11 @@ class ServeHarness:
         from serve_app.builder import build_app
 
         # Tests poll and submit faster than a person: rate limits are off unless a test
-        # turns them on (tests/test_e2e_security.py).
+        # turns them on (tests/test_e2e_security.py). Warm workers are off unless a test
+        # turns them on (tests/test_scaling.py): on two cores, a replacement's ~10 s of
+        # imports after each deploy slows the timing-sensitive chaos tests' replicas.
         base = {"cache_dir": str(self.cache_dir), "data_dir": str(self.data_dir),
-                "store": "sqlite", "submit_rate": 0, "read_rate": 0}
+                "store": "sqlite", "submit_rate": 0, "read_rate": 0, "warm_workers": 0}
         serve.run(build_app({"models": models, "settings": base | settings,
                              "ingress_replicas": ingress_replicas}),
                   name=APP_NAME, route_prefix="/",

@@ -43,7 +43,7 @@ REGISTRY = {"models": [tiny_entry(
 
 @pytest.fixture(scope="module")
 def scale_to_zero_app(serve_harness: ServeHarness) -> ServeHarness:
-    serve_harness.deploy(REGISTRY, default_model=MODEL)
+    serve_harness.deploy(REGISTRY, default_model=MODEL, warm_workers=1)
     return serve_harness
 
 
