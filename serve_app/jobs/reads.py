@@ -65,15 +65,7 @@ class StoreReads:
 
     async def image(self, job_id: str, index: int, caller: Caller) -> tuple[bytes, str]:
         job, _ = await self.find(job_id, caller)
-        if job.result is None:
-            raise ImageNotFound(f"Job {job_id} has no images yet: it is {job.status}")
-        if not 0 <= index < len(job.result.images):
-            raise ImageNotFound(
-                f"Image {index} does not exist: job {job_id} has {len(job.result.images)} "
-                f"image(s), numbered from 0"
-            )
-        _, _, payload = job.result.images[index].partition(",")
-        return base64.b64decode(payload), job.result.content_type
+        return image_of(job, index)
 
     async def list_jobs(self, caller: Caller, **filters: Any) -> dict[str, Any]:
         page = await query_page(self._calls, caller, **filters)
@@ -88,6 +80,19 @@ class StoreReads:
         while self._bytes > CACHE_BYTES and len(self._finished) > 1:
             _, (_, _, evicted) = self._finished.popitem(last=False)
             self._bytes -= len(evicted)
+
+
+def image_of(job: Job, index: int) -> tuple[bytes, str]:
+    """Image `index` of a job's result, decoded, and its content type."""
+    if job.result is None:
+        raise ImageNotFound(f"Job {job.id} has no images yet: it is {job.status}")
+    if not 0 <= index < len(job.result.images):
+        raise ImageNotFound(
+            f"Image {index} does not exist: job {job.id} has {len(job.result.images)} "
+            f"image(s), numbered from 0"
+        )
+    _, _, payload = job.result.images[index].partition(",")
+    return base64.b64decode(payload), job.result.content_type
 
 
 async def query_page(

@@ -11,7 +11,6 @@ allows, and settles it from what the replica says (see `serve_app.jobs.dispatch`
 
 from __future__ import annotations
 
-import base64
 import json
 import logging
 import time
@@ -20,7 +19,6 @@ from typing import Any
 
 from serve_app.errors import (
     Forbidden,
-    ImageNotFound,
     JobNotCancellable,
     JobNotFound,
     ServiceError,
@@ -41,7 +39,7 @@ from serve_app.jobs.metrics import ServiceMetrics
 from serve_app.jobs.persistence import StoreCalls
 from serve_app.jobs.queues import JobQueues
 from serve_app.jobs.ratelimit import RateLimiter
-from serve_app.jobs.reads import query_page
+from serve_app.jobs.reads import image_of, query_page
 from serve_app.jobs.results import gave_up
 from serve_app.jobs.webhooks import WebhookNotifier
 from serve_app.messages import OPEN, Caller, Submission
@@ -199,16 +197,7 @@ class JobTracker:
 
     async def image(self, job_id: str, index: int, caller: Caller = OPEN) -> tuple[bytes, str]:
         self._reads.take(caller.client)
-        job = await self._find(job_id, caller)
-        if job.result is None:
-            raise ImageNotFound(f"Job {job_id} has no images yet: it is {job.status}")
-        if not 0 <= index < len(job.result.images):
-            raise ImageNotFound(
-                f"Image {index} does not exist: job {job_id} has {len(job.result.images)} "
-                f"image(s), numbered from 0"
-            )
-        _, _, payload = job.result.images[index].partition(",")
-        return base64.b64decode(payload), job.result.content_type
+        return image_of(await self._find(job_id, caller), index)
 
     async def list_jobs(self, caller: Caller = OPEN, **filters: Any) -> dict[str, Any]:
         self._reads.take(caller.client)
