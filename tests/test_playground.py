@@ -151,7 +151,7 @@ def job_id(driver: WebDriver) -> str:
 
 def test_the_progress_bar_moves_and_cancel_stops_the_job(page, client, shots) -> None:
     control(page, "Prompt").send_keys("a slow one")
-    fill(page, width=512, height=512, steps=120)
+    fill(page, width=256, height=256, steps=64)  # ~0.3 s a step here: long enough to watch
     button(page, "Generate").click()
     bar = control(page, "Progress")
     seen: list[int] = []
@@ -162,11 +162,11 @@ def test_the_progress_bar_moves_and_cancel_stops_the_job(page, client, shots) ->
     rising = sorted(set(seen) - {0})
     assert len(rising) >= 2 and seen == sorted(seen), seen  # live, and never backwards
     assert page.find_element(By.ID, "phase").text.startswith("Generating")
-    # The image forming: a latent preview every 120 // 8 = 15 steps, at the image's size.
+    # The image forming: a latent preview every 64 // 8 = 8 steps, at most 128 px.
     forming = wait(page).until(lambda d: d.find_elements(By.CSS_SELECTOR, "img.forming"))[0]
     assert forming.get_attribute("src").startswith("data:image/jpeg;base64,")
     step = int(forming.get_attribute("alt").removeprefix("The image forming (step ")[:-1])
-    assert step % 15 == 0 and step < 120
+    assert step % 8 == 0 and step < 64
     assert page.execute_script("return arguments[0].naturalWidth", forming) == 128
     snap(page, shots / "progress.png")
 

@@ -167,6 +167,9 @@ class WebhookNotifier:
             delivery.give_up(self._clock(), NO_SECRET)
             self._settled(job, hook, delivery, "failed")
             return
+        if job.status.is_terminal():
+            # A receiver that reads the job on its final event reads it from the store.
+            await self._book.stored([job.id])
         body = delivery.payload.encode()
         headers = signed_headers(self._key, delivery.id, self._clock() // 1000, body)
         status: int | None = None
