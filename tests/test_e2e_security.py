@@ -86,8 +86,14 @@ def test_a_burst_past_the_rate_limit_is_429_across_both_replicas(url: str) -> No
     # replica (two of them) would have let all 40 through.
     assert set(codes) == {202, 429}, codes
     assert 20 <= accepted <= 20 + int(elapsed) + 1, (codes, elapsed)
-    refused = call(url, "POST", "/generate/text2img", BURST, json=SMALL)
-    assert refused.status_code == 429
+    # The bucket stays empty but for its refill of one a second: of a few more calls at
+    # once, one may take a token that refilled meanwhile, the rest are refused.
+    started = time.monotonic()
+    more = [call(url, "POST", "/generate/text2img", BURST, json=SMALL) for _ in range(4)]
+    elapsed = time.monotonic() - started
+    codes = [r.status_code for r in more]
+    assert codes.count(202) <= 1 + int(elapsed) and 429 in codes, (codes, elapsed)
+    refused = next(r for r in more if r.status_code == 429)
     assert {"retry-after", "ratelimit-limit", "ratelimit-remaining", "ratelimit-reset"} <= set(
         refused.headers)
 
