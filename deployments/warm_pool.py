@@ -50,13 +50,12 @@ class WarmPolicy:
     _asked: dict[str, tuple[float, int]] = field(default_factory=dict)
 
     def wanted(self, node: str, idle: int, now: float) -> int:
+        if idle >= self.per_node:
+            self._asked.pop(node, None)  # what was asked for has arrived
+            return 0
         asked_at, asked = self._asked.get(node, (0.0, 0))
         coming = asked if now - asked_at < self.grace_s else 0
-        if idle >= self.per_node or idle + coming >= self.per_node:
-            if idle >= self.per_node:
-                self._asked.pop(node, None)  # what was asked for has arrived
-            return 0
-        return self.per_node - idle - coming
+        return max(0, self.per_node - idle - coming)
 
     def asked(self, node: str, count: int, now: float) -> None:
         self._asked[node] = (now, count)
