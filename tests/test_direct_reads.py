@@ -16,11 +16,12 @@ import pytest
 from serve_app.api.app import ApiContext, create_api
 from serve_app.api.backend import InProcessBackend
 from serve_app.api.direct_reads import DirectReads
+from serve_app.errors import StoreUnavailable
 from serve_app.jobs.job import JobStatus
 from serve_app.jobs.persistence import InlineStoreCalls
 from serve_app.jobs.reads import StoreReads
 from serve_app.jobs.service import JobTracker
-from serve_app.messages import Caller
+from serve_app.messages import OPEN, Caller, JobType
 from serve_app.registry import Registry
 from serve_app.settings import Settings, load_settings
 from serve_app.stores.contract import JobStore
@@ -84,6 +85,13 @@ class App:
 
     async def read(self, job_id: str, key: str = ANA) -> httpx.Response:
         return await self.client.get(f"/jobs/{job_id}", headers=as_(key))
+
+
+def submission_of(registry: Registry, settings: Settings) -> Any:
+    from serve_app.api.validation import build_submission
+
+    return build_submission(JobType.TEXT2IMG, dict(SMALL), settings=settings,
+                            registry=registry, served=SERVED)
 
 
 def as_(key: str) -> dict[str, str]:
@@ -221,3 +229,24 @@ async def test_reads_are_limited_per_replica_at_its_share_of_the_rate(
                     for _ in range(3)]
     await a.tracker.close()
     assert statuses == [200, 200, 429]
+
+
+class DownStore(InlineStoreCalls):
+    """The ingress's way to a store that does not answer."""
+
+    async def read(self, call: Callable[[JobStore], T]) -> T:
+        raise StoreUnavailable("The job store is unavailable; retry shortly")
+
+
+async def test_a_job_read_the_store_cannot_answer_is_the_trackers(
+        registry, settings, replicas) -> None:
+    calls = memory_store()
+    tracker = JobTracker(settings=settings, registry=registry, store=calls,
+                         replicas=replicas, served=SERVED)
+    counted = CountingBackend(tracker)
+    backend = DirectReads(counted, StoreReads(DownStore(MemoryStore())), settings)
+    job = await tracker.submit(submission_of(registry, settings))
+    await tracker.book.writes.flush()
+    record = json.loads(await backend.get(job["id"], OPEN))
+    assert record["id"] == job["id"] and counted.calls == Counter({"get": 1})
+    await tracker.close()

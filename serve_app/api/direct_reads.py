@@ -4,8 +4,8 @@ GET /jobs/:id of a running or finished job, GET /jobs and the images are answere
 store (`serve_app.jobs.reads.StoreReads`) without a call to the tracker, so polling clients
 cost the tracker nothing. What only the tracker knows still goes to it: a queued job's
 record (its `queuePosition`, and its phase once handed to a replica), a live read (`live`:
-A1111's /progress shows the running job's latest preview, which is never stored), and
-every write.
+A1111's /progress shows the running job's latest preview, which is never stored), a read
+the store did not answer (the tracker has its live jobs in memory), and every write.
 
 These reads are rate limited here, per ingress replica, at the configured read rate divided
 among the replicas (Serve's HAProxy spreads a client's requests across them), where the
@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from serve_app.api.backend import JobsBackend
+from serve_app.errors import StoreTimeout, StoreUnavailable
 from serve_app.jobs.job import JobStatus
 from serve_app.jobs.ratelimit import RateLimiter
 from serve_app.jobs.reads import StoreReads
@@ -43,7 +44,10 @@ class DirectReads:
             return await self._tracker.get(job_id, caller, limited, live=True)
         if limited:
             self._limiter.take(caller.client)
-        job, record = await self._reads.find(job_id, caller)
+        try:
+            job, record = await self._reads.find(job_id, caller)
+        except (StoreUnavailable, StoreTimeout):  # the tracker holds what it has live
+            return await self._tracker.get(job_id, caller, limited=False)
         if job.status is JobStatus.QUEUED:
             return await self._tracker.get(job_id, caller, limited=False)
         return record
