@@ -93,13 +93,17 @@ class WarmPool:
         self._failed = False
         context = ray.get_runtime_context()
         self._job_id = bytes.fromhex(context.get_job_id())
-        self._runtime_env = merge_runtime_env(dict(context.runtime_env), model_runtime_env())
+        from ray._private.utils import get_runtime_env_info
+        from ray.runtime_env import RuntimeEnv
+
+        env = merge_runtime_env(dict(context.runtime_env), model_runtime_env())
+        # What the raylet matches a replica's runtime env against (Ray's own encoding).
+        self._env_info = get_runtime_env_info(RuntimeEnv(**env), is_job_runtime_env=False,
+                                              serialize=False)
 
     def top_up(self) -> dict[str, int]:
         """Ask for the workers each node lacks; returns the idle warm workers seen per node."""
-        from ray._private.utils import get_runtime_env_info
         from ray.core.generated import common_pb2, node_manager_pb2
-        from ray.runtime_env import RuntimeEnv
 
         nodes = [n for n in ray.nodes()
                  if n.get("Alive") and fits(n.get("Resources", {}), self._needs)]
@@ -115,11 +119,9 @@ class WarmPool:
                 want = self._policy.wanted(node_id, idle, now)
                 if not want:
                     continue
-                info = get_runtime_env_info(RuntimeEnv(**self._runtime_env),
-                                            is_job_runtime_env=False, serialize=False)
                 stub.PrestartWorkers(node_manager_pb2.PrestartWorkersRequest(
                     language=common_pb2.Language.PYTHON, job_id=self._job_id,
-                    runtime_env_info=info, keep_alive_duration_secs=KEEP_ALIVE_S,
+                    runtime_env_info=self._env_info, keep_alive_duration_secs=KEEP_ALIVE_S,
                     num_workers=want), timeout=RPC_TIMEOUT_S)
                 self._policy.asked(node_id, want, now)
                 log.info("asked node %s for %d warm model worker(s)", node_id[:8], want)

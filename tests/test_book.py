@@ -111,7 +111,7 @@ async def test_finished_records_are_served_within_the_byte_budget_then_from_the_
     for j in jobs:
         book.apply(j, lambda x: x.cancel(1))
     await book.writes.flush()
-    assert book._recent_bytes == sum(len(r) for _, r in book._recent.values()) <= 1500
+    assert book._recent.size == sum(len(r) for r in book._recent.records()) <= 1500
     assert 0 < len(book._recent) < 8
     rendered = [json.loads((await book.rendered(j.id))[1])["id"] for j in jobs]
     assert rendered == [j.id for j in jobs]

@@ -435,7 +435,7 @@ async def test_the_cache_of_finished_records_stays_within_its_byte_budget(
         ids.append((await tracker.submit(submission(registry, settings, seed=i)))["id"])
         await settle()
     book = tracker._book
-    assert book._recent_bytes == sum(len(v) for _, v in book._recent.values()) <= 3000
+    assert book._recent.size == sum(len(v) for v in book._recent.records()) <= 3000
     assert 0 < len(book._recent) < 10
     # evicted records are still served, from the store
     assert [(await record(tracker, i))["status"] for i in ids] == ["completed"] * len(ids)

@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from serve_app.api.backend import JobsBackend
-from serve_app.errors import StoreTimeout, StoreUnavailable
+from serve_app.errors import StoreUnavailable
 from serve_app.jobs.job import JobStatus
 from serve_app.jobs.ratelimit import RateLimiter
 from serve_app.jobs.reads import StoreReads
@@ -46,7 +46,7 @@ class DirectReads:
             self._limiter.take(caller.client)
         try:
             job, record = await self._reads.find(job_id, caller)
-        except (StoreUnavailable, StoreTimeout):  # the tracker holds what it has live
+        except StoreUnavailable:  # (timeouts too) the tracker holds its live jobs
             return await self._tracker.get(job_id, caller, limited=False)
         if job.status is JobStatus.QUEUED:
             return await self._tracker.get(job_id, caller, limited=False)

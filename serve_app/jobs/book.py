@@ -14,13 +14,13 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
 
 from serve_app.errors import JobNotFound, StoreTimeout
 from serve_app.jobs.codec import loads, to_row
 from serve_app.jobs.job import Job, JobStatus
 from serve_app.jobs.persistence import StoreCalls, WriteBehind
+from serve_app.jobs.record_cache import RecordCache
 from serve_app.stores.contract import Totals
 
 RECENT_BYTES = 64 * 1024 * 1024
@@ -39,8 +39,7 @@ class JobBook:
         self.calls = calls
         self.writes = WriteBehind(calls)
         self._totals: dict[str, Totals] = {}  # per owner ("" for none)
-        self._recent: OrderedDict[str, tuple[str | None, bytes]] = OrderedDict()
-        self._recent_bytes = 0
+        self._recent: RecordCache[str | None] = RecordCache(RECENT_BYTES)  # value: owner
         self._watchers: list[Watcher] = []
 
     async def load_totals(self) -> None:
@@ -86,9 +85,7 @@ class JobBook:
     def touch(self, job: Job) -> None:
         """A change outside the state machine (a webhook delivery's state): saved behind,
         and a finished job's cached record dropped, so the next read renders it anew."""
-        cached = self._recent.pop(job.id, None)
-        if cached is not None:
-            self._recent_bytes -= len(cached[1])
+        self._recent.pop(job.id)
         self.writes.mark(job)
 
     def progressed(self, job: Job) -> None:
@@ -119,7 +116,6 @@ class JobBook:
         if removed:
             await self.load_totals()
             self._recent.clear()
-            self._recent_bytes = 0
         return removed
 
     # -- reads -------------------------------------------------------------------------
@@ -136,7 +132,6 @@ class JobBook:
         """The owner and JSON record of a job that is not live."""
         cached = self._recent.get(job_id)
         if cached is not None:
-            self._recent.move_to_end(job_id)
             return cached
         job = await self.find(job_id)
         if job is None:
@@ -169,10 +164,5 @@ class JobBook:
 
     def remember(self, job: Job) -> bytes:
         rendered = json.dumps(job.to_wire()).encode()
-        old = self._recent.pop(job.id, None)
-        self._recent_bytes += len(rendered) - (len(old[1]) if old is not None else 0)
-        self._recent[job.id] = (job.owner, rendered)
-        while self._recent_bytes > RECENT_BYTES and len(self._recent) > 1:
-            _, (_, evicted) = self._recent.popitem(last=False)
-            self._recent_bytes -= len(evicted)
+        self._recent.put(job.id, job.owner, rendered)
         return rendered

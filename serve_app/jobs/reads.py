@@ -19,7 +19,6 @@ from __future__ import annotations
 import base64
 import json
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -27,6 +26,7 @@ from serve_app.errors import ImageNotFound, InvalidRequest, JobNotFound
 from serve_app.jobs.codec import loads
 from serve_app.jobs.job import Job, JobStatus
 from serve_app.jobs.persistence import StoreCalls
+from serve_app.jobs.record_cache import RecordCache
 from serve_app.messages import Caller, JobType
 from serve_app.stores.contract import JobFilter, Page, decode_cursor
 
@@ -40,17 +40,15 @@ class StoreReads:
                  ) -> None:
         self._calls = calls
         self._clock = clock
-        # job id -> (when read, the job, its rendered record)
-        self._finished: OrderedDict[str, tuple[float, Job, bytes]] = OrderedDict()
-        self._bytes = 0
+        # finished jobs: (when read, the job) and its rendered record
+        self._finished: RecordCache[tuple[float, Job]] = RecordCache(CACHE_BYTES)
 
     async def find(self, job_id: str, caller: Caller) -> tuple[Job, bytes]:
         """The job and its record as JSON; JobNotFound for an unknown job and for another
         key's (its existence is not disclosed)."""
         cached = self._finished.get(job_id)
-        if cached is not None and self._clock() - cached[0] < FINISHED_TTL_S:
-            self._finished.move_to_end(job_id)
-            _, job, record = cached
+        if cached is not None and self._clock() - cached[0][0] < FINISHED_TTL_S:
+            (_, job), record = cached
         else:
             text = await self._calls.read(lambda store: store.load(job_id))
             if text is None:
@@ -58,7 +56,7 @@ class StoreReads:
             job = loads(text)
             record = json.dumps(job.to_wire()).encode()
             if job.status.is_terminal():
-                self._remember(job, record)
+                self._finished.put(job.id, (self._clock(), job), record)
         if not caller.may_see(job.owner):
             raise JobNotFound()
         return job, record
@@ -70,16 +68,6 @@ class StoreReads:
     async def list_jobs(self, caller: Caller, **filters: Any) -> dict[str, Any]:
         page = await query_page(self._calls, caller, **filters)
         return {"jobs": page.jobs, "nextCursor": page.next_cursor}
-
-    def _remember(self, job: Job, record: bytes) -> None:
-        old = self._finished.pop(job.id, None)
-        if old is not None:
-            self._bytes -= len(old[2])
-        self._finished[job.id] = (self._clock(), job, record)
-        self._bytes += len(record)
-        while self._bytes > CACHE_BYTES and len(self._finished) > 1:
-            _, (_, _, evicted) = self._finished.popitem(last=False)
-            self._bytes -= len(evicted)
 
 
 def image_of(job: Job, index: int) -> tuple[bytes, str]:
