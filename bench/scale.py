@@ -158,6 +158,7 @@ async def _measure_in_process(ctx: Context, db_path: Path, plan: dict[str, list[
     from serve_app.api.app import ApiContext, create_api
     from serve_app.api.backend import InProcessBackend, JobsBackend
     from serve_app.api.direct_reads import DirectReads
+    from serve_app.api.trackers import Trackers
     from serve_app.jobs.persistence import StoreIO
     from serve_app.jobs.reads import StoreReads
     from serve_app.jobs.service import JobTracker
@@ -175,7 +176,7 @@ async def _measure_in_process(ctx: Context, db_path: Path, plan: dict[str, list[
     backend: JobsBackend = InProcessBackend(tracker)
     reader = StoreIO(SQLiteStore(db_path))
     if direct:
-        backend = DirectReads(backend, StoreReads(reader), settings)
+        backend = DirectReads(Trackers.one(backend), StoreReads(reader), settings)
     api = create_api(ApiContext(backend, settings, registry, served))
     out: dict[str, Any] = {}
     for name, paths in plan.items():

@@ -1,4 +1,4 @@
-"""HTTP ingress deployment: the FastAPI app of `serve_app.api`, wired to the tracker.
+"""HTTP ingress deployment: the FastAPI app of `serve_app.api`, wired to the tracker shards.
 
 A shell: the builder applies `@serve.deployment` and `@serve.ingress` to it. The app is
 built per replica (late-bound ingress), so each replica wires its own FastAPI instance to
@@ -16,10 +16,12 @@ from serve_app.api.app import ApiContext, create_api
 from serve_app.api.backend import JobsBackend
 from serve_app.api.direct_reads import DirectReads
 from serve_app.api.tracker_client import TrackerClient
+from serve_app.api.trackers import Trackers
 from serve_app.jobs.persistence import StoreIO
 from serve_app.jobs.reads import StoreReads
 from serve_app.registry import Registry
 from serve_app.settings import Settings
+from serve_app.shards import ShardMap
 from serve_app.stores.factory import open_store
 
 log = logging.getLogger(__name__)
@@ -28,26 +30,29 @@ log = logging.getLogger(__name__)
 class Ingress:
     async def __init__(  # type: ignore[misc]  # Serve awaits an async constructor
         self,
-        tracker: DeploymentHandle,
+        trackers: list[DeploymentHandle],
+        shards: ShardMap,
         settings: Settings,
         registry: Registry,
-        served: frozenset[str],
         replicas: int = 1,
     ) -> None:
+        """`trackers`: each shard's deployment handle, in `shards`' order."""
         # The builder checked IMAGEGEN_HOST; Serve's own HTTP host (the serve config's
         # http_options) is only known here. An open service on another host does not start.
         host = await _serve_http_host()
         if host is not None:
             settings.check_exposure(host)
-        backend: JobsBackend = TrackerClient(tracker)
-        if await _store_readable_here(tracker, settings):
+        clients = Trackers([TrackerClient(t) for t in trackers], shards)
+        backend: JobsBackend = clients.primary
+        # The builder allows several shards on Redis only, which every replica reads.
+        if clients.sharded or await _store_readable_here(trackers[0], settings):
             # Reads of running and finished jobs come from the store, not the tracker.
             store = open_store(settings.store, data_dir=settings.data_dir,
                                redis_url=settings.redis_url)
-            backend = DirectReads(backend, StoreReads(StoreIO(store, readers=4)), settings,
+            backend = DirectReads(clients, StoreReads(StoreIO(store, readers=4)), settings,
                                   ingress_replicas=replicas)
         # Serve echoes X-Request-ID on every answer itself.
-        self._api = create_api(ApiContext(backend, settings, registry, served),
+        self._api = create_api(ApiContext(backend, settings, registry, shards.served),
                                echo_request_id=False)
 
     def __serve_build_asgi_app__(self) -> FastAPI:

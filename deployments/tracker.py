@@ -1,4 +1,5 @@
-"""Job tracker deployment: the one actor that owns job state (a shell over JobTracker).
+"""Job tracker deployment: the actor that owns job state (a shell over JobTracker); one per
+tracker shard (`serve_app.shards`), each owning its models' jobs.
 
 It reaches each model's deployment through a streaming handle (`ServeReplicas`): the
 replica's events (started, progress, result) come back on the call itself, so replicas never
@@ -25,6 +26,7 @@ from serve_app.jobs.service import JobTracker
 from serve_app.messages import Caller, GenerationTask, ReplicaEvent, Submission
 from serve_app.registry import Registry
 from serve_app.settings import Settings
+from serve_app.shards import PRIMARY, ShardMap
 from serve_app.stores.factory import open_store
 
 log = logging.getLogger(__name__)
@@ -88,18 +90,23 @@ class Tracker:
         registry: Registry,
         served: frozenset[str],
         models: dict[str, DeploymentHandle],
+        shards: ShardMap | None = None,
+        shard: int = PRIMARY,
     ) -> None:
+        """`served` and `models`: this shard's models and their deployments' handles."""
         store = open_store(settings.store, data_dir=settings.data_dir,
                            redis_url=settings.redis_url)
         self._tracker = JobTracker(
             settings=settings, registry=registry, store=StoreIO(store),
-            replicas=ServeReplicas(models), served=served,
+            replicas=ServeReplicas(models), served=served, shards=shards, shard=shard,
         )
+        # The primary keeps warm workers for every shard's models: they are per node.
+        everyone = shards.served if shards else served
         needs = [{"CPU": spec.resources.num_cpus, "GPU": spec.resources.num_gpus}
-                 for m in served
+                 for m in everyone
                  if (spec := registry.get(m)) is not None and spec.source != "null"]
-        self._warm = WarmPool(settings.warm_workers, needs) if settings.warm_workers and needs \
-            else None
+        self._warm = (WarmPool(settings.warm_workers, needs)
+                      if settings.warm_workers and needs and shard == PRIMARY else None)
         self._started: asyncio.Task[int] | None = None
         self._background: list[asyncio.Task[None]] = []
         self._next_idle_refresh = 0.0
@@ -137,8 +144,9 @@ class Tracker:
         resumed = await self._tracker.start()
         log.info("tracker started; %d unfinished job(s) resumed", resumed)
         loop = asyncio.get_running_loop()
-        self._background = [loop.create_task(self._every(PRUNE_EVERY_S, self._prune)),
-                            loop.create_task(self._every(REPLICAS_EVERY_S, self._refresh))]
+        self._background = [loop.create_task(self._every(REPLICAS_EVERY_S, self._refresh))]
+        if self._tracker.primary:  # a prune removes every shard's old jobs
+            self._background.append(loop.create_task(self._every(PRUNE_EVERY_S, self._prune)))
         if self._warm is not None:
             self._background.append(loop.create_task(self._every(WARM_EVERY_S, self._top_up)))
         return resumed

@@ -1,9 +1,10 @@
 """The app builder: `import_path: serve_app.builder:build_app` in config/serve.yaml.
 
 Composes the three kinds of deployment: one model replica deployment per served model
-(its own name, resources and autoscaling), the job tracker that owns job state, and the
-HTTP ingress. `serve run config/serve.yaml` and `serve deploy config/serve.yaml` both land
-here with the YAML's `args`.
+(its own name, resources and autoscaling), the job tracker that owns job state (one per
+tracker shard, each owning some models' jobs: `serve_app.shards`), and the HTTP ingress.
+`serve run config/serve.yaml` and `serve deploy config/serve.yaml` both land here with the
+YAML's `args`.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from serve_app.errors import ConfigError
 from serve_app.generation.preload import model_runtime_env
 from serve_app.registry import ModelSpec, Registry, load_registry, parse_registry
 from serve_app.settings import Settings, load_settings
+from serve_app.shards import ShardMap, tracker_deployment_name
 
 
 class AppArgs(BaseModel):
@@ -35,6 +37,9 @@ class AppArgs(BaseModel):
     settings: dict[str, Any] = {}
     # HTTP ingress replicas (each answers HTTP itself behind Serve's HAProxy).
     ingress_replicas: int = Field(1, ge=1, le=64)
+    # Tracker actors, each owning the jobs of some of the served models (dealt in registry
+    # order). More than one needs a store they all reach: IMAGEGEN_STORE=redis.
+    tracker_shards: int = Field(1, ge=1, le=64)
 
 
 # The ingress and the tracker take no CPU of their own from Ray's accounting: they are
@@ -42,10 +47,10 @@ class AppArgs(BaseModel):
 INGRESS_OPTIONS: dict[str, Any] = {
     "name": "Ingress", "max_ongoing_requests": 1000, "ray_actor_options": {"num_cpus": 0},
 }
-# One tracker: it owns every job. It answers many small calls at once.
+# A tracker (shard) is one replica: it owns its models' jobs. It answers many small calls
+# at once.
 TRACKER_OPTIONS: dict[str, Any] = {
-    "name": "Tracker", "num_replicas": 1, "max_ongoing_requests": 10_000,
-    "ray_actor_options": {"num_cpus": 0},
+    "num_replicas": 1, "max_ongoing_requests": 10_000, "ray_actor_options": {"num_cpus": 0},
 }
 
 
@@ -69,6 +74,11 @@ def model_options(spec: ModelSpec) -> dict[str, Any]:
 def resolve(args: AppArgs) -> tuple[Settings, Registry, list[ModelSpec]]:
     settings = load_settings(args.settings)
     settings.check_exposure(settings.host)
+    if args.tracker_shards > 1 and settings.store != "redis":
+        raise ConfigError(
+            f"tracker_shards: {args.tracker_shards} needs a job store every shard and ingress "
+            f"replica reaches: set IMAGEGEN_STORE=redis (and IMAGEGEN_REDIS_URL), not "
+            f"{settings.store!r}")
     registry = (
         load_registry(args.models)
         if isinstance(args.models, str)
@@ -90,9 +100,12 @@ def build_app(args: AppArgs | dict[str, Any] | None = None) -> Application:
     settings, registry, served = resolve(args)
     models = {spec.id: serve.deployment(ModelReplica, **model_options(spec)).bind(spec, settings)
               for spec in served}
-    served_ids = frozenset(models)
-    tracker = serve.deployment(Tracker, **TRACKER_OPTIONS).bind(
-        settings, registry, served_ids, models)
+    shards = ShardMap.deal([spec.id for spec in served], args.tracker_shards)
+    trackers = [
+        serve.deployment(Tracker, name=tracker_deployment_name(i), **TRACKER_OPTIONS).bind(
+            settings, registry, own, {m: models[m] for m in own}, shards, i)
+        for i, own in enumerate(shards.shards)
+    ]
     ingress = serve.deployment(serve.ingress()(Ingress), **INGRESS_OPTIONS,
                                num_replicas=args.ingress_replicas)
-    return ingress.bind(tracker, settings, registry, served_ids, args.ingress_replicas)
+    return ingress.bind(trackers, shards, settings, registry, args.ingress_replicas)

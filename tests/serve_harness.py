@@ -32,7 +32,7 @@ class ServeHarness:
         return ServeHarness(self.url, self.cache_dir, self.data_dir.parent / name / "data")
 
     def deploy(self, models: str | dict[str, Any] = "config/models.yaml",
-               ingress_replicas: int = 1, **settings: Any) -> None:
+               ingress_replicas: int = 1, tracker_shards: int = 1, **settings: Any) -> None:
         from ray import serve
 
         from serve_app.builder import build_app
@@ -44,7 +44,8 @@ class ServeHarness:
         base = {"cache_dir": str(self.cache_dir), "data_dir": str(self.data_dir),
                 "store": "sqlite", "submit_rate": 0, "read_rate": 0, "warm_workers": 0}
         serve.run(build_app({"models": models, "settings": base | settings,
-                             "ingress_replicas": ingress_replicas}),
+                             "ingress_replicas": ingress_replicas,
+                             "tracker_shards": tracker_shards}),
                   name=APP_NAME, route_prefix="/",
                   logging_config={"enable_access_log": False})
 

@@ -16,6 +16,7 @@ import pytest
 from serve_app.api.app import ApiContext, create_api
 from serve_app.api.backend import InProcessBackend
 from serve_app.api.direct_reads import DirectReads
+from serve_app.api.trackers import Trackers
 from serve_app.errors import StoreUnavailable
 from serve_app.jobs.job import JobStatus
 from serve_app.jobs.persistence import InlineStoreCalls
@@ -71,7 +72,7 @@ class App:
         self.tracker = JobTracker(settings=settings, registry=registry, store=calls,
                                   replicas=replicas, served=SERVED)
         self.counted = CountingBackend(self.tracker)
-        backend = DirectReads(self.counted, StoreReads(calls), settings,
+        backend = DirectReads(Trackers.one(self.counted), StoreReads(calls), settings,
                               ingress_replicas=ingress_replicas)
         api = create_api(ApiContext(backend, settings, registry, SERVED))
         self.client = httpx.AsyncClient(transport=httpx.ASGITransport(app=api),
@@ -244,7 +245,7 @@ async def test_a_job_read_the_store_cannot_answer_is_the_trackers(
     tracker = JobTracker(settings=settings, registry=registry, store=calls,
                          replicas=replicas, served=SERVED)
     counted = CountingBackend(tracker)
-    backend = DirectReads(counted, StoreReads(DownStore(MemoryStore())), settings)
+    backend = DirectReads(Trackers.one(counted), StoreReads(DownStore(MemoryStore())), settings)
     job = await tracker.submit(submission_of(registry, settings))
     await tracker.book.writes.flush()
     record = json.loads(await backend.get(job["id"], OPEN))

@@ -17,7 +17,7 @@ PACKAGES = ("serve_app", "deployments")
 # registry, messages) is shared by all; the composers (builder, cli) may import anything.
 KERNEL = ("serve_app.errors", "serve_app.settings", "serve_app.registry", "serve_app.messages",
           "serve_app.credentials", "serve_app.model_families", "serve_app.webhook_targets",
-          "serve_app.model_adapters")
+          "serve_app.model_adapters", "serve_app.shards")
 ALLOWED: dict[str, tuple[str, ...]] = {
     "serve_app.api": ("serve_app.api", "serve_app.jobs.job", "serve_app.jobs.feeds",
                       "serve_app.jobs.reads", "serve_app.jobs.ratelimit",
@@ -30,6 +30,7 @@ ALLOWED: dict[str, tuple[str, ...]] = {
     "serve_app.messages": (),
     "serve_app.settings": ("serve_app.errors", "serve_app.credentials"),
     "serve_app.credentials": (),
+    "serve_app.shards": ("serve_app.errors",),
     "serve_app.webhook_targets": (),
     "serve_app.registry": ("serve_app.errors", "serve_app.settings", "serve_app.messages",
                            "serve_app.model_families", "serve_app.model_adapters"),

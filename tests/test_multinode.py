@@ -1,7 +1,8 @@
 """Multi-node placement through real Ray Serve: a three-node `ray.cluster_utils.Cluster` on
 loopback (a head without GPUs, two workers declaring one logical GPU each), the app on it,
 two models that each claim a GPU. Replicas run on the CPU: the GPUs are only bookkeeping
-for Ray's scheduler, which is exactly what placement is decided on."""
+for Ray's scheduler, which is exactly what placement is decided on. Last, the app with two
+tracker shards (one per model) on a shared Redis, and one shard's actor killed."""
 
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ import pytest
 
 from serve_app.cli import LOCAL_RAY_ENV
 from tests.serve_harness import APP_NAME, ServeHarness, free_port, wait_for
+from tests.test_chaos import all_terminal, kill_replica, replaced, submit
+from tests.test_store import REDIS_URL, _redis_store
 
 if TYPE_CHECKING:
     from ray.util.state.common import ActorState
@@ -173,3 +176,35 @@ def test_half_gpu_models_pack_onto_one_gpu_node(whole_gpu_app: ServeHarness) -> 
     assert nodes["tiny-a"] == nodes["tiny-b"], nodes
     assert nodes["tiny-a"] in gpu_nodes()
     wait_for_free_gpus(1)  # the other GPU node's, whole
+
+
+def test_tracker_shards_each_run_their_models_jobs_and_losing_one_loses_nothing(
+        cluster_app: ServeHarness) -> None:
+    _redis_store().close()  # an empty Redis database, or a skip without a server
+    cluster_app.deploy(registry(num_gpus=0.5), default_model=MODELS[0], tracker_shards=2,
+                       store="redis", redis_url=REDIS_URL)
+    with cluster_app.client() as client:
+        # Shard 0 (`Tracker`) owns tiny-a's jobs, shard 1 (`Tracker-1`) tiny-b's.
+        first = [submit(client, model=m, seed=1) for m in MODELS]
+        done = all_terminal(client, [j["id"] for j in first], 120)
+        assert [done[j["id"]]["status"] for j in first] == ["completed"] * 2, done
+
+        # Shard 1 has work queued and running when its actor dies (no graceful stop).
+        slow = {"width": 128, "height": 128, "steps": 25}
+        b_jobs = [submit(client, model="tiny-b", seed=10 + i, **slow) for i in range(6)]
+        killed = kill_replica("Tracker-1")
+        left = [j["id"] for j in b_jobs
+                if client.get(f"/jobs/{j['id']}").json()["status"] != "completed"]
+        assert left, "every job of shard 1 finished before the kill: nothing was at stake"
+        # The other shard is not held up: its jobs are accepted and run meanwhile.
+        a_jobs = [submit(client, model="tiny-a", seed=20 + i) for i in range(3)]
+        a_done = all_terminal(client, [j["id"] for j in a_jobs], 60)
+        assert {r["status"] for r in a_done.values()} == {"completed"}, a_done
+        replacement = replaced(killed)
+        assert replacement != killed
+        # Serve starts a new shard 1, which resumes its jobs from the store: none lost.
+        b_done = all_terminal(client, [j["id"] for j in b_jobs], 180)
+        assert {r["status"] for r in b_done.values()} == {"completed"}, b_done
+        assert {r["result"]["parameters"]["model"] for r in b_done.values()} == {"tiny-b"}
+        stats = client.get("/queue/status").json()  # every shard's jobs, from the store
+        assert (stats["completedJobs"], stats["failedJobs"]) == (11, 0), stats

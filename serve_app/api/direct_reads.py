@@ -7,6 +7,11 @@ record (its `queuePosition`, and its phase once handed to a replica), a live rea
 A1111's /progress shows the running job's latest preview, which is never stored), a read
 the store did not answer (the tracker has its live jobs in memory), and every write.
 
+With several tracker shards (`serve_app.shards`) this is also where calls are routed: a
+submit to its model's shard, a job's cancel, event stream and tracker reads to the shard of
+the model its stored record names, GET /queue/status from the store's totals (every shard's
+jobs), GET /models and /metrics put together from every shard (`serve_app.api.trackers`).
+
 These reads are rate limited here, per ingress replica, at the configured read rate divided
 among the replicas (Serve's HAProxy spreads a client's requests across them), where the
 tracker's shared buckets limited them before; everything else is limited as it was.
@@ -16,9 +21,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from typing import Any
 
 from serve_app.api.backend import JobsBackend
+from serve_app.api.trackers import Trackers
 from serve_app.errors import StoreUnavailable
 from serve_app.jobs.job import JobStatus
 from serve_app.jobs.ratelimit import RateLimiter
@@ -28,10 +35,12 @@ from serve_app.settings import Settings
 
 
 class DirectReads:
-    def __init__(self, tracker: JobsBackend, reads: StoreReads, settings: Settings,
+    def __init__(self, trackers: Trackers, reads: StoreReads, settings: Settings,
                  ingress_replicas: int = 1) -> None:
-        self._tracker = tracker
+        self._trackers = trackers
+        self._tracker = trackers.primary
         self._reads = reads
+        self._max_queue_size = settings.max_queue_size
         replicas = max(1, ingress_replicas)
         self._limiter = RateLimiter("requests", settings.read_rate / replicas,
                                     max(1, math.ceil(settings.read_burst / replicas)))
@@ -40,16 +49,18 @@ class DirectReads:
 
     async def get(self, job_id: str, caller: Caller, limited: bool = True,
                   live: bool = False) -> bytes:
-        if live:
+        if live and not self._trackers.sharded:
             return await self._tracker.get(job_id, caller, limited, live=True)
         if limited:
             self._limiter.take(caller.client)
         try:
             job, record = await self._reads.find(job_id, caller)
         except StoreUnavailable:  # (timeouts too) the tracker holds its live jobs
-            return await self._tracker.get(job_id, caller, limited=False)
-        if job.status is JobStatus.QUEUED:
-            return await self._tracker.get(job_id, caller, limited=False)
+            return await self._trackers.first(
+                lambda t: t.get(job_id, caller, limited=False, live=live))
+        if live or job.status is JobStatus.QUEUED:
+            return await self._trackers.of(job.model).get(job_id, caller, limited=False,
+                                                          live=live)
         return record
 
     async def image(self, job_id: str, index: int, caller: Caller) -> tuple[bytes, str]:
@@ -60,25 +71,46 @@ class DirectReads:
         self._limiter.take(caller.client)
         return await self._reads.list_jobs(caller, **filters)
 
-    # -- the tracker's -------------------------------------------------------------------
+    async def queue_status(self, caller: Caller) -> dict[str, Any]:
+        if not self._trackers.sharded:  # one tracker counts every job in memory
+            return await self._tracker.queue_status(caller)
+        self._limiter.take(caller.client)
+        return await self._reads.queue_status(caller, self._max_queue_size)
+
+    # -- the tracker's (the owning shard's) ------------------------------------------------
+
+    async def _owner(self, job_id: str, caller: Caller) -> JobsBackend:
+        """The tracker of the job's model, as its stored record names it."""
+        if not self._trackers.sharded:
+            return self._tracker
+        job, _ = await self._reads.find(job_id, caller)
+        return self._trackers.of(job.model)
 
     async def submit(self, sub: Submission) -> dict[str, Any]:
-        return await self._tracker.submit(sub)
+        return await self._trackers.of(sub.model).submit(sub)
 
-    def watch(self, job_id: str, caller: Caller) -> AsyncIterator[bytes]:
-        return self._tracker.watch(job_id, caller)
+    async def watch(self, job_id: str, caller: Caller) -> AsyncIterator[bytes]:
+        tracker = await self._owner(job_id, caller)
+        async with aclosing(tracker.watch(job_id, caller)) as records:  # type: ignore[type-var]
+            async for record in records:
+                yield record
 
     async def cancel(self, job_id: str, caller: Caller) -> dict[str, Any]:
-        return await self._tracker.cancel(job_id, caller)
-
-    async def queue_status(self, caller: Caller) -> dict[str, Any]:
-        return await self._tracker.queue_status(caller)
+        if not self._trackers.sharded:
+            return await self._tracker.cancel(job_id, caller)
+        try:
+            tracker = await self._owner(job_id, caller)
+        except StoreUnavailable:
+            return await self._trackers.first(lambda t: t.cancel(job_id, caller))
+        return await tracker.cancel(job_id, caller)
 
     async def models(self, caller: Caller) -> dict[str, Any]:
-        return await self._tracker.models(caller)
+        return await self._trackers.models(caller)
 
     async def metrics_text(self, caller: Caller) -> bytes:
-        return await self._tracker.metrics_text(caller)
+        return await self._trackers.metrics_text(caller)
+
+    # -- the primary's: they belong to no model --------------------------------------------
 
     async def record_http(self, samples: list[tuple[str, str, int, float]]) -> None:
         await self._tracker.record_http(samples)

@@ -20,6 +20,7 @@ from serve_app.errors import JobNotFound, StoreTimeout
 from serve_app.jobs.codec import loads, to_row
 from serve_app.jobs.job import Job, JobStatus
 from serve_app.jobs.persistence import StoreCalls, WriteBehind
+from serve_app.jobs.reads import average_ms
 from serve_app.jobs.record_cache import RecordCache
 from serve_app.stores.contract import Totals
 
@@ -138,20 +139,24 @@ class JobBook:
             raise JobNotFound()
         return job.owner, self.remember(job)
 
+    @property
+    def totals(self) -> dict[str, Totals]:
+        """Per owner ("" for none): jobs per status, completed jobs' processing time."""
+        return self._totals
+
     def count(self, status: JobStatus, owner: str | None = None, *, everyone: bool = True
               ) -> int:
         """Jobs in `status`: everyone's, or (`everyone=False`) those of `owner`."""
-        if everyone:
-            return sum(t.counts.get(status.value, 0) for t in self._totals.values())
-        totals = self._totals.get(owner or "")
-        return totals.counts.get(status.value, 0) if totals else 0
+        return sum(t.counts.get(status.value, 0) for t in self._of(owner, everyone))
 
     def average_ms(self, owner: str | None = None, *, everyone: bool = True) -> int | None:
         """Mean processing time of completed jobs (whole ms); None before the first."""
-        totals = (list(self._totals.values()) if everyone
-                  else [t for o, t in self._totals.items() if o == (owner or "")])
-        done = sum(t.completed for t in totals)
-        return sum(t.completed_ms for t in totals) // done if done else None
+        return average_ms(self._of(owner, everyone))
+
+    def _of(self, owner: str | None, everyone: bool) -> list[Totals]:
+        if everyone:
+            return list(self._totals.values())
+        return [t for o, t in self._totals.items() if o == (owner or "")]
 
     def _count(self, job: Job, status: JobStatus, sign: int) -> None:
         owner = job.owner or ""

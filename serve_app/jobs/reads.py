@@ -19,7 +19,7 @@ from __future__ import annotations
 import base64
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from serve_app.errors import ImageNotFound, InvalidRequest, JobNotFound
@@ -28,7 +28,7 @@ from serve_app.jobs.job import Job, JobStatus
 from serve_app.jobs.persistence import StoreCalls
 from serve_app.jobs.record_cache import RecordCache
 from serve_app.messages import Caller, JobType
-from serve_app.stores.contract import JobFilter, Page, decode_cursor
+from serve_app.stores.contract import JobFilter, Page, Totals, decode_cursor
 
 CACHE_BYTES = 32 * 1024 * 1024
 FINISHED_TTL_S = 2.0
@@ -68,6 +68,41 @@ class StoreReads:
     async def list_jobs(self, caller: Caller, **filters: Any) -> dict[str, Any]:
         page = await query_page(self._calls, caller, **filters)
         return {"jobs": page.jobs, "nextCursor": page.next_cursor}
+
+    async def queue_status(self, caller: Caller, max_queue_size: int) -> dict[str, Any]:
+        """GET /queue/status from the store's totals (every tracker shard's jobs; a state
+        change is there within milliseconds of the tracker making it)."""
+        totals = await self._calls.read(lambda store: store.totals())
+        return queue_counts(totals, caller, max_queue_size)
+
+
+def queue_counts(totals: Mapping[str, Totals], caller: Caller, max_queue_size: int
+                 ) -> dict[str, Any]:
+    """GET /queue/status from per-owner totals: everyone's for an admin key (or an open
+    service), else the key's own."""
+    mine = totals.values() if caller.admin else [
+        t for owner, t in totals.items() if owner == (caller.name or "")]
+
+    def count(status: JobStatus) -> int:
+        return sum(t.counts.get(status.value, 0) for t in mine)
+
+    return {
+        "queuedJobs": count(JobStatus.QUEUED),
+        "processingJobs": count(JobStatus.PROCESSING),
+        "completedJobs": count(JobStatus.COMPLETED),
+        "failedJobs": count(JobStatus.FAILED),
+        "cancelledJobs": count(JobStatus.CANCELLED),
+        "averageProcessingTime": average_ms(mine) or 0,
+        "maxQueueSize": max_queue_size,
+    }
+
+
+def average_ms(totals: Iterable[Totals]) -> int | None:
+    """Mean processing time of completed jobs (whole ms); None before the first."""
+    done = ms = 0
+    for t in totals:
+        done, ms = done + t.completed, ms + t.completed_ms
+    return ms // done if done else None
 
 
 def image_of(job: Job, index: int) -> tuple[bytes, str]:

@@ -39,12 +39,13 @@ from serve_app.jobs.metrics import ServiceMetrics
 from serve_app.jobs.persistence import StoreCalls
 from serve_app.jobs.queues import JobQueues
 from serve_app.jobs.ratelimit import RateLimiter
-from serve_app.jobs.reads import image_of, query_page
+from serve_app.jobs.reads import image_of, query_page, queue_counts
 from serve_app.jobs.results import gave_up
 from serve_app.jobs.webhooks import WebhookNotifier
 from serve_app.messages import OPEN, Caller, Submission
 from serve_app.registry import Registry, Scaling
 from serve_app.settings import Settings
+from serve_app.shards import PRIMARY, ShardMap
 
 log = logging.getLogger(__name__)
 
@@ -64,10 +65,15 @@ class JobTracker:
         served: frozenset[str],
         clock: Callable[[], int] = wall_clock_ms,
         webhook_sender: Sender | None = None,
+        shards: ShardMap | None = None,
+        shard: int = PRIMARY,
     ) -> None:
         self._settings = settings
         self._registry = registry
         self._served = served
+        # Which tracker owns which models' jobs (`serve_app.shards`); alone, all of them.
+        self._shards = shards or ShardMap((served,))
+        self._shard = shard
         self._clock = clock
         self._replicas = replicas
         self._book = JobBook(store)
@@ -100,6 +106,16 @@ class JobTracker:
     def book(self) -> JobBook:
         return self._book
 
+    @property
+    def primary(self) -> bool:
+        """The shard that also does what belongs to no model (pruning, warm workers)."""
+        return self._shard == PRIMARY
+
+    def owns(self, job: Job) -> bool:
+        """Is `job` this tracker's (its model is this shard's, or no shard's and this is
+        the primary)? Another shard's stored jobs are left to it."""
+        return self._shards.owns(self._shard, job.model)
+
     def _lane(self, model: str, queues: JobQueues) -> Lane:
         spec = self._registry.get(model)
         # Served models come from the registry; the fallback (one job a call) is for safety.
@@ -110,11 +126,12 @@ class JobTracker:
     # -- lifecycle -------------------------------------------------------------------
 
     async def start(self) -> int:
-        """Load what the store holds: counts, and unfinished jobs back into the queues.
-        A job that was running when the service stopped runs again, within its attempts."""
+        """Load what the store holds: counts, and this shard's unfinished jobs back into
+        the queues. A job that was running when the service stopped runs again, within its
+        attempts; one of a model no longer served fails."""
         await self._book.load_totals()
         texts = await self._book.calls.read(lambda store: store.unfinished())
-        loaded = {job.id: job for job in map(loads, texts)}
+        loaded = {job.id: job for job in map(loads, texts) if self.owns(job)}
         runnable = []
         for job in loaded.values():
             if job.model not in self._served or job.task is None:
@@ -131,7 +148,7 @@ class JobTracker:
             runnable.append(job)
         # Webhooks first: their deliveries must attach to these objects, and a job handed
         # to dispatch may run and settle while the resume reads the store.
-        await self.webhooks.resume(loaded.get)
+        await self.webhooks.resume(loaded.get, mine=self.owns)
         for job in runnable:
             self._dispatch.add(job)
         return len(runnable)
@@ -212,20 +229,7 @@ class JobTracker:
     def queue_status(self, caller: Caller = OPEN) -> dict[str, Any]:
         """Everyone's counts for an admin key (or an open service), else the key's own."""
         self._reads.take(caller.client)
-        book, everyone = self._book, caller.admin
-
-        def count(status: JobStatus) -> int:
-            return book.count(status, caller.name, everyone=everyone)
-
-        return {
-            "queuedJobs": count(JobStatus.QUEUED),
-            "processingJobs": count(JobStatus.PROCESSING),
-            "completedJobs": count(JobStatus.COMPLETED),
-            "failedJobs": count(JobStatus.FAILED),
-            "cancelledJobs": count(JobStatus.CANCELLED),
-            "averageProcessingTime": book.average_ms(caller.name, everyone=everyone) or 0,
-            "maxQueueSize": self._settings.max_queue_size,
-        }
+        return queue_counts(self._book.totals, caller, self._settings.max_queue_size)
 
     async def _find(self, job_id: str, caller: Caller) -> Job:
         job = self._dispatch.live(job_id) or await self._book.find(job_id)

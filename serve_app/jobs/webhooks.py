@@ -211,14 +211,18 @@ class WebhookNotifier:
 
     # -- lifecycle ---------------------------------------------------------------------
 
-    async def resume(self, live: Callable[[str], Job | None]) -> int:
+    async def resume(self, live: Callable[[str], Job | None],
+                     mine: Callable[[Job], bool] = lambda job: True) -> int:
         """Schedule the pending deliveries the store holds (at start, before any job is
-        dispatched). `live` finds the tracker's own object for a job it loaded, which must
-        be the one changed: a copy's saves would race the tracker's own."""
+        dispatched) of the jobs that are `mine` (another tracker shard resumes its own).
+        `live` finds the tracker's own object for a job it loaded, which must be the one
+        changed: a copy's saves would race the tracker's own."""
         texts = await self._book.calls.read(lambda store: store.webhooks_pending())
         resumed = 0
         for text in texts:
             stored = loads(text)
+            if not mine(stored):
+                continue
             job = live(stored.id) or self._book.writes.pending(stored.id) or stored
             for delivery in job.webhook.pending if job.webhook is not None else []:
                 if delivery.id not in self._scheduled:

@@ -1,0 +1,61 @@
+"""Tracker shards: which tracker owns which models' jobs.
+
+One tracker actor owns every job of the models it is given: their queues, lanes, replica
+calls, progress and webhooks. With `tracker_shards: N` (the app's args) the served models are
+dealt out to N trackers, so N processes share the work a single tracker did; they share one
+job store (Redis), and the ingress routes a submit by its model and a job's other calls by
+the model its stored record names. Shard 0 is the primary: it also takes what belongs to no
+model (the HTTP metrics the ingress reports, per-caller notes, pruning, the warm workers,
+and failing stored jobs of models that are no longer served).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from serve_app.errors import ConfigError
+
+PRIMARY = 0
+
+
+@dataclass(frozen=True)
+class ShardMap:
+    """The served models of each shard (disjoint; shard 0 first)."""
+
+    shards: tuple[frozenset[str], ...]
+
+    @classmethod
+    def deal(cls, served: Sequence[str], count: int) -> ShardMap:
+        """Models dealt to `count` shards in turn, in the order given (the registry's)."""
+        if count < 1:
+            raise ConfigError(f"tracker_shards must be at least 1, not {count}")
+        if count > max(1, len(served)):
+            raise ConfigError(
+                f"tracker_shards is {count} but {len(served)} model(s) are served: a shard "
+                "owns whole models, so use at most one shard per served model")
+        return cls(tuple(frozenset(served[i::count]) for i in range(count)))
+
+    @property
+    def count(self) -> int:
+        return len(self.shards)
+
+    @property
+    def served(self) -> frozenset[str]:
+        return frozenset().union(*self.shards)
+
+    def of(self, model: str) -> int:
+        """The shard of a model's jobs; a model no shard serves is the primary's (it
+        refuses its submits and fails its stored jobs)."""
+        for index, models in enumerate(self.shards):
+            if model in models:
+                return index
+        return PRIMARY
+
+    def owns(self, index: int, model: str) -> bool:
+        return self.of(model) == index
+
+
+def tracker_deployment_name(index: int) -> str:
+    """`Tracker` for the primary (the name a single-tracker app has always had)."""
+    return "Tracker" if index == PRIMARY else f"Tracker-{index}"
