@@ -112,7 +112,9 @@ class BenchCluster:
         return base | SHAPES[shape]["settings"]
 
     def app_args(self, shape: str) -> dict[str, Any]:
-        return {"models": {"models": SHAPES[shape]["models"]}, "settings": self.settings(shape)}
+        """The builder's args; a shape's `args` (e.g. `tracker_shards`) go in as they are."""
+        return {"models": {"models": SHAPES[shape]["models"]}, "settings": self.settings(shape),
+                **SHAPES[shape].get("args", {})}
 
     def data_dir(self, shape: str) -> Path:
         return Path(self.settings(shape)["data_dir"])
@@ -138,6 +140,13 @@ class BenchCluster:
         wait_quiet()
         return self.url
 
+    def undeploy(self) -> None:
+        """Delete the app (before what it depends on, e.g. a Redis, goes away)."""
+        from ray import serve
+
+        serve.delete(APP_NAME)
+        self.shape = None
+
     def replica_states(self, model_id: str) -> dict[str, int]:
         """The model deployment's replicas by state (STARTING, RUNNING, ...)."""
         from ray import serve
@@ -160,7 +169,8 @@ class BenchCluster:
 
 
 def ray_processes() -> dict[str, psutil.Process]:
-    """This driver's Ray processes by role (`proxy`, `ingress`, `tracker`, `model-<id>`):
+    """This driver's Ray processes by role (`proxy`, `ingress`, `tracker`, `tracker-1`, ...,
+    `model-<id>`):
     the cluster ray.init started is a tree under this process, so other people's Ray
     clusters on the machine are never touched."""
     found: dict[str, psutil.Process] = {}
@@ -175,7 +185,7 @@ def ray_processes() -> dict[str, psutil.Process]:
         elif title.startswith(prefix):
             # e.g. `ray::ServeReplica:imagegen:Tracker` or `...:model-tiny-sd.method`
             role = title[len(prefix):].split()[0].split(".")[0]
-            found[role.lower() if role in ("Ingress", "Tracker") else role] = proc
+            found[role if role.startswith("model-") else role.lower()] = proc
     return found
 
 
