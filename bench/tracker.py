@@ -28,6 +28,7 @@ from bench.cluster import SHAPES
 from bench.common import cpu_seconds, log, ratio, rnd
 from bench.context import Context
 from bench.loadgen import AsyncConnection, Client
+from bench.profiling import Spy
 from serve_app.cli import free_port
 
 NAME = "tracker"
@@ -147,6 +148,7 @@ def run(ctx: Context) -> dict[str, Any]:
             rounds += [one_round(ctx, 100, jobs, models=2, shards=n, redis_url=redis_url)
                        for n in (1, 2)]
             ctx.cluster.undeploy()  # nothing may still use this Redis when it stops
+    profile = _profile(ctx, jobs) if ctx.profile_dir else None
     base_ms = baseline["cpu_ms_per_job"].get("tracker")
     ship_ms = shipped["cpu_ms_per_job"].get("tracker")
     headline = {"tracker_cpu_ms_per_job": ship_ms,
@@ -169,4 +171,18 @@ def run(ctx: Context) -> dict[str, Any]:
         "met": None,
         "headline": headline,
         "rounds": rounds,
+        **({"profile": profile} if profile else {}),
     }
+
+
+def _profile(ctx: Context, jobs: int) -> dict[str, Any]:
+    """An extra, unmeasured pass of the shipped shape with the tracker under py-spy."""
+    assert ctx.profile_dir is not None
+    SHAPES["null"] = null_shape(100)
+    ctx.cluster.shape = None
+    url = ctx.deploy("null")
+    seconds = 5.0 if ctx.quick else 10.0
+    log("tracker: profiling the tracker and the ingress")
+    with Spy(ctx.profile_dir, "tracker", ctx.pids("tracker", "ingress"), seconds) as spy:
+        asyncio.run(submit_all(url, jobs))
+    return spy.summaries

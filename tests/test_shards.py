@@ -61,6 +61,21 @@ def test_several_shards_need_a_store_every_replica_reaches(settings: Settings) -
         resolve(args)
 
 
+def test_the_app_has_a_tracker_deployment_per_shard_with_its_models_handles() -> None:
+    from serve_app.builder import build_app
+
+    models = [{"id": m, "name": m, "description": "test", "source": "tiny"} for m in "abc"]
+    app = build_app({"models": {"models": models}, "tracker_shards": 2,
+                     "settings": {"store": "redis", "default_model": "a"}})
+    trackers, shards = app._bound_deployment.init_args[:2]  # the ingress's
+    assert shards == ShardMap((frozenset({"a", "c"}), frozenset({"b"})))
+    bound = [t._bound_deployment for t in trackers]
+    assert [d.name for d in bound] == ["Tracker", "Tracker-1"]
+    # (settings, registry, own models, their deployments' handles, the map, the index)
+    assert [(d.init_args[2], sorted(d.init_args[3]), d.init_args[5]) for d in bound] == [
+        (frozenset({"a", "c"}), ["a", "c"], 0), (frozenset({"b"}), ["b"], 1)]
+
+
 class Counted(InProcessBackend):
     """A shard's tracker, with the calls that reach it counted by name."""
 
