@@ -73,7 +73,8 @@ def job_to_json(job: Job) -> dict[str, Any]:
     out["priority"] = job.priority.value
     out["status"] = job.status.value
     out["phase"] = job.phase.value if job.phase is not None else None
-    out["result"] = dataclasses.asdict(job.result) if job.result else None
+    # JobResult's fields are plain lists and dicts: no deep copy (asdict) needed to encode.
+    out["result"] = dict(vars(job.result)) if job.result else None
     out["task"] = task_to_json(job.task) if job.task is not None else None
     out["webhook"] = job.webhook.to_json() if job.webhook is not None else None
     return out

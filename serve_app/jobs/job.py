@@ -15,6 +15,7 @@ nowhere else; `serve_app.api.wire` describes the same shapes for OpenAPI.
 
 from __future__ import annotations
 
+import functools
 import secrets
 import string
 from dataclasses import dataclass, field
@@ -54,15 +55,25 @@ class Phase(StrEnum):
 
 
 _ID_ALPHABET = string.ascii_lowercase + string.digits
+_ID_CHARS = 9
+_ID_SPACE = len(_ID_ALPHABET) ** _ID_CHARS
 
 
 def new_job_id(now_ms: int) -> str:
-    """`job_<unix ms>_<9 random chars>`, the seed document's shape."""
-    return f"job_{now_ms}_{''.join(secrets.choice(_ID_ALPHABET) for _ in range(9))}"
+    """`job_<unix ms>_<9 random chars>`, the seed document's shape (one draw from the OS's
+    randomness for all nine: this runs for every submit)."""
+    n = secrets.randbelow(_ID_SPACE)
+    chars = []
+    for _ in range(_ID_CHARS):
+        n, digit = divmod(n, len(_ID_ALPHABET))
+        chars.append(_ID_ALPHABET[digit])
+    return f"job_{now_ms}_{''.join(chars)}"
 
 
+@functools.lru_cache(maxsize=4096)
 def iso(ms: int | None) -> str | None:
-    """Unix milliseconds as `2025-11-07T10:00:00.000Z`."""
+    """Unix milliseconds as `2025-11-07T10:00:00.000Z` (a job's few times are rendered at
+    every read and save: cached)."""
     if ms is None:
         return None
     return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%dT%H:%M:%S.") + (
