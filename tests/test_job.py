@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -129,3 +130,19 @@ def test_a_preview_shows_while_running_is_not_stored_and_goes_with_the_run() -> 
     job.report_progress(4, 8, Preview(4, "data:image/jpeg;base64,AQ=="))
     job.complete(result(), 2)
     assert "preview" not in job.to_wire()
+
+
+def test_records_round_trip_through_the_fast_encoder_and_what_it_refuses_still_encodes(
+) -> None:
+    from serve_app.jobs import jsontext
+    from serve_app.jobs.codec import dumps, loads
+
+    job = make_job()
+    job.request["note"] = "ünïcode ✓ and \"quotes\""
+    job.request["huge"] = 2**80  # beyond orjson's 64 bits: the standard library's
+    text = dumps(job)
+    assert loads(text).request == job.request
+    assert json.loads(text)["request"]["huge"] == 2**80  # standard JSON either way
+    # A record written by the standard library with a NaN in it still loads.
+    assert jsontext.loads('{"x": NaN, "y": [1, 2]}')["y"] == [1, 2]
+    assert jsontext.dumps({"a": [1, "b"]}) == b'{"a":[1,"b"]}'

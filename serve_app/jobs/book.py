@@ -12,11 +12,11 @@ Where a job *is* (queued, in a call, running) is not kept here: that is `Dispatc
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from collections.abc import Callable, Sequence
 
 from serve_app.errors import JobNotFound, StoreTimeout
+from serve_app.jobs import jsontext
 from serve_app.jobs.codec import loads, to_row
 from serve_app.jobs.job import Job, JobStatus
 from serve_app.jobs.persistence import StoreCalls, WriteBehind
@@ -168,6 +168,6 @@ class JobBook:
         self._totals[owner] = t
 
     def remember(self, job: Job) -> bytes:
-        rendered = json.dumps(job.to_wire()).encode()
+        rendered = jsontext.dumps(job.to_wire())
         self._recent.put(job.id, job.owner, rendered)
         return rendered

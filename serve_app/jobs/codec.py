@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import base64
 import dataclasses
-import json
 from typing import Any
 
+from serve_app.jobs import jsontext
 from serve_app.jobs.job import TRANSIENT, Job, JobResult, JobStatus, Phase
 from serve_app.jobs.webhook_state import WebhookState
 from serve_app.messages import (
@@ -102,11 +102,11 @@ def _phase(raw: str | None) -> tuple[Phase | None, str | None]:
 
 
 def dumps(job: Job) -> str:
-    return json.dumps(job_to_json(job), separators=(",", ":"))
+    return jsontext.dumps_text(job_to_json(job))
 
 
 def loads(text: str | bytes) -> Job:
-    return job_from_json(json.loads(text))
+    return job_from_json(jsontext.loads(text))
 
 
 def to_row(job: Job) -> JobRow:
@@ -123,5 +123,5 @@ def to_row(job: Job) -> JobRow:
         idempotency_key=job.idempotency_key,
         webhooks_pending=job.webhook is not None and bool(job.webhook.pending),
         record=dumps(job),
-        summary=json.dumps(job.summary(), separators=(",", ":")),
+        summary=jsontext.dumps_text(job.summary()),
     )

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from serve_app.jobs import jsontext
 from serve_app.jobs.job import Job, JobStatus
 
 # Bursts of progress are coalesced to at most one record per watcher this often: well within
@@ -39,7 +39,7 @@ def without_images(record: dict[str, Any]) -> bytes:
     result = record.get("result")
     if isinstance(result, dict):
         result.pop("images", None)
-    return json.dumps(record, separators=(",", ":")).encode()
+    return jsontext.dumps(record)
 
 
 class Feeds:

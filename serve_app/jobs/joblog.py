@@ -8,9 +8,9 @@ Progress within a phase writes nothing.
 
 from __future__ import annotations
 
-import json
 import logging
 
+from serve_app.jobs import jsontext
 from serve_app.jobs.job import Job, JobStatus, Phase
 
 log = logging.getLogger("imagegen.jobs")
@@ -29,7 +29,7 @@ class JobLog:
             self._last.pop(job.id, None)
         else:
             self._last[job.id] = now
-        log.info(json.dumps(line(job), separators=(",", ":")))
+        log.info(jsontext.dumps_text(line(job)))
 
 
 def line(job: Job) -> dict[str, object]:

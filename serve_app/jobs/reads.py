@@ -17,12 +17,12 @@ thumbnail of a running job is never stored).
 from __future__ import annotations
 
 import base64
-import json
 import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from serve_app.errors import ImageNotFound, InvalidRequest, JobNotFound
+from serve_app.jobs import jsontext
 from serve_app.jobs.codec import loads
 from serve_app.jobs.job import Job, JobStatus
 from serve_app.jobs.persistence import StoreCalls
@@ -54,7 +54,7 @@ class StoreReads:
             if text is None:
                 raise JobNotFound()
             job = loads(text)
-            record = json.dumps(job.to_wire()).encode()
+            record = jsontext.dumps(job.to_wire())
             if job.status.is_terminal():
                 self._finished.put(job.id, (self._clock(), job), record)
         if not caller.may_see(job.owner):

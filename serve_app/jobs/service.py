@@ -11,7 +11,6 @@ allows, and settles it from what the replica says (see `serve_app.jobs.dispatch`
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -23,6 +22,7 @@ from serve_app.errors import (
     JobNotFound,
     ServiceError,
 )
+from serve_app.jobs import jsontext
 from serve_app.jobs.book import JobBook
 from serve_app.jobs.callers import CallerNotes
 from serve_app.jobs.calls import Limits, Replicas
@@ -191,7 +191,7 @@ class JobTracker:
         job = self._dispatch.live(job_id)
         if job is not None:
             _visible(job.owner, caller)
-            return json.dumps(self._render(job)).encode()
+            return jsontext.dumps(self._render(job))
         owner, record = await self._book.rendered(job_id)
         _visible(owner, caller)
         return record
@@ -203,7 +203,7 @@ class JobTracker:
         if job is None:
             owner, record = await self._book.rendered(job_id)
             _visible(owner, caller)
-            yield without_images(json.loads(record))
+            yield without_images(jsontext.loads(record))
             return
         _visible(job.owner, caller)
         async for record in self._feeds.follow(job, self._render):
