@@ -140,13 +140,6 @@ class BenchCluster:
         wait_quiet()
         return self.url
 
-    def undeploy(self) -> None:
-        """Delete the app (before what it depends on, e.g. a Redis, goes away)."""
-        from ray import serve
-
-        serve.delete(APP_NAME)
-        self.shape = None
-
     def replica_states(self, model_id: str) -> dict[str, int]:
         """The model deployment's replicas by state (STARTING, RUNNING, ...)."""
         from ray import serve

@@ -147,7 +147,12 @@ def run(ctx: Context) -> dict[str, Any]:
         else:
             rounds += [one_round(ctx, 100, jobs, models=2, shards=n, redis_url=redis_url)
                        for n in (1, 2)]
-            ctx.cluster.undeploy()  # nothing may still use this Redis when it stops
+            # Nothing may still use this Redis when it stops: back to the SQLite shape.
+            # (Not serve.delete: it waits for every old deployment to go, and the submit
+            # figure's never-placed replica may still be going.)
+            SHAPES["null"] = null_shape(100)
+            ctx.cluster.shape = None
+            ctx.deploy("null")
     profile = _profile(ctx, jobs) if ctx.profile_dir else None
     base_ms = baseline["cpu_ms_per_job"].get("tracker")
     ship_ms = shipped["cpu_ms_per_job"].get("tracker")
