@@ -16,7 +16,7 @@ from typing import Any
 import psutil
 from ray import serve
 
-from serve_app.messages import GenerationTask, ReplicaEvent
+from serve_app.messages import GenerationTask, StreamItem, pack
 from serve_app.registry import ModelSpec
 from serve_app.settings import Settings
 
@@ -56,12 +56,12 @@ class ModelReplica:
         if runner is not None:
             runner.close()
 
-    async def run(self, tasks: list[GenerationTask]) -> AsyncGenerator[ReplicaEvent, None]:
-        """Streams Started, Progress per denoising step, then one Finished per task (a
-        batch of compatible jobs runs as one pipeline call). A caller that
+    async def run(self, tasks: list[GenerationTask]) -> AsyncGenerator[StreamItem, None]:
+        """Streams Started, Progress per denoising step, then the Finished of every task
+        (a batch of compatible jobs runs as one pipeline call) as one list. A caller that
         cancels the stream interrupts the pipeline at its next step."""
-        async for event in self._worker.stream(tasks):
-            yield event
+        async for item in pack(self._worker.stream(tasks)):
+            yield item
 
 
 # A process whose imports were done this long before the replica's constructor began was

@@ -23,7 +23,7 @@ from deployments.warm_pool import WarmPool
 from serve_app.errors import ReplicaLost, ServiceError
 from serve_app.jobs.persistence import StoreIO
 from serve_app.jobs.service import JobTracker
-from serve_app.messages import Caller, GenerationTask, ReplicaEvent, Submission
+from serve_app.messages import Caller, GenerationTask, ReplicaEvent, Submission, unpack
 from serve_app.registry import Registry
 from serve_app.settings import Settings
 from serve_app.shards import PRIMARY, ShardMap
@@ -59,8 +59,9 @@ class ServeReplicas:
         response = self._handles[model_id].run.remote(tasks)
         finished = False
         try:
-            async for event in response:
-                yield event
+            async for item in response:  # a batch's results come as one item
+                for event in unpack(item):
+                    yield event
             finished = True
         except (ActorDiedError, ActorUnavailableError, RayActorError) as exc:
             finished = True

@@ -8,6 +8,7 @@ here pickles cheaply and carries images as bytes (house point 9). The HTTP wire 
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -155,6 +156,30 @@ class Finished:
 
 
 ReplicaEvent = Started | Progress | Finished
+# One item of a replica call's Ray stream: an event, or a batch's results together (every
+# item costs the tracker a gRPC read and a deserialization; a batch of 8 was 8 items).
+StreamItem = ReplicaEvent | list[Finished]
+
+
+async def pack(events: AsyncIterator[ReplicaEvent]) -> AsyncIterator[StreamItem]:
+    """A replica's events as stream items: consecutive results (a batch's, which come
+    one after another once its pipeline call has returned) travel as one list."""
+    results: list[Finished] = []
+    async for event in events:
+        if isinstance(event, Finished):
+            results.append(event)
+            continue
+        if results:
+            yield results
+            results = []
+        yield event
+    if results:
+        yield results
+
+
+def unpack(item: StreamItem) -> list[ReplicaEvent]:
+    """The events of one stream item, in order."""
+    return list(item) if isinstance(item, list) else [item]
 
 @dataclass(frozen=True)
 class Caller:

@@ -6,7 +6,7 @@ import asyncio
 import dataclasses
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 
 import pytest
 
@@ -223,3 +223,23 @@ async def test_a_step_with_thumbnails_is_never_coalesced_away(runner: ModelRunne
     assert [(p.step, sorted(p.previews)) for p in progress] == [
         (1, []), (2, ["job-1"]), (4, ["job-1"]), (6, [])]
     assert all(p.previews["job-1"][:2] == b"\xff\xd8" for p in progress[1:3])  # JPEG
+
+
+async def test_a_batchs_results_travel_as_one_stream_item_and_unpack_in_order() -> None:
+    from serve_app.messages import pack, unpack
+
+    done = [Finished(GenerationResult([b"i"], [s], "image/png", job_id=f"job-{s}"))
+            for s in range(3)]
+
+    async def events(*seq: ReplicaEvent) -> AsyncIterator[ReplicaEvent]:
+        for event in seq:
+            yield event
+
+    batch = [Started("r"), Progress(1, 2), Progress(2, 2), *done]
+    items = [item async for item in pack(events(*batch))]
+    assert items == [Started("r"), Progress(1, 2), Progress(2, 2), done]  # 4 items, not 6
+    assert [e for item in items for e in unpack(item)] == batch
+    # Results never overtake an event between them.
+    mixed = [Progress(1, 2), done[0], Progress(2, 2), done[1]]
+    items = [item async for item in pack(events(*mixed))]
+    assert items == [Progress(1, 2), [done[0]], Progress(2, 2), [done[1]]]
