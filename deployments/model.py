@@ -56,11 +56,15 @@ class ModelReplica:
         if runner is not None:
             runner.close()
 
-    async def run(self, tasks: list[GenerationTask]) -> AsyncGenerator[StreamItem, None]:
-        """Streams Started, Progress per denoising step, then the Finished of every task
-        (a batch of compatible jobs runs as one pipeline call) as one list. A caller that
-        cancels the stream interrupts the pipeline at its next step."""
-        async for item in pack(self._worker.stream(tasks)):
+    async def run(self, tasks: list[GenerationTask], packed: bool = False
+                  ) -> AsyncGenerator[StreamItem, None]:
+        """Streams Started, Progress per denoising step, then one Finished per task (a
+        batch of compatible jobs runs as one pipeline call), the batch's Finished as one
+        list when the caller asks for `packed` items (a tracker of an earlier version,
+        during a rolling update, does not). A caller that cancels the stream interrupts
+        the pipeline at its next step."""
+        events = self._worker.stream(tasks)
+        async for item in pack(events) if packed else events:
             yield item
 
 

@@ -56,7 +56,7 @@ class ServeReplicas:
     async def run(
         self, model_id: str, tasks: list[GenerationTask]
     ) -> AsyncGenerator[ReplicaEvent, None]:
-        response = self._handles[model_id].run.remote(tasks)
+        response = self._handles[model_id].run.remote(tasks, packed=True)
         finished = False
         try:
             async for item in response:  # a batch's results come as one item

@@ -87,6 +87,11 @@ class ServiceUnavailable(RetryLater):
     """The tracker could not be reached for a while (503)."""
 
 
+class NotThisShard(ServiceUnavailable):
+    """A call reached a tracker shard that does not own the job's model (503): the
+    ingress asks the owner; a client (during a redeploy that moved models) retries."""
+
+
 class StoreUnavailable(ServiceUnavailable):
     """The job store failed a call (503): nothing was changed."""
 

@@ -6,6 +6,7 @@ Through Ray Serve on the three-node cluster: tests/test_multinode.py."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -19,11 +20,11 @@ from serve_app.api.app import ApiContext, create_api
 from serve_app.api.backend import InProcessBackend
 from serve_app.api.direct_reads import DirectReads
 from serve_app.api.trackers import Trackers
-from serve_app.errors import ConfigError
+from serve_app.errors import ConfigError, NotThisShard, ServiceUnavailable
 from serve_app.jobs.persistence import InlineStoreCalls
 from serve_app.jobs.reads import StoreReads
 from serve_app.jobs.service import JobTracker
-from serve_app.messages import Caller
+from serve_app.messages import OPEN, Caller
 from serve_app.registry import Registry
 from serve_app.settings import Settings
 from serve_app.shards import ShardMap, tracker_deployment_name
@@ -223,10 +224,89 @@ async def test_a_restarted_shard_resumes_its_own_jobs_and_leaves_the_others(
         for job in (b, b2):
             await again.until(job["id"], "completed")
         assert {task.job_id for _, task in again.replicas[1].calls} == {b["id"], b2["id"]}
-        assert again.replicas[0].calls == []
         record = json.loads(store.load(a["id"]) or "{}")
         assert record["status"] == "processing", record  # still shard 0's to resume
         await again.trackers[0].start()
         for job in (a, a2):
             await again.until(job["id"], "completed")
     await again.close()
+
+
+async def test_a_misrouted_call_is_told_to_retry_and_the_fallback_finds_the_owner(
+        sharded) -> None:
+    """What a call that reaches the wrong shard gets (an ingress of the previous
+    deployment, or the ingress's fallback when the store could not name the model): a
+    retryable 503, never a wrong 400 or 409, and asking each shard reaches the owner."""
+    sharded.replicas[1].hold = asyncio.Event()
+    running = await sharded.submit(B)
+    queued = await sharded.submit(B, seed=8)
+    await sharded.until(running["id"], "processing")
+    shard0 = sharded.trackers[0]
+    with pytest.raises(NotThisShard):
+        await shard0.cancel(queued["id"])
+    with pytest.raises(NotThisShard):
+        await anext(aiter(shard0.watch(queued["id"])))
+    from tests.test_direct_reads import submission_of
+
+    sub = submission_of(sharded.registry, sharded.settings)
+    (refused,) = await shard0.submit_many([dataclasses.replace(sub, model=B)])
+    assert isinstance(refused, NotThisShard) and refused.retry_after_s == 2
+    trackers = Trackers(sharded.counted, SHARDS)
+    answer = await trackers.first(lambda t: t.cancel(queued["id"], OPEN))
+    assert answer["status"] == "cancelled" and [c.calls["cancel"] for c in sharded.counted] \
+        == [1, 1]
+    sharded.replicas[1].hold.set()
+    await sharded.until(running["id"], "completed")
+
+
+class Restarting(Counted):
+    """A shard whose actor is being replaced: every call fails as the client's retries
+    run out (after `delay_s`)."""
+
+    def __init__(self, tracker: JobTracker, delay_s: float) -> None:
+        super().__init__(tracker)
+        self.delay_s = delay_s
+
+    async def models(self, caller: Caller) -> dict[str, Any]:
+        await asyncio.sleep(self.delay_s)
+        raise ServiceUnavailable("The job tracker is restarting; retry shortly")
+
+    async def metrics_text(self, caller: Caller) -> bytes:
+        return await self.models(caller)  # type: ignore[return-value]
+
+
+async def test_models_and_metrics_answer_at_once_while_a_shard_restarts(sharded) -> None:
+    await sharded.until((await sharded.submit(A))["id"], "completed")
+    down = Restarting(sharded.trackers[1], delay_s=30)
+    trackers = Trackers([sharded.counted[0], down], SHARDS)
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    models = {m["id"]: m for m in (await trackers.models(OPEN))["models"]}
+    text = (await trackers.metrics_text(OPEN)).decode()
+    assert loop.time() - began < 5  # not the restarting shard's 30 s
+    assert (models[A]["replicas"], models[B]["served"], models[B]["replicas"]) == (1, True, 0)
+    shards = {s.labels["shard"] for f in text_string_to_metric_families(text)
+              for s in f.samples if "shard" in s.labels}
+    assert shards == {"0"}
+    with pytest.raises(ServiceUnavailable):  # the primary's failure is the answer's
+        await Trackers([Restarting(sharded.trackers[0], delay_s=0), sharded.counted[1]],
+                       SHARDS).models(OPEN)
+
+
+async def test_with_the_store_unreadable_a_cancel_and_a_stream_find_the_jobs_shard(
+        sharded) -> None:
+    """The ingress cannot read the store (so cannot tell a job's model): each shard is
+    asked in turn, the one running the job answers."""
+    from tests.test_direct_reads import DownStore
+
+    sharded.replicas[1].hold = asyncio.Event()
+    running = await sharded.submit(B)
+    queued = await sharded.submit(B, seed=8)
+    await sharded.until(running["id"], "processing")
+    blind = DirectReads(Trackers(sharded.counted, SHARDS),
+                        StoreReads(DownStore(MemoryStore())), sharded.settings)
+    assert (await blind.cancel(queued["id"], OPEN))["status"] == "cancelled"
+    asyncio.get_running_loop().call_later(0.1, sharded.replicas[1].hold.set)
+    records = [json.loads(r) async for r in blind.watch(running["id"], OPEN)]
+    assert records[0]["status"] == "processing" and records[-1]["status"] == "completed"
+    assert [c.calls["watch"] for c in sharded.counted] == [1, 1]  # shard 0 said: not mine

@@ -25,6 +25,7 @@ from serve_app.jobs.service import JobTracker
 from serve_app.messages import GenerationTask, JobType, Progress, ReplicaEvent, Submission
 from serve_app.registry import Registry
 from serve_app.settings import Settings
+from serve_app.shards import ShardMap
 from serve_app.stores.sqlite import SQLiteStore
 from tests.client_server import SERVED, live_server
 from tests.fakes import FakeReplicas, memory_store
@@ -249,6 +250,38 @@ async def test_a_restarted_tracker_resumes_a_pending_delivery_with_the_same_id(
     await tracker.book.writes.flush()
     assert tracker.book.calls.store.webhooks_pending() == []  # nothing left to resume
     await tracker.close()
+
+
+@pytest.mark.anyio
+async def test_a_tracker_shard_resumes_only_its_own_models_deliveries(
+        registry, settings, tmp_path: Path) -> None:
+    """Two shards on one store: a pending delivery of a tiny-sd job is shard 0's to send;
+    shard 1 (tiny-sd-inpaint) must not send it too."""
+    s = hook_settings(settings, webhook_retry_base_s=0.05)
+    path = tmp_path / "jobs.sqlite3"
+    first = ScriptedSender(time.time, script=[503] * 1000)
+    tracker = JobTracker(settings=s, registry=registry,
+                         store=InlineStoreCalls(SQLiteStore(path)), replicas=FakeReplicas(),
+                         served=SERVED, webhook_sender=first)
+    await tracker.start()
+    job = await tracker.submit(submission(registry, s))
+    assert job["model"] == "tiny-sd"
+    await wait_until(lambda: _true(len(first.sent) >= 1))
+    await tracker.close()  # saves the delivery as pending
+
+    shards = ShardMap((frozenset({"tiny-sd"}), frozenset({"tiny-sd-inpaint"})))
+    senders = [ScriptedSender(time.time), ScriptedSender(time.time)]
+    trackers = [JobTracker(settings=s, registry=registry,
+                           store=InlineStoreCalls(SQLiteStore(path)), replicas=FakeReplicas(),
+                           served=shards.shards[i], webhook_sender=senders[i], shards=shards,
+                           shard=i) for i in (1, 0)]  # the other shard starts first
+    for t in trackers:
+        await t.start()
+    await wait_until(lambda: _delivered(trackers[1], job["id"]))
+    await asyncio.sleep(0.3)  # time enough for a second sender's retries
+    assert (len(senders[0].sent), len(senders[1].sent)) == (1, 0)
+    for t in trackers:
+        await t.close()
 
 
 @pytest.mark.anyio

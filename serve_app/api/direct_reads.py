@@ -26,7 +26,7 @@ from typing import Any
 
 from serve_app.api.backend import JobsBackend
 from serve_app.api.trackers import Trackers
-from serve_app.errors import StoreUnavailable
+from serve_app.errors import JobNotFound, NotThisShard, StoreUnavailable
 from serve_app.jobs.job import JobStatus
 from serve_app.jobs.ratelimit import RateLimiter
 from serve_app.jobs.reads import StoreReads
@@ -75,7 +75,9 @@ class DirectReads:
         if not self._trackers.sharded:  # one tracker counts every job in memory
             return await self._tracker.queue_status(caller)
         self._limiter.take(caller.client)
-        return await self._reads.queue_status(caller, self._max_queue_size)
+        # Each shard caps its own queue at IMAGEGEN_MAX_QUEUE_SIZE.
+        return await self._reads.queue_status(
+            caller, self._max_queue_size * self._trackers.shards.count)
 
     # -- the tracker's (the owning shard's) ------------------------------------------------
 
@@ -90,10 +92,24 @@ class DirectReads:
         return await self._trackers.of(sub.model).submit(sub)
 
     async def watch(self, job_id: str, caller: Caller) -> AsyncIterator[bytes]:
-        tracker = await self._owner(job_id, caller)
-        async with aclosing(tracker.watch(job_id, caller)) as records:  # type: ignore[type-var]
-            async for record in records:
-                yield record
+        try:
+            candidates = [await self._owner(job_id, caller)]
+        except StoreUnavailable:  # the shard that runs the job has it in memory
+            candidates = list(self._trackers.all)
+        for tracker in candidates:
+            async with aclosing(tracker.watch(job_id, caller)) as records:  # type: ignore[type-var]
+                try:
+                    first = await anext(records)
+                except StopAsyncIteration:
+                    return
+                except (JobNotFound, NotThisShard, StoreUnavailable):
+                    if tracker is candidates[-1]:
+                        raise
+                    continue
+                yield first
+                async for record in records:
+                    yield record
+                return
 
     async def cancel(self, job_id: str, caller: Caller) -> dict[str, Any]:
         if not self._trackers.sharded:

@@ -10,7 +10,7 @@ notes) to the primary.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 from prometheus_client import generate_latest
@@ -19,10 +19,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from serve_app.api.backend import JobsBackend
-from serve_app.errors import JobNotFound, ServiceError, StoreUnavailable
+from serve_app.errors import JobNotFound, NotThisShard, ServiceError, StoreUnavailable
 from serve_app.shards import PRIMARY, ShardMap
 
 T = TypeVar("T")
+OTHERS_WAIT_S = 2.0
 
 
 class Trackers:
@@ -51,40 +52,68 @@ class Trackers:
     async def first(self, call: Callable[[JobsBackend], Awaitable[T]]) -> T:
         """`call` on each tracker in turn until one knows the job: for a job whose model
         the store could not tell (it is down; the tracker that runs the job has it in
-        memory). The last error if none does."""
+        memory, and the others answer that it is not theirs). The last error if none does."""
         error: ServiceError | None = None
         for tracker in self.all:
             try:
                 return await call(tracker)
-            except (JobNotFound, StoreUnavailable) as exc:
+            except (JobNotFound, NotThisShard, StoreUnavailable) as exc:
                 error = exc
         assert error is not None
         raise error
 
+    async def _each(self, call: Callable[[JobsBackend], Awaitable[T]]
+                    ) -> list[T | BaseException]:
+        """`call` on every tracker at once: each answer or error. A shard other than the
+        primary gets `OTHERS_WAIT_S` (a restarting one would hold the whole answer for
+        the client's retry window)."""
+        async def one(index: int, tracker: JobsBackend) -> T:
+            if index == PRIMARY:
+                return await call(tracker)
+            return await asyncio.wait_for(call(tracker), OTHERS_WAIT_S)
+
+        return await asyncio.gather(*(one(i, t) for i, t in enumerate(self.all)),
+                                    return_exceptions=True)
+
     async def models(self, caller: Any) -> dict[str, Any]:
         """GET /models: each model as the shard that serves it describes it (its replica
-        counts are that shard's); models no shard serves as the primary has them."""
-        answers = await asyncio.gather(*(t.models(caller) for t in self.all))
+        counts are that shard's); models no shard serves as the primary has them. A shard
+        that does not answer (restarting) leaves its models as the primary describes them,
+        without replica counts; only the primary's failure fails the call."""
+        if not self.sharded:
+            return await self.primary.models(caller)
+        answers = await self._each(lambda t: t.models(caller))
+        primary = answers[PRIMARY]
+        if isinstance(primary, BaseException):
+            raise primary
         models = []
-        for entry in answers[PRIMARY]["models"]:
+        for entry in primary["models"]:
             owner = answers[self.shards.of(entry["id"])]
+            if isinstance(owner, BaseException):
+                models.append(entry)
+                continue
             models.append(next((m for m in owner["models"] if m["id"] == entry["id"]), entry))
-        return {**answers[PRIMARY], "models": models}
+        return {**primary, "models": models}
 
     async def metrics_text(self, caller: Any) -> bytes:
         """The shards' Prometheus expositions as one, each sample labelled with its
-        `shard` (every shard counts only its own models' jobs)."""
-        texts = await asyncio.gather(*(t.metrics_text(caller) for t in self.all))
+        `shard` (every shard counts only its own models' jobs). A shard that does not
+        answer (restarting) is left out of the scrape; only the primary's failure fails
+        it (a refusal, e.g. a key that is not an admin's, is every shard's)."""
         if not self.sharded:
-            return texts[0]
-        return merge_expositions(texts)
+            return await self.primary.metrics_text(caller)
+        texts = await self._each(lambda t: t.metrics_text(caller))
+        if isinstance(texts[PRIMARY], BaseException):
+            raise texts[PRIMARY]
+        return merge_expositions({i: t for i, t in enumerate(texts)
+                                  if not isinstance(t, BaseException)})
 
 
-def merge_expositions(texts: Sequence[bytes]) -> bytes:
-    """One exposition of several processes' (same metric families), the `shard` label
-    telling their samples apart."""
+def merge_expositions(texts: Mapping[int, bytes]) -> bytes:
+    """One exposition of several shards' (same metric families, by shard index), the
+    `shard` label telling their samples apart."""
     families: dict[str, Metric] = {}
-    for index, text in enumerate(texts):
+    for index, text in texts.items():
         for family in text_string_to_metric_families(text.decode()):
             merged = families.get(family.name)
             if merged is None:

@@ -16,7 +16,13 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from serve_app.errors import IdempotencyConflict, InvalidRequest, QueueFull, ServiceError
+from serve_app.errors import (
+    IdempotencyConflict,
+    InvalidRequest,
+    NotThisShard,
+    QueueFull,
+    ServiceError,
+)
 from serve_app.jobs.book import JobBook
 from serve_app.jobs.dispatch import Dispatch
 from serve_app.jobs.job import Job, new_job_id
@@ -38,9 +44,12 @@ def scoped_key(sub: Submission) -> str | None:
 class Intake:
     def __init__(self, *, settings: Settings, served: frozenset[str], book: JobBook,
                  dispatch: Dispatch, clock: Callable[[], int],
-                 retry_after_s: Callable[[], int]) -> None:
+                 retry_after_s: Callable[[], int],
+                 served_elsewhere: frozenset[str] = frozenset()) -> None:
+        """`served`: this tracker's models; `served_elsewhere`: other shards' models."""
         self._settings = settings
         self._served = served
+        self._elsewhere = served_elsewhere
         self._book = book
         self._dispatch = dispatch
         self._clock = clock
@@ -90,6 +99,10 @@ class Intake:
         return [o for o in outcomes if o is not None]
 
     def _new_job(self, sub: Submission, also_waiting: int, also_theirs: int) -> Job:
+        if sub.model in self._elsewhere:
+            raise NotThisShard(f"Model {sub.model}'s jobs are another tracker shard's (the "
+                               "service is being redeployed?); retry shortly",
+                               retry_after_s=2)
         if sub.model not in self._served:
             raise InvalidRequest(f"Model {sub.model} is not served here")
         waiting = self._dispatch.waiting + also_waiting

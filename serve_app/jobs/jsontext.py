@@ -1,9 +1,11 @@
 """JSON on the tracker's hot paths: job records, summaries, rendered responses, log lines.
 
 orjson encodes a record several times faster than the standard library (a record carries
-its images as base64 text, and every save and read encodes one). It refuses a few things
-`json` takes (integers beyond 64 bits, NaN in old records): those go through `json`, so
-nothing that encoded before fails now. Output is compact (no spaces), as records always
+its images as base64 text, and every save and read encodes one). What it refuses to encode
+(integers beyond 64 bits, keys that are not strings) goes through `json`, so nothing that
+encoded before fails now; a float NaN, which `json` wrote as the non-JSON `NaN`, becomes
+`null`. Decoding stays with `json`: orjson would read an integer beyond 64 bits as a float,
+and decoding is not where the time went. Output is compact (no spaces), as records always
 were.
 """
 
@@ -27,7 +29,4 @@ def dumps_text(obj: Any) -> str:
 
 
 def loads(text: str | bytes) -> Any:
-    try:
-        return orjson.loads(text)
-    except orjson.JSONDecodeError:
-        return json.loads(text)
+    return json.loads(text)

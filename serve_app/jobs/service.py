@@ -20,6 +20,7 @@ from serve_app.errors import (
     Forbidden,
     JobNotCancellable,
     JobNotFound,
+    NotThisShard,
     ServiceError,
 )
 from serve_app.jobs import jsontext
@@ -94,7 +95,8 @@ class JobTracker:
         self.metrics.live(queues.depths, lambda: self._replica_states)
         self._intake = Intake(settings=settings, served=served, book=self._book,
                               dispatch=self._dispatch, clock=clock,
-                              retry_after_s=self._retry_after_s)
+                              retry_after_s=self._retry_after_s,
+                              served_elsewhere=self._shards.served - served)
         self._reads = RateLimiter("requests", settings.read_rate, settings.read_burst)
         self._feeds = Feeds(before_end=lambda job_id: self._book.stored([job_id]))
         self._book.watch(self._feeds.changed)
@@ -203,7 +205,12 @@ class JobTracker:
         if job is None:
             owner, record = await self._book.rendered(job_id)
             _visible(owner, caller)
-            yield without_images(jsontext.loads(record))
+            stored = jsontext.loads(record)
+            if not JobStatus(stored["status"]).is_terminal() and not self._shards.owns(
+                    self._shard, stored["model"]):
+                raise NotThisShard(f"Job {job_id} is another tracker shard's; retry shortly",
+                                   retry_after_s=2)
+            yield without_images(stored)
             return
         _visible(job.owner, caller)
         async for record in self._feeds.follow(job, self._render):
@@ -238,6 +245,15 @@ class JobTracker:
         _visible(job.owner, caller)
         return job
 
+    def _mine(self, job: Job) -> Job:
+        """`job`, if this shard owns it or it has ended; an unfinished job of another
+        shard is that shard's to change (the ingress asks it; a misrouted call is told to
+        retry)."""
+        if not job.status.is_terminal() and not self.owns(job):
+            raise NotThisShard(f"Job {job.id} is another tracker shard's; retry shortly",
+                               retry_after_s=2)
+        return job
+
     # -- cancel ----------------------------------------------------------------------
 
     async def cancel(self, job_id: str, caller: Caller = OPEN) -> dict[str, Any]:
@@ -245,7 +261,7 @@ class JobTracker:
         Cancelling a cancelled job answers the same again (a retried cancel is safe);
         a completed or failed one cannot be cancelled."""
         self._reads.take(caller.client)
-        job = await self._find(job_id, caller)
+        job = self._mine(await self._find(job_id, caller))
         job = self._dispatch.cancel(job_id) or job
         if job.status is not JobStatus.CANCELLED:
             raise JobNotCancellable(
@@ -281,7 +297,8 @@ class JobTracker:
     async def models(self, caller: Caller = OPEN) -> dict[str, Any]:
         self._reads.take(caller.client)
         counts = await self.refresh_replicas()
-        return describe_models(self._registry, self._served, counts,
+        # Every shard's models are served; the replica counts are this shard's own.
+        return describe_models(self._registry, self._shards.served, counts,
                                self._settings.default_model)
 
     # -- per-caller settings (the compatible APIs' state, shared by every ingress) ----
