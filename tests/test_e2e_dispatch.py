@@ -120,7 +120,9 @@ def test_killing_the_tracker_on_redis_loses_no_job_and_completes_none_twice(
     replaced(killed)
     errors: list[str] = []
     final = all_terminal(client, ids, 120, errors)
-    assert [final[i]["status"] for i in ids] == ["completed"] * len(ids), (final, errors)
+    assert [final[i]["status"] for i in ids] == ["completed"] * len(ids), (
+        [(final[i]["status"], final[i].get("error"), final[i].get("attempts")) for i in ids],
+        errors)
     assert all(final[i].get("attempts") in (1, 2) for i in ids), final
     after = stats(client)  # reloaded from Redis: every job counted once
     assert after["completedJobs"] - before["completedJobs"] == len(ids)
