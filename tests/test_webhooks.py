@@ -220,19 +220,27 @@ async def wait_until(check: Any, timeout_s: float = 10) -> Any:
     raise AssertionError(f"not within {timeout_s} s")
 
 
+async def pending_delivery(registry: Registry, s: Settings, path: Path, tries: int
+                           ) -> tuple[dict[str, Any], ScriptedSender]:
+    """A job completed by a tracker on the SQLite file at `path` whose receiver refused
+    its webhook `tries` times, then the tracker stopped: the delivery is stored pending."""
+    sender = ScriptedSender(time.time, script=[503] * 1000)
+    tracker = JobTracker(settings=s, registry=registry,
+                         store=InlineStoreCalls(SQLiteStore(path)), replicas=FakeReplicas(),
+                         served=SERVED, webhook_sender=sender)
+    await tracker.start()
+    job = await tracker.submit(submission(registry, s))
+    await wait_until(lambda: _true(len(sender.sent) >= tries))
+    await tracker.close()  # saves the delivery as pending
+    return job, sender
+
+
 @pytest.mark.anyio
 async def test_a_restarted_tracker_resumes_a_pending_delivery_with_the_same_id(
         registry, settings, tmp_path: Path) -> None:
     s = hook_settings(settings, webhook_retry_base_s=0.05)
     path = tmp_path / "jobs.sqlite3"
-    first = ScriptedSender(time.time, script=[503] * 1000)
-    tracker = JobTracker(settings=s, registry=registry,
-                         store=InlineStoreCalls(SQLiteStore(path)), replicas=FakeReplicas(),
-                         served=SERVED, webhook_sender=first)
-    await tracker.start()
-    job = await tracker.submit(submission(registry, s))
-    await wait_until(lambda: _true(len(first.sent) >= 2))
-    await tracker.close()  # saves the delivery as pending
+    job, first = await pending_delivery(registry, s, path, tries=2)
     tried = delivery(await _stored(path, job["id"]), "completed")
     assert tried["status"] == "pending" and tried["attempts"] >= 2
 
@@ -259,15 +267,8 @@ async def test_a_tracker_shard_resumes_only_its_own_models_deliveries(
     shard 1 (tiny-sd-inpaint) must not send it too."""
     s = hook_settings(settings, webhook_retry_base_s=0.05)
     path = tmp_path / "jobs.sqlite3"
-    first = ScriptedSender(time.time, script=[503] * 1000)
-    tracker = JobTracker(settings=s, registry=registry,
-                         store=InlineStoreCalls(SQLiteStore(path)), replicas=FakeReplicas(),
-                         served=SERVED, webhook_sender=first)
-    await tracker.start()
-    job = await tracker.submit(submission(registry, s))
+    job, _ = await pending_delivery(registry, s, path, tries=1)
     assert job["model"] == "tiny-sd"
-    await wait_until(lambda: _true(len(first.sent) >= 1))
-    await tracker.close()  # saves the delivery as pending
 
     shards = ShardMap((frozenset({"tiny-sd"}), frozenset({"tiny-sd-inpaint"})))
     senders = [ScriptedSender(time.time), ScriptedSender(time.time)]
