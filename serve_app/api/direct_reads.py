@@ -112,9 +112,7 @@ class DirectReads:
                 return
 
     async def cancel(self, job_id: str, caller: Caller) -> dict[str, Any]:
-        if not self._trackers.sharded:
-            return await self._tracker.cancel(job_id, caller)
-        try:
+        try:  # (one tracker: it, with no store read)
             tracker = await self._owner(job_id, caller)
         except StoreUnavailable:
             return await self._trackers.first(lambda t: t.cancel(job_id, caller))
