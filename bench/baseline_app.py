@@ -1,7 +1,7 @@
 """The submit figure's baseline: a bare Starlette app in one process.
 
 It does what the service's submit path must do at the least — parse the JSON body, run
-the same validation (`serve_app.api.validation.build_submission`), make the same job record
+the same validation (`serve_app.api.submission.build_submission`), make the same job record
 (`serve_app.jobs.job.Job`, rendered with `to_wire`) — and keeps the record in a dict. No Ray,
 no actor hops, no store. Served by uvicorn (its defaults: uvloop and httptools when
 installed, as Serve's proxy) in a subprocess on 127.0.0.1:
@@ -28,7 +28,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from serve_app.api.validation import build_submission
+from serve_app.api.submission import build_submission
 from serve_app.errors import ServiceError
 from serve_app.jobs.job import Job, new_job_id
 from serve_app.messages import JobType

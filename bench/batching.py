@@ -85,7 +85,7 @@ def _check(jobs: list[dict[str, Any]]) -> None:
 
 
 def in_process(ctx: Context) -> dict[str, Any]:
-    from serve_app.api.validation import build_submission
+    from serve_app.api.submission import build_submission
     from serve_app.messages import JobType
     from serve_app.registry import parse_registry
     from serve_app.settings import load_settings

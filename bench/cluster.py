@@ -1,6 +1,6 @@
 """One local Ray + Serve for the whole run, and the shapes of the app the figures deploy.
 
-Started like `tests/serve_harness.py`: `serve_app.cli.start_local_ray` (loopback, no
+Started like `tests/support/serve_harness.py`: `serve_app.cli.start_local_ray` (loopback, no
 dashboard, capped object store, usage stats and token auth off), Serve's proxy on
 127.0.0.1 with the access log off. Each shape is one `serve.run(build_app({...}))` with an
 inline registry and settings; a figure that needs another shape redeploys (a few seconds).

@@ -66,7 +66,7 @@ def one_job(client: Client, body: dict[str, Any]) -> dict[str, Any]:
 
 
 def in_process_task(ctx: Context) -> Any:
-    from serve_app.api.validation import build_submission
+    from serve_app.api.submission import build_submission
     from serve_app.messages import JobType
     from serve_app.registry import parse_registry
     from serve_app.settings import load_settings

@@ -40,7 +40,7 @@ LIBRARIES: tuple[tuple[str, tuple[str, ...]], ...] = (
 )
 # Inclusive: share of samples whose stack passes through these call sites.
 THROUGH: dict[str, tuple[str, ...]] = {
-    "serve_app.api.validation.build_submission": ("build_submission (serve_app/api/",),
+    "serve_app.api.submission.build_submission": ("build_submission (serve_app/api/",),
     "JobTracker.submit": ("JobTracker.submit (",),
     "JobTracker.get": ("JobTracker.get (",),
     "job store (serve_app/sqlite_store.py)": ("(serve_app/sqlite_store.py",),

@@ -154,16 +154,16 @@ class NoReplicas:
 async def _measure_in_process(ctx: Context, db_path: Path, plan: dict[str, list[str]],
                               direct: bool) -> dict[str, Any]:
     """The routes called directly (no Serve): `direct`, reading the store as an ingress
-    does (`DirectReads`), else every read through the tracker (`InProcessBackend`)."""
+    does (`DirectReads`), else every read through the tracker itself."""
     from serve_app.api.app import ApiContext, create_api
-    from serve_app.api.backend import InProcessBackend, JobsBackend
+    from serve_app.api.backend import JobsBackend
     from serve_app.api.direct_reads import DirectReads
-    from serve_app.api.trackers import Trackers
     from serve_app.jobs.persistence import StoreIO
     from serve_app.jobs.reads import StoreReads
     from serve_app.jobs.service import JobTracker
     from serve_app.registry import parse_registry
     from serve_app.settings import load_settings
+    from serve_app.shards import ShardMap
     from serve_app.stores.sqlite import SQLiteStore
 
     args = ctx.cluster.app_args("service")
@@ -173,10 +173,10 @@ async def _measure_in_process(ctx: Context, db_path: Path, plan: dict[str, list[
     store = StoreIO(SQLiteStore(db_path))
     tracker = JobTracker(settings=settings, registry=registry, store=store,
                          replicas=NoReplicas(), served=served)
-    backend: JobsBackend = InProcessBackend(tracker)
+    backend: JobsBackend = tracker
     reader = StoreIO(SQLiteStore(db_path))
     if direct:
-        backend = DirectReads(Trackers.one(backend), StoreReads(reader), settings)
+        backend = DirectReads([tracker], ShardMap((served,)), StoreReads(reader), settings)
     api = create_api(ApiContext(backend, settings, registry, served))
     out: dict[str, Any] = {}
     for name, paths in plan.items():

@@ -42,15 +42,17 @@ class Ingress:
         host = await _serve_http_host()
         if host is not None:
             settings.check_exposure(host)
-        clients = Trackers([TrackerClient(t) for t in trackers], shards)
-        backend: JobsBackend = clients.primary
+        clients = [TrackerClient(t) for t in trackers]
+        backend: JobsBackend
         # The builder allows several shards on Redis only, which every replica reads.
-        if clients.sharded or await _store_readable_here(trackers[0], settings):
+        if shards.count > 1 or await _store_readable_here(trackers[0], settings):
             # Reads of running and finished jobs come from the store, not the tracker.
             store = open_store(settings.store, data_dir=settings.data_dir,
                                redis_url=settings.redis_url)
-            backend = DirectReads(clients, StoreReads(StoreIO(store, readers=4)), settings,
-                                  ingress_replicas=replicas)
+            backend = DirectReads(clients, shards, StoreReads(StoreIO(store, readers=4)),
+                                  settings, ingress_replicas=replicas)
+        else:
+            backend = Trackers(clients, shards)
         # Serve echoes X-Request-ID on every answer itself.
         self._api = create_api(ApiContext(backend, settings, registry, shards.served),
                                echo_request_id=False)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from ray import serve
@@ -20,10 +20,11 @@ from ray.serve.handle import DeploymentHandle
 from ray.serve.schema import ReplicaState
 
 from deployments.warm_pool import WarmPool
-from serve_app.errors import ReplicaLost, ServiceError
+from serve_app.errors import ReplicaLost
+from serve_app.jobs.interface import CallSpec, derive
 from serve_app.jobs.persistence import StoreIO
-from serve_app.jobs.service import JobTracker
-from serve_app.messages import Caller, GenerationTask, ReplicaEvent, Submission, unpack
+from serve_app.jobs.service import TRACKER_CALLS, JobTracker
+from serve_app.messages import GenerationTask, ReplicaEvent, unpack
 from serve_app.registry import Registry
 from serve_app.settings import Settings
 from serve_app.shards import PRIMARY, ShardMap
@@ -84,7 +85,24 @@ class ServeReplicas:
         return out
 
 
+def _forward(spec: CallSpec) -> Callable[..., Awaitable[Any]]:
+    async def call(self: Tracker, *args: Any, **kwargs: Any) -> Any:
+        return await getattr(await self._ready(), spec.name)(*args, **kwargs)
+    return call
+
+
+def _forward_stream(spec: CallSpec) -> Callable[..., AsyncIterator[Any]]:
+    async def call(self: Tracker, *args: Any, **kwargs: Any) -> AsyncIterator[Any]:
+        async for item in getattr(await self._ready(), spec.name)(*args, **kwargs):
+            yield item  # (a streaming handle call: each item travels as it comes)
+    return call
+
+
+@derive(TRACKER_CALLS, unary=_forward, stream=_forward_stream)
 class Tracker:
+    """Every call of the tracker's interface (`JobTracker`'s `@tracker_call` methods)
+    waits for the one start (the store's jobs reloaded), then runs on the `JobTracker`."""
+
     def __init__(
         self,
         settings: Settings,
@@ -181,41 +199,3 @@ class Tracker:
         import ray
 
         return str(ray.get_runtime_context().get_node_id())
-
-    async def submit_many(self, subs: list[Submission]) -> list[dict[str, Any] | ServiceError]:
-        return await (await self._ready()).submit_many(subs)
-
-    async def get(self, job_id: str, caller: Caller, limited: bool = True) -> bytes:
-        return await (await self._ready()).get(job_id, caller, limited=limited)
-
-    async def watch(self, job_id: str, caller: Caller) -> AsyncGenerator[bytes, None]:
-        """Streams the job's record at each change (a streaming handle call)."""
-        async for record in (await self._ready()).watch(job_id, caller):
-            yield record
-
-    async def image(self, job_id: str, index: int, caller: Caller) -> tuple[bytes, str]:
-        return await (await self._ready()).image(job_id, index, caller)
-
-    async def list_jobs(self, caller: Caller, **filters: Any) -> dict[str, Any]:
-        return await (await self._ready()).list_jobs(caller, **filters)
-
-    async def cancel(self, job_id: str, caller: Caller) -> dict[str, Any]:
-        return await (await self._ready()).cancel(job_id, caller)
-
-    async def queue_status(self, caller: Caller) -> dict[str, Any]:
-        return (await self._ready()).queue_status(caller)
-
-    async def models(self, caller: Caller) -> dict[str, Any]:
-        return await (await self._ready()).models(caller)
-
-    async def metrics_text(self, caller: Caller) -> bytes:
-        return (await self._ready()).metrics_text(caller)
-
-    async def record_http(self, samples: list[tuple[str, str, int, float]]) -> None:
-        (await self._ready()).record_http(samples)
-
-    async def remember(self, caller: Caller, name: str, value: str | None) -> None:
-        (await self._ready()).remember(caller, name, value)
-
-    async def recall(self, caller: Caller) -> dict[str, str]:
-        return (await self._ready()).recall(caller)

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from serve_app.errors import ConfigError
+from serve_app.errors import ConfigError, NotThisShard
 
 PRIMARY = 0
 
@@ -54,6 +54,23 @@ class ShardMap:
 
     def owns(self, index: int, model: str) -> bool:
         return self.of(model) == index
+
+    def check_model(self, index: int, model: str) -> None:
+        """Refuse a submit of another shard's model (retryable: it reached shard `index`
+        from an ingress of an older deployment)."""
+        if model in self.served and not self.owns(index, model):
+            raise NotThisShard(f"Model {model}'s jobs are another tracker shard's (the "
+                               "service is being redeployed?); retry shortly",
+                               retry_after_s=2)
+
+    def check_mine(self, index: int, job_id: str, model: str, ended: bool) -> None:
+        """Refuse a call about another shard's unfinished job: that shard alone may change
+        it. The call reached shard `index` by mistake (an ingress of an older deployment,
+        or one asking every shard in turn while the store is down), so it is a retryable
+        503, never a final answer. An ended job may be read by any shard."""
+        if not ended and not self.owns(index, model):
+            raise NotThisShard(f"Job {job_id} is another tracker shard's; retry shortly",
+                               retry_after_s=2)
 
 
 def tracker_deployment_name(index: int) -> str:

@@ -1,3 +1,7 @@
+"""Fixtures every tier uses. The tiers: `tests/unit/` (in process, no Ray, no browser;
+`make check`) and `tests/e2e/` (real Ray Serve, a browser, clusters); shared building
+blocks live in `tests/support/`."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,24 +11,10 @@ import pytest
 from serve_app.cli import local_ray_env
 from serve_app.registry import Registry, load_registry
 from serve_app.settings import Settings
+from tests.support import ROOT
 
 # Before any test module imports Ray: Ray reads its environment once, at import.
 local_ray_env()
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-# Modules that stop the session's shared Ray to run one of another shape: last, so the
-# shared Ray is not started a second time for the modules after them (~20 s).
-OWN_RAY_MODULES = {"test_multinode"}
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    def own_ray(item: pytest.Item) -> bool:
-        return item.module is not None and item.module.__name__.rsplit(".", 1)[-1] in (
-            OWN_RAY_MODULES)
-
-    items.sort(key=own_ray)  # stable: every other test keeps its place
 
 
 @pytest.fixture
@@ -41,22 +31,3 @@ def registry() -> Registry:
 def settings(tmp_path: Path) -> Settings:
     return Settings(data_dir=str(tmp_path / "data"), cache_dir=str(tmp_path / "models"),
                     model_path=str(tmp_path / "weights"), store="memory")
-
-
-@pytest.fixture(scope="session")
-def local_ray(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
-    """One local Ray + Serve for every e2e module of the session (started on first use)."""
-    from tests.serve_harness import LocalRay
-
-    ray_holder = LocalRay(tmp_path_factory.mktemp("e2e"))
-    yield ray_holder
-    ray_holder.stop()
-
-
-@pytest.fixture(scope="module")
-def serve_harness(local_ray, request: pytest.FixtureRequest):  # type: ignore[no-untyped-def]
-    """The session's Ray + Serve with the default app deployed, and a job store of this
-    module's own."""
-    harness = local_ray.harness().for_module(request.module.__name__.rsplit(".", 1)[-1])
-    harness.deploy()
-    return harness

@@ -15,18 +15,68 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from types import TracebackType
 
 from sse_starlette.sse import ServerSentEvent
 
 from serve_app.api.backend import JobsBackend
+from serve_app.errors import RateLimited
 from serve_app.jobs.feeds import event_id, without_images
 from serve_app.jobs.job import JobStatus
 from serve_app.messages import Caller
 
 HEARTBEAT_S = 15
 IDLE_S = 600.0
+
+
+class StreamSlots:
+    """Open event streams per key on this replica, at most `cap` each
+    (IMAGEGEN_MAX_STREAMS_PER_KEY): a stream holds a slot from before its first byte until
+    it ends, however it ends."""
+
+    def __init__(self, cap: int) -> None:
+        self.cap = cap
+        self._open: Counter[str] = Counter()
+
+    def held(self, client: str) -> int:
+        return self._open[client]
+
+    def take(self, client: str) -> Slot:
+        """A slot for one of `client`'s streams (a 429 past the cap); release it by using
+        it as a context manager around the stream."""
+        if self._open[client] >= self.cap:
+            raise RateLimited(f"{self._open[client]} event streams are open for this key on "
+                              f"this server (IMAGEGEN_MAX_STREAMS_PER_KEY is {self.cap}); "
+                              "close one first", retry_after_s=5, limit=self.cap)
+        self._open[client] += 1
+        return Slot(self, client)
+
+    def _release(self, client: str) -> None:
+        self._open[client] -= 1
+        if self._open[client] <= 0:
+            del self._open[client]
+
+
+class Slot:
+    def __init__(self, slots: StreamSlots, client: str) -> None:
+        self._slots: StreamSlots | None = slots
+        self._client = client
+
+    def release(self) -> None:
+        """Once; later calls do nothing."""
+        if self._slots is not None:
+            self._slots._release(self._client)
+            self._slots = None
+
+    def __enter__(self) -> Slot:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.release()
 
 
 @dataclass

@@ -1,12 +1,13 @@
-"""The routes' `JobsBackend` over a Ray Serve handle to the tracker deployment.
+"""The routes' backend over a Ray Serve handle to one tracker deployment.
 
-Submits are coalesced: concurrent submits of this ingress replica travel to the tracker in
-one `submit_many` call (see `serve_app.api.coalescing`), which is what makes the submit path
-cheap under load; the other calls are one call each. A call the tracker had accepted when it
-died fails with an actor error; Serve restarts the tracker (it reloads every job from the
-store) within seconds, so calls are retried until then. Every call is safe to repeat:
-submits carry an Idempotency-Key (one is made up when the client sent none) and a cancel of
-a cancelled job answers the same again.
+Every call of the tracker's interface (`serve_app.jobs.interface`) is sent over the handle
+as it is; a streaming call (`watch`) is a streaming handle call. Submits are coalesced:
+concurrent submits of this ingress replica travel to the tracker in one `submit_many` call
+(see `serve_app.api.coalescing`), which is what makes the submit path cheap under load. A
+call the tracker had accepted when it died fails with an actor error; Serve restarts the
+tracker (it reloads every job from the store) within seconds, so calls are retried until
+then. Every call is safe to repeat: submits carry an Idempotency-Key (one is made up when
+the client sent none) and a cancel of a cancelled job answers the same again.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ import dataclasses
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import aclosing
 from typing import Any
 
 from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
@@ -24,7 +26,9 @@ from ray.serve.handle import DeploymentHandle
 
 from serve_app.api.coalescing import Coalescer
 from serve_app.errors import ServiceError, ServiceUnavailable
-from serve_app.messages import Caller, Submission
+from serve_app.jobs.interface import CallSpec, derive
+from serve_app.jobs.service import TRACKER_CALLS
+from serve_app.messages import Submission
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +47,21 @@ def _tracker_unavailable() -> ServiceUnavailable:
     )
 
 
+def _send(spec: CallSpec) -> Callable[..., Awaitable[Any]]:
+    async def call(self: TrackerClient, *args: Any, **kwargs: Any) -> Any:
+        return await self._call(spec.name, *args, **kwargs)
+    return call
+
+
+def _send_stream(spec: CallSpec) -> Callable[..., AsyncIterator[Any]]:
+    async def call(self: TrackerClient, *args: Any, **kwargs: Any) -> AsyncIterator[Any]:
+        async with aclosing(self._stream(spec.name, *args, **kwargs)) as items:
+            async for item in items:
+                yield item
+    return call
+
+
+@derive(TRACKER_CALLS, unary=_send, stream=_send_stream)
 class TrackerClient:
     def __init__(self, handle: DeploymentHandle) -> None:
         self._handle = handle
@@ -70,23 +89,13 @@ class TrackerClient:
                 log.warning("tracker unavailable (%s); retrying %s", type(exc).__name__, method)
                 await asyncio.sleep(RETRY_PAUSE_S)
 
-    async def submit(self, sub: Submission) -> dict[str, Any]:
-        if sub.idempotency_key is None:
-            # Makes a retried submit (see `_call`) return the job the first try saved.
-            sub = dataclasses.replace(sub, idempotency_key=f"auto:{uuid.uuid4().hex}")
-        return await self._submits(sub)
-
-    async def get(self, job_id: str, caller: Caller, limited: bool = True,
-                  live: bool = False) -> bytes:
-        return await self._call("get", job_id, caller, limited)  # the tracker's is live
-
-    async def watch(self, job_id: str, caller: Caller) -> AsyncIterator[bytes]:
-        """The tracker's pushed records of one job, over a streaming call; closing this
-        generator cancels the call."""
-        response = self._handle.options(stream=True).watch.remote(job_id, caller)
+    async def _stream(self, method: str, *args: Any, **kwargs: Any) -> AsyncIterator[Any]:
+        """A streaming call's items as the tracker yields them; closing this generator
+        cancels the call."""
+        response = getattr(self._handle.options(stream=True), method).remote(*args, **kwargs)
         try:
-            async for record in response:
-                yield record
+            async for item in response:
+                yield item
         except RayTaskError as exc:
             if isinstance(exc.cause, ServiceError):
                 raise exc.cause from None
@@ -94,29 +103,9 @@ class TrackerClient:
         finally:
             response.cancel()
 
-    async def image(self, job_id: str, index: int, caller: Caller) -> tuple[bytes, str]:
-        return await self._call("image", job_id, index, caller)
-
-    async def list_jobs(self, caller: Caller, **filters: Any) -> dict[str, Any]:
-        return await self._call("list_jobs", caller, **filters)
-
-    async def cancel(self, job_id: str, caller: Caller) -> dict[str, Any]:
-        return await self._call("cancel", job_id, caller)
-
-    async def queue_status(self, caller: Caller) -> dict[str, Any]:
-        return await self._call("queue_status", caller)
-
-    async def models(self, caller: Caller) -> dict[str, Any]:
-        return await self._call("models", caller)
-
-    async def metrics_text(self, caller: Caller) -> bytes:
-        return await self._call("metrics_text", caller)
-
-    async def record_http(self, samples: list[tuple[str, str, int, float]]) -> None:
-        await self._call("record_http", samples)
-
-    async def remember(self, caller: Caller, name: str, value: str | None) -> None:
-        await self._call("remember", caller, name, value)
-
-    async def recall(self, caller: Caller) -> dict[str, str]:
-        return await self._call("recall", caller)
+    async def submit(self, sub: Submission) -> dict[str, Any]:
+        """Coalesced with this replica's concurrent submits into one `submit_many`."""
+        if sub.idempotency_key is None:
+            # Makes a retried submit (see `_call`) return the job the first try saved.
+            sub = dataclasses.replace(sub, idempotency_key=f"auto:{uuid.uuid4().hex}")
+        return await self._submits(sub)

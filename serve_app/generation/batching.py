@@ -12,12 +12,12 @@ both are one GEMM whose row count is batch x pixels (or tokens), and the GEMM pi
 blocking from that count. `invariant_layers` rewrites those two as batched matrix products
 (`torch.bmm`) with one matrix per image: every image's product then has the same shape,
 whatever the batch, and gets the same kernel. With that the whole batch runs in one UNet
-call, image for image equal to unbatched calls (tests/test_batching.py checks it at 1 and
+call, image for image equal to unbatched calls (tests/unit/test_batching.py checks it at 1 and
 2 threads), and no slower: a batch of 16 took 56 ms against 70 ms for the plain layers at
 2 threads, a pair 17 ms against 23 ms.
 
 The same holds for the transformer denoisers (FLUX, SD 3): their layers are linear layers,
-norms, per-sample attention and element-wise operations (tests/test_families.py checks
+norms, per-sample attention and element-wise operations (tests/unit/test_families.py checks
 batched FLUX and SDXL images against lone ones).
 
 That was measured on CPUs only. Elsewhere (CUDA: cuBLAS and cuDNN choose kernels by shape

@@ -9,7 +9,7 @@ Contract:
 - `activate(loras)` before every call: with LoRAs, `set_adapters(names, weights)` in name
   order (the others stay loaded and inactive); without, `disable_lora()`, under which each wrapped
   layer runs exactly its original layer, so the image is byte-identical to one made by a
-  replica that never loaded a LoRA (tests/test_loras.py checks it).
+  replica that never loaded a LoRA (tests/unit/test_loras.py checks it).
 - After a load, the denoiser's new linear layers (PEFT's `lora_A`/`lora_B`) are made
   batch-invariant like the rest (`BatchInvariantDenoiser.refresh`), so a batched job with
   LoRAs still makes the image it makes alone.

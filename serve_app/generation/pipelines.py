@@ -1,4 +1,5 @@
 """Loading a model's pipeline and deriving the per-mode pipelines from it.
+(Over ~300 lines: loading, runtime knobs and the per-mode set share one model's state.)
 
 Contract:
 - `load_pipeline(spec, settings, device, dtype)` is the default pipeline factory that

@@ -1,4 +1,5 @@
 """Dispatch: the one owner of where an unfinished job is.
+(Over ~300 lines: the four moves and their bookkeeping must stay in one owner.)
 
 A live job is in exactly one place: its model's queue, or one replica call (waiting for a
 replica, then running on it). Only this class moves it, and every move is one of four:

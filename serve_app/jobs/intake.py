@@ -19,7 +19,6 @@ from typing import Any
 from serve_app.errors import (
     IdempotencyConflict,
     InvalidRequest,
-    NotThisShard,
     QueueFull,
     ServiceError,
 )
@@ -30,6 +29,7 @@ from serve_app.jobs.ratelimit import RateLimiter
 from serve_app.jobs.webhook_state import WebhookState
 from serve_app.messages import Submission
 from serve_app.settings import Settings
+from serve_app.shards import PRIMARY, ShardMap
 
 Outcome = dict[str, Any] | ServiceError
 
@@ -45,11 +45,12 @@ class Intake:
     def __init__(self, *, settings: Settings, served: frozenset[str], book: JobBook,
                  dispatch: Dispatch, clock: Callable[[], int],
                  retry_after_s: Callable[[], int],
-                 served_elsewhere: frozenset[str] = frozenset()) -> None:
-        """`served`: this tracker's models; `served_elsewhere`: other shards' models."""
+                 shards: ShardMap | None = None, shard: int = PRIMARY) -> None:
+        """`served`: this tracker's models; `shards`: every shard's, and `shard` this one."""
         self._settings = settings
         self._served = served
-        self._elsewhere = served_elsewhere
+        self._shards = shards or ShardMap((served,))
+        self._shard = shard
         self._book = book
         self._dispatch = dispatch
         self._clock = clock
@@ -99,10 +100,7 @@ class Intake:
         return [o for o in outcomes if o is not None]
 
     def _new_job(self, sub: Submission, also_waiting: int, also_theirs: int) -> Job:
-        if sub.model in self._elsewhere:
-            raise NotThisShard(f"Model {sub.model}'s jobs are another tracker shard's (the "
-                               "service is being redeployed?); retry shortly",
-                               retry_after_s=2)
+        self._shards.check_model(self._shard, sub.model)
         if sub.model not in self._served:
             raise InvalidRequest(f"Model {sub.model} is not served here")
         waiting = self._dispatch.waiting + also_waiting

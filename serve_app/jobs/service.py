@@ -1,8 +1,14 @@
 """The job tracker: the API the ingress calls, over one `Dispatch` and one `JobBook`.
+(Over ~300 lines: it is the tracker's whole interface, declared here once, a short method
+each.)
 
 Plain Python on one asyncio loop; the Ray actor in `deployments/tracker.py` is a thin shell
 around it. What it needs from the outside is injected: the store (through `StoreCalls`),
 the replicas (how a call reaches a model and how its events come back) and the clock.
+
+Its methods marked `@tracker_call` are the tracker's interface, declared here once: the Ray
+shell, the ingress's handle client and its shard routing are derived from them
+(`serve_app.jobs.interface`), and in process the tracker itself is the routes' backend.
 
 A job's path: `submit_many` saves it (a submit is acknowledged once it is durable) and
 hands it to `Dispatch`, which queues it, sends it to a replica call when the model's lane
@@ -16,13 +22,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
-from serve_app.errors import (
-    Forbidden,
-    JobNotCancellable,
-    JobNotFound,
-    NotThisShard,
-    ServiceError,
-)
+from serve_app.errors import Forbidden, JobNotCancellable, JobNotFound, ServiceError
 from serve_app.jobs import jsontext
 from serve_app.jobs.book import JobBook
 from serve_app.jobs.callers import CallerNotes
@@ -33,6 +33,7 @@ from serve_app.jobs.delivery import Sender
 from serve_app.jobs.dispatch import Dispatch
 from serve_app.jobs.feeds import Feeds, without_images
 from serve_app.jobs.intake import Intake, Outcome
+from serve_app.jobs.interface import Route, calls_of, tracker_call
 from serve_app.jobs.job import Job, JobStatus
 from serve_app.jobs.joblog import JobLog
 from serve_app.jobs.lanes import Lane
@@ -96,7 +97,7 @@ class JobTracker:
         self._intake = Intake(settings=settings, served=served, book=self._book,
                               dispatch=self._dispatch, clock=clock,
                               retry_after_s=self._retry_after_s,
-                              served_elsewhere=self._shards.served - served)
+                              shards=self._shards, shard=shard)
         self._reads = RateLimiter("requests", settings.read_rate, settings.read_burst)
         self._feeds = Feeds(before_end=lambda job_id: self._book.stored([job_id]))
         self._book.watch(self._feeds.changed)
@@ -169,12 +170,16 @@ class JobTracker:
 
     # -- submit ----------------------------------------------------------------------
 
+    @tracker_call(Route.MODEL)
     async def submit(self, sub: Submission) -> dict[str, Any]:
+        """The new job's record (202), or the record of the job first submitted with the
+        same Idempotency-Key."""
         (outcome,) = await self.submit_many([sub])
         if isinstance(outcome, ServiceError):
             raise outcome
         return outcome
 
+    @tracker_call(Route.MODEL)
     async def submit_many(self, subs: Sequence[Submission]) -> list[Outcome]:
         """Each submission's record, or the error that refused it; one refusal does not
         affect the others (see `serve_app.jobs.intake`)."""
@@ -183,11 +188,15 @@ class JobTracker:
     # -- reads ---------------------------------------------------------------------
     # Every read names its caller: a key sees only its own jobs (another's answer as
     # unknown, 404), an admin key or an open service sees all. Reads draw on the caller's
-    # read budget, but for an event stream's polls (`limited=False`).
+    # read budget, but for the compatible APIs' waits (`limited=False`).
 
-    async def get(self, job_id: str, caller: Caller = OPEN, *, limited: bool = True) -> bytes:
+    @tracker_call(Route.JOB)
+    async def get(self, job_id: str, caller: Caller = OPEN, *, limited: bool = True,
+                  live: bool = False) -> bytes:
         """The record as JSON bytes: a live job rendered now, a finished one from the
-        book's cache or the store."""
+        book's cache or the store. The tracker's read is always `live` (it has a running
+        job's latest preview, which is never stored); an ingress that reads the store
+        itself asks the tracker when `live` is set."""
         if limited:
             self._reads.take(caller.client)
         job = self._dispatch.live(job_id)
@@ -198,6 +207,7 @@ class JobTracker:
         _visible(owner, caller)
         return record
 
+    @tracker_call(Route.JOB, stream=True)
     async def watch(self, job_id: str, caller: Caller = OPEN) -> AsyncIterator[bytes]:
         """The record (without images) now and at every change until the job ends: what an
         event stream sends. Pushed: nothing polls."""
@@ -206,10 +216,8 @@ class JobTracker:
             owner, record = await self._book.rendered(job_id)
             _visible(owner, caller)
             stored = jsontext.loads(record)
-            if not JobStatus(stored["status"]).is_terminal() and not self._shards.owns(
-                    self._shard, stored["model"]):
-                raise NotThisShard(f"Job {job_id} is another tracker shard's; retry shortly",
-                                   retry_after_s=2)
+            self._shards.check_mine(self._shard, job_id, stored["model"],
+                                    ended=JobStatus(stored["status"]).is_terminal())
             yield without_images(stored)
             return
         _visible(job.owner, caller)
@@ -219,11 +227,15 @@ class JobTracker:
     def _render(self, job: Job) -> dict[str, Any]:
         return job.to_wire(self._dispatch.position(job))
 
+    @tracker_call(Route.JOB)
     async def image(self, job_id: str, index: int, caller: Caller = OPEN) -> tuple[bytes, str]:
+        """Image `index` of a completed job: its bytes and content type."""
         self._reads.take(caller.client)
         return image_of(await self._find(job_id, caller), index)
 
+    @tracker_call(Route.PRIMARY)
     async def list_jobs(self, caller: Caller = OPEN, **filters: Any) -> dict[str, Any]:
+        """A page of job summaries, newest first (`serve_app.jobs.reads.query_page`)."""
         self._reads.take(caller.client)
         page = await query_page(self._book.calls, caller, **filters)
         # Stored summaries are current but for the progress of running jobs.
@@ -233,9 +245,15 @@ class JobTracker:
             summaries.append(live.summary() if live is not None else summary)
         return {"jobs": summaries, "nextCursor": page.next_cursor}
 
-    def queue_status(self, caller: Caller = OPEN) -> dict[str, Any]:
+    @tracker_call(Route.PRIMARY)
+    async def queue_status(self, caller: Caller = OPEN) -> dict[str, Any]:
         """Everyone's counts for an admin key (or an open service), else the key's own."""
         self._reads.take(caller.client)
+        return self.counts(caller)
+
+    def counts(self, caller: Caller = OPEN) -> dict[str, Any]:
+        """`queue_status`'s answer, at once and outside the read budget (for code on the
+        tracker's own loop, and tests)."""
         return queue_counts(self._book.totals, caller, self._settings.max_queue_size)
 
     async def _find(self, job_id: str, caller: Caller) -> Job:
@@ -246,16 +264,14 @@ class JobTracker:
         return job
 
     def _mine(self, job: Job) -> Job:
-        """`job`, if this shard owns it or it has ended; an unfinished job of another
-        shard is that shard's to change (the ingress asks it; a misrouted call is told to
-        retry)."""
-        if not job.status.is_terminal() and not self.owns(job):
-            raise NotThisShard(f"Job {job.id} is another tracker shard's; retry shortly",
-                               retry_after_s=2)
+        """`job`, if this shard may change it (`ShardMap.check_mine`)."""
+        self._shards.check_mine(self._shard, job.id, job.model,
+                                ended=job.status.is_terminal())
         return job
 
     # -- cancel ----------------------------------------------------------------------
 
+    @tracker_call(Route.JOB)
     async def cancel(self, job_id: str, caller: Caller = OPEN) -> dict[str, Any]:
         """A queued job leaves its queue; a running one is interrupted at its next step.
         Cancelling a cancelled job answers the same again (a retried cancel is safe);
@@ -281,20 +297,24 @@ class JobTracker:
 
     # -- metrics ---------------------------------------------------------------------
 
-    def metrics_text(self, caller: Caller = OPEN) -> bytes:
+    @tracker_call(Route.SHARDS)
+    async def metrics_text(self, caller: Caller = OPEN) -> bytes:
         """The Prometheus exposition of the whole service (admin keys only)."""
         if not caller.admin:
             raise Forbidden("Metrics are for admin keys")
         return self.metrics.exposition()
 
-    def record_http(self, samples: list[tuple[str, str, int, float]]) -> None:
+    @tracker_call(Route.PRIMARY)
+    async def record_http(self, samples: list[tuple[str, str, int, float]]) -> None:
         """HTTP requests an ingress replica served since its last report."""
         self.metrics.http_requests(samples)
 
     def waiting_on_cold_start(self) -> bool:
         return self._dispatch.waiting_on_cold_start()
 
+    @tracker_call(Route.SHARDS)
     async def models(self, caller: Caller = OPEN) -> dict[str, Any]:
+        """GET /models: every served model, with this shard's replica counts."""
         self._reads.take(caller.client)
         counts = await self.refresh_replicas()
         # Every shard's models are served; the replica counts are this shard's own.
@@ -303,10 +323,14 @@ class JobTracker:
 
     # -- per-caller settings (the compatible APIs' state, shared by every ingress) ----
 
-    def remember(self, caller: Caller, name: str, value: str | None) -> None:
+    @tracker_call(Route.PRIMARY)
+    async def remember(self, caller: Caller, name: str, value: str | None) -> None:
+        """Keep a small per-caller setting (`serve_app.jobs.callers`)."""
         self._notes.remember(caller.client, name, value)
 
-    def recall(self, caller: Caller) -> dict[str, str]:
+    @tracker_call(Route.PRIMARY)
+    async def recall(self, caller: Caller) -> dict[str, str]:
+        """The caller's settings that `remember` kept."""
         return self._notes.recall(caller.client)
 
     def _retry_after_s(self) -> int:
@@ -321,3 +345,6 @@ def _visible(owner: str | None, caller: Caller) -> None:
     """Another key's job is answered as unknown: its existence is not disclosed."""
     if not caller.may_see(owner):
         raise JobNotFound()
+
+
+TRACKER_CALLS = calls_of(JobTracker)

@@ -1,4 +1,5 @@
 """A JobStore in Redis: shared by every node of a cluster.
+(Over ~300 lines: the whole `JobStore` contract over one key layout, kept in one place.)
 
 Keys, all under one namespace `ns`:
     {ns}:job:{id}             the record (the JSON codec's text)

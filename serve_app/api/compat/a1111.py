@@ -21,7 +21,8 @@ from fastapi.responses import JSONResponse
 from serve_app.api.compat import a1111_samplers as samplers
 from serve_app.api.compat import a1111_translate as translate
 from serve_app.api.compat.dialects import A1111_PREFIX, DialectError, error_responses, json_body
-from serve_app.api.compat.jobs import cancel_quietly, context, submit, wait_for_job
+from serve_app.api.compat.jobs import cancel_quietly, submit, wait_for_job
+from serve_app.api.context import context
 from serve_app.api.guard import caller_of
 from serve_app.api.json_body import parse_json
 from serve_app.errors import JobNotFound

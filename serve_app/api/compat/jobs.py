@@ -23,13 +23,13 @@ from fastapi import Request
 from starlette.concurrency import run_in_threadpool
 
 from serve_app.api.compat.dialects import DialectError, renamed
+from serve_app.api.context import context
 from serve_app.api.guard import caller_of
-from serve_app.api.validation import build_submission
+from serve_app.api.submission import build_submission
 from serve_app.errors import InvalidRequest, JobNotCancellable, JobNotFound, ModelNotAvailable
 from serve_app.messages import Caller, JobType, Submission
 
 if TYPE_CHECKING:
-    from serve_app.api.app import ApiContext
     from serve_app.api.backend import JobsBackend
 
 POLL_INTERVAL_S = 0.1
@@ -38,11 +38,6 @@ TERMINAL = frozenset({"completed", "failed", "cancelled"})
 # empty one (AUTOMATIC1111) validate with this stand-in, then run with "".
 _NO_PROMPT = "-"
 _HOST = re.compile(r"^[A-Za-z0-9.\-]+(:\d{1,5})?$|^\[[0-9A-Fa-f:.]+\](:\d{1,5})?$")
-
-
-def context(request: Request) -> ApiContext:
-    ctx: ApiContext = request.app.state.ctx
-    return ctx
 
 
 async def submit(request: Request, names: dict[str, str],

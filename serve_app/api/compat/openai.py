@@ -24,7 +24,8 @@ from serve_app.api.compat.dialects import (
     json_body,
     multipart_body,
 )
-from serve_app.api.compat.jobs import context, public_base, submit, wait_for_job
+from serve_app.api.compat.jobs import public_base, submit, wait_for_job
+from serve_app.api.context import context
 from serve_app.api.json_body import parse_json
 from serve_app.messages import JobType
 

@@ -1,0 +1,153 @@
+"""A generate request becomes a `Submission`: validated (`serve_app.api.validation`), its
+defaults settled (`serve_app.api.defaults`), its input images decoded and bounded, then the
+task the replica runs and the parameters the job record echoes are built here."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+from pydantic.alias_generators import to_camel
+
+from serve_app.api import input_images as images
+from serve_app.api.adapter_requests import check_control, check_loras, echo_adapters
+from serve_app.api.defaults import Settled, settle, size
+from serve_app.api.validation import check_text, check_work, parse, resolve_model
+from serve_app.api.webhook_fields import webhook_request
+from serve_app.api.wire import (
+    IMAGE_FIELDS,
+    WEBHOOK_FIELDS,
+    GenerationCommon,
+    InpaintRequest,
+)
+from serve_app.messages import (
+    OPEN,
+    Caller,
+    ControlInput,
+    GenerationTask,
+    InputImage,
+    JobType,
+    Submission,
+)
+from serve_app.registry import ModelSpec, Registry
+from serve_app.settings import Settings
+
+
+def build_submission(
+    job_type: JobType,
+    body: Any,
+    *,
+    settings: Settings,
+    registry: Registry,
+    served: frozenset[str],
+    idempotency_key: str | None = None,
+    caller: Caller = OPEN,
+    request_id: str | None = None,
+    base_url: str = "",
+) -> Submission:
+    """`base_url`: the service's public URL, for the image links of the job's webhooks."""
+    req = parse(job_type, body)
+    spec = resolve_model(req.model or settings.default_model, registry, served)
+    limits = settings.limits
+    webhook = webhook_request(req, settings, base_url)
+    check_text("prompt", getattr(req, "prompt", "") or "", limits.max_prompt_chars)
+    check_text("negativePrompt", req.negative_prompt or "", limits.max_prompt_chars)
+    settled = settle(req, spec, limits)
+
+    decoded = _decode_images(req, settings)
+    loras = check_loras(req, spec, registry, limits)
+    control = check_control(req, job_type, spec, limits)
+    # Without a size, text2img with a ControlNet makes its control image's.
+    first = next(iter(decoded.values()), control.image if control else None)
+    width, height = size(req, spec, first, settings)
+
+    task = _task(job_type, req, settled, width, height, decoded, loras, control)
+    check_work(task, limits.max_work)
+    echo = _echo(req, spec, settled, task, decoded, control)
+    fingerprint = _fingerprint(job_type, body) if idempotency_key is not None else None
+    return Submission(job_type, _target(job_type, spec, served), req.priority, echo, task,
+                      idempotency_key, caller, fingerprint, request_id, webhook)
+
+
+def _task(job_type: JobType, req: GenerationCommon, settled: Settled, width: int,
+          height: int, decoded: dict[str, InputImage], loras: tuple[tuple[str, float], ...],
+          control: ControlInput | None) -> GenerationTask:
+    return GenerationTask(
+        job_id="",
+        mode=job_type,
+        prompt=getattr(req, "prompt", "") or "",
+        negative_prompt=req.negative_prompt or "",
+        width=width,
+        height=height,
+        steps=settled.steps,
+        guidance_scale=settled.guidance,
+        seed=settled.seed,
+        sampler=settled.sampler,
+        num_images=req.num_images,
+        strength=settled.strength,
+        output_format=req.output_format,
+        quality=req.quality,
+        init_image=decoded.get("init_image") or decoded.get("image") or decoded.get(
+            "content_image"
+        ),
+        mask_image=decoded.get("mask"),
+        style_image=decoded.get("style_image"),
+        style_strength=float(getattr(req, "style_strength", 0.0)),
+        content_strength=float(getattr(req, "content_strength", 0.0)),
+        preview_every=settled.preview_every,
+        loras=loras,
+        control=control,
+    )
+
+
+def _echo(req: GenerationCommon, spec: ModelSpec, settled: Settled, task: GenerationTask,
+          decoded: dict[str, InputImage], control: ControlInput | None) -> dict[str, Any]:
+    """The job record's `parameters`: the request as sent, without image bytes or webhook
+    details, with every default it took filled in."""
+    echo = req.model_dump(by_alias=True, mode="json",
+                          exclude={**dict.fromkeys([*IMAGE_FIELDS, *WEBHOOK_FIELDS, "preview",
+                                                    "preview_every"], True),
+                                   "control_net": {"image"}})
+    echo_adapters(echo, control)
+    if settled.preview_every:
+        echo.update(preview=True, previewEvery=settled.preview_every)
+    echo.update(
+        model=spec.id, width=task.width, height=task.height, steps=settled.steps,
+        guidanceScale=settled.guidance, sampler=settled.sampler, seed=settled.seed,
+        negativePrompt=task.negative_prompt,
+    )
+    for field, img in decoded.items():
+        echo[to_camel(field)] = images.describe(img)
+    return echo
+
+
+def _fingerprint(job_type: JobType, body: Any) -> str:
+    """The request's digest, independent of key order and spacing: what an Idempotency-Key
+    is bound to."""
+    canonical = json.dumps([job_type.value, body], sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _target(job_type: JobType, spec: ModelSpec, served: frozenset[str]) -> str:
+    """The model that runs the job: inpainting goes to the base model's dedicated
+    inpainting model when the registry names one and it is served, else the base model
+    runs it in legacy (4-channel) mode."""
+    if job_type is JobType.INPAINT and spec.inpainting_model and spec.inpainting_model in served:
+        return spec.inpainting_model
+    return spec.id
+
+
+def _decode_images(req: GenerationCommon, settings: Settings) -> dict[str, InputImage]:
+    decoded: dict[str, InputImage] = {}
+    for field in IMAGE_FIELDS:
+        if field == "mask" or not hasattr(req, field):
+            continue
+        decoded[field] = images.decode_input_image(
+            getattr(req, field), to_camel(field), settings.limits
+        )
+    if isinstance(req, InpaintRequest):
+        decoded["mask"] = images.decode_mask(req.mask, "mask", settings.limits, decoded["image"])
+    return decoded
+
+

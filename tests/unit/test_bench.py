@@ -1,0 +1,82 @@
+"""The benchmark suite (bench/, outside testpaths) stays importable, and bench/gpu.py runs
+its smoke mode on a CPU on a machine without Ray."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_bench_run_imports_and_parses_without_starting_anything() -> None:
+    import bench.run
+
+    opts = bench.run.parse_args(["--quick", "--only", "e2e", "--only", "scale"])
+    assert opts.quick and opts.only == ["e2e", "scale"]
+    assert bench.run.FIGURES == ("submit", "e2e", "batching", "coldstart", "scale", "tracker")
+
+
+def test_gpu_script_smoke_mode_runs_on_a_cpu_without_ray(tmp_path: Path) -> None:
+    # A `ray` package that refuses to import, ahead of the real one: the script must
+    # not need Ray (it runs on GPU machines that have torch only).
+    (tmp_path / "ray").mkdir()
+    (tmp_path / "ray" / "__init__.py").write_text(
+        "raise ImportError('bench/gpu.py must not import ray')\n")
+    env = os.environ | {"PYTHONPATH": str(tmp_path)}
+    out = subprocess.run(
+        [sys.executable, "bench/gpu.py", "--device", "cpu", "--tiny", "--steps", "1",
+         "--batch-sizes", "1,2", "--repeats", "1"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=280,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = json.loads(out.stdout.strip().splitlines()[-1])
+    assert summary["ray_imported"] is False
+    assert summary["flops"]["per_image"] > 0
+    rows = {(r["variant"], r["batch"]) for r in summary["rows"]}
+    assert rows == {("replica", 1), ("replica", 2)}
+    assert all(r["images_per_s"] > 0 for r in summary["rows"])
+
+
+def test_gpu_script_without_cuda_says_so_and_exits_cleanly() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: the script would run the real benchmark")
+    out = subprocess.run([sys.executable, "bench/gpu.py"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "CUDA is not available" in out.stderr
+    assert "skipped" in json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_the_service_shape_measures_tiny_sd_as_shipped_and_variants_say_what_differs() -> None:
+    from bench.cluster import SHAPES, VARIANTS
+    from serve_app.registry import load_registry, parse_registry
+
+    shipped = load_registry(ROOT / "config" / "models.yaml").get("tiny-sd")
+    for shape, changes in [("service", {}), *((f"service ({k})", v) for k, v in VARIANTS.items())]:
+        bench_entry = parse_registry({"models": SHAPES[shape]["models"]}).get("tiny-sd")
+        scaling = shipped.scaling.model_copy(
+            update={k: v for k, v in changes.items() if k != "num_cpus"})
+        assert bench_entry.scaling == scaling, shape
+        assert bench_entry.resources.num_cpus == changes.get(
+            "num_cpus", shipped.resources.num_cpus), shape
+        assert (bench_entry.source, bench_entry.defaults) == (shipped.source, shipped.defaults)
+
+
+def test_the_scale_figure_fills_the_store_through_its_current_api(tmp_path: Path) -> None:
+    from bench.scale import Filler
+
+    filler = Filler(tmp_path / "jobs.sqlite3")
+    try:
+        assert filler.fill_to(30)["records"] == 30
+        assert filler.count() == 30
+        assert filler.fill_to(30)["added"] == 0
+    finally:
+        filler.store.close()

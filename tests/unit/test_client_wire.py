@@ -1,0 +1,56 @@
+"""The client's request bodies (imagegen/payloads.py, written by hand so the client needs
+nothing of the service) stay in step with the service's wire models (serve_app/api/wire.py):
+the same options, and every body the client builds is one the route accepts."""
+
+from __future__ import annotations
+
+import base64
+import io
+from typing import Any, get_type_hints
+
+from PIL import Image
+
+from imagegen import payloads
+from imagegen.payloads import GenerationOptions
+from serve_app.api.wire import REQUEST_MODELS, GenerationCommon
+from serve_app.messages import JobType
+
+
+def png_uri() -> str:
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64), "red").save(buf, "PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+EVERY_OPTION: GenerationOptions = {
+    "negative_prompt": "fog", "width": 64, "height": 64, "steps": 3, "guidance_scale": 6.5,
+    "seed": 7, "sampler": "euler", "model": "tiny-sd", "num_images": 2, "output_format": "webp",
+    "quality": 80, "priority": "high", "loras": [{"name": "tiny-style", "scale": 0.5}],
+    "control_net": {"model": "tiny-canny", "image": "aGk=", "conditioningScale": 0.5,
+                    "preprocess": "canny"},
+    "preview": True, "preview_every": 1, "webhook": "https://hooks.example.com/x",
+    "webhook_events": ["completed"],
+}
+
+
+def test_the_clients_options_are_the_fields_every_mode_shares() -> None:
+    assert set(get_type_hints(GenerationOptions)) == set(GenerationCommon.model_fields)
+    assert set(EVERY_OPTION) == set(GenerationCommon.model_fields)
+
+
+def test_every_body_the_client_builds_is_one_its_route_accepts_with_every_field() -> None:
+    uri = png_uri()
+    calls = {
+        JobType.TEXT2IMG: payloads.text2img("a lake", EVERY_OPTION, None),
+        JobType.IMG2IMG: payloads.img2img(uri, "a lake", 0.5, EVERY_OPTION, None),
+        JobType.INPAINT: payloads.inpaint(uri, uri, "a lake", 0.5, EVERY_OPTION, None),
+        JobType.STYLE_TRANSFER: payloads.style_transfer(uri, uri, "a lake", 0.5, 0.5,
+                                                        EVERY_OPTION, None),
+    }
+    for job_type, call in calls.items():
+        model = REQUEST_MODELS[job_type]
+        assert call.path == f"/generate/{job_type.value}" and call.json is not None
+        parsed = model.model_validate(call.json)  # unknown fields are refused
+        sent: dict[str, Any] = parsed.model_dump(exclude_unset=True)
+        # Every field of the mode was sent, options and the mode's own fields alike.
+        assert set(sent) == set(model.model_fields), job_type
