@@ -12,7 +12,7 @@ INSTALLED := $(VENV)/.installed
 MODELS := $(VENV)/.tiny-models
 
 .DEFAULT_GOAL := help
-.PHONY: help setup serve test lint bench clean
+.PHONY: help setup serve test check lint bench clean
 
 help: ## list the targets
 	@echo "usage: make TARGET"
@@ -36,8 +36,12 @@ serve: setup ## run the service on http://localhost:3003 (PORT=... for another; 
 	@echo "starting imagegen; the playground will be at http://localhost:$(PORT)/"
 	$(BIN)/imagegen serve
 
-test: setup ## run the whole test suite (ARGS="tests/test_cli.py -x" for a part)
+test: setup ## run every test: the unit tier, then end to end (ARGS="tests/unit/test_cli.py -x")
 	$(BIN)/python -m pytest $(ARGS)
+
+check: setup ## lint and the fast tier (tests/unit: in process, no Ray; ~2-3 minutes)
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest tests/unit $(ARGS)
 
 lint: $(INSTALLED) ## ruff over the project
 	$(BIN)/ruff check .
