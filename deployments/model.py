@@ -16,6 +16,7 @@ from typing import Any
 import psutil
 from ray import serve
 
+from serve_app.blobs import open_blobs
 from serve_app.messages import GenerationTask, StreamItem, pack
 from serve_app.registry import ModelSpec
 from serve_app.settings import Settings
@@ -39,8 +40,11 @@ class ModelReplica:
             from serve_app.generation.runner import ModelRunner
 
             self._runner = ModelRunner(spec, settings)
+        # Inputs are read from, and results written to, the blob store here: no image
+        # bytes travel between this replica and the tracker.
         self._worker = ModelWorker(self._runner, replica_name=name,
-                                   progress_every_s=settings.progress_every_ms / 1000)
+                                   progress_every_s=settings.progress_every_ms / 1000,
+                                   blobs=open_blobs(settings))
         self._startup = startup_phases(psutil.Process().create_time(), began, time.time(),
                                        preload.IMPORTS_STARTED, preload.IMPORTS_DONE)
         log.info("replica %s started: %s", name, self._startup)

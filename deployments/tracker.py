@@ -33,6 +33,7 @@ from serve_app.stores.factory import open_store
 log = logging.getLogger(__name__)
 
 PRUNE_EVERY_S = 300
+SWEEP_EVERY_S = 60  # each pass reads a bounded slice of the blob store
 # serve.status() costs the tracker real CPU (it rebuilds and pickles status objects), so
 # replica counts are polled every second only while a job waits on a cold model.
 REPLICAS_EVERY_S = 1.0
@@ -164,8 +165,9 @@ class Tracker:
         log.info("tracker started; %d unfinished job(s) resumed", resumed)
         loop = asyncio.get_running_loop()
         self._background = [loop.create_task(self._every(REPLICAS_EVERY_S, self._refresh))]
-        if self._tracker.primary:  # a prune removes every shard's old jobs
+        if self._tracker.primary:  # a prune or sweep covers every shard's jobs
             self._background.append(loop.create_task(self._every(PRUNE_EVERY_S, self._prune)))
+            self._background.append(loop.create_task(self._every(SWEEP_EVERY_S, self._sweep)))
         if self._warm is not None:
             self._background.append(loop.create_task(self._every(WARM_EVERY_S, self._top_up)))
         return resumed
@@ -176,6 +178,9 @@ class Tracker:
 
     async def _prune(self) -> None:
         await self._tracker.prune()
+
+    async def _sweep(self) -> None:
+        await self._tracker.sweep()
 
     async def _refresh(self) -> None:
         now = asyncio.get_running_loop().time()

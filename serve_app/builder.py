@@ -18,6 +18,7 @@ from ray.serve import Application
 from deployments.ingress import Ingress
 from deployments.model import ModelReplica
 from deployments.tracker import Tracker, model_deployment_name
+from serve_app.blobs import open_blobs
 from serve_app.errors import ConfigError
 from serve_app.generation.preload import model_runtime_env
 from serve_app.registry import ModelSpec, Registry, load_registry, parse_registry
@@ -79,6 +80,12 @@ def resolve(args: AppArgs) -> tuple[Settings, Registry, list[ModelSpec]]:
             f"tracker_shards: {args.tracker_shards} needs a job store every shard and ingress "
             f"replica reaches: set IMAGEGEN_STORE=redis (and IMAGEGEN_REDIS_URL), not "
             f"{settings.store!r}")
+    if settings.blobs.startswith("memory:"):
+        raise ConfigError(
+            "IMAGEGEN_BLOB_URL memory:// lives in one process, but replicas write images "
+            "that the ingress reads: use file:///absolute/path (one node, or a shared "
+            "filesystem) or s3://bucket/prefix")
+    open_blobs(settings)  # a URL that cannot work stops the start here, naming it
     registry = (
         load_registry(args.models)
         if isinstance(args.models, str)

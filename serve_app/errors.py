@@ -37,6 +37,22 @@ class ImageNotFound(ServiceError):
     """The job has no image at that index (404)."""
 
 
+class BlobNotFound(ImageNotFound):
+    """The record names an image the blob store does not have (404): it was pruned, or
+    deleted by a lifecycle rule."""
+
+
+class RangeNotSatisfiable(ServiceError):
+    """A `Range` outside the image (416); `size` goes in `Content-Range`."""
+
+    def __init__(self, message: str, size: int = 0) -> None:
+        super().__init__(message)
+        self.size = size
+
+    def __reduce__(self) -> tuple[type, tuple[str, int]]:  # type: ignore[override]
+        return (type(self), (self.message, self.size))
+
+
 class JobNotCancellable(ServiceError):
     """The job already ended (409)."""
 
@@ -98,6 +114,11 @@ class StoreUnavailable(ServiceUnavailable):
 
 class StoreTimeout(StoreUnavailable):
     """The job store did not answer in time (503). The call may still land later."""
+
+
+class BlobStoreUnavailable(ServiceUnavailable):
+    """The image store (`serve_app.blobs`) failed a call or did not answer in time (503 at
+    the ingress; on a replica, a fault that fails the attempt)."""
 
 
 class IllegalTransition(ServiceError):

@@ -60,11 +60,41 @@ class OutputFormat(StrEnum):
 
 @dataclass(frozen=True)
 class InputImage:
-    """A decoded, validated input image, re-encoded as PNG for the trip to a replica."""
+    """A decoded, validated input image, re-encoded as PNG. The ingress stores it in the
+    blob store before the job is acknowledged: from then on `key` names it there and `png`
+    is empty, so no image bytes travel with the task (`serve_app.blobs`). A replica reads
+    it back by its key."""
 
     png: bytes
     width: int
     height: int
+    key: str = ""
+
+    @property
+    def size(self) -> int:
+        return len(self.png)
+
+
+@dataclass(frozen=True)
+class ImageRef:
+    """An image in the blob store: what records and replica results carry instead of its
+    bytes. `sha256` is the hex digest of the bytes (the HTTP ETag)."""
+
+    key: str
+    content_type: str
+    size: int
+    width: int
+    height: int
+    sha256: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"key": self.key, "contentType": self.content_type, "bytes": self.size,
+                "width": self.width, "height": self.height, "sha256": self.sha256}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ImageRef:
+        return cls(str(data["key"]), str(data["contentType"]), int(data["bytes"]),
+                   int(data["width"]), int(data["height"]), str(data["sha256"]))
 
 
 @dataclass(frozen=True)
@@ -124,7 +154,8 @@ class GenerationTask:
 
 @dataclass(frozen=True)
 class GenerationResult:
-    """What a replica returns: encoded images, one per seed, in seed order."""
+    """What a replica returns, one image per seed, in seed order: a runner makes `images`
+    (encoded bytes); the replica stores them in the blob store and sends only `refs`."""
 
     images: list[bytes]
     seeds: list[int]
@@ -134,6 +165,7 @@ class GenerationResult:
     model: str = ""
     replica: str = ""
     job_id: str = ""
+    refs: tuple[ImageRef, ...] = ()
 
 
 # Events a replica streams back while it works on a task.
@@ -236,3 +268,6 @@ class Submission:
     fingerprint: str | None = None
     request_id: str | None = None  # X-Request-ID
     webhook: WebhookRequest | None = None
+    # Chosen by the ingress when the job has input images, which it stores under this id
+    # before submitting (`serve_app.api.uploads`); the tracker makes one otherwise.
+    job_id: str | None = None

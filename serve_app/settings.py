@@ -80,6 +80,17 @@ class Settings(BaseModel):
     # Finished jobs (and their images) are deleted after this age or beyond this count.
     retention_s: int = Field(7 * 24 * 3600, ge=60)
     retention_max_jobs: int = Field(100_000, ge=10)
+    # Where image bytes live (serve_app.blobs): file:///absolute/path (default: blobs/
+    # under data_dir), s3://bucket/prefix, or memory:// (one process only). An S3 store is
+    # configured by the standard AWS_* variables, which its client reads; the endpoint
+    # (AWS_ENDPOINT_URL) is read here too, to allow plain http to a private endpoint.
+    blob_url: str | None = None
+    s3_endpoint_url: str | None = None
+    # How long a presigned image URL (S3 stores, `?images=url`, OpenAI `url`) stays valid.
+    presign_expiry_s: int = Field(3600, ge=60, le=7 * 24 * 3600)
+    # Blobs older than this with no job record (a refused submit's inputs, a replica that
+    # died mid-upload) are deleted by the tracker's sweep.
+    blob_sweep_grace_s: int = Field(3600, ge=60)
     limits: Limits = Limits()
     # API keys (serve_app.credentials): hashes only, from API_KEYS and/or the keys file.
     # With none, the service is open and may only listen on loopback unless
@@ -126,6 +137,11 @@ class Settings(BaseModel):
     @classmethod
     def _parse_keys(cls, value: Any) -> Any:
         return parse_keys(value) if isinstance(value, str) else value
+
+    @property
+    def blobs(self) -> str:
+        """The blob store's URL: `blob_url`, else a folder under `data_dir`."""
+        return self.blob_url or Path(self.data_dir, "blobs").resolve().as_uri()
 
     @property
     def open(self) -> bool:
@@ -193,6 +209,10 @@ ENV_VARS: dict[str, str] = {
     "IMAGEGEN_MAX_ATTEMPTS": "max_attempts",
     "IMAGEGEN_RETENTION_S": "retention_s",
     "IMAGEGEN_RETENTION_MAX_JOBS": "retention_max_jobs",
+    "IMAGEGEN_BLOB_URL": "blob_url",
+    "AWS_ENDPOINT_URL": "s3_endpoint_url",
+    "IMAGEGEN_PRESIGN_EXPIRY_S": "presign_expiry_s",
+    "IMAGEGEN_BLOB_SWEEP_GRACE_S": "blob_sweep_grace_s",
     "API_KEYS": "api_keys",
     "IMAGEGEN_API_KEYS_FILE": "api_keys_file",
     "ALLOW_ANONYMOUS": "allow_anonymous",

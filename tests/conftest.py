@@ -12,6 +12,7 @@ from serve_app.cli import local_ray_env
 from serve_app.registry import Registry, load_registry
 from serve_app.settings import Settings
 from tests.support import ROOT
+from tests.support.fakes import TEST_BLOBS
 
 # Before any test module imports Ray: Ray reads its environment once, at import.
 local_ray_env()
@@ -30,4 +31,5 @@ def registry() -> Registry:
 @pytest.fixture
 def settings(tmp_path: Path) -> Settings:
     return Settings(data_dir=str(tmp_path / "data"), cache_dir=str(tmp_path / "models"),
-                    model_path=str(tmp_path / "weights"), store="memory")
+                    model_path=str(tmp_path / "weights"), store="memory",
+                    blob_url=TEST_BLOBS)

@@ -61,7 +61,7 @@ class DirectReads(Trackers):
             return await self.of(job.model).get(job_id, caller, limited=False, live=live)
         return record
 
-    async def image(self, job_id: str, index: int, caller: Caller = OPEN) -> tuple[bytes, str]:
+    async def image(self, job_id: str, index: int, caller: Caller = OPEN) -> dict[str, Any]:
         """From the store."""
         self._limiter.take(caller.client)
         return await self._reads.image(job_id, index, caller)

@@ -24,6 +24,7 @@ from serve_app.errors import (
     ModelNotAvailable,
     PayloadTooLarge,
     QueueFull,
+    RangeNotSatisfiable,
     RateLimited,
     ServiceError,
     ServiceUnavailable,
@@ -39,6 +40,7 @@ STATUS_CODES: dict[type[ServiceError], int] = {
     Forbidden: 403,
     JobNotFound: 404,
     ImageNotFound: 404,
+    RangeNotSatisfiable: 416,
     JobNotCancellable: 409,
     IdempotencyConflict: 409,
     PayloadTooLarge: 413,
@@ -73,6 +75,8 @@ def headers_of(exc: ServiceError) -> dict[str, str] | None:
                     "RateLimit-Reset": str(exc.retry_after_s)}
     if isinstance(exc, Unauthorized):
         headers["WWW-Authenticate"] = 'Bearer realm="imagegen"'
+    if isinstance(exc, RangeNotSatisfiable):
+        headers["Content-Range"] = f"bytes */{exc.size}"
     return headers or None
 
 

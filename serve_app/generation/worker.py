@@ -12,6 +12,11 @@ Contract of `stream(task)`:
   no more), and for the last step, `Finished(result)` with `result.replica` set. A step
   with latent thumbnails (tasks with `preview_every`) always gets its `Progress`, carrying
   them. A runner error propagates unchanged.
+- With a blob store (`blobs`, as every replica has one): the tasks' input images are read
+  from it by their keys before the pipeline runs, and each result's images are written to
+  it (`Blobs.store_output`) before its `Finished`, which then carries only references
+  (`GenerationResult.refs`): no image bytes leave the replica. A store that fails raises
+  `BlobStoreUnavailable` (the tracker retries the job as a replica fault).
 - If the consumer goes away (its task is cancelled at an `await`, or it closes the
   generator with `aclose()`), the runner is told to stop at its next step, and the worker
   waits for the thread to finish before re-raising: the lock is released only once the
@@ -28,10 +33,12 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Protocol, cast
 
+from serve_app.blobs import Blobs
 from serve_app.messages import (
     Finished,
     GenerationResult,
     GenerationTask,
+    InputImage,
     Progress,
     ReplicaEvent,
     Started,
@@ -66,10 +73,12 @@ class ModelWorker:
     """Runs tasks on one runner, one at a time, streaming their progress."""
 
     def __init__(self, runner: Runner, replica_name: str,
-                 progress_every_s: float = PROGRESS_EVERY_S) -> None:
+                 progress_every_s: float = PROGRESS_EVERY_S, blobs: Blobs | None = None
+                 ) -> None:
         self.runner = runner
         self.replica_name = replica_name
         self.progress_every_s = progress_every_s
+        self.blobs = blobs
         self._lock = asyncio.Lock()
 
     @property
@@ -84,6 +93,8 @@ class ModelWorker:
         tasks = task if isinstance(task, list) else [task]
         async with self._lock:
             yield Started(self.replica_name)
+            if self.blobs is not None:
+                tasks = [await read_inputs(t, self.blobs) for t in tasks]
             loop = asyncio.get_running_loop()
             queue: asyncio.Queue[object] = asyncio.Queue()
             stop = threading.Event()
@@ -122,6 +133,9 @@ class ModelWorker:
                 await _settle(job)
                 raise
             results = await job
+            if self.blobs is not None:
+                results = await asyncio.gather(*(store_outputs(t, r, self.blobs)
+                                                 for t, r in zip(tasks, results, strict=True)))
         for t, result in zip(tasks, results, strict=True):
             yield Finished(dataclasses.replace(result, replica=self.replica_name, job_id=t.job_id))
 
@@ -135,6 +149,33 @@ class ModelWorker:
         finally:
             await stream.aclose()
         raise RuntimeError("the worker's stream ended without a result")  # unreachable
+
+
+async def read_inputs(task: GenerationTask, blobs: Blobs) -> GenerationTask:
+    """`task` with the bytes of its stored input images (those with a key) read back."""
+    async def read(image: InputImage) -> InputImage:
+        if not image.key:
+            return image
+        return dataclasses.replace(image, png=await blobs.get_async(image.key))
+
+    async def maybe(image: InputImage | None) -> InputImage | None:
+        return None if image is None else await read(image)
+
+    control = task.control
+    if control is not None:
+        control = dataclasses.replace(control, image=await read(control.image))
+    return dataclasses.replace(task, init_image=await maybe(task.init_image),
+                               mask_image=await maybe(task.mask_image),
+                               style_image=await maybe(task.style_image), control=control)
+
+
+async def store_outputs(task: GenerationTask, result: GenerationResult, blobs: Blobs
+                        ) -> GenerationResult:
+    """`result` with its images written to the blob store: references instead of bytes."""
+    refs = await asyncio.gather(*(
+        blobs.store_output(task.job_id, i, data, result.content_type, task.width, task.height)
+        for i, data in enumerate(result.images)))
+    return dataclasses.replace(result, images=[], refs=tuple(refs))
 
 
 async def _settle(job: asyncio.Future[list[GenerationResult]]) -> None:

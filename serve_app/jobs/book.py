@@ -111,7 +111,8 @@ class JobBook:
             log.warning("%d job state(s) not saved within %.1f s; answering anyway",
                         len(job_ids), timeout_s)
 
-    async def prune(self, finished_before_ms: int, keep_last: int) -> int:
+    async def prune(self, finished_before_ms: int, keep_last: int) -> list[str]:
+        """Delete old finished jobs (`JobStore.prune`); their ids."""
         removed = await self.calls.write(
             lambda store: store.prune(finished_before_ms, keep_last))
         if removed:

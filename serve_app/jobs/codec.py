@@ -1,8 +1,10 @@
 """Jobs as the stores keep them: `Job` <-> JSON record text, and the `JobRow` around it.
 
-The record is the whole job in snake_case JSON (input images base64-encoded inside the task
-of an unfinished job), so a restart can re-dispatch it exactly. Records written by earlier
-versions (free-text phases such as "retrying: <why>") still load.
+The record is the whole job in snake_case JSON, so a restart can re-dispatch it exactly. It
+holds no image bytes: input and output images are keys of the blob store
+(`serve_app.blobs`). Records written by earlier versions still load: free-text phases such
+as "retrying: <why>", input images base64-encoded inside the task, output images as data
+URIs.
 """
 
 from __future__ import annotations
@@ -30,12 +32,16 @@ _IMAGE_SLOTS = ("init_image", "mask_image", "style_image")
 def _image_to_json(img: InputImage | None) -> dict[str, Any] | None:
     if img is None:
         return None
+    if img.key:  # in the blob store: the record holds its key only
+        return {"key": img.key, "width": img.width, "height": img.height}
     return {"png": base64.b64encode(img.png).decode(), "width": img.width, "height": img.height}
 
 
 def _image_from_json(data: dict[str, Any] | None) -> InputImage | None:
     if data is None:
         return None
+    if "key" in data:
+        return InputImage(b"", data["width"], data["height"], key=data["key"])
     return InputImage(base64.b64decode(data["png"]), data["width"], data["height"])
 
 

@@ -29,7 +29,7 @@ from collections.abc import Callable
 from contextlib import aclosing
 from dataclasses import dataclass, field
 
-from serve_app.errors import ReplicaLost
+from serve_app.errors import BlobStoreUnavailable, ReplicaLost
 from serve_app.jobs.book import JobBook
 from serve_app.jobs.calls import Call, Limits, Observer, Outcome, Replicas, Unobserved
 from serve_app.jobs.job import Job, JobStatus, Phase
@@ -192,7 +192,13 @@ class Dispatch:
                                                      "result")
         except ReplicaLost as exc:
             call.outcome = Outcome(lost=True, reason=str(exc))
-        except Exception as exc:  # the pipeline raised: its jobs fail, the service goes on
+        except Exception as exc:
+            cause = getattr(exc, "cause", None) or exc  # Ray wraps a replica's errors
+            if isinstance(cause, BlobStoreUnavailable):  # not the job's fault: run it again
+                call.outcome = Outcome(lost=True, reason="the replica could not reach the "
+                                                         "image store")
+                return
+            # The pipeline raised: its jobs fail, the service goes on.
             log.exception("replica call for jobs %s failed", list(call.open))
             call.outcome = Outcome(lost=False, reason=describe_failure(exc))
 

@@ -117,7 +117,8 @@ class Intake:
                 f"(IMAGEGEN_MAX_QUEUED_PER_KEY is {cap}); retry when some have started",
                 retry_after_s=self._retry_after_s())
         now = self._clock()
-        job = Job(id=new_job_id(now), type=sub.type, model=sub.model, request=sub.request,
+        job = Job(id=sub.job_id or new_job_id(now), type=sub.type, model=sub.model,
+                  request=sub.request,
                   created_at_ms=now, priority=sub.priority, idempotency_key=scoped_key(sub),
                   owner=sub.caller.name, fingerprint=sub.fingerprint,
                   request_id=sub.request_id,

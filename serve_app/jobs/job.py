@@ -83,9 +83,12 @@ def iso(ms: int | None) -> str | None:
 
 @dataclass
 class JobResult:
-    """A completed job's output. `images` are data URIs, encoded once at completion."""
+    """A completed job's output. `images` are references to the blob store
+    (`ImageRef.to_json()`: key, content type, bytes, size, sha256), which the ingress
+    turns into data URIs or URLs for a client (`serve_app.api.images`); records written
+    before images left them hold data URIs, served as they are."""
 
-    images: list[str]
+    images: list[dict[str, Any] | str]
     seeds: list[int]
     parameters: dict[str, Any]
     time_taken_ms: int

@@ -16,7 +16,6 @@ thumbnail of a running job is never stored).
 
 from __future__ import annotations
 
-import base64
 import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -61,7 +60,7 @@ class StoreReads:
             raise JobNotFound()
         return job, record
 
-    async def image(self, job_id: str, index: int, caller: Caller) -> tuple[bytes, str]:
+    async def image(self, job_id: str, index: int, caller: Caller) -> dict[str, Any]:
         job, _ = await self.find(job_id, caller)
         return image_of(job, index)
 
@@ -105,8 +104,9 @@ def average_ms(totals: Iterable[Totals]) -> int | None:
     return ms // done if done else None
 
 
-def image_of(job: Job, index: int) -> tuple[bytes, str]:
-    """Image `index` of a job's result, decoded, and its content type."""
+def image_of(job: Job, index: int) -> dict[str, Any]:
+    """Where image `index` of a job's result is: its blob reference (`ImageRef.to_json()`),
+    or, in a record written before images left records, `{"dataUri": ...}`."""
     if job.result is None:
         raise ImageNotFound(f"Job {job.id} has no images yet: it is {job.status}")
     if not 0 <= index < len(job.result.images):
@@ -114,8 +114,8 @@ def image_of(job: Job, index: int) -> tuple[bytes, str]:
             f"Image {index} does not exist: job {job.id} has {len(job.result.images)} "
             f"image(s), numbered from 0"
         )
-    _, _, payload = job.result.images[index].partition(",")
-    return base64.b64decode(payload), job.result.content_type
+    entry = job.result.images[index]
+    return {"dataUri": entry} if isinstance(entry, str) else dict(entry)
 
 
 async def query_page(

@@ -15,13 +15,16 @@ _ECHOED = ("prompt", "negativePrompt", "width", "height", "steps", "guidanceScal
 
 
 def job_result(job: Job, result: GenerationResult, now_ms: int) -> JobResult:
-    """A replica's result as the job's record keeps it: images as data URIs."""
-    prefix = f"data:{result.content_type};base64,"
+    """A replica's result as the job's record keeps it: references to the images the
+    replica wrote to the blob store. Image bytes never reach the tracker: a result that
+    carries them is a replica without a blob store, refused."""
+    if result.images:
+        raise ValueError(f"job {job.id}: the replica sent image bytes, not blob references")
     params = {k: job.request[k] for k in _ECHOED if k in job.request}
     params["model"] = result.model or job.model
     params["replica"] = result.replica
     return JobResult(
-        images=[prefix + base64.b64encode(img).decode() for img in result.images],
+        images=[ref.to_json() for ref in result.refs],
         seeds=result.seeds,
         parameters=params,
         time_taken_ms=now_ms - (job.started_at_ms or now_ms),

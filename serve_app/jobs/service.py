@@ -17,11 +17,13 @@ allows, and settles it from what the replica says (see `serve_app.jobs.dispatch`
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
+from serve_app.blobs import Blobs, open_blobs
 from serve_app.errors import Forbidden, JobNotCancellable, JobNotFound, ServiceError
 from serve_app.jobs import jsontext
 from serve_app.jobs.book import JobBook
@@ -43,6 +45,7 @@ from serve_app.jobs.queues import JobQueues
 from serve_app.jobs.ratelimit import RateLimiter
 from serve_app.jobs.reads import image_of, query_page, queue_counts
 from serve_app.jobs.results import gave_up
+from serve_app.jobs.sweep import BlobSweep
 from serve_app.jobs.webhooks import WebhookNotifier
 from serve_app.messages import OPEN, Caller, Submission
 from serve_app.registry import Registry, Scaling
@@ -69,6 +72,7 @@ class JobTracker:
         webhook_sender: Sender | None = None,
         shards: ShardMap | None = None,
         shard: int = PRIMARY,
+        blobs: Blobs | None = None,
     ) -> None:
         self._settings = settings
         self._registry = registry
@@ -102,8 +106,14 @@ class JobTracker:
         self._feeds = Feeds(before_end=lambda job_id: self._book.stored([job_id]))
         self._book.watch(self._feeds.changed)
         self._notes = CallerNotes()
+        # The tracker never reads or writes image bytes: it deletes a pruned job's blobs,
+        # sweeps orphans and signs the URLs webhooks carry.
+        self._blobs = blobs or open_blobs(settings)
+        self._sweep = BlobSweep(self._blobs, self._book.calls,
+                                grace_s=settings.blob_sweep_grace_s, clock=clock)
         self.webhooks = WebhookNotifier(self._book, settings, clock=clock, sender=webhook_sender,
-                                        on_outcome=self.metrics.webhook_delivery)
+                                        on_outcome=self.metrics.webhook_delivery,
+                                        find=self._find_any, image_urls=self._webhook_urls)
 
     @property
     def book(self) -> JobBook:
@@ -149,16 +159,42 @@ class JobTracker:
                     continue
                 self._book.apply(job, lambda j, r=reason: j.requeue(r))
             runnable.append(job)
-        # Webhooks first: their deliveries must attach to these objects, and a job handed
-        # to dispatch may run and settle while the resume reads the store.
-        await self.webhooks.resume(loaded.get, mine=self.owns)
+        # Webhooks first: a job handed to dispatch may run and settle while the resume
+        # reads the store.
+        await self.webhooks.resume(mine=self.owns)
         for job in runnable:
             self._dispatch.add(job)
         return len(runnable)
 
     async def prune(self) -> int:
+        """Delete finished jobs past retention, and their blobs; how many jobs."""
         cutoff = self._clock() - self._settings.retention_s * 1000
-        return await self._book.prune(cutoff, self._settings.retention_max_jobs)
+        pruned = await self._book.prune(cutoff, self._settings.retention_max_jobs)
+        try:
+            await asyncio.to_thread(lambda: [self._blobs.delete_job(i) for i in pruned])
+        except ServiceError as exc:  # the store is down: the sweep deletes them later
+            log.warning("blobs of %d pruned job(s) not deleted: %s", len(pruned), exc)
+        return len(pruned)
+
+    async def sweep(self) -> int:
+        """Delete blobs no record names (`serve_app.jobs.sweep`); how many."""
+        return await self._sweep.run()
+
+    async def _find_any(self, job_id: str) -> Job | None:
+        """A job, live or stored (a webhook attempt looks its job up by id)."""
+        return self._dispatch.live(job_id) or await self._book.find(job_id)
+
+    def _webhook_urls(self, job: Job, base_url: str) -> list[str]:
+        """The image URLs a webhook body carries: presigned on an S3 store (valid until
+        the delivery's deadline, and `IMAGEGEN_PRESIGN_EXPIRY_S` after), else the
+        service's own `/jobs/:id/images/:n`."""
+        entries = job.result.images if job.result is not None else []
+        if self._blobs.signs:
+            expiry = self._settings.webhook_deadline_s + self._settings.presign_expiry_s
+            return [self._blobs.presigned(e["key"], expiry) if isinstance(e, dict)
+                    else f"{base_url.rstrip('/')}/jobs/{job.id}/images/{i}"
+                    for i, e in enumerate(entries)]
+        return [f"{base_url.rstrip('/')}/jobs/{job.id}/images/{i}" for i in range(len(entries))]
 
     async def close(self) -> None:
         await self._dispatch.close()
@@ -228,8 +264,9 @@ class JobTracker:
         return job.to_wire(self._dispatch.position(job))
 
     @tracker_call(Route.JOB)
-    async def image(self, job_id: str, index: int, caller: Caller = OPEN) -> tuple[bytes, str]:
-        """Image `index` of a completed job: its bytes and content type."""
+    async def image(self, job_id: str, index: int, caller: Caller = OPEN) -> dict[str, Any]:
+        """Where image `index` of a completed job is (`serve_app.jobs.reads.image_of`): the
+        ingress reads its bytes from the blob store, never through the tracker."""
         self._reads.take(caller.client)
         return image_of(await self._find(job_id, caller), index)
 

@@ -2,8 +2,12 @@
 
 `WebhookNotifier` watches the book (`JobBook.watch`): when a job with a webhook starts or
 ends, the watcher only records a `Delivery` in the job (its `webhook-id`, `msg_<job>_<event>`,
-and its body, the job record at that moment with image URLs in place of image bytes),
-marks the job to be saved with it, and arms a timer. Worker tasks (at most
+and its body, the job record at that moment with image URLs in place of the images:
+presigned on an S3 image store, else `/jobs/:id/images/:n`), marks the job to be saved
+with it, and arms a timer. Timers and the queue hold the job's id, not the job: a receiver
+that is down for a day costs the tracker a few hundred bytes per delivery, and an attempt
+finds its job (live, or from the store) when it runs; the jobs of attempts in flight (at
+most `webhook_concurrency`) are the only ones held. Worker tasks (at most
 `webhook_concurrency` at once) make the attempts; an attempt that gets no 2xx is tried
 again after an exponential, jittered wait (`delivery.backoff_s`) until the delivery's
 deadline (`webhook_deadline_s` from the event), then it is given up as `failed`. Every
@@ -25,7 +29,7 @@ import asyncio
 import json
 import logging
 import random
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from serve_app.jobs.book import JobBook
@@ -51,24 +55,38 @@ def message_id(job_id: str, event: str) -> str:
     return f"msg_{job_id.removeprefix('job_')}_{event}"
 
 
-def payload(job: Job, event: WebhookEvent, base_url: str) -> str:
-    """The body: the job record without its webhook section, with `event`, and with image
-    URLs (`GET /jobs/:id/images/:n`) in place of the images."""
+def payload(job: Job, event: WebhookEvent, urls: list[str]) -> str:
+    """The body: the job record without its webhook section, with `event`, and with
+    `urls` in place of the images."""
     record: dict[str, Any] = job.to_wire()
     record.pop("webhook", None)
     result = record.get("result")
     if result is not None:
-        base = base_url.rstrip("/")
-        record["result"] = result | {
-            "images": [f"{base}/jobs/{job.id}/images/{n}" for n in range(len(result["images"]))]}
+        record["result"] = result | {"images": urls}
     return json.dumps({"event": event.value} | record, separators=(",", ":"))
+
+
+def own_urls(job: Job, base_url: str) -> list[str]:
+    """The service's own image URLs of a job (`GET /jobs/:id/images/:n`)."""
+    count = len(job.result.images) if job.result is not None else 0
+    return [f"{base_url.rstrip('/')}/jobs/{job.id}/images/{n}" for n in range(count)]
+
+
+async def _nowhere(job_id: str) -> Job | None:
+    return None
 
 
 class WebhookNotifier:
     def __init__(self, book: JobBook, settings: Settings, *, clock: Callable[[], int],
                  sender: Sender | None = None, rng: random.Random | None = None,
-                 on_outcome: Callable[[str], None] = _ignore) -> None:
+                 on_outcome: Callable[[str], None] = _ignore,
+                 find: Callable[[str], Awaitable[Job | None]] = _nowhere,
+                 image_urls: Callable[[Job, str], list[str]] = own_urls) -> None:
+        """`find`: a job by id, live or stored; `image_urls`: a job's image URLs for a
+        body, given the base URL its submit reached."""
         self._book = book
+        self._find = find
+        self._image_urls = image_urls
         self._clock = clock
         self._key = webhook_key(settings.webhook_secret) if settings.webhook_secret else None
         self._sender = sender or HttpSender(timeout_s=settings.webhook_timeout_s,
@@ -79,7 +97,8 @@ class WebhookNotifier:
         self._base_s = settings.webhook_retry_base_s
         self._max_s = settings.webhook_retry_max_s
         self._concurrency = settings.webhook_concurrency
-        self._queue: asyncio.Queue[tuple[Job, Delivery]] = asyncio.Queue()
+        self._queue: asyncio.Queue[tuple[str, Delivery]] = asyncio.Queue()
+        self._held: dict[str, tuple[Job, int]] = {}  # jobs of attempts in flight, and how many
         self._scheduled: dict[str, asyncio.TimerHandle | None] = {}  # delivery id -> timer
         self._progress: dict[str, tuple[int, int]] = {}  # job id -> (progress, at ms) sent
         self._workers: list[asyncio.Task[None]] = []
@@ -107,11 +126,14 @@ class WebhookNotifier:
     def _add(self, job: Job, hook: WebhookState, event: WebhookEvent) -> None:
         now = self._clock()
         delivery = Delivery(event, message_id(job.id, event.value),
-                            payload(job, event, hook.base_url), created_at_ms=now,
+                            self._body(job, hook, event), created_at_ms=now,
                             next_attempt_ms=now)
         hook.put(delivery)
         self._book.touch(job)  # saved with the job: a restart resumes it
-        self._schedule(job, delivery)
+        self._schedule(job.id, delivery)
+
+    def _body(self, job: Job, hook: WebhookState, event: WebhookEvent) -> str:
+        return payload(job, event, self._image_urls(job, hook.base_url))
 
     def _maybe_progress(self, job: Job, hook: WebhookState) -> None:
         sent, at_ms = self._progress.get(job.id, (0, 0))
@@ -121,12 +143,12 @@ class WebhookNotifier:
         self._progress[job.id] = (job.progress, now)
         event = WebhookEvent.PROGRESS
         delivery = Delivery(event, message_id(job.id, f"progress_{job.progress}"),
-                            payload(job, event, hook.base_url), created_at_ms=now)
-        self._schedule(job, delivery)
+                            self._body(job, hook, event), created_at_ms=now)
+        self._schedule(job.id, delivery)
 
     # -- attempts ----------------------------------------------------------------------
 
-    def _schedule(self, job: Job, delivery: Delivery) -> None:
+    def _schedule(self, job_id: str, delivery: Delivery) -> None:
         if self._closed or delivery.id in self._scheduled:
             return  # closed: it stays pending in the saved record; the next start sends it
         self._start_workers()
@@ -134,10 +156,10 @@ class WebhookNotifier:
         loop = asyncio.get_running_loop()
         if delay_s == 0:
             self._scheduled[delivery.id] = None
-            self._queue.put_nowait((job, delivery))
+            self._queue.put_nowait((job_id, delivery))
         else:
             self._scheduled[delivery.id] = loop.call_later(
-                delay_s, self._queue.put_nowait, (job, delivery))
+                delay_s, self._queue.put_nowait, (job_id, delivery))
 
     def _start_workers(self) -> None:
         if not self._workers:
@@ -147,16 +169,48 @@ class WebhookNotifier:
 
     async def _work(self) -> None:
         while True:
-            job, delivery = await self._queue.get()
+            job_id, delivery = await self._queue.get()
             try:
-                await self._attempt(job, delivery)
+                job = await self._hold(job_id)
+                try:
+                    await self._attempt(job, delivery)
+                finally:
+                    self._release(job_id)
             except Exception:
                 log.exception("webhook %s of job %s: attempt failed unexpectedly",
-                              delivery.id, job.id)
+                              delivery.id, job_id)
                 self._scheduled.pop(delivery.id, None)
 
-    async def _attempt(self, job: Job, delivery: Delivery) -> None:
+    async def _hold(self, job_id: str) -> Job | None:
+        """The job, held while an attempt of it runs: attempts of one job at once change
+        one object, so neither's save undoes the other's."""
+        held = self._held.get(job_id)
+        if held is not None:
+            self._held[job_id] = (held[0], held[1] + 1)
+            return held[0]
+        job = await self._find(job_id)
+        if job is not None:
+            held = self._held.get(job_id)  # another attempt found it meanwhile
+            job = held[0] if held is not None else job
+            self._held[job_id] = (job, (held[1] if held is not None else 0) + 1)
+        return job
+
+    def _release(self, job_id: str) -> None:
+        held = self._held.get(job_id)
+        if held is not None:
+            if held[1] <= 1:
+                del self._held[job_id]
+            else:
+                self._held[job_id] = (held[0], held[1] - 1)
+
+    async def _attempt(self, job: Job | None, delivery: Delivery) -> None:
+        if job is None:  # no record any more: nothing to send, nothing to save
+            self._scheduled.pop(delivery.id, None)
+            return
         hook = job.webhook
+        if hook is not None and delivery.event is not WebhookEvent.PROGRESS:
+            # The job's own delivery: the one its record shows and its saves carry.
+            delivery = hook.get(delivery.event) or delivery
         progress = delivery.event is WebhookEvent.PROGRESS
         stale = progress and job.status.is_terminal()  # the final event says more
         if hook is None or stale or delivery.status is not DeliveryStatus.PENDING:
@@ -200,7 +254,7 @@ class WebhookNotifier:
                 outcome = "retried"
         self._settled(job, hook, delivery, outcome)
         if outcome == "retried":
-            self._schedule(job, delivery)
+            self._schedule(job.id, delivery)
 
     def _settled(self, job: Job, hook: WebhookState, delivery: Delivery, outcome: str) -> None:
         if delivery.event is WebhookEvent.PROGRESS:
@@ -211,22 +265,19 @@ class WebhookNotifier:
 
     # -- lifecycle ---------------------------------------------------------------------
 
-    async def resume(self, live: Callable[[str], Job | None],
-                     mine: Callable[[Job], bool] = lambda job: True) -> int:
-        """Schedule the pending deliveries the store holds (at start, before any job is
-        dispatched) of the jobs that are `mine` (another tracker shard resumes its own).
-        `live` finds the tracker's own object for a job it loaded, which must be the one
-        changed: a copy's saves would race the tracker's own."""
+    async def resume(self, mine: Callable[[Job], bool] = lambda job: True) -> int:
+        """Schedule the pending deliveries the store holds (at start) of the jobs that are
+        `mine` (another tracker shard resumes its own). Each attempt finds its job by id
+        when it runs (the tracker's own object when the job is live)."""
         texts = await self._book.calls.read(lambda store: store.webhooks_pending())
         resumed = 0
         for text in texts:
             stored = loads(text)
             if not mine(stored):
                 continue
-            job = live(stored.id) or self._book.writes.pending(stored.id) or stored
-            for delivery in job.webhook.pending if job.webhook is not None else []:
+            for delivery in stored.webhook.pending if stored.webhook is not None else []:
                 if delivery.id not in self._scheduled:
-                    self._schedule(job, delivery)
+                    self._schedule(stored.id, delivery)
                     resumed += 1
         return resumed
 

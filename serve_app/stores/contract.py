@@ -97,8 +97,13 @@ class JobStore(Protocol):
         """Per owner ("" for jobs without one): jobs per status, and the number and summed
         processing time (ms) of completed jobs. Owners without jobs may be left out."""
 
-    def prune(self, finished_before_ms: int, keep_last: int) -> int:
-        """Delete finished jobs older than the cutoff, or beyond the newest `keep_last`."""
+    def missing(self, job_ids: Sequence[str]) -> list[str]:
+        """Those of `job_ids` that have no record (the blob sweep's question)."""
+
+    def prune(self, finished_before_ms: int, keep_last: int) -> list[str]:
+        """Delete finished jobs older than the cutoff, or beyond the newest `keep_last`,
+        but never one with webhook deliveries still pending (its next attempt needs the
+        record); the ids deleted (their blobs go next)."""
 
     def close(self) -> None: ...
 

@@ -71,15 +71,19 @@ class MemoryStore:
                                               t.completed_ms + row.time_taken_ms)
         return out
 
-    def prune(self, finished_before_ms: int, keep_last: int) -> int:
-        finished = newest_first([r for r in self._rows.values() if r.finished])
+    def missing(self, job_ids: Sequence[str]) -> list[str]:
+        return [i for i in job_ids if i not in self._rows]
+
+    def prune(self, finished_before_ms: int, keep_last: int) -> list[str]:
+        finished = newest_first([r for r in self._rows.values()
+                                 if r.finished and not r.webhooks_pending])
         doomed = [r for i, r in enumerate(finished)
                   if i >= keep_last or (r.completed_at_ms or 0) < finished_before_ms]
         for row in doomed:
             del self._rows[row.id]
             if row.idempotency_key and self._idempotency.get(row.idempotency_key) == row.id:
                 del self._idempotency[row.idempotency_key]
-        return len(doomed)
+        return [row.id for row in doomed]
 
     def close(self) -> None:
         self._rows.clear()

@@ -175,7 +175,13 @@ class RedisStore:
         if meta_keys:
             self._r.transaction(write, *meta_keys)
 
-    def prune(self, finished_before_ms: int, keep_last: int) -> int:
+    def missing(self, job_ids: Sequence[str]) -> list[str]:
+        pipe = self._r.pipeline(transaction=False)
+        for job_id in job_ids:
+            pipe.exists(self._key("job", job_id))
+        return [i for i, found in zip(job_ids, pipe.execute(), strict=True) if not found]
+
+    def prune(self, finished_before_ms: int, keep_last: int) -> list[str]:
         beyond = self._r.zrevrangebylex(
             self._key("idx", "finished"), "+", "-", start=max(keep_last, 0), num=-1
         )
@@ -183,12 +189,14 @@ class RedisStore:
             self._key("idx", "finished_at"), "-inf", f"({finished_before_ms}"
         )
         doomed = sorted({_member_parts(_text(m))[1] for m in beyond} | {_text(i) for i in too_old})
-        deleted = 0
+        deleted: list[str] = []
         for i in range(0, len(doomed), _PRUNE_CHUNK):
             deleted += self._delete_finished(doomed[i : i + _PRUNE_CHUNK])
         return deleted
 
-    def _delete_finished(self, ids: Sequence[str]) -> int:
+    def _delete_finished(self, ids: Sequence[str]) -> list[str]:
+        """Those of `ids` that are finished and have no webhook deliveries pending,
+        deleted; the ids deleted."""
         meta_keys = [self._key("meta", i) for i in ids]
         deleted: list[str] = []
 
@@ -197,9 +205,10 @@ class RedisStore:
             deleted.clear()
             metas = [_Meta.parse(_text(m)) if m else None for m in pipe.mget(meta_keys)]
             owners = self._idempotency_owners(pipe, metas)
+            hooked = pipe.smismember(self._key("webhooks"), list(ids))
             pipe.multi()
-            for job_id, meta, owner in zip(ids, metas, owners, strict=True):
-                if meta is None or not meta.finished:
+            for job_id, meta, owner, pending in zip(ids, metas, owners, hooked, strict=True):
+                if meta is None or not meta.finished or pending:
                     continue
                 self._index(pipe, job_id, meta, -1)
                 pipe.delete(self._key("job", job_id), self._key("meta", job_id),
@@ -209,8 +218,8 @@ class RedisStore:
                     pipe.hdel(self._key("idempotency"), meta.idempotency_key)
                 deleted.append(job_id)
 
-        self._r.transaction(delete, *meta_keys)
-        return len(deleted)
+        self._r.transaction(delete, self._key("webhooks"), *meta_keys)
+        return list(deleted)
 
     def _idempotency_owners(self, pipe: Pipeline, metas: list[_Meta | None]) -> list[str | None]:
         """Which job holds each job's Idempotency-Key (it may be another, earlier job)."""

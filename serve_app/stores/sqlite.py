@@ -82,14 +82,19 @@ ON CONFLICT (id) DO UPDATE SET
 # prune()'s two deletes. Without statistics the planner prefers jobs_status for
 # `status IN (...)` and then reads every finished row, so each names its partial index.
 # Every terminal transition stamps completed_at, so a finished job's is never NULL.
+# Jobs with webhook deliveries pending are kept (and not counted in keep_last).
 _PRUNE_OLD = f"""
 DELETE FROM jobs INDEXED BY jobs_finished_at
 WHERE status IN {_FINISHED} AND completed_at < ?
+  AND id NOT IN (SELECT id FROM webhooks_pending)
+RETURNING id
 """
 _PRUNE_BEYOND = f"""
 DELETE FROM jobs WHERE id IN (
     SELECT id FROM jobs INDEXED BY jobs_finished WHERE status IN {_FINISHED}
+      AND id NOT IN (SELECT id FROM webhooks_pending)
     ORDER BY created_at DESC, id DESC LIMIT -1 OFFSET ?)
+RETURNING id
 """
 
 
@@ -231,19 +236,27 @@ class SQLiteStore:
                                 t.completed_ms + (total_ms if done else 0))
         return out
 
-    def prune(self, finished_before_ms: int, keep_last: int) -> int:
+    def missing(self, job_ids: Sequence[str]) -> list[str]:
+        found: set[str] = set()
+        with self._lock:
+            for i in range(0, len(job_ids), 500):  # SQLite's bound on host parameters
+                chunk = list(job_ids[i:i + 500])
+                marks = ",".join("?" * len(chunk))
+                found.update(row[0] for row in self._db.execute(
+                    f"SELECT id FROM jobs WHERE id IN ({marks})", chunk))
+        return [i for i in job_ids if i not in found]
+
+    def prune(self, finished_before_ms: int, keep_last: int) -> list[str]:
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                old = self._db.execute(_PRUNE_OLD, (finished_before_ms,)).rowcount
-                beyond = self._db.execute(_PRUNE_BEYOND, (keep_last,)).rowcount
-                self._db.execute(
-                    "DELETE FROM webhooks_pending WHERE id NOT IN (SELECT id FROM jobs)")
+                old = self._db.execute(_PRUNE_OLD, (finished_before_ms,)).fetchall()
+                beyond = self._db.execute(_PRUNE_BEYOND, (keep_last,)).fetchall()
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
             self._db.execute("COMMIT")
-        return old + beyond
+        return [row[0] for row in old + beyond]
 
     def close(self) -> None:
         with self._lock:

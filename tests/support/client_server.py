@@ -11,9 +11,9 @@ from __future__ import annotations
 import asyncio
 import io
 import threading
-from collections.abc import AsyncGenerator, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import uvicorn
@@ -23,10 +23,10 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from serve_app.api.app import ApiContext, create_api
 from serve_app.cli import free_port
-from serve_app.messages import Finished, GenerationTask, ReplicaEvent
+from serve_app.messages import Finished, GenerationTask
 from serve_app.registry import Registry
 from serve_app.settings import Settings, load_settings
-from tests.support.fakes import FakeReplicas
+from tests.support.fakes import TEST_BLOBS, FakeReplicas, finished
 from tests.support.trackers import SERVED, make_tracker
 
 
@@ -41,15 +41,9 @@ def png(width: int, height: int, seed: int) -> bytes:
 class PngDispatcher(FakeReplicas):
     """FakeReplicas' events, with a real PNG of the task's size for each image."""
 
-    async def run(self, model_id: str,
-                  tasks: list[GenerationTask]) -> AsyncGenerator[ReplicaEvent, None]:
-        sizes = {t.job_id: (t.width, t.height) for t in tasks}
-        async for event in super().run(model_id, tasks):
-            if isinstance(event, Finished):
-                width, height = sizes[event.result.job_id]
-                images = [png(width, height, seed) for seed in event.result.seeds]
-                event = Finished(replace(event.result, images=images))
-            yield event
+    def result(self, model_id: str, task: GenerationTask) -> Finished:
+        return finished(task, [png(task.width, task.height, seed) for seed in task.seeds],
+                        model=model_id, replica=f"{model_id}#fake")
 
 
 class NoStreams:
@@ -88,7 +82,8 @@ def live_server(registry: Registry, settings: Settings, *, hold: bool = False,
     `hold`: jobs stop after their first step until `server.release()`; `api_key`: the
     service's one API key (every request needs it); `events=False`: no event streams.
     """
-    settings = settings.model_copy(update=overrides)
+    # Its fake replica writes images where the in-process tests' do.
+    settings = settings.model_copy(update={"blob_url": TEST_BLOBS} | overrides)
     if api_key is not None:
         settings = load_settings(settings.model_dump(exclude={"api_keys"}),
                                  env={"API_KEYS": f"client:{api_key}"})

@@ -5,17 +5,21 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
+from typing import Any
 
+from serve_app.blobs import Blobs, digest, open_blobs, output_key
 from serve_app.errors import ReplicaLost
 from serve_app.jobs.persistence import InlineStoreCalls
 from serve_app.messages import (
     Finished,
     GenerationResult,
     GenerationTask,
+    ImageRef,
     Progress,
     ReplicaEvent,
     Started,
 )
+from serve_app.settings import Settings
 
 
 def memory_store() -> InlineStoreCalls:
@@ -36,8 +40,35 @@ class FakeClock:
         self.now += ms
 
 
+# The blob store every in-process test shares (the `settings` fixture names it): fakes
+# write results there as replicas do, and the routes read them back.
+TEST_BLOBS = "memory://"
+
+
+def shared_blobs(url: str = TEST_BLOBS) -> Blobs:
+    return open_blobs(Settings(blob_url=url))
+
+
 def fake_image(task: GenerationTask, seed: int) -> bytes:
     return f"{task.prompt}|{seed}|{task.width}x{task.height}".encode()
+
+
+def finished(task: GenerationTask, images: list[bytes], job_id: str | None = None,
+             blob_url: str = TEST_BLOBS, **fields: Any) -> Finished:
+    """A task's `Finished` as a replica sends it (for `job_id`, by default the task's):
+    its images written to the test blob store, the result carrying their references."""
+    job_id = task.job_id if job_id is None else job_id
+    refs = tuple(_store(task, job_id, i, data, shared_blobs(blob_url))
+                 for i, data in enumerate(images))
+    return Finished(GenerationResult([], task.seeds, "image/png", job_id=job_id, refs=refs,
+                                     **fields))
+
+
+def _store(task: GenerationTask, job_id: str, index: int, data: bytes, blobs: Blobs
+           ) -> ImageRef:
+    key = output_key(job_id, index, "png")
+    blobs.put(key, data, "image/png")
+    return ImageRef(key, "image/png", len(data), task.width, task.height, digest(data))
 
 
 def fake_previews(tasks: list[GenerationTask], step: int) -> dict[str, bytes]:
@@ -64,6 +95,7 @@ class FakeReplicas:
     batches: list[list[str]] = field(default_factory=list)
     closed: list[str] = field(default_factory=list)
     started: list[str] = field(default_factory=list)
+    blob_url: str = TEST_BLOBS  # where results are written
 
     async def run(
         self, model_id: str, tasks: list[GenerationTask]
@@ -84,12 +116,14 @@ class FakeReplicas:
                 if self.hold is not None and step == 1:
                     await self.hold.wait()
             for task in tasks:
-                images = [fake_image(task, s) for s in task.seeds]
-                yield Finished(GenerationResult(images, task.seeds, "image/png", model=model_id,
-                                                replica=f"{model_id}#fake", job_id=task.job_id,
-                                                time_taken_ms=self.elapsed_ms))
+                yield self.result(model_id, task)
         finally:
             self.closed.extend(task.job_id for task in tasks)
+
+    def result(self, model_id: str, task: GenerationTask) -> Finished:
+        return finished(task, [fake_image(task, s) for s in task.seeds], model=model_id,
+                        replica=f"{model_id}#fake", time_taken_ms=self.elapsed_ms,
+                        blob_url=self.blob_url)
 
     async def replica_states(self) -> dict[str, dict[str, int]]:
         return {m: {"ready": n, "starting": 0} for m, n in self.replicas.items()}

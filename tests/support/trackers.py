@@ -5,6 +5,7 @@ loop let run, and a backend that counts the calls reaching the tracker."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -23,7 +24,7 @@ from serve_app.jobs.service import TRACKER_CALLS, JobTracker
 from serve_app.messages import JobType, Submission
 from serve_app.registry import Registry
 from serve_app.settings import Settings
-from tests.support.fakes import FakeReplicas, memory_store
+from tests.support.fakes import TEST_BLOBS, FakeReplicas, memory_store, shared_blobs
 
 SERVED = frozenset({"tiny-sd", "tiny-sd-inpaint"})
 SMALL = {"prompt": "a lake", "steps": 3, "width": 64, "height": 64, "seed": 7}
@@ -48,9 +49,23 @@ def submission(registry: Registry, settings: Settings, *, key: str | None = None
                             served=served, idempotency_key=key, base_url=base_url)
 
 
-async def record(backend: JobsBackend, job_id: str) -> dict[str, Any]:
-    """The job's record as GET /jobs/:id answers it."""
-    return dict(json.loads(await backend.get(job_id)))
+async def record(backend: JobsBackend, job_id: str, blob_url: str = TEST_BLOBS
+                 ) -> dict[str, Any]:
+    """The job's record as GET /jobs/:id answers it: its images as data URIs, read from
+    the tests' blob store (a tracker's own record holds references). The reads are
+    synchronous: a test on a virtual-time loop must not wait on another thread."""
+    data: dict[str, Any] = json.loads(await backend.get(job_id))
+    result = data.get("result")
+    if result:
+        result["images"] = [_data_uri(entry, blob_url) for entry in result["images"]]
+    return data
+
+
+def _data_uri(entry: dict[str, Any] | str, blob_url: str) -> str:
+    if isinstance(entry, str):
+        return entry
+    data = shared_blobs(blob_url).get(entry["key"])
+    return f"data:{entry['contentType']};base64,{base64.b64encode(data).decode()}"
 
 
 async def settle(rounds: int = 50) -> None:

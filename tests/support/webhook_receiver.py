@@ -1,6 +1,7 @@
-"""A real webhook receiver on 127.0.0.1 for the tests: it verifies every request with the
-`standardwebhooks` package (the reference implementation receivers use) and answers from a
-script, e.g. 500, 500, then 200 for ever."""
+"""Webhook receivers for the tests: a real one on 127.0.0.1 that verifies every request with
+the `standardwebhooks` package (the reference implementation receivers use) and answers
+from a script, e.g. 500, 500, then 200 for ever; and `ScriptedSender`, which plays one in
+process, on the tracker's clock."""
 
 from __future__ import annotations
 
@@ -15,7 +16,11 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from pydantic import SecretStr
 from standardwebhooks import Webhook, WebhookVerificationError
+
+from serve_app.jobs.delivery import DeliveryFailed
+from serve_app.settings import Settings
 
 SECRET = "whsec_" + base64.b64encode(b"imagegen-test-webhook-secret-32b").decode()
 
@@ -97,3 +102,31 @@ def receiver(script: list[int] | None = None, secret: str = SECRET) -> Iterator[
 def body_of(received: Received) -> dict[str, Any]:
     data: dict[str, Any] = json.loads(received.body)
     return data
+
+
+@dataclass
+class ScriptedSender:
+    """Plays the receiver: answers each attempt from `script` (an int is a status, a str a
+    failure without one), then 200; records what was sent and when (the tracker's clock)."""
+
+    clock: Any
+    script: list[int | str] = field(default_factory=list)
+    sent: list[tuple[int, dict[str, str], bytes]] = field(default_factory=list)
+
+    async def send(self, url: str, headers: dict[str, str], body: bytes) -> int:
+        self.sent.append((self.clock(), headers, body))
+        answer = self.script.pop(0) if self.script else 200
+        if isinstance(answer, str):
+            raise DeliveryFailed(answer)
+        return answer
+
+    async def aclose(self) -> None:
+        pass
+
+    def events(self) -> list[str]:
+        return [json.loads(body)["event"] for _, _, body in self.sent]
+
+
+def hook_settings(settings: Settings, **more: Any) -> Settings:
+    return settings.model_copy(update={"webhook_secret": SecretStr(SECRET),
+                                       "webhook_allow_private": True} | more)

@@ -126,7 +126,7 @@ async def test_prune_drops_old_records_and_recounts() -> None:
     book.apply(old, lambda x: x.cancel(10))
     book.apply(new, lambda x: x.cancel(2000))
     await book.writes.flush()
-    assert await book.prune(finished_before_ms=1000, keep_last=100) == 1
+    assert await book.prune(finished_before_ms=1000, keep_last=100) == ["old"]
     assert book.count(JobStatus.CANCELLED) == 1
     assert await book.find("old") is None and await book.find("new") is not None
     with pytest.raises(JobNotFound):

@@ -110,13 +110,14 @@ def test_a_mask_without_alpha_is_read_as_ours_and_an_opaque_one_is_refused() -> 
 def test_the_answer_carries_b64_or_url_as_asked_and_both_when_not() -> None:
     record = {"id": "job_1_a", "request": {"prompt": "p"},
               "result": {"images": ["data:image/png;base64,QUJD", "data:image/png;base64,REVG"]}}
-    b64 = oai.images_response(record, "b64_json", "http://h:1", 5, revised_prompt=True)
+    urls = ["https://h/jobs/job_1_a/images/0", "https://h/jobs/job_1_a/images/1"]
+    b64 = oai.images_response(record, "b64_json", None, 5, revised_prompt=True)
     assert b64 == {"created": 5, "data": [{"b64_json": "QUJD", "revised_prompt": "p"},
                                           {"b64_json": "REVG", "revised_prompt": "p"}]}
-    url = oai.images_response(record, "url", "https://h", 5)
+    url = oai.images_response(record, "url", urls, 5)
     assert url["data"][1] == {"url": "https://h/jobs/job_1_a/images/1"}
-    assert oai.images_response(record, None, "http://h", 5)["data"][0].keys() == {"b64_json",
-                                                                                  "url"}
+    assert oai.images_response(record, None, urls, 5)["data"][0] == {
+        "b64_json": "QUJD", "url": "https://h/jobs/job_1_a/images/0"}
 
 
 # -- AUTOMATIC1111 ----------------------------------------------------------------------

@@ -23,7 +23,7 @@ from serve_app.settings import Settings, load_settings
 from serve_app.shards import ShardMap
 from serve_app.stores.contract import JobStore
 from serve_app.stores.memory import MemoryStore
-from tests.support.fakes import FakeReplicas, memory_store
+from tests.support.fakes import FakeReplicas, memory_store, shared_blobs
 from tests.support.stores import DownStore
 from tests.support.trackers import (
     SERVED,
@@ -31,6 +31,7 @@ from tests.support.trackers import (
     CountedTracker,
     http_client,
     make_tracker,
+    record,
     submission,
 )
 
@@ -105,12 +106,12 @@ async def test_a_finished_job_is_read_from_the_store_as_the_tracker_renders_it(a
     await finished(app, job["id"])
     app.counted.calls.clear()
     from_store = (await app.read(job["id"])).json()
-    assert from_store == json.loads(await app.tracker.get(job["id"]))
+    assert from_store == await record(app.tracker, job["id"])
     assert from_store["status"] == "completed" and len(from_store["result"]["images"]) == 2
     image = await app.client.get(f"/jobs/{job['id']}/images/1", headers=as_(ANA))
-    expected, content_type = await app.tracker.image(job["id"], 1)
+    ref = await app.tracker.image(job["id"], 1)
     assert (image.status_code, image.content, image.headers["content-type"]) == (
-        200, expected, content_type)
+        200, shared_blobs().get(ref["key"]), "image/png")
     page = (await app.client.get("/jobs", headers=as_(ANA))).json()
     assert [j["id"] for j in page["jobs"]] == [job["id"]]
     assert page["jobs"][0]["status"] == "completed"

@@ -23,7 +23,7 @@ from serve_app.messages import (
 )
 from serve_app.stores.contract import JobRow
 from serve_app.stores.memory import MemoryStore
-from tests.support.fakes import FakeClock, FakeReplicas, memory_store
+from tests.support.fakes import FakeClock, FakeReplicas, finished, memory_store
 from tests.support.stores import FlakyStore
 from tests.support.trackers import batching_registry, make_tracker, record, settle, submission
 from tests.support.virtual_time import run_virtual
@@ -125,7 +125,7 @@ class FinishesOneOfTwo(FakeReplicas):
             assert self.hold is not None
             await self.hold.wait()
         first = tasks[0]
-        yield Finished(GenerationResult([b"x"], first.seeds, "image/png", job_id=first.job_id))
+        yield finished(first, [b"x"])
         if len(tasks) > 1:
             await asyncio.Event().wait()
 

@@ -9,11 +9,12 @@ finished job answers "not cancellable", no job waits for a replica past JOB_TIME
 end every replica answers again and every job must settle, the queue must be empty and a new
 job must still run: a leaked lane slot or a forgotten job shows up there.
 
-The tracker runs on a virtual-time loop (tests/support/virtual_time.py), so a JOB_TIMEOUT of a second
-costs nothing, and the run is deterministic. On the tracker before the dispatch rewrite this
-test failed three ways (defects 1, 2 and 4 of the dispatch-core issue): a job waited for a
-replica past JOB_TIMEOUT, a cancel before the call ran leaked the lane's slot (new jobs never
-ran), and cancelling a job its call still held was an illegal transition (a 500).
+The tracker runs on a virtual-time loop (tests/support/virtual_time.py), so a JOB_TIMEOUT of
+a second costs nothing, and the run is deterministic. On the tracker before the dispatch
+rewrite this test failed three ways (defects 1, 2 and 4 of the dispatch-core issue): a job
+waited for a replica past JOB_TIMEOUT, a cancel before the call ran leaked the lane's slot
+(new jobs never ran), and cancelling a job its call still held was an illegal transition
+(a 500).
 """
 
 from __future__ import annotations
@@ -34,8 +35,6 @@ from serve_app.jobs.codec import loads
 from serve_app.jobs.persistence import InlineStoreCalls
 from serve_app.jobs.service import JobTracker
 from serve_app.messages import (
-    Finished,
-    GenerationResult,
     GenerationTask,
     JobType,
     Progress,
@@ -45,7 +44,7 @@ from serve_app.messages import (
 from serve_app.registry import load_registry
 from serve_app.settings import Settings
 from tests.support import ROOT
-from tests.support.fakes import FakeClock
+from tests.support.fakes import FakeClock, finished
 from tests.support.stores import FlakyStore
 from tests.support.trackers import SERVED, make_tracker
 from tests.support.virtual_time import VirtualTimeLoop
@@ -105,9 +104,8 @@ class ScriptedReplicas:
                 elif command == "finish":
                     task = next((t for t in call.tasks if t.job_id == arg), call.tasks[0])
                     call.finished.add(arg)
-                    yield Finished(GenerationResult(
-                        [b"png"] * task.num_images, task.seeds, "image/png",
-                        model=call.model, job_id=arg))
+                    yield finished(task, [b"png"] * task.num_images, job_id=arg,
+                                   model=call.model)
                 elif command == "die":
                     raise ReplicaLost("scripted replica died")
                 elif command == "error":

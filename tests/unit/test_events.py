@@ -15,13 +15,11 @@ from httpx_sse import connect_sse
 from serve_app.api.events import Subscriptions
 from serve_app.messages import (
     OPEN,
-    Finished,
-    GenerationResult,
     Progress,
     Started,
 )
 from tests.support.client_server import live_server
-from tests.support.fakes import FakeReplicas
+from tests.support.fakes import FakeReplicas, finished
 from tests.support.trackers import CountedTracker, make_tracker, submission
 
 
@@ -40,7 +38,7 @@ class Stepped(FakeReplicas):
             self.step.clear()
             yield Progress(n, steps)
         for t in tasks:
-            yield Finished(GenerationResult([b"x"], t.seeds, "image/png", job_id=t.job_id))
+            yield finished(t, [b"x"])
 
 
 @pytest.mark.anyio

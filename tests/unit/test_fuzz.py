@@ -48,8 +48,9 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
 @schemathesis.check
 def error_body_is_json(ctx: Any, response: Any, case: Any) -> bool | None:
     """Every 4xx is a JSON `{"error": "<what is wrong>"}`; in the compatible dialects, their
-    own shape: OpenAI's `{"error": {"message": ...}}`, A1111's `{"error", "detail", ...}`."""
-    if 400 <= response.status_code < 500:
+    own shape: OpenAI's `{"error": {"message": ...}}`, A1111's `{"error", "detail", ...}`.
+    (A HEAD answer has no body, by HTTP's definition.)"""
+    if 400 <= response.status_code < 500 and case.method.upper() != "HEAD":
         try:
             body = json.loads(response.content)
         except ValueError:

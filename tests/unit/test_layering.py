@@ -17,7 +17,7 @@ PACKAGES = ("serve_app", "deployments")
 # registry, messages) is shared by all; the composers (builder, cli) may import anything.
 KERNEL = ("serve_app.errors", "serve_app.settings", "serve_app.registry", "serve_app.messages",
           "serve_app.credentials", "serve_app.model_families", "serve_app.webhook_targets",
-          "serve_app.model_adapters", "serve_app.shards")
+          "serve_app.model_adapters", "serve_app.shards", "serve_app.blobs")
 ALLOWED: dict[str, tuple[str, ...]] = {
     # The tracker's interface is declared by `JobTracker` (serve_app.jobs.service); the
     # ingress derives its client and routing from it.
@@ -36,6 +36,7 @@ ALLOWED: dict[str, tuple[str, ...]] = {
     "serve_app.settings": ("serve_app.errors", "serve_app.credentials"),
     "serve_app.credentials": (),
     "serve_app.shards": ("serve_app.errors",),
+    "serve_app.blobs": ("serve_app.errors", "serve_app.settings", "serve_app.messages"),
     "serve_app.webhook_targets": (),
     "serve_app.registry": ("serve_app.errors", "serve_app.settings", "serve_app.messages",
                            "serve_app.model_families", "serve_app.model_adapters"),

@@ -373,7 +373,8 @@ def test_prune_by_age_deletes_old_finished_jobs_and_keeps_unfinished(store: Jobs
     new_done = advance(make_job("job_new_done", 50_000), JobStatus.COMPLETED, 700)
     for job in (old_done, old_failed, old_queued, old_running, new_done):
         store.save(job)
-    assert store.prune(finished_before_ms=10_000, keep_last=100) == 2
+    assert sorted(store.prune(finished_before_ms=10_000, keep_last=100)) == [
+        "job_old_done", "job_old_failed"]
     assert store.load("job_old_done") is None
     assert store.load("job_old_failed") is None
     assert store.find_idempotent("idem-old") is None
@@ -384,18 +385,19 @@ def test_prune_by_age_deletes_old_finished_jobs_and_keeps_unfinished(store: Jobs
         "job_old_queued",
     ]
     assert store.processing_time() == (1, 700)
-    assert store.prune(finished_before_ms=10_000, keep_last=100) == 0
+    assert store.prune(finished_before_ms=10_000, keep_last=100) == []
 
 
 def test_prune_keeps_only_the_newest_finished_jobs(store: Jobs) -> None:
     statuses = [JobStatus.COMPLETED, JobStatus.CANCELLED, JobStatus.FAILED, JobStatus.QUEUED]
     for i in range(12):
         store.save(advance(make_job(f"job_{i:02d}", 1_000 + i), statuses[i % 4]))
-    assert store.prune(finished_before_ms=0, keep_last=4) == 5
+    assert sorted(store.prune(finished_before_ms=0, keep_last=4)) == [
+        "job_00", "job_01", "job_02", "job_04", "job_05"]
     remaining = ids(store.query(JobFilter(), 50, None).jobs)
     assert remaining == ["job_11", "job_10", "job_09", "job_08", "job_07", "job_06", "job_03"]
     assert store.counts()[JobStatus.QUEUED] == 3
-    assert store.prune(finished_before_ms=0, keep_last=0) == 4
+    assert len(store.prune(finished_before_ms=0, keep_last=0)) == 4
     assert ids(store.query(JobFilter(), 50, None).jobs) == ["job_11", "job_07", "job_03"]
     assert store.processing_time() == (0, 0)
 
@@ -439,10 +441,27 @@ def test_webhooks_pending_lists_jobs_until_their_deliveries_are_settled(store: J
     waiting.webhook.deliveries[0].delivered(3)
     store.save(waiting)
     assert store.store.webhooks_pending() == []
-    pruned = with_hook(advance(make_job("job_4", 1_003), JobStatus.CANCELLED), False)
-    store.save(pruned)
-    assert store.prune(finished_before_ms=10**12, keep_last=0) == 4
+    # A job whose delivery is pending is never pruned: its next attempt needs the record.
+    pending = with_hook(advance(make_job("job_4", 1_003), JobStatus.CANCELLED), False)
+    store.save(pending)
+    assert sorted(store.prune(finished_before_ms=10**12, keep_last=0)) == [
+        "job_1", "job_2", "job_3"]
+    assert [loads(r) for r in store.store.webhooks_pending()] == [pending]
+    assert store.load("job_4") == pending
+    assert pending.webhook is not None
+    pending.webhook.deliveries[0].give_up(4)  # the delivery ends: now it may go
+    store.save(pending)
+    assert store.prune(finished_before_ms=10**12, keep_last=0) == ["job_4"]
     assert store.store.webhooks_pending() == []
+
+
+def test_missing_names_the_jobs_without_a_record(store: Jobs) -> None:
+    store.save(make_job("job_a", 1_000))
+    store.save(advance(make_job("job_b", 1_001), JobStatus.COMPLETED))
+    assert store.store.missing(["job_a", "job_x", "job_b", "job_y"]) == ["job_x", "job_y"]
+    assert store.store.missing([]) == []
+    many = [f"job_{i}" for i in range(1200)]  # past SQLite's bound on parameters
+    assert store.store.missing(many) == many
 
 
 # -- SQLite only ---------------------------------------------------------------------------

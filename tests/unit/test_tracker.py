@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import json
 
 import pytest
@@ -10,7 +11,7 @@ from serve_app.api.submission import build_submission
 from serve_app.errors import JobNotCancellable, JobNotFound, QueueFull
 from serve_app.jobs.job import JobStatus
 from serve_app.messages import JobType
-from tests.support.fakes import FakeClock, FakeReplicas, fake_image, memory_store
+from tests.support.fakes import FakeClock, FakeReplicas, fake_image, memory_store, shared_blobs
 from tests.support.trackers import SERVED, batching_registry, record, settle, submission
 
 pytestmark = pytest.mark.anyio
@@ -32,7 +33,14 @@ async def test_a_submitted_job_runs_to_completion_with_its_images(
     assert decoded == [fake_image(sub.task, 7), fake_image(sub.task, 8)]
     assert result["parameters"]["model"] == "tiny-sd"
     assert result["parameters"]["steps"] == 3 and result["parameters"]["sampler"] == "euler_a"
-    assert await tracker.image(queued["id"], 1) == (fake_image(sub.task, 8), "image/png")
+    # The tracker's own record and image calls carry references, never image bytes.
+    own = json.loads(await tracker.get(queued["id"]))["result"]["images"]
+    second = fake_image(sub.task, 8)
+    assert own[1] == {"key": f"jobs/{queued['id']}/out/1.png", "contentType": "image/png",
+                      "bytes": len(second), "width": 64, "height": 64,
+                      "sha256": hashlib.sha256(second).hexdigest()}
+    assert await tracker.image(queued["id"], 1) == own[1]
+    assert shared_blobs().get(own[1]["key"]) == second
 
 
 async def test_higher_priority_overtakes_jobs_queued_before_it(

@@ -8,17 +8,14 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from pydantic import SecretStr
 
 from serve_app.api.wire import JobRecord, WebhookBody
-from serve_app.jobs.delivery import DeliveryFailed
 from serve_app.jobs.persistence import InlineStoreCalls
 from serve_app.jobs.service import JobTracker
 from serve_app.messages import GenerationTask, Progress, ReplicaEvent, Submission
@@ -31,37 +28,15 @@ from tests.support.fakes import FakeReplicas
 from tests.support.trackers import make_tracker, record
 from tests.support.trackers import submission as small_job
 from tests.support.virtual_time import run_virtual
-from tests.support.webhook_receiver import SECRET, body_of, receiver
+from tests.support.webhook_receiver import (
+    SECRET,
+    ScriptedSender,
+    body_of,
+    hook_settings,
+    receiver,
+)
 
 TARGET = "https://hooks.example.com/imagegen"
-
-
-@dataclass
-class ScriptedSender:
-    """Plays the receiver: answers each attempt from `script` (an int is a status, a str a
-    failure without one), then 200; records what was sent and when (the tracker's clock)."""
-
-    clock: Any
-    script: list[int | str] = field(default_factory=list)
-    sent: list[tuple[int, dict[str, str], bytes]] = field(default_factory=list)
-
-    async def send(self, url: str, headers: dict[str, str], body: bytes) -> int:
-        self.sent.append((self.clock(), headers, body))
-        answer = self.script.pop(0) if self.script else 200
-        if isinstance(answer, str):
-            raise DeliveryFailed(answer)
-        return answer
-
-    async def aclose(self) -> None:
-        pass
-
-    def events(self) -> list[str]:
-        return [json.loads(body)["event"] for _, _, body in self.sent]
-
-
-def hook_settings(settings: Settings, **more: Any) -> Settings:
-    return settings.model_copy(update={"webhook_secret": SecretStr(SECRET),
-                                       "webhook_allow_private": True} | more)
 
 
 def submission(registry: Registry, settings: Settings, url: str = TARGET,

@@ -243,3 +243,38 @@ async def test_a_batchs_results_travel_as_one_stream_item_and_unpack_in_order() 
     mixed = [Progress(1, 2), done[0], Progress(2, 2), done[1]]
     items = [item async for item in pack(events(*mixed))]
     assert items == [Progress(1, 2), [done[0]], Progress(2, 2), [done[1]]]
+
+
+class EchoRunner(FakeRunner):
+    """Makes, as its image, the bytes of the task's init image (what it was given)."""
+
+    def generate(self, task: GenerationTask, on_step: Callable[[int, int], None] | None = None,
+                 should_stop: Callable[[], bool] | None = None) -> GenerationResult:
+        assert task.init_image is not None
+        return GenerationResult(images=[task.init_image.png, b"second"], seeds=task.seeds,
+                                content_type="image/webp")
+
+
+async def test_with_a_blob_store_inputs_are_read_by_key_and_results_leave_as_references(
+        ) -> None:
+    """No image bytes leave a replica: the worker reads the task's input images from the
+    blob store by their keys, and writes its results there, sending references."""
+    import hashlib
+
+    from obstore.store import MemoryStore
+
+    from serve_app.blobs import Blobs
+    from serve_app.messages import InputImage, JobType
+
+    blobs = Blobs(MemoryStore())
+    blobs.put("jobs/job_7_a/in/init_image.png", b"the input", "image/png")
+    worker = ModelWorker(EchoRunner(), "r#1", blobs=blobs)
+    task = make_task(job_id="job_7_a", mode=JobType.IMG2IMG, width=32, height=16,
+                     init_image=InputImage(b"", 32, 16, key="jobs/job_7_a/in/init_image.png"))
+    (*_, done) = [e async for e in worker.stream(task)]
+    assert isinstance(done, Finished) and done.result.images == []
+    first, second = done.result.refs
+    assert (first.key, first.content_type, first.size, first.width, first.height) == (
+        "jobs/job_7_a/out/0.webp", "image/webp", 9, 32, 16)
+    assert first.sha256 == hashlib.sha256(b"the input").hexdigest()
+    assert blobs.get(first.key) == b"the input" and blobs.get(second.key) == b"second"

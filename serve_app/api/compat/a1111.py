@@ -24,6 +24,7 @@ from serve_app.api.compat.dialects import A1111_PREFIX, DialectError, error_resp
 from serve_app.api.compat.jobs import cancel_quietly, submit, wait_for_job
 from serve_app.api.context import context
 from serve_app.api.guard import caller_of
+from serve_app.api.images import ImageMode
 from serve_app.api.json_body import parse_json
 from serve_app.errors import JobNotFound
 from serve_app.registry import ModelSpec
@@ -184,6 +185,7 @@ async def _generate(request: Request, *, img2img: bool) -> JSONResponse:
     if done["status"] == "failed":
         raise DialectError(f"Job {done['id']} failed: {done.get('error') or 'unknown error'}",
                            500, repeatable=False)
+    await ctx.images.expand(done, ImageMode.DATA, "")
     spec = ctx.registry.get(done["request"]["model"])
     if spec is None:  # the registry is fixed for the life of the process
         raise DialectError(f"Model {done['request']['model']} is no longer known", 500)

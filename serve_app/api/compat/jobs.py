@@ -2,7 +2,7 @@
 say where its images are.
 
 A compatible request becomes our own generate request body (camelCase) and goes through
-`build_submission` and `backend.submit` like `POST /generate/...`: the same validation,
+`build_submission` and `uploads.submit` like `POST /generate/...`: the same validation,
 queue, priority, batching, limits, API keys and ownership. The dialects answer only when
 the job has ended, so `wait_for_job` polls the tracker; it is the one place that waits, to
 be swapped for a pushed primitive when the tracker offers one.
@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 from fastapi import Request
 from starlette.concurrency import run_in_threadpool
 
+from serve_app.api import uploads
 from serve_app.api.compat.dialects import DialectError, renamed
 from serve_app.api.context import context
 from serve_app.api.guard import caller_of
@@ -66,7 +67,7 @@ async def submit(request: Request, names: dict[str, str],
         return _without_prompt(sub) if empty else sub
 
     sub = await run_in_threadpool(validate) if heavy else validate()
-    return await ctx.backend.submit(sub)
+    return await uploads.submit(ctx.backend, ctx.images.blobs, sub)
 
 
 def _without_prompt(sub: Submission) -> Submission:
@@ -76,7 +77,8 @@ def _without_prompt(sub: Submission) -> Submission:
 
 async def wait_for_job(request: Request, job_id: str, *,
                        timeout_s: float | None = None) -> dict[str, Any]:
-    """The job's record once it has ended (completed, failed or cancelled).
+    """The job's record once it has ended (completed, failed or cancelled); its images are
+    blob references (`ctx.images` makes them data URIs or URLs).
 
     Bounded by JOB_TIMEOUT from now: a job still queued or running then is cancelled and a
     504 is raised, never repeatable. A client that hangs up ends the wait but not the job
@@ -146,8 +148,6 @@ def public_base(request: Request) -> str:
     return f"{proto}://{host}{prefix}"
 
 
-def image_url(base: str, job_id: str, index: int) -> str:
-    return f"{base}/jobs/{job_id}/images/{index}"
 
 
 def _first(value: str | None) -> str:

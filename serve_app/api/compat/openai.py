@@ -26,6 +26,7 @@ from serve_app.api.compat.dialects import (
 )
 from serve_app.api.compat.jobs import public_base, submit, wait_for_job
 from serve_app.api.context import context
+from serve_app.api.images import ImageMode
 from serve_app.api.json_body import parse_json
 from serve_app.messages import JobType
 
@@ -116,8 +117,12 @@ async def _answer(request: Request, record: dict[str, Any], response_format: str
     if done["status"] == "failed":
         raise DialectError(f"Job {done['id']} failed: {done.get('error') or 'unknown error'}",
                            500, code="job_failed", repeatable=False)
-    body = translate.images_response(done, response_format, public_base(request),
-                                     int(time.time()), revised_prompt=revised_prompt)
+    images = context(request).images
+    urls = images.urls(done, public_base(request)) if response_format != "b64_json" else None
+    if response_format != "url":
+        await images.expand(done, ImageMode.DATA, public_base(request))
+    body = translate.images_response(done, response_format, urls, int(time.time()),
+                                     revised_prompt=revised_prompt)
     return JSONResponse(body)
 
 

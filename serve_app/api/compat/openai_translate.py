@@ -146,17 +146,20 @@ def variation_job(req: ImageRequest, image: bytes) -> tuple[JobType, dict[str, A
     return JobType.IMG2IMG, body
 
 
-def images_response(record: dict[str, Any], response_format: str | None, base_url: str,
-                    created: int, *, revised_prompt: bool = False) -> dict[str, Any]:
-    """A completed job as OpenAI answers: one entry per image, `b64_json` or an absolute
-    `url` as asked (both when the client did not say: clients written for either work)."""
+def images_response(record: dict[str, Any], response_format: str | None,
+                    urls: list[str] | None, created: int, *, revised_prompt: bool = False
+                    ) -> dict[str, Any]:
+    """A completed job as OpenAI answers: one entry per image, `b64_json` (the record's
+    images as data URIs) or an absolute `url` (`urls`: presigned on an S3 image store, else
+    this service's) as asked; both when the client did not say (clients written for either
+    work)."""
     data = []
-    for index, uri in enumerate(record["result"]["images"]):
+    for index, image in enumerate(record["result"]["images"]):
         item: dict[str, Any] = {}
         if response_format in (None, "b64_json"):
-            item["b64_json"] = uri.partition(",")[2]
-        if response_format in (None, "url"):
-            item["url"] = f"{base_url}/jobs/{record['id']}/images/{index}"
+            item["b64_json"] = image.partition(",")[2]
+        if response_format in (None, "url") and urls is not None:
+            item["url"] = urls[index]
         if revised_prompt:
             item["revised_prompt"] = record["request"].get("prompt", "")
         data.append(item)

@@ -24,6 +24,7 @@ _ERROR_HEADERS: dict[int, dict[str, Any]] = {
 _ERROR_TEXT = {400: "Invalid request", 401: "Missing or wrong API key",
                403: "The key may not do this", 404: "Unknown job (or another key's)",
                409: "Conflict", 413: "Request body too large",
+               416: "The range is outside the image",
                429: "Rate limited or queue full", 503: "Tracker or job store unavailable"}
 
 

@@ -8,8 +8,10 @@ from fastapi import APIRouter, Header, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
+from serve_app.api import uploads
 from serve_app.api.context import context
 from serve_app.api.guard import caller_of
+from serve_app.api.images import ImageMode
 from serve_app.api.json_body import parse_json
 from serve_app.api.routes.docs import errors, request_body
 from serve_app.api.submission import build_submission
@@ -65,5 +67,7 @@ async def submit(request: Request, job_type: JobType, key: str | None) -> Respon
     # Decoding input images is CPU work: keep it off the event loop.
     carries_images = job_type is not JobType.TEXT2IMG
     sub = await run_in_threadpool(validate) if carries_images else validate()
-    record = await ctx.backend.submit(sub)
+    record = await uploads.submit(ctx.backend, ctx.images.blobs, sub)
+    # A repeated Idempotency-Key answers with the job it made, which may have finished.
+    await ctx.images.expand(record, ImageMode.DATA, public_base_url(request))
     return JSONResponse(record, status_code=202)
