@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
+
+from tests.support.s3 import CREDENTIALS, S3Server
+
+# Before Ray starts: its processes inherit the S3 client's credentials (any will do for the
+# test server; a real deployment's come from its secrets or instance role).
+for _name, _value in CREDENTIALS.items():
+    os.environ.setdefault(_name, _value)
 
 # Modules that stop the session's shared Ray to run one of another shape: last, so the
 # shared Ray is not started a second time for the modules after them (~20 s).
@@ -34,3 +43,12 @@ def serve_harness(local_ray, request: pytest.FixtureRequest):  # type: ignore[no
     harness = local_ray.harness().for_module(request.module.__name__.rsplit(".", 1)[-1])
     harness.deploy()
     return harness
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """A real S3 server (SeaweedFS) on loopback for the session, started on first use."""
+    server = S3Server(tmp_path_factory.mktemp("s3"))
+    server.start()
+    yield server
+    server.close()
