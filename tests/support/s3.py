@@ -45,21 +45,27 @@ class S3Server:
                 "-ip.bind=127.0.0.1", "-s3", "-s3.port.iceberg=0", "-s3.port.lance=0",
                 "-master.telemetry=false", "-iam=false", "-volume.max=0",
                 *(f"-{name}={port}" for name, port in self.ports.items())]
-        log = (self.folder / "weed.log").open("ab")
-        self._process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT,
-                                         start_new_session=True)
+        with (self.folder / "weed.log").open("ab") as log:
+            self._process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT,
+                                             start_new_session=True)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self._process.poll() is not None:
-                raise RuntimeError(f"weed exited with {self._process.returncode}; see "
-                                   f"{self.folder / 'weed.log'}")
+                raise RuntimeError(f"weed exited with {self._process.returncode}: "
+                                   f"{self._log_tail()}")
             try:
                 if httpx.get(self.endpoint, timeout=1).status_code == 200:
                     return
             except httpx.TransportError:
                 pass
             time.sleep(0.25)
-        raise RuntimeError(f"SeaweedFS's S3 did not answer on {self.endpoint} in {timeout_s} s")
+        raise RuntimeError(f"SeaweedFS's S3 did not answer on {self.endpoint} in {timeout_s} s: "
+                           f"{self._log_tail()}")
+
+    def _log_tail(self) -> str:
+        path = self.folder / "weed.log"
+        lines = path.read_text(errors="replace").splitlines() if path.exists() else []
+        return "\n".join(lines[-15:])
 
     def bucket(self, name: str) -> str:
         """Create the bucket (an unsigned PUT: the server has no identities)."""
@@ -71,6 +77,7 @@ class S3Server:
     def stop(self) -> None:
         if self._process is not None and self._process.poll() is None:
             os.killpg(self._process.pid, signal.SIGKILL)
+        if self._process is not None:
             self._process.wait(10)
         self._process = None
 
