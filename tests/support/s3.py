@@ -45,9 +45,12 @@ class S3Server:
                 "-ip.bind=127.0.0.1", "-s3", "-s3.port.iceberg=0", "-s3.port.lance=0",
                 "-master.telemetry=false", "-iam=false", "-volume.max=0",
                 *(f"-{name}={port}" for name, port in self.ports.items())]
+        # Without AWS_* in its environment: weed would take them as its only identity and
+        # refuse anonymous calls (the bucket's creation here); with none, it takes any.
+        env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
         with (self.folder / "weed.log").open("ab") as log:
             self._process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT,
-                                             start_new_session=True)
+                                             start_new_session=True, env=env)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self._process.poll() is not None:
