@@ -6,6 +6,7 @@ tracker shards (one per model) on a shared Redis, and one shard's actor killed."
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import time
@@ -19,6 +20,8 @@ import pytest
 from serve_app.cli import LOCAL_RAY_ENV
 from serve_app.stores.redis import RedisStore
 from tests.support.chaos import all_terminal, kill_replica, replaced, submit
+from tests.support.images import img2img, inpaint, style
+from tests.support.s3 import S3Server
 from tests.support.serve_harness import APP_NAME, ServeHarness, free_port, wait_for
 from tests.support.stores import REDIS_URL, redis_store
 
@@ -181,10 +184,14 @@ def test_half_gpu_models_pack_onto_one_gpu_node(whole_gpu_app: ServeHarness) -> 
 
 
 def test_tracker_shards_each_run_their_models_jobs_and_losing_one_loses_nothing(
-        cluster_app: ServeHarness) -> None:
+        cluster_app: ServeHarness, s3: S3Server) -> None:
+    """...with their images in S3, as a cluster keeps them: every mode's images read back
+    byte for byte from the ingress and from their presigned URLs."""
     redis_store().close()  # an empty Redis database, or a skip without a server
+    s3.bucket("imagegen-cluster")
     cluster_app.deploy(registry(num_gpus=0.5), default_model=MODELS[0], tracker_shards=2,
-                       store="redis", redis_url=REDIS_URL)
+                       store="redis", redis_url=REDIS_URL,
+                       blob_url="s3://imagegen-cluster/images", s3_endpoint_url=s3.endpoint)
     with cluster_app.client() as client:
         # Shard 0 (`Tracker`) owns tiny-a's jobs, shard 1 (`Tracker-1`) tiny-b's.
         first = [submit(client, model=m, seed=1) for m in MODELS]
@@ -214,3 +221,15 @@ def test_tracker_shards_each_run_their_models_jobs_and_losing_one_loses_nothing(
         assert {r["result"]["parameters"]["model"] for r in b_done.values()} == {"tiny-b"}
         stats = client.get("/queue/status").json()  # every shard's jobs, from the store
         assert (stats["completedJobs"], stats["failedJobs"]) == (11, 0), stats
+        # Every mode, on the cluster, its images in S3.
+        modes = {"img2img": img2img(model="tiny-b"), "inpaint": inpaint(model="tiny-a"),
+                 "style-transfer": style(model="tiny-b")}
+        jobs = {m: client.post(f"/generate/{m}", json=body).json() for m, body in modes.items()}
+        finals = all_terminal(client, [j["id"] for j in jobs.values()], 120)
+        for job_id, final in finals.items():
+            assert final["status"] == "completed", final
+            data = base64.b64decode(final["result"]["images"][0].split(",", 1)[1])
+            assert client.get(f"/jobs/{job_id}/images/0").content == data
+            (url,) = client.get(f"/jobs/{job_id}?images=url").json()["result"]["images"]
+            assert url.startswith(f"{s3.endpoint}/imagegen-cluster/images/jobs/{job_id}/")
+            assert httpx.get(url, timeout=30).content == data

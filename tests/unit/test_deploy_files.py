@@ -79,8 +79,9 @@ def app_settings_env(app: dict[str, Any], monkeypatch: pytest.MonkeyPatch,
     env_vars: dict[str, str] = (app.get("runtime_env") or {}).get("env_vars") or {}
     monkeypatch.setenv("IMAGEGEN_REDIS_ADDR", redis_addr)
     monkeypatch.setenv("IMAGEGEN_REDIS_PASSWORD", redis_password)
-    for key in env_vars:
-        monkeypatch.setenv(key, "")  # restored after the test; update_envs overwrites
+    for key, value in env_vars.items():
+        if f"${{{key}}}" not in value:  # (one passed through from the node keeps its value)
+            monkeypatch.setenv(key, os.environ.get(key, ""))  # restored after the test
     update_envs(env_vars)
     return {key: os.environ[key] for key in env_vars}
 
@@ -362,6 +363,59 @@ def test_rayservice_secrets_come_from_a_secret_and_ray_uses_tokens() -> None:
         env = {e["name"]: e for e in ray_container["env"]}
         assert "secretKeyRef" in env["IMAGEGEN_REDIS_PASSWORD"]["valueFrom"]
         assert "value" not in env["IMAGEGEN_REDIS_PASSWORD"]
+
+
+# --- images in S3, records in a capped Redis -----------------------------------------
+
+
+def test_every_node_and_the_app_name_the_images_bucket(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Replicas write images that the ingress reads: every process of the app must name
+    the same S3 store, from the node's environment, with its credentials out of the files."""
+    config = cluster_config()
+    for start in (config["head_start_ray_commands"], config["worker_start_ray_commands"]):
+        command = " ".join(start)
+        export = 'export IMAGEGEN_BLOB_URL="$(cat ~/imagegen-secrets/blob-url)"'
+        assert export in command and command.index(export) < command.index("ray start")
+    for node in config["available_node_types"].values():
+        assert node["node_config"]["IamInstanceProfile"] == {"Name": "imagegen-node"}
+    for relpath in ("config/serve.gpu.yaml",):
+        (app,) = load_yaml(relpath)["applications"]
+        monkeypatch.setenv("IMAGEGEN_BLOB_URL", "s3://my-imagegen-images/imagegen")
+        env = app_settings_env(app, monkeypatch, redis_addr=f"10.0.0.5:{REDIS_PORT}")
+        settings = load_settings(app["args"]["settings"], env=env)
+        assert settings.blobs == "s3://my-imagegen-images/imagegen"
+        text = (ROOT / relpath).read_text()
+        assert "AWS_SECRET_ACCESS_KEY" not in text and "aws_secret" not in text.lower()
+    for pod in ray_pod_specs(rayservice()):
+        (container,) = pod["containers"]
+        env = {e["name"]: e for e in container["env"]}
+        assert env["IMAGEGEN_BLOB_URL"]["valueFrom"]["secretKeyRef"]["key"] == "blob-url"
+        for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL"):
+            ref = env[name]["valueFrom"]["secretKeyRef"]
+            assert ref["name"] == "imagegen-secrets" and ref["optional"] is True  # or IRSA
+
+
+def test_redis_holds_records_only_capped_so_it_refuses_rather_than_loses() -> None:
+    head_setup = " ".join(cluster_config()["head_setup_commands"])
+    assert "--maxmemory 2gb --maxmemory-policy noeviction" in head_setup
+    (redis,) = rayservice_resources("Deployment").values()
+    (container,) = redis["spec"]["template"]["spec"]["containers"]
+    args = container["args"]
+    assert args[args.index("--maxmemory-policy") + 1] == "noeviction"
+    cap = int(args[args.index("--maxmemory") + 1].removesuffix("mb"))
+    limit = int(container["resources"]["limits"]["memory"].removesuffix("Gi")) * 1024
+    assert cap <= 0.8 * limit  # room for the AOF rewrite's fork and the allocator
+
+
+def test_the_lifecycle_rule_expires_images_a_day_after_retention() -> None:
+    import json
+
+    from serve_app.settings import Settings
+
+    (rule,) = json.loads((ROOT / "docs/s3-lifecycle.json").read_text())["Rules"]
+    retention_days = Settings().retention_s / 86400
+    assert rule["Status"] == "Enabled" and rule["Expiration"]["Days"] == retention_days + 1
+    assert rule["Filter"]["Prefix"].endswith("jobs/")
 
 
 # --- image --------------------------------------------------------------------------
