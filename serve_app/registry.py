@@ -130,8 +130,10 @@ class Runtime(Strict):
     # Batched images byte-identical to the same seeds made alone (batch-invariant layers on
     # a CPU, per-image UNet sub-batches elsewhere). Off trades that for batched speed.
     batch_invariant: bool = True
-    # `source: null` only: how long each pretend denoising step takes.
+    # `source: null` only: how long each pretend denoising step takes, and how many bytes
+    # each image it answers has (0: a 1x1 PNG; ~400 KB is a 512² photo's, ~1.5 MB 1024²).
     null_step_ms: float = Field(0.0, ge=0, le=10_000)
+    null_image_bytes: int = Field(0, ge=0, le=64 * 1024 * 1024)
 
 
 class ModelSpec(Strict):

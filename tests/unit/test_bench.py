@@ -19,7 +19,8 @@ def test_bench_run_imports_and_parses_without_starting_anything() -> None:
 
     opts = bench.run.parse_args(["--quick", "--only", "e2e", "--only", "scale"])
     assert opts.quick and opts.only == ["e2e", "scale"]
-    assert bench.run.FIGURES == ("submit", "e2e", "batching", "coldstart", "scale", "tracker")
+    assert bench.run.FIGURES == ("submit", "e2e", "batching", "coldstart", "scale", "tracker",
+                                 "images")
 
 
 def test_gpu_script_smoke_mode_runs_on_a_cpu_without_ray(tmp_path: Path) -> None:
