@@ -17,7 +17,6 @@ allows, and settles it from what the replica says (see `serve_app.jobs.dispatch`
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -34,6 +33,7 @@ from serve_app.jobs.codec import loads
 from serve_app.jobs.delivery import Sender
 from serve_app.jobs.dispatch import Dispatch
 from serve_app.jobs.feeds import Feeds, without_images
+from serve_app.jobs.housekeeping import BlobSweep, Retention
 from serve_app.jobs.intake import Intake, Outcome
 from serve_app.jobs.interface import Route, calls_of, tracker_call
 from serve_app.jobs.job import Job, JobStatus
@@ -45,8 +45,7 @@ from serve_app.jobs.queues import JobQueues
 from serve_app.jobs.ratelimit import RateLimiter
 from serve_app.jobs.reads import image_of, query_page, queue_counts
 from serve_app.jobs.results import gave_up
-from serve_app.jobs.sweep import BlobSweep
-from serve_app.jobs.webhooks import WebhookNotifier
+from serve_app.jobs.webhooks import WebhookNotifier, image_urls
 from serve_app.messages import OPEN, Caller, Submission
 from serve_app.registry import Registry, Scaling
 from serve_app.settings import Settings
@@ -108,12 +107,14 @@ class JobTracker:
         self._notes = CallerNotes()
         # The tracker never reads or writes image bytes: it deletes a pruned job's blobs,
         # sweeps orphans and signs the URLs webhooks carry.
-        self._blobs = blobs or open_blobs(settings)
-        self._sweep = BlobSweep(self._blobs, self._book.calls,
-                                grace_s=settings.blob_sweep_grace_s, clock=clock)
+        blobs = blobs or open_blobs(settings)
+        self._retention = Retention(self._book, blobs, settings, clock)
+        self._sweep = BlobSweep(blobs, self._book.calls, grace_s=settings.blob_sweep_grace_s,
+                                clock=clock)
         self.webhooks = WebhookNotifier(self._book, settings, clock=clock, sender=webhook_sender,
                                         on_outcome=self.metrics.webhook_delivery,
-                                        find=self._find_any, image_urls=self._webhook_urls)
+                                        find=self._find_any,
+                                        image_urls=image_urls(blobs, settings))
 
     @property
     def book(self) -> JobBook:
@@ -167,34 +168,16 @@ class JobTracker:
         return len(runnable)
 
     async def prune(self) -> int:
-        """Delete finished jobs past retention, and their blobs; how many jobs."""
-        cutoff = self._clock() - self._settings.retention_s * 1000
-        pruned = await self._book.prune(cutoff, self._settings.retention_max_jobs)
-        try:
-            await asyncio.to_thread(lambda: [self._blobs.delete_job(i) for i in pruned])
-        except ServiceError as exc:  # the store is down: the sweep deletes them later
-            log.warning("blobs of %d pruned job(s) not deleted: %s", len(pruned), exc)
-        return len(pruned)
+        """Delete finished jobs past retention, and their blobs (`Retention`)."""
+        return await self._retention.prune()
 
     async def sweep(self) -> int:
-        """Delete blobs no record names (`serve_app.jobs.sweep`); how many."""
+        """Delete blobs no record names (`BlobSweep`); how many."""
         return await self._sweep.run()
 
     async def _find_any(self, job_id: str) -> Job | None:
         """A job, live or stored (a webhook attempt looks its job up by id)."""
         return self._dispatch.live(job_id) or await self._book.find(job_id)
-
-    def _webhook_urls(self, job: Job, base_url: str) -> list[str]:
-        """The image URLs a webhook body carries: presigned on an S3 store (valid until
-        the delivery's deadline, and `IMAGEGEN_PRESIGN_EXPIRY_S` after), else the
-        service's own `/jobs/:id/images/:n`."""
-        entries = job.result.images if job.result is not None else []
-        if self._blobs.signs:
-            expiry = self._settings.webhook_deadline_s + self._settings.presign_expiry_s
-            return [self._blobs.presigned(e["key"], expiry) if isinstance(e, dict)
-                    else f"{base_url.rstrip('/')}/jobs/{job.id}/images/{i}"
-                    for i, e in enumerate(entries)]
-        return [f"{base_url.rstrip('/')}/jobs/{job.id}/images/{i}" for i in range(len(entries))]
 
     async def close(self) -> None:
         await self._dispatch.close()

@@ -1,4 +1,5 @@
 """Webhooks: the events a job asked for, sent to its URL off the tracker's hot path.
+(Over ~300 lines: events, attempts, their backoff and resumption are one state machine.)
 
 `WebhookNotifier` watches the book (`JobBook.watch`): when a job with a webhook starts or
 ends, the watcher only records a `Delivery` in the job (its `webhook-id`, `msg_<job>_<event>`,
@@ -32,6 +33,7 @@ import random
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from serve_app.blobs import Blobs
 from serve_app.jobs.book import JobBook
 from serve_app.jobs.codec import loads
 from serve_app.jobs.delivery import DeliveryFailed, HttpSender, Sender, backoff_s, signed_headers
@@ -70,6 +72,21 @@ def own_urls(job: Job, base_url: str) -> list[str]:
     """The service's own image URLs of a job (`GET /jobs/:id/images/:n`)."""
     count = len(job.result.images) if job.result is not None else 0
     return [f"{base_url.rstrip('/')}/jobs/{job.id}/images/{n}" for n in range(count)]
+
+
+def image_urls(blobs: Blobs, settings: Settings) -> Callable[[Job, str], list[str]]:
+    """A job's image URLs for a webhook body: presigned on an S3 store (valid until the
+    delivery's deadline, and `IMAGEGEN_PRESIGN_EXPIRY_S` after), else the service's own."""
+    if not blobs.signs:
+        return own_urls
+    expiry = settings.webhook_deadline_s + settings.presign_expiry_s
+
+    def presigned(job: Job, base_url: str) -> list[str]:
+        entries = job.result.images if job.result is not None else []
+        own = own_urls(job, base_url)
+        return [blobs.presigned(str(e["key"]), expiry) if isinstance(e, dict) else own[i]
+                for i, e in enumerate(entries)]
+    return presigned
 
 
 async def _nowhere(job_id: str) -> Job | None:

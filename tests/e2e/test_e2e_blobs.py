@@ -19,8 +19,8 @@ import pytest
 import redis
 
 from serve_app.blobs import Blobs, open_blobs
+from serve_app.jobs.housekeeping import BlobSweep
 from serve_app.jobs.persistence import StoreIO
-from serve_app.jobs.sweep import BlobSweep
 from serve_app.settings import Settings
 from serve_app.stores.redis import RedisStore
 from tests.support.blob_contract import check_contract

@@ -14,9 +14,9 @@ import pytest
 
 from serve_app.blobs import Blobs
 from serve_app.errors import BlobStoreUnavailable
+from serve_app.jobs.housekeeping import BlobSweep
 from serve_app.jobs.persistence import InlineStoreCalls
 from serve_app.jobs.service import JobTracker
-from serve_app.jobs.sweep import BlobSweep
 from serve_app.messages import GenerationTask, ReplicaEvent, Started
 from serve_app.registry import Registry
 from serve_app.settings import Settings

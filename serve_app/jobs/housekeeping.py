@@ -1,4 +1,10 @@
-"""The blob sweep: blobs that no job record names are deleted once they are old enough.
+"""Keeping the job store and the blob store in step: retention, and the blob sweep.
+
+`Retention.prune` deletes finished jobs past `IMAGEGEN_RETENTION_S` or beyond
+`IMAGEGEN_RETENTION_MAX_JOBS` (never one with a webhook delivery pending) and then their
+blobs; a blob store that is down then leaves them to the sweep.
+
+`BlobSweep`: blobs that no job record names are deleted once they are old enough.
 
 They come from submits the tracker never saved (refused after the ingress stored their
 input images, or lost with the tracker mid-submit), from a replica that died mid-upload of
@@ -19,9 +25,31 @@ from collections import defaultdict
 from collections.abc import Callable
 
 from serve_app.blobs import Blobs, job_of
+from serve_app.errors import ServiceError
+from serve_app.jobs.book import JobBook
 from serve_app.jobs.persistence import StoreCalls
+from serve_app.settings import Settings
 
 log = logging.getLogger(__name__)
+
+
+class Retention:
+    def __init__(self, book: JobBook, blobs: Blobs, settings: Settings,
+                 clock: Callable[[], int]) -> None:
+        self._book = book
+        self._blobs = blobs
+        self._retention_ms = settings.retention_s * 1000
+        self._keep = settings.retention_max_jobs
+        self._clock = clock
+
+    async def prune(self) -> int:
+        """Delete finished jobs past retention, and their blobs; how many jobs."""
+        pruned = await self._book.prune(self._clock() - self._retention_ms, self._keep)
+        try:
+            await asyncio.to_thread(lambda: [self._blobs.delete_job(i) for i in pruned])
+        except ServiceError as exc:  # the blob store is down: the sweep deletes them later
+            log.warning("blobs of %d pruned job(s) not deleted: %s", len(pruned), exc)
+        return len(pruned)
 
 
 class BlobSweep:
