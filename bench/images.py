@@ -6,7 +6,7 @@ bytes: none (the 1x1 PNG the tracker figure uses), ~400 KB (a 512² PNG) and ~1.
 1024² PNG, SDXL's size). For each, `jobs` 30-step jobs are submitted from 16 connections
 on the SQLite store (the shipped default) and the round measures completed jobs per
 second, the tracker's CPU milliseconds per job and the job store's growth per job (the
-SQLite file and its write-ahead log). A last round on a local Redis measures
+SQLite pages in use). A last round on a local Redis measures
 `used_memory` per completed 512² job.
 
 Run it on this commit and on the commit before images left records (with the same null
@@ -48,8 +48,20 @@ def shape(image_bytes: int, redis_url: str | None = None) -> dict[str, Any]:
 
 
 def store_bytes(data_dir: Path) -> int:
-    """The SQLite job store's size on disk: its file and write-ahead log."""
-    return sum(p.stat().st_size for p in data_dir.glob("jobs.sqlite3*"))
+    """The SQLite job store's live size: its pages in use, as another connection sees them
+    (the write-ahead log's committed pages included; free pages and the log's own size,
+    which checkpoints reuse, not)."""
+    import sqlite3
+
+    db = sqlite3.connect(f"file:{data_dir / 'jobs.sqlite3'}?mode=ro", uri=True)
+    try:
+        used, size = db.execute(
+            "SELECT (SELECT page_count FROM pragma_page_count()) - "
+            "(SELECT freelist_count FROM pragma_freelist_count()), "
+            "(SELECT page_size FROM pragma_page_size())").fetchone()
+        return int(used) * int(size)
+    finally:
+        db.close()
 
 
 def redis_memory(url: str) -> int:
@@ -84,7 +96,7 @@ def one_round(ctx: Context, label: str, image_bytes: int, jobs: int,
         stored_after = redis_memory(redis_url) if redis_url else store_bytes(data_dir)
     per_job = {role: rnd(1000 * (after[role] - before[role]) / jobs, 3) for role in before}
     grown = (stored_after - stored_before) / jobs
-    where = "Redis used_memory" if redis_url else "SQLite file + WAL"
+    where = "Redis used_memory" if redis_url else "SQLite pages"
     log(f"images: {label}: {jobs / elapsed:.0f} jobs/s, tracker {per_job.get('tracker')} ms "
         f"CPU per job, {where} +{grown / 1024:.1f} KB per job")
     return {"label": label, "image_bytes": image_bytes, "jobs": jobs,
