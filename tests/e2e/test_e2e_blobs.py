@@ -24,7 +24,7 @@ from serve_app.jobs.persistence import StoreIO
 from serve_app.settings import Settings
 from serve_app.stores.redis import RedisStore
 from tests.support.blob_contract import check_contract
-from tests.support.chaos import all_terminal, kill_replica, replaced, submit
+from tests.support.chaos import all_terminal, kill_replica, replaced, stats, submit
 from tests.support.images import img2img, inpaint, style
 from tests.support.s3 import S3Server
 from tests.support.serve_harness import ServeHarness, wait_for
@@ -45,7 +45,7 @@ def blob_settings(s3: S3Server, prefix: str = PREFIX) -> dict[str, Any]:
 def harness(serve_harness: ServeHarness, s3: S3Server) -> ServeHarness:
     redis_store().close()  # flushes the test database, or skips without a server
     s3.bucket(BUCKET)
-    serve_harness.deploy(store="redis", redis_url=REDIS_URL, max_attempts=2,
+    serve_harness.deploy(store="redis", redis_url=REDIS_URL, max_attempts=3,
                          **blob_settings(s3))
     return serve_harness
 
@@ -133,13 +133,26 @@ def test_redis_holds_records_only_a_few_kb_per_512px_job(client: httpx.Client) -
 
 def test_killing_a_replica_and_the_tracker_mid_run_loses_nothing_and_leaves_no_orphan(
         client: httpx.Client, blobs: Blobs) -> None:
+    """The tracker reloads every job from Redis: none is lost or completed twice; a
+    replica killed mid-upload costs its jobs an attempt; after the sweep, every blob left
+    is a recorded job's."""
+    before = stats(client)
     ids = [client.post("/generate/img2img", json=img2img(seed=i, steps=12,
                                                          width=128, height=128)).json()["id"]
            for i in range(6)]
     replaced(kill_replica("model-tiny-sd"))
     replaced(kill_replica("Tracker"))
-    final = all_terminal(client, ids, 240, errors=[])
-    assert [final[i]["status"] for i in ids] == ["completed"] * len(ids), final
+    errors: list[str] = []
+    final = all_terminal(client, ids, 240, errors)
+    assert [final[i]["status"] for i in ids] == ["completed"] * len(ids), (
+        [(final[i]["status"], final[i].get("error"), final[i].get("attempts")) for i in ids],
+        errors)
+    assert all(final[i].get("attempts") in (1, 2, 3) for i in ids), final
+    after = stats(client)  # reloaded from Redis: every job counted once
+    assert after["completedJobs"] - before["completedJobs"] == len(ids)
+    assert (after["queuedJobs"], after["processingJobs"]) == (0, 0)
+    listed = client.get("/jobs", params={"limit": 500, "status": "completed"}).json()["jobs"]
+    assert sorted(j["id"] for j in listed if j["id"] in ids) == sorted(ids)
     # The sweep, as if the grace period had passed: every blob left is a recorded job's.
     store = RedisStore(REDIS_URL)
     sweep = BlobSweep(blobs, StoreIO(store), grace_s=60, clock=lambda: 2**62)
@@ -161,7 +174,7 @@ def test_an_s3_outage_fails_the_jobs_that_need_it_clearly_and_the_service_recove
         failing = submit(client, **SMALL, seed=22)  # no input image: accepted, then fails
         failed = wait_for(client, failing["id"], timeout_s=120)
         assert failed["status"] == "failed", failed
-        assert failed["error"] == ("Job failed after 2 attempt(s): the replica could not "
+        assert failed["error"] == ("Job failed after 3 attempt(s): the replica could not "
                                    "reach the image store")
         refused = client.post("/generate/img2img", json=img2img())
         assert refused.status_code == 503 and "image store" in refused.json()["error"]

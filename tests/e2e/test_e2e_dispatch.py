@@ -4,8 +4,10 @@ the tracker actor writing to a real redis-server (CI starts one; see tests/unit/
 - a job for a model whose replica can never be placed fails as timed out after JOB_TIMEOUT,
   while another model's jobs run meanwhile;
 - a storm of cancels at random moments leaves every model able to run new jobs, the queue
-  empty and the counts consistent;
-- killing the tracker loses no job and completes none twice: it reloads from Redis.
+  empty and the counts consistent.
+
+Killing the tracker on Redis (it reloads every job; none is lost or completed twice) runs
+with the images in S3: tests/e2e/test_e2e_blobs.py.
 """
 
 from __future__ import annotations
@@ -19,14 +21,14 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.support.chaos import all_terminal, kill_replica, replaced, stats, submit
+from tests.support.chaos import all_terminal, stats, submit
 from tests.support.serve_harness import ServeHarness, wait_for
 from tests.support.stores import REDIS_URL, redis_store
 
 pytestmark = pytest.mark.e2e
 
 SMALL = {"width": 64, "height": 64, "steps": 2}
-TIMEOUT_MS = 12_000  # short, but a loaded 2-core CI machine runs a 20-step batch in time
+TIMEOUT_MS = 6000
 
 
 def registry() -> dict[str, Any]:
@@ -109,23 +111,3 @@ def test_a_storm_of_cancels_leaves_every_model_working_and_the_queue_empty(
     for model in ("tiny-sd", "tiny-b"):
         after = submit(client, model=model, **SMALL)
         assert wait_for(client, after["id"], timeout_s=60)["status"] == "completed"
-
-
-def test_killing_the_tracker_on_redis_loses_no_job_and_completes_none_twice(
-        client: httpx.Client) -> None:
-    before = stats(client)
-    slow = {"width": 128, "height": 128, "steps": 20}
-    ids = [submit(client, model="tiny-sd", seed=i, **slow)["id"] for i in range(8)]
-    killed = kill_replica("Tracker")
-    replaced(killed)
-    errors: list[str] = []
-    final = all_terminal(client, ids, 120, errors)
-    assert [final[i]["status"] for i in ids] == ["completed"] * len(ids), (
-        [(final[i]["status"], final[i].get("error"), final[i].get("attempts")) for i in ids],
-        errors)
-    assert all(final[i].get("attempts") in (1, 2) for i in ids), final
-    after = stats(client)  # reloaded from Redis: every job counted once
-    assert after["completedJobs"] - before["completedJobs"] == len(ids)
-    assert (after["queuedJobs"], after["processingJobs"]) == (0, 0)
-    listed = client.get("/jobs", params={"limit": 500, "status": "completed"}).json()["jobs"]
-    assert sorted(j["id"] for j in listed if j["id"] in ids) == sorted(ids)
