@@ -29,9 +29,11 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
-# Served to anyone: liveness, and pages that hold no data (the playground's page, and the
-# API's own description), so a browser can load them before the user gives a key.
-PUBLIC_PATHS = frozenset({"/healthz", "/", "/docs", "/openapi.json", "/favicon.ico"})
+# Served to anyone: liveness and readiness (probes carry no key), and pages that hold no
+# data (the playground's page, and the API's own description), so a browser can load them
+# before the user gives a key.
+PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/", "/docs", "/openapi.json",
+                          "/favicon.ico"})
 PUBLIC_PREFIXES = ("/playground/",)
 
 

@@ -289,4 +289,9 @@ class ModelList(Reply):
 
 class Health(Reply):
     status: Literal["ok"]
-    queued_jobs: int
+
+
+class Ready(Reply):
+    status: Literal["ready"]
+    tracker: Literal["ok"]
+    store: Literal["ok"]

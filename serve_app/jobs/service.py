@@ -329,6 +329,13 @@ class JobTracker:
         """HTTP requests an ingress replica served since its last report."""
         self.metrics.http_requests(samples)
 
+    @tracker_call(Route.PRIMARY)
+    async def ready(self) -> dict[str, str]:
+        """Readiness: this tracker answers and its store answers one read (StoreUnavailable
+        otherwise). Free of rate limits: the ingress asks at most once a second."""
+        await self._book.calls.read(lambda store: store.load("readiness-probe"))
+        return {"tracker": "ok", "store": "ok"}
+
     def waiting_on_cold_start(self) -> bool:
         return self._dispatch.waiting_on_cold_start()
 

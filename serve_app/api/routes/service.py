@@ -9,8 +9,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from serve_app.api.context import context
 from serve_app.api.guard import caller_of
 from serve_app.api.routes.docs import errors
-from serve_app.api.wire import Health, ModelList, QueueStatus
-from serve_app.messages import OPEN
+from serve_app.api.wire import Health, ModelList, QueueStatus, Ready
 
 router = APIRouter()
 
@@ -36,7 +35,15 @@ async def metrics(request: Request) -> Response:
     return Response(body, media_type=CONTENT_TYPE_LATEST)
 
 
-@router.get("/healthz", response_model=Health, responses=errors(503))
-async def healthz(request: Request) -> Response:
-    queue = await context(request).backend.queue_status(OPEN)
-    return JSONResponse({"status": "ok", "queuedJobs": queue["queuedJobs"]})
+@router.get("/healthz", response_model=Health)
+async def healthz() -> Response:
+    """Liveness: this process answers HTTP. Nothing else is asked (no tracker, no store, no
+    rate limit, no key): a load balancer's or Kubernetes' liveness probe."""
+    return JSONResponse({"status": "ok"})
+
+
+@router.get("/readyz", response_model=Ready, responses=errors(503))
+async def readyz(request: Request) -> Response:
+    """Readiness: the tracker and the job store answer (checked at most once a second per
+    ingress replica); 503 with the reason otherwise. No rate limit, no key."""
+    return JSONResponse(await context(request).readiness.check())
