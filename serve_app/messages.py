@@ -271,3 +271,6 @@ class Submission:
     # Chosen by the ingress when the job has input images, which it stores under this id
     # before submitting (`serve_app.api.uploads`); the tracker makes one otherwise.
     job_id: str | None = None
+    # The caller's submit token was spent at the ingress, before the body was read
+    # (`JobTracker.admit`): the tracker does not spend another.
+    admitted: bool = False

@@ -16,7 +16,7 @@ from serve_app.api.wire import (
     StyleTransferRequest,
 )
 from serve_app.errors import InvalidRequest
-from serve_app.messages import MAX_SEED, InputImage
+from serve_app.messages import MAX_SEED
 from serve_app.registry import ModelSpec
 from serve_app.settings import Limits, Settings
 
@@ -83,18 +83,19 @@ def _strength(req: GenerationCommon) -> float:
 
 
 def size(
-    req: GenerationCommon, spec: ModelSpec, source: InputImage | None, settings: Settings
+    req: GenerationCommon, spec: ModelSpec, source: tuple[int, int] | None, settings: Settings
 ) -> tuple[int, int]:
-    """Explicit size, else the input image's (rounded down to the model's size multiple:
-    8, or 16 for the transformer families; scaled down to fit the limits), else the
-    model's default."""
+    """Explicit size, else the input image's (`source`, its width and height; rounded down
+    to the model's size multiple: 8, or 16 for the transformer families; scaled down to
+    fit the limits), else the model's default."""
     limits = settings.limits
     multiple = spec.size_multiple
     if source is not None:
-        scale = min(1.0, limits.max_size / max(source.width, source.height),
-                    (limits.max_pixels / (source.width * source.height)) ** 0.5)
+        source_w, source_h = source
+        scale = min(1.0, limits.max_size / max(source_w, source_h),
+                    (limits.max_pixels / (source_w * source_h)) ** 0.5)
         default_w, default_h = images.round_to_multiple(
-            int(source.width * scale), int(source.height * scale), multiple)
+            int(source_w * scale), int(source_h * scale), multiple)
     else:
         default_w, default_h = spec.defaults.width, spec.defaults.height
     width = req.width if req.width is not None else default_w
@@ -102,7 +103,7 @@ def size(
     for name, value, given in (("width", width, req.width), ("height", height, req.height)):
         if given is None and source is not None and value < limits.min_size:
             raise InvalidRequest(
-                f"The input image is {source.width}x{source.height}: images must be at least "
+                f"The input image is {source[0]}x{source[1]}: images must be at least "
                 f"{limits.min_size} px on each side, or pass width and height to resize it"
             )
         check_range(name, value, limits.min_size, limits.max_size)

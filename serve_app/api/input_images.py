@@ -42,6 +42,8 @@ _OTHER_MAGIC: tuple[tuple[bytes, str], ...] = (
 # Errors Pillow raises on truncated or malformed data while decoding.
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, struct.error)
 _ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
+_ORIENTATION = 0x0112  # the EXIF tag; 5 to 8 turn the image a quarter
+_TURNED = frozenset({5, 6, 7, 8})
 _MASK_ASPECT_TOLERANCE = 0.01
 _MASK_THRESHOLD = 128
 
@@ -85,6 +87,19 @@ def decode_mask(value: object, field: str, limits: Limits, image: InputImage) ->
             f"{field}: the mask is entirely black; white marks the area to repaint"
         )
     return InputImage(png=_encode_png(mask), width=mask.width, height=mask.height)
+
+
+def probe_size(value: object, field: str, limits: Limits) -> tuple[int, int]:
+    """The image's width and height as it will decode (EXIF orientation applied), read from
+    its header only: what the work budget is checked on before any pixel is decoded. The
+    same failures as `decode_input_image`'s, but for a truncated or corrupt pixel stream,
+    which only the full decode finds."""
+    image = _open_header(_decode_base64(value, field, limits), field, limits)
+    try:
+        turned = image.getexif().get(_ORIENTATION, 1) in _TURNED
+    except _DECODE_ERRORS:
+        turned = False  # the full decode says what is wrong with it
+    return (image.height, image.width) if turned else (image.width, image.height)
 
 
 def open_image(value: object, field: str, limits: Limits) -> Image.Image:
@@ -150,7 +165,18 @@ def _decode_base64(value: object, field: str, limits: Limits) -> bytes:
 
 def _open_image(value: object, field: str, limits: Limits) -> Image.Image:
     """Decode the field, check format and pixel count from the header, then fully load."""
-    data = _decode_base64(value, field, limits)
+    image = _open_header(_decode_base64(value, field, limits), field, limits)
+    try:
+        image.load()
+        # Inside the try: a corrupt EXIF block fails here rather than at load.
+        ImageOps.exif_transpose(image, in_place=True)
+    except _DECODE_ERRORS:
+        raise _corrupt(field) from None
+    return image
+
+
+def _open_header(data: bytes, field: str, limits: Limits) -> Image.Image:
+    """The image opened (its header read, no pixel decoded), format and pixel count checked."""
     try:
         # Pillow warns (or raises, past twice the limit) on huge headers during open; make
         # both an exception here, locally, so a bomb is a 400 and never leaks a warning.
@@ -175,12 +201,6 @@ def _open_image(value: object, field: str, limits: Limits) -> Image.Image:
         )
     if pixels == 0:
         raise _corrupt(field)
-    try:
-        image.load()
-        # Inside the try: a corrupt EXIF block fails here rather than at load.
-        ImageOps.exif_transpose(image, in_place=True)
-    except _DECODE_ERRORS:
-        raise _corrupt(field) from None
     return image
 
 

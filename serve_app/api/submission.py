@@ -45,8 +45,10 @@ def build_submission(
     caller: Caller = OPEN,
     request_id: str | None = None,
     base_url: str = "",
+    admitted: bool = False,
 ) -> Submission:
-    """`base_url`: the service's public URL, for the image links of the job's webhooks."""
+    """`base_url`: the service's public URL, for the image links of the job's webhooks;
+    `admitted`: the caller's submit token was spent already (`serve_app.api.admission`)."""
     req = parse(job_type, body)
     spec = resolve_model(req.model or settings.default_model, registry, served)
     limits = settings.limits
@@ -54,20 +56,21 @@ def build_submission(
     check_text("prompt", getattr(req, "prompt", "") or "", limits.max_prompt_chars)
     check_text("negativePrompt", req.negative_prompt or "", limits.max_prompt_chars)
     settled = settle(req, spec, limits)
+    loras = check_loras(req, spec, registry, limits)
+    # The size (without one: the first input image's, or text2img's control image's) and
+    # the work budget, from image headers only: no pixel is decoded for a request that
+    # asks for too much.
+    width, height = size(req, spec, _first_size(req, settings), settings)
+    check_work(width, height, settled.steps, req.num_images, limits.max_work)
 
     decoded = _decode_images(req, settings)
-    loras = check_loras(req, spec, registry, limits)
     control = check_control(req, job_type, spec, limits)
-    # Without a size, text2img with a ControlNet makes its control image's.
-    first = next(iter(decoded.values()), control.image if control else None)
-    width, height = size(req, spec, first, settings)
-
     task = _task(job_type, req, settled, width, height, decoded, loras, control)
-    check_work(task, limits.max_work)
     echo = _echo(req, spec, settled, task, decoded, control)
     fingerprint = _fingerprint(job_type, body) if idempotency_key is not None else None
     return Submission(job_type, _target(job_type, spec, served), req.priority, echo, task,
-                      idempotency_key, caller, fingerprint, request_id, webhook)
+                      idempotency_key, caller, fingerprint, request_id, webhook,
+                      admitted=admitted)
 
 
 def _task(job_type: JobType, req: GenerationCommon, settled: Settled, width: int,
@@ -136,6 +139,18 @@ def _target(job_type: JobType, spec: ModelSpec, served: frozenset[str]) -> str:
     if job_type is JobType.INPAINT and spec.inpainting_model and spec.inpainting_model in served:
         return spec.inpainting_model
     return spec.id
+
+
+def _first_size(req: GenerationCommon, settings: Settings) -> tuple[int, int] | None:
+    """The size of the image a request without width and height takes its size from."""
+    if req.width is not None and req.height is not None:
+        return None
+    for field in IMAGE_FIELDS:
+        if field != "mask" and hasattr(req, field):
+            return images.probe_size(getattr(req, field), to_camel(field), settings.limits)
+    if req.control_net is not None:
+        return images.probe_size(req.control_net.image, "controlNet.image", settings.limits)
+    return None
 
 
 def _decode_images(req: GenerationCommon, settings: Settings) -> dict[str, InputImage]:

@@ -7,7 +7,8 @@ concurrent submits of this ingress replica travel to the tracker in one `submit_
 call the tracker had accepted when it died fails with an actor error; Serve restarts the
 tracker (it reloads every job from the store) within seconds, so calls are retried until
 then. Every call is safe to repeat: submits carry an Idempotency-Key (one is made up when
-the client sent none) and a cancel of a cancelled job answers the same again.
+the client sent none) and a cancel of a cancelled job answers the same again. A submit's
+admission (its token, spent before the body is read) is coalesced the same way.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from serve_app.api.coalescing import Coalescer
 from serve_app.errors import ServiceError, ServiceUnavailable
 from serve_app.jobs.interface import CallSpec, derive
 from serve_app.jobs.service import TRACKER_CALLS
-from serve_app.messages import Submission
+from serve_app.messages import Caller, Submission
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +73,11 @@ class TrackerClient:
             # the same 503 a call would, instead of starting their own wait.
             max_wait_s=TRACKER_RESTART_S, expired=_tracker_unavailable,
         )
+        self._admits: Coalescer[Caller, None] = Coalescer(
+            lambda callers: self._call("admit_many", callers),
+            max_bundle=SUBMIT_BUNDLE, max_in_flight=SUBMITS_IN_FLIGHT,
+            max_wait_s=TRACKER_RESTART_S, expired=_tracker_unavailable,
+        )
 
     async def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
         deadline = time.monotonic() + TRACKER_RESTART_S
@@ -109,3 +115,7 @@ class TrackerClient:
             # Makes a retried submit (see `_call`) return the job the first try saved.
             sub = dataclasses.replace(sub, idempotency_key=f"auto:{uuid.uuid4().hex}")
         return await self._submits(sub)
+
+    async def admit(self, caller: Caller) -> None:
+        """Coalesced with this replica's concurrent admissions into one `admit_many`."""
+        await self._admits(caller)

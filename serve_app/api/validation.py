@@ -17,7 +17,7 @@ from pydantic.alias_generators import to_camel
 
 from serve_app.api.wire import NESTED_MODELS, REQUEST_MODELS, GenerationCommon
 from serve_app.errors import InvalidRequest, ModelNotAvailable
-from serve_app.messages import SAMPLERS, GenerationTask, JobType
+from serve_app.messages import SAMPLERS, JobType
 from serve_app.registry import ModelSpec, Registry
 
 _TYPE_WORDS = {
@@ -94,13 +94,14 @@ def check_sampler(sampler: str, spec: ModelSpec) -> None:
         raise InvalidRequest(problem)
 
 
-def check_work(task: GenerationTask, max_work: float) -> None:
-    megapixels = task.width * task.height / 1e6
-    work = megapixels * task.steps * task.num_images
+def check_work(width: int, height: int, steps: int, images: int, max_work: float) -> None:
+    """The work budget: megapixels x steps x images, at most `max_work`."""
+    megapixels = width * height / 1e6
+    work = megapixels * steps * images
     if work > max_work:
         raise InvalidRequest(
-            f"This request asks for {task.width}x{task.height} ({megapixels:.2f} megapixels) x "
-            f"{task.steps} steps x {task.num_images} image(s) = {work:.0f} megapixel-steps, "
+            f"This request asks for {width}x{height} ({megapixels:.2f} megapixels) x "
+            f"{steps} steps x {images} image(s) = {work:.0f} megapixel-steps, "
             f"over the limit of {max_work:g}: use fewer steps or images, or a smaller size")
 
 

@@ -1,7 +1,8 @@
 """Taking submissions in: what is refused, what is a repeat, and what becomes a job.
 
 In order, for each submission of a bundle (the ingress sends concurrent submits together):
-its caller's submit budget (429 when the bucket is empty); its Idempotency-Key, scoped to
+its caller's submit budget (429 when the bucket is empty; spent already when the ingress
+admitted the request before reading its body: `admit_many`); its Idempotency-Key, scoped to
 the caller's API key and bound to the request (the same key answers the same job; with
 another body it is a 409); the model; the queue (MAX_QUEUE_SIZE) and the caller's own cap
 (429 for that key alone). The new jobs of a bundle are saved together, then queued: a submit
@@ -27,7 +28,7 @@ from serve_app.jobs.dispatch import Dispatch
 from serve_app.jobs.job import Job, new_job_id
 from serve_app.jobs.ratelimit import RateLimiter
 from serve_app.jobs.webhook_state import WebhookState
-from serve_app.messages import Submission
+from serve_app.messages import Caller, Submission
 from serve_app.settings import Settings
 from serve_app.shards import PRIMARY, ShardMap
 
@@ -64,6 +65,18 @@ class Intake:
         async with self._lock:
             return await self._submit_many(subs)
 
+    def admit_many(self, callers: Sequence[Caller]) -> list[ServiceError | None]:
+        """Spend each caller's submit token (a 429 for an empty bucket): what the ingress
+        asks before it reads a submit's body."""
+        outcomes: list[ServiceError | None] = []
+        for caller in callers:
+            try:
+                self.budget.take(caller.client)
+                outcomes.append(None)
+            except ServiceError as exc:
+                outcomes.append(exc)
+        return outcomes
+
     async def _submit_many(self, subs: Sequence[Submission]) -> list[Outcome]:
         outcomes: list[Outcome | None] = [None] * len(subs)
         holders = await self._holders(subs)
@@ -72,7 +85,8 @@ class Intake:
         for i, sub in enumerate(subs):
             key = scoped_key(sub)
             try:
-                self.budget.take(sub.caller.client)
+                if not sub.admitted:
+                    self.budget.take(sub.caller.client)
                 if key is not None and key in holders:
                     continue  # answered below with the holder's record
                 job = self._new_job(sub, len(fresh), per_owner[sub.caller.name])

@@ -198,6 +198,20 @@ class JobTracker:
             raise outcome
         return outcome
 
+    @tracker_call(Route.PRIMARY)
+    async def admit(self, caller: Caller) -> None:
+        """Spend the caller's submit token (429 when its bucket is empty). The ingress asks
+        before it reads a submit's body, so a key past its budget costs nothing more; a
+        submission it then sends is marked `admitted` and spends no second token."""
+        (refused,) = self._intake.admit_many([caller])
+        if refused is not None:
+            raise refused
+
+    @tracker_call(Route.PRIMARY)
+    async def admit_many(self, callers: Sequence[Caller]) -> list[ServiceError | None]:
+        """`admit` for several callers at once (the ingress coalesces them)."""
+        return self._intake.admit_many(callers)
+
     @tracker_call(Route.MODEL)
     async def submit_many(self, subs: Sequence[Submission]) -> list[Outcome]:
         """Each submission's record, or the error that refused it; one refusal does not

@@ -37,6 +37,7 @@ def samples(registry: Registry, settings: Settings) -> dict[str, Any]:
     """A value for every parameter name the tracker's calls take."""
     sub = submission(registry, settings)
     return {"sub": sub, "subs": [sub], "job_id": "job_1", "caller": CALLER, "index": 1,
+            "callers": [CALLER],
             "limited": False, "live": True, "samples": [("GET", "/jobs", 200, 0.01)],
             "name": "model", "value": "tiny-sd", "filters": {"status": JobStatus.COMPLETED}}
 
@@ -100,6 +101,8 @@ class Recorder:
 def _record(spec: CallSpec) -> Callable[..., Any]:
     async def call(self: Recorder, *args: Any, **kwargs: Any) -> Any:
         self.arrived.append((spec.name, args, kwargs))
+        if spec.name == "admit_many":
+            return [None]
         return [{"id": "job_1"}] if spec.name == "submit_many" else {"answer": spec.name}
     return call
 
@@ -172,9 +175,13 @@ async def test_every_call_goes_through_the_ingress_client_and_the_shell_unchange
             (sent,), = got_args
             assert sent.task == args[0].task and sent.idempotency_key.startswith("auto:")
             continue
+        if spec.name == "admit":  # coalesced: one admit_many
+            assert (name, got_args) == ("admit_many", ([CALLER],)) and answer is None
+            continue
         assert (name, list(got_args), got_kwargs) == (spec.name, args, kwargs)
         expected = [b"record"] if spec.stream else (
-            [{"id": "job_1"}] if spec.name == "submit_many" else {"answer": spec.name})
+            [{"id": "job_1"}] if spec.name == "submit_many" else
+            [None] if spec.name == "admit_many" else {"answer": spec.name})
         assert answer == expected
     shell._stopping = True  # nothing started: its finalizer has nothing to stop
 
@@ -196,4 +203,5 @@ async def test_the_tracker_itself_answers_every_call_in_process(
         except JobNotFound:
             assert spec.route is Route.JOB, spec.name
             continue
-        assert answer is not None or spec.name in ("record_http", "remember"), spec.name
+        assert answer is not None or spec.name in ("record_http", "remember", "admit"), (
+            spec.name)

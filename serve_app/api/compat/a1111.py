@@ -18,6 +18,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
+from serve_app.api.admission import admit
 from serve_app.api.compat import a1111_samplers as samplers
 from serve_app.api.compat import a1111_translate as translate
 from serve_app.api.compat.dialects import A1111_PREFIX, DialectError, error_responses, json_body
@@ -172,6 +173,7 @@ for _path in REFRESH:
 
 async def _generate(request: Request, *, img2img: bool) -> JSONResponse:
     ctx, caller = context(request), caller_of(request)
+    await admit(request)  # the submit token before the body is read
     req = parse_json(await request.body())
     if not isinstance(req, dict):
         raise DialectError("The request body must be a JSON object")

@@ -23,6 +23,7 @@ from fastapi import Request
 from starlette.concurrency import run_in_threadpool
 
 from serve_app.api import uploads
+from serve_app.api.admission import admitted
 from serve_app.api.compat.dialects import DialectError, renamed
 from serve_app.api.context import context
 from serve_app.api.guard import caller_of
@@ -61,7 +62,8 @@ async def submit(request: Request, names: dict[str, str],
         try:
             sub = build_submission(job_type, body, settings=ctx.settings,
                                    registry=ctx.registry, served=ctx.served,
-                                   idempotency_key=key, caller=caller)
+                                   idempotency_key=key, caller=caller,
+                                   admitted=admitted(request))
         except (InvalidRequest, ModelNotAvailable) as exc:
             raise renamed(exc, names) from None
         return _without_prompt(sub) if empty else sub

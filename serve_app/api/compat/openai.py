@@ -16,6 +16,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from starlette.datastructures import UploadFile
 
+from serve_app.api.admission import admit
 from serve_app.api.compat import openai_translate as translate
 from serve_app.api.compat.dialects import (
     OPENAI_PREFIX,
@@ -58,6 +59,7 @@ _IMAGE_ERRORS = error_responses(OPENAI_PREFIX, 400, 401, 409, 413, 429, 500, 503
 
 @router.post("/images/generations", responses=_IMAGE_ERRORS, openapi_extra=_GENERATION)
 async def create_image(request: Request) -> JSONResponse:
+    await admit(request)  # the submit token before the body is read
     fields = parse_json(await request.body())
     if not isinstance(fields, dict):
         raise DialectError("The request body must be a JSON object.")
@@ -69,6 +71,7 @@ async def create_image(request: Request) -> JSONResponse:
 
 @router.post("/images/edits", responses=_IMAGE_ERRORS, openapi_extra=_EDIT)
 async def edit_image(request: Request) -> JSONResponse:
+    await admit(request)  # the submit token before the body is read
     fields, files = await _multipart(request)
     req = translate.parse_fields(fields)
     image = _required_file(files, "image")
@@ -81,6 +84,7 @@ async def edit_image(request: Request) -> JSONResponse:
 
 @router.post("/images/variations", responses=_IMAGE_ERRORS, openapi_extra=_VARIATION)
 async def create_variation(request: Request) -> JSONResponse:
+    await admit(request)  # the submit token before the body is read
     fields, files = await _multipart(request)
     req = translate.parse_fields(fields, needs_prompt=False)
     image = _required_file(files, "image")

@@ -9,6 +9,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from serve_app.api import uploads
+from serve_app.api.admission import admit
 from serve_app.api.context import context
 from serve_app.api.guard import caller_of
 from serve_app.api.images import ImageMode
@@ -52,6 +53,7 @@ async def generate_style_transfer(request: Request, key: IdempotencyKey = None) 
 
 async def submit(request: Request, job_type: JobType, key: str | None) -> Response:
     ctx = context(request)
+    await admit(request)  # the token first: nothing is read for a key past its budget
     body = parse_json(await request.body())
     key = key or None
     if key is not None and len(key) > 255:
@@ -62,7 +64,7 @@ async def submit(request: Request, job_type: JobType, key: str | None) -> Respon
                                 served=ctx.served, idempotency_key=key,
                                 caller=caller_of(request),
                                 request_id=request.headers.get("x-request-id"),
-                                base_url=public_base_url(request))
+                                base_url=public_base_url(request), admitted=True)
 
     # Decoding input images is CPU work: keep it off the event loop.
     carries_images = job_type is not JobType.TEXT2IMG
