@@ -1,7 +1,8 @@
 """API keys as configuration holds them: a name, a role and the key's SHA-256, never the key.
 
-Keys come from `API_KEYS` (comma-separated `key`, `name:key` or `name:key:admin`) and from a
-keys file (`IMAGEGEN_API_KEYS_FILE`, YAML) for real deployments:
+Keys come from `API_KEYS` (comma-separated `key`, `name:key`, `name:key:admin` or
+`name:key:role:max_priority`) and from a keys file (`IMAGEGEN_API_KEYS_FILE`, YAML) for real
+deployments:
 
     keys:
       - name: alice
@@ -9,6 +10,12 @@ keys file (`IMAGEGEN_API_KEYS_FILE`, YAML) for real deployments:
       - name: ops
         sha256: ...
         role: admin
+      - name: batch
+        sha256: ...
+        max_priority: low
+
+A key's highest priority (`max_priority`) is `normal` for users and `high` for admins unless
+given: priority is a privilege, so a user cannot jump every queue with `priority: "high"`.
 
 `imagegen keys new NAME` makes a key and prints its file entry. A plain `key:` is accepted in
 the file too (it is hashed at once), for quick trials only. The plain key is hashed the
@@ -27,6 +34,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 Role = Literal["user", "admin"]
+PriorityName = Literal["low", "normal", "high"]
+_PRIORITIES = ("low", "normal", "high")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
 MIN_KEY_CHARS = 16
 
@@ -48,6 +57,14 @@ class ApiKey(BaseModel):
     role: Role = "user"
     # The key's share when keys take turns in a queue (2: twice the turns of a 1).
     weight: float = Field(1.0, gt=0, le=100)
+    # The highest priority its jobs may ask for; None: `high` for an admin, else `normal`.
+    max_priority: PriorityName | None = None
+
+    @property
+    def highest(self) -> PriorityName:
+        if self.max_priority is not None:
+            return self.max_priority
+        return "high" if self.role == "admin" else "normal"
 
     @model_validator(mode="before")
     @classmethod
@@ -61,12 +78,16 @@ class ApiKey(BaseModel):
 
 
 def parse_keys(text: str) -> list[ApiKey]:
-    """`API_KEYS`: comma-separated `key`, `name:key` or `name:key:admin` (or `:user`)."""
+    """`API_KEYS`: comma-separated `key`, `name:key`, `name:key:admin` (or `:user`), or
+    `name:key:role:max_priority` (`low`, `normal` or `high`)."""
     keys = []
     for number, item in enumerate((part.strip() for part in text.split(",")), start=1):
         if not item:
             continue
         parts = item.split(":")
+        highest: str | None = None
+        if len(parts) == 4 and parts[3] in _PRIORITIES:
+            highest = parts.pop()
         role: str = "user"
         if len(parts) == 3 and parts[2] in ("user", "admin"):
             role = parts.pop()
@@ -75,13 +96,14 @@ def parse_keys(text: str) -> list[ApiKey]:
         elif len(parts) == 2:
             name, key = parts
         else:
-            raise ValueError(f"API_KEYS entry {number} is not `key`, `name:key` or "
-                             "`name:key:admin`")
+            raise ValueError(f"API_KEYS entry {number} is not `key`, `name:key`, "
+                             "`name:key:admin` or `name:key:role:max_priority`")
         if not _NAME.match(name):
             raise ValueError(f"API_KEYS entry {number}: the name {name!r} must be letters, "
                              "digits, '.', '_', '@' or '-'")
         _check_key(key, name)
-        keys.append(ApiKey(name=name, sha256=hash_key(key), role=role))  # type: ignore[arg-type]
+        keys.append(ApiKey(name=name, sha256=hash_key(key), role=role,  # type: ignore[arg-type]
+                           max_priority=highest))  # type: ignore[arg-type]
     return keys
 
 

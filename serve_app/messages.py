@@ -215,12 +215,14 @@ def unpack(item: StreamItem) -> list[ReplicaEvent]:
 
 @dataclass(frozen=True)
 class Caller:
-    """Who asks: the API key's name and role, and `client`, what rate limits count by (the
-    key's name; the client's address when the service runs open, without keys)."""
+    """Who asks: the API key's name and role, `client`, what rate limits count by (the
+    key's name; the client's address when the service runs open, without keys), and the
+    highest priority its jobs may ask for."""
 
     name: str | None
     admin: bool
     client: str
+    max_priority: Priority = Priority.HIGH
 
     def may_see(self, owner: str | None) -> bool:
         return self.admin or owner == self.name

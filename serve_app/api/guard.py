@@ -20,7 +20,7 @@ from fastapi import Request
 from serve_app.api.compat.dialects import render_error
 from serve_app.credentials import ApiKey, hash_key
 from serve_app.errors import PayloadTooLarge
-from serve_app.messages import Caller
+from serve_app.messages import Caller, Priority
 from serve_app.settings import Settings
 
 Scope = MutableMapping[str, Any]
@@ -91,7 +91,8 @@ class Guard:
         presented = _presented_key(headers)
         key = self.keys.find(presented) if presented else None
         if key is not None:
-            return Caller(name=key.name, admin=key.role == "admin", client=key.name)
+            return Caller(name=key.name, admin=key.role == "admin", client=key.name,
+                          max_priority=Priority(key.highest))
         path = scope.get("path", "")
         if path in PUBLIC_PATHS or path.startswith(PUBLIC_PREFIXES):
             return Caller(name=None, admin=False, client="public")

@@ -13,7 +13,13 @@ from pydantic.alias_generators import to_camel
 from serve_app.api import input_images as images
 from serve_app.api.adapter_requests import check_control, check_loras, echo_adapters
 from serve_app.api.defaults import Settled, settle, size
-from serve_app.api.validation import check_text, check_work, parse, resolve_model
+from serve_app.api.validation import (
+    check_priority,
+    check_text,
+    check_work,
+    parse,
+    resolve_model,
+)
 from serve_app.api.webhook_fields import webhook_request
 from serve_app.api.wire import (
     IMAGE_FIELDS,
@@ -50,6 +56,7 @@ def build_submission(
     """`base_url`: the service's public URL, for the image links of the job's webhooks;
     `admitted`: the caller's submit token was spent already (`serve_app.api.admission`)."""
     req = parse(job_type, body)
+    check_priority(req.priority, caller)
     spec = resolve_model(req.model or settings.default_model, registry, served)
     limits = settings.limits
     webhook = webhook_request(req, settings, base_url)

@@ -16,8 +16,8 @@ from pydantic import ValidationError
 from pydantic.alias_generators import to_camel
 
 from serve_app.api.wire import NESTED_MODELS, REQUEST_MODELS, GenerationCommon
-from serve_app.errors import InvalidRequest, ModelNotAvailable
-from serve_app.messages import SAMPLERS, JobType
+from serve_app.errors import Forbidden, InvalidRequest, ModelNotAvailable
+from serve_app.messages import SAMPLERS, Caller, JobType, Priority
 from serve_app.registry import ModelSpec, Registry
 
 _TYPE_WORDS = {
@@ -85,6 +85,15 @@ def resolve_model(model_id: str, registry: Registry, served: frozenset[str]) -> 
             f"(under MODEL_PATH) and restart, or use one of: {', '.join(sorted(served))}"
         )
     return spec
+
+
+def check_priority(priority: Priority, caller: Caller) -> None:
+    """Priority is a privilege: a key asks for at most its `max_priority` (403)."""
+    if priority.rank < caller.max_priority.rank:
+        raise Forbidden(
+            f"priority {priority.value!r} is above this API key's highest, "
+            f"{caller.max_priority.value!r}: send priority {caller.max_priority.value!r} or "
+            "lower, or ask for a key with max_priority high")
 
 
 def check_sampler(sampler: str, spec: ModelSpec) -> None:

@@ -228,3 +228,57 @@ async def client_open(registry, settings, replicas) -> AsyncIterator[httpx.Async
     async with c:
         yield c
     await tracker.close()
+
+
+# -- priority is a privilege -------------------------------------------------------------
+
+
+def test_a_keys_highest_priority_is_normal_for_users_high_for_admins_unless_given() -> None:
+    from serve_app.credentials import parse_keys
+
+    keys = {k.name: k for k in parse_keys(
+        f"ana:{ANA},ops:{OPS}:admin,bo:{BO}:user:high,batch:{'b' * 20}:admin:low")}
+    assert {n: k.highest for n, k in keys.items()} == {
+        "ana": "normal", "ops": "high", "bo": "high", "batch": "low"}
+
+
+async def test_a_priority_above_the_keys_highest_is_403_naming_it(client) -> None:
+    refused = await client.post("/generate/text2img", json=SMALL | {"priority": "high"},
+                                headers=as_(ANA))
+    assert refused.status_code == 403
+    assert refused.json() == {"error": "priority 'high' is above this API key's highest, "
+                                       "'normal': send priority 'normal' or lower, or ask "
+                                       "for a key with max_priority high"}
+    for priority in ("low", "normal"):
+        ok = await client.post("/generate/text2img", json=SMALL | {"priority": priority},
+                               headers=as_(ANA))
+        assert ok.status_code == 202, ok.text
+    admin = await client.post("/generate/text2img", json=SMALL | {"priority": "high"},
+                              headers=as_(OPS))
+    assert admin.status_code == 202 and admin.json()["priority"] == "high"
+
+
+async def test_keys_allowed_high_take_turns_at_high(registry, settings, replicas) -> None:
+    """Two keys that may use `high`, one flooding: the other's job runs after at most one
+    of the flood's, not after all of it."""
+    env = {"API_KEYS": f"ana:{ANA}:user:high,bo:{BO}:user:high"}
+    keyed_high = load_settings(settings.model_dump(exclude={"api_keys"}) | {
+        "submit_rate": 0, "max_concurrent_jobs": 1}, env=env)
+    replicas.hold = asyncio.Event()
+    c, tracker = await app_for(registry, keyed_high, replicas)
+    async with c:
+        flood = [await c.post("/generate/text2img", json=SMALL | {"priority": "high",
+                                                                  "seed": i},
+                              headers=as_(ANA)) for i in range(5)]
+        assert all(r.status_code == 202 for r in flood)
+        mine = await c.post("/generate/text2img", json=SMALL | {"priority": "high"},
+                            headers=as_(BO))
+        assert mine.status_code == 202
+        replicas.hold.set()
+        for _ in range(200):
+            await asyncio.sleep(0.01)
+            if len(replicas.started) == 6:
+                break
+    order = replicas.started
+    assert order.index(mine.json()["id"]) <= 2, order  # the running one, one of ana's, bo's
+    await tracker.close()

@@ -54,7 +54,8 @@ _EDIT = multipart_body({"type": "object", "required": ["image", "prompt"],
                                        "strength": {"type": "number"}}})
 _VARIATION = multipart_body({"type": "object", "required": ["image"],
                              "properties": {**_FIELDS, "image": _BINARY}})
-_IMAGE_ERRORS = error_responses(OPENAI_PREFIX, 400, 401, 409, 413, 429, 500, 503, 504)
+_IMAGE_ERRORS = error_responses(OPENAI_PREFIX, 400, 401, 403, 409, 413, 429, 500, 503,
+                                504)
 
 
 @router.post("/images/generations", responses=_IMAGE_ERRORS, openapi_extra=_GENERATION)

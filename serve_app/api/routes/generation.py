@@ -27,7 +27,7 @@ IdempotencyKey = Annotated[str | None, Header(
 
 router = APIRouter()
 _SUBMIT = {"status_code": 202, "response_model": JobRecord,
-           "responses": errors(400, 401, 409, 413, 429, 503)}
+           "responses": errors(400, 401, 403, 409, 413, 429, 503)}
 
 
 @router.post("/generate/text2img", **_SUBMIT, openapi_extra=request_body(JobType.TEXT2IMG))

@@ -1,0 +1,166 @@
+"""The retraining run behind `python -m serve_app.training` (see `__main__` for the CLI).
+
+Contract (`run(out, plan, stages, ...)`):
+- Runs the named stages in order; each stage loads its inputs from DIR with
+  `from_pretrained` (exactly what ships), so stages can be rerun one at a time and a
+  `--resume`d run skips stages whose output is already there.
+- Returns a report: per stage wall seconds, CPU seconds (so a run slowed by other processes
+  on the machine can still be compared to an idle one: CPU s / threads), and its figures;
+  at the end the quality grid of the final text-to-image model and the companions' checks.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    ControlNetModel,
+    StableDiffusionInpaintPipeline,
+    StableDiffusionPipeline,
+)
+
+from serve_app.training import checks
+from serve_app.training.common import setup
+from serve_app.training.evaluate import measure, quality_grid
+from serve_app.training.tokenizer import build_tokenizer_files, load_tokenizer
+
+FOLDERS = {"tokenizer": "tokenizer", "vae": "vae", "denoiser": "tiny-sd",
+           "inpaint": "tiny-sd-inpaint", "lora": "tiny-outline-lora",
+           "controlnet": "tiny-canny"}
+MARKERS = {"tokenizer": "vocab.json", "vae": "config.json", "denoiser": "model_index.json",
+           "inpaint": "model_index.json", "lora": "pytorch_lora_weights.safetensors",
+           "controlnet": "config.json"}
+
+
+def run(out: Path, plan: Any, stages: tuple[str, ...], seed: int = 0, threads: int = 2,
+        resume: bool = False) -> dict[str, Any]:
+    from serve_app.training.__main__ import SECONDS_PER_STEP, estimate_s
+
+    setup(threads)
+    log_path = out / "train.log"
+    report: dict[str, Any] = {"seed": seed, "threads": threads, "plan": vars(plan),
+                              "stages": {}}
+    expected_done, actual_done = 0.0, 0.0
+    for i, stage in enumerate(stages):
+        folder = out / FOLDERS[stage]
+        if resume and (folder / MARKERS[stage]).is_file():
+            _say(log_path, f"{stage}: kept {folder}")
+            continue
+        wall, cpu = time.monotonic(), time.process_time()
+        figures = STAGE_FUNCS[stage](out, folder, plan, seed, log_path)
+        wall, cpu = time.monotonic() - wall, time.process_time() - cpu
+        report["stages"][stage] = {"wall_s": round(wall, 1), "cpu_s": round(cpu, 1),
+                                   "figures": figures}
+        if stage in SECONDS_PER_STEP:
+            expected_done += estimate_s(plan, (stage,))
+            actual_done += wall
+        ratio = actual_done / expected_done if expected_done else 1.0
+        left = estimate_s(plan, stages[i + 1:]) * ratio
+        _say(log_path, f"{stage}: done in {wall / 60:.1f} min (cpu {cpu / 60:.1f} min); "
+                       f"about {left / 60:.1f} min left")
+    if "denoiser" in stages or "inpaint" in stages or "lora" in stages \
+            or "controlnet" in stages:
+        wall = time.monotonic()
+        report["final"] = final_figures(out, plan)
+        report["final"]["wall_s"] = round(time.monotonic() - wall, 1)
+        _say(log_path, f"final figures: {report['final']}")
+    return report
+
+
+def _say(log_path: Path, message: str) -> None:
+    line = f"[{time.strftime('%H:%M:%S')}] {message}"
+    print(line, file=sys.stderr, flush=True)
+    with open(log_path, "a") as f:
+        f.write(line + "\n")
+
+
+def _base(out: Path) -> StableDiffusionPipeline:
+    return StableDiffusionPipeline.from_pretrained(out / FOLDERS["denoiser"],
+                                                   torch_dtype=torch.float32)
+
+
+def stage_tokenizer(out: Path, folder: Path, plan: Any, seed: int, log: Path) -> dict:
+    build_tokenizer_files(folder)
+    return {"vocab": len(load_tokenizer(folder))}
+
+
+def stage_vae(out: Path, folder: Path, plan: Any, seed: int, log: Path) -> dict:
+    from serve_app.training.vae import train_vae
+
+    _, figures = train_vae(folder, plan.vae, batch=plan.vae_batch, seed=seed, log_path=log)
+    return figures
+
+
+def stage_denoiser(out: Path, folder: Path, plan: Any, seed: int, log: Path) -> dict:
+    from serve_app.training.denoiser import train_denoiser
+    from serve_app.training.pipeline import assemble, save
+
+    vae = AutoencoderKL.from_pretrained(out / FOLDERS["vae"])
+    tokenizer = load_tokenizer(out / FOLDERS["tokenizer"])
+    result = train_denoiser(vae, tokenizer, plan.denoiser, batch=plan.batch, pool=plan.pool,
+                            seed=seed, eval_every=plan.eval_every, eval_n=plan.eval_n,
+                            log_path=log)
+    save(assemble(vae, result.text_encoder, tokenizer, result.unet), folder)
+    return {"best": result.best, "history": result.history}
+
+
+def stage_inpaint(out: Path, folder: Path, plan: Any, seed: int, log: Path) -> dict:
+    from serve_app.training.inpaint import train_inpaint
+    from serve_app.training.pipeline import assemble, save
+
+    base = _base(out)
+    unet = train_inpaint(base.vae, base.text_encoder, base.tokenizer, base.unet, plan.inpaint,
+                         batch=plan.batch, seed=seed, log_path=log)
+    pipe = assemble(base.vae, base.text_encoder, base.tokenizer, unet)
+    save(pipe, folder)
+    n = 6 if plan.inpaint < 10 else 60
+    figures, _, _ = checks.measure_inpaint(pipe, n)
+    return figures
+
+
+def stage_lora(out: Path, folder: Path, plan: Any, seed: int, log: Path) -> dict:
+    from serve_app.training.lora import save_lora, train_lora
+
+    base = _base(out)
+    unet = train_lora(base.vae, base.text_encoder, base.tokenizer, base.unet, plan.lora,
+                      batch=plan.batch, pool=plan.companion_pool, seed=seed, log_path=log)
+    path = save_lora(unet, folder)
+    figures, _ = checks.measure_lora(_base(out), folder, quality_grid(
+        6 if plan.lora < 10 else 45, seed=seed + 5))
+    return {"file": str(path), **figures}
+
+
+def stage_controlnet(out: Path, folder: Path, plan: Any, seed: int, log: Path) -> dict:
+    from serve_app.training.controlnet import train_controlnet
+    from serve_app.training.pipeline import save_half
+
+    base = _base(out)
+    net = train_controlnet(base.vae, base.text_encoder, base.tokenizer, base.unet,
+                           plan.controlnet, batch=plan.batch, pool=plan.companion_pool,
+                           seed=seed, log_path=log)
+    save_half(net, folder)
+    figures, _, _ = checks.measure_controlnet(base, ControlNetModel.from_pretrained(folder),
+                                              6 if plan.controlnet < 10 else 60)
+    return figures
+
+
+def final_figures(out: Path, plan: Any) -> dict[str, Any]:
+    figures: dict[str, Any] = {}
+    if (out / FOLDERS["denoiser"] / MARKERS["denoiser"]).is_file():
+        scores, _, _ = measure(_base(out), quality_grid(plan.quality_n))
+        figures["quality"] = {k: round(v, 4) for k, v in scores.items()}
+    if (out / FOLDERS["inpaint"] / MARKERS["inpaint"]).is_file():
+        StableDiffusionInpaintPipeline.from_pretrained(out / FOLDERS["inpaint"])  # loads
+    figures["size_mb"] = round(sum(p.stat().st_size for p in out.rglob("*.safetensors")
+                                   if p.parent.name != "vae" or p.parent.parent != out)
+                               / 2**20, 2)
+    return figures
+
+
+STAGE_FUNCS = {"tokenizer": stage_tokenizer, "vae": stage_vae, "denoiser": stage_denoiser,
+               "inpaint": stage_inpaint, "lora": stage_lora, "controlnet": stage_controlnet}
