@@ -49,6 +49,8 @@ def serve_harness(local_ray, request: pytest.FixtureRequest):  # type: ignore[no
 def s3(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
     """A real S3 server (SeaweedFS) on loopback for the session, started on first use."""
     server = S3Server(tmp_path_factory.mktemp("s3"))
-    server.start()
-    yield server
-    server.close()
+    try:
+        server.start()
+        yield server
+    finally:
+        server.close()
