@@ -57,12 +57,14 @@ class JobBook:
     async def add(self, jobs: Sequence[Job], now_ms: int) -> None:
         """New jobs: saved now, then counted. On StoreUnavailable they were not added; if
         the store timed out the save may land later, so a failed record is written behind
-        it (the same writer thread keeps the order): a refused job never runs."""
+        it (the same writer thread keeps the order): a refused job never runs, and its
+        record gives its Idempotency-Key up, so the retry the 503 asks for makes a job."""
         rows = [to_row(job) for job in jobs]
         try:
             await self.calls.write(lambda store: store.save_many(rows))
         except StoreTimeout:
             for job in jobs:
+                job.idempotency_key = None
                 job.fail("Not accepted: the job store did not answer in time; the submit "
                          "was refused with 503 and nothing ran", now_ms)
                 self._count(job, job.status, 1)

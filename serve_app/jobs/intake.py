@@ -79,7 +79,7 @@ class Intake:
 
     async def _submit_many(self, subs: Sequence[Submission]) -> list[Outcome]:
         outcomes: list[Outcome | None] = [None] * len(subs)
-        holders = await self._holders(subs)
+        holders, released = await self._holders(subs)
         fresh: list[tuple[int, Job]] = []
         per_owner: Counter[str | None] = Counter()
         for i, sub in enumerate(subs):
@@ -98,6 +98,8 @@ class Intake:
             if key is not None:
                 holders[key] = job
         jobs = [job for _, job in fresh]
+        if released:  # their keys are free once their release is saved: then ours take them
+            await self._book.stored(released)
         try:
             await self._book.add(jobs, self._clock())
         except ServiceError as exc:
@@ -140,20 +142,24 @@ class Intake:
         job.task = dataclasses.replace(sub.task, job_id=job.id)
         return job
 
-    async def _holders(self, subs: Sequence[Submission]) -> dict[str, Job]:
-        """Scoped Idempotency-Key -> the job that holds it, for keys already used."""
+    async def _holders(self, subs: Sequence[Submission]) -> tuple[dict[str, Job], list[str]]:
+        """Scoped Idempotency-Key -> the job that holds it, for keys already used; and the
+        jobs that gave their key up (a submit refused with a 503 whose save may have
+        landed), whose release may still be being written."""
         keys = sorted({k for k in map(scoped_key, subs) if k is not None})
         if not keys:
-            return {}
+            return {}, []
         ids = await self._book.calls.read(
             lambda store: {k: store.find_idempotent(k) for k in keys})
-        holders = {}
+        holders, released = {}, []
         for key, job_id in ids.items():
             job = (self._dispatch.live(job_id) or await self._book.find(job_id)
                    if job_id is not None else None)
-            if job is not None:
+            if job is not None and job.idempotency_key == key:
                 holders[key] = job
-        return holders
+            elif job is not None:
+                released.append(job.id)
+        return holders, released
 
     def _repeat(self, sub: Submission, holder: Job) -> Outcome:
         """The answer to a submission whose Idempotency-Key `holder` already holds."""

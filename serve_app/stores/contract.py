@@ -75,7 +75,7 @@ class JobStore(Protocol):
     def save_many(self, rows: Sequence[JobRow]) -> None:
         """Insert or replace each row, all in one transaction where the store has them. A
         row may name an Idempotency-Key that another job already holds: the first holder
-        keeps it."""
+        keeps it. A job saved again without the key it held releases it."""
 
     def load(self, job_id: str) -> str | None:
         """The record text of one job."""

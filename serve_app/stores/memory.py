@@ -25,7 +25,12 @@ class MemoryStore:
 
     def save_many(self, rows: Sequence[JobRow]) -> None:
         for row in rows:
+            old = self._rows.get(row.id)
             self._rows[row.id] = row
+            released = old.idempotency_key if old is not None else None
+            if (released and released != row.idempotency_key
+                    and self._idempotency.get(released) == row.id):
+                del self._idempotency[released]  # saved without it: the key is free
             if row.idempotency_key:
                 self._idempotency.setdefault(row.idempotency_key, row.id)
 

@@ -155,6 +155,12 @@ class RedisStore:
         def write(pipe: Pipeline) -> None:
             # Runs again if another writer changes one of these jobs' meta before EXEC.
             olds = [_Meta.parse(_text(m)) if m else None for m in pipe.mget(meta_keys)]
+            released = {old.idempotency_key for old, row in zip(olds, latest.values(),
+                                                                strict=True)
+                        if old is not None and old.idempotency_key
+                        and old.idempotency_key != row.idempotency_key}
+            holders = dict(zip(released, pipe.hmget(self._key("idempotency"), list(released)),
+                               strict=True)) if released else {}
             pipe.multi()
             for row, old, meta_key in zip(latest.values(), olds, meta_keys, strict=True):
                 new = _Meta.of(row)
@@ -165,6 +171,10 @@ class RedisStore:
                         self._index(pipe, row.id, old, -1)
                     self._index(pipe, row.id, new, 1)
                     pipe.set(meta_key, new.dump())
+                if (old is not None and old.idempotency_key in holders
+                        and _text(holders[old.idempotency_key] or b"") == row.id):
+                    # Saved without its key (a submit that was not accepted): the key is free.
+                    pipe.hdel(self._key("idempotency"), old.idempotency_key)
                 if row.idempotency_key:
                     pipe.hsetnx(self._key("idempotency"), row.idempotency_key, row.id)
                 if row.webhooks_pending:
@@ -173,7 +183,7 @@ class RedisStore:
                     pipe.srem(self._key("webhooks"), row.id)
 
         if meta_keys:
-            self._r.transaction(write, *meta_keys)
+            self._r.transaction(write, self._key("idempotency"), *meta_keys)
 
     def missing(self, job_ids: Sequence[str]) -> list[str]:
         pipe = self._r.pipeline(transaction=False)

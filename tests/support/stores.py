@@ -9,7 +9,7 @@ from typing import TypeVar
 import pytest
 import redis
 
-from serve_app.errors import StoreUnavailable
+from serve_app.errors import StoreTimeout, StoreUnavailable
 from serve_app.jobs.persistence import InlineStoreCalls
 from serve_app.stores.contract import JobRow, JobStore
 from serve_app.stores.memory import MemoryStore
@@ -37,17 +37,22 @@ def redis_store(namespace: str = "imagegen-test") -> RedisStore:
 
 
 class FlakyStore(MemoryStore):
-    """Fails the next `failures` saves, like a Redis blip or a busy SQLite file."""
+    """Fails the next `failures` saves, like a Redis blip or a busy SQLite file; the next
+    `late` saves land but answer too late (a timeout: the caller cannot tell)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.failures = 0
+        self.late = 0
 
     def save_many(self, rows: Sequence[JobRow]) -> None:
         if self.failures > 0:
             self.failures -= 1
             raise ConnectionError("store blip")
         super().save_many(rows)
+        if self.late > 0:
+            self.late -= 1
+            raise StoreTimeout("The job store did not answer within 3 s; retry shortly")
 
 
 class DownStore(InlineStoreCalls):

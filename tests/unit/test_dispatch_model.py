@@ -132,6 +132,7 @@ class DispatchModel(RuleBasedStateMachine):
         self.clock = FakeClock()
         self.tracker = self._start_tracker()
         self.jobs: list[str] = []
+        self.retries = 0
         self.settled: dict[str, str] = {}  # job id -> the terminal status first seen
 
     # -- plumbing ------------------------------------------------------------------------
@@ -158,12 +159,12 @@ class DispatchModel(RuleBasedStateMachine):
         return json.loads(self.loop.run_until_complete(self.tracker.get(job_id)))
 
     def _submit(self, model: str, steps: int, priority: str, *,
-                cancel: bool = False) -> str | None:
+                cancel: bool = False, key: str | None = None) -> str | None:
         sub = build_submission(
             JobType.TEXT2IMG,
             {"prompt": "p", "steps": steps, "width": 64, "height": 64, "seed": 1,
              "model": model, "priority": priority},
-            settings=self.settings, registry=REGISTRY, served=SERVED)
+            settings=self.settings, registry=REGISTRY, served=SERVED, idempotency_key=key)
 
         async def submit() -> str | None:
             try:
@@ -175,7 +176,7 @@ class DispatchModel(RuleBasedStateMachine):
             return job_id
 
         job_id = self.loop.run_until_complete(submit())
-        if job_id is not None:
+        if job_id is not None and job_id not in self.jobs:
             self.jobs.append(job_id)
         return job_id
 
@@ -260,6 +261,23 @@ class DispatchModel(RuleBasedStateMachine):
         self.store.failures = failures
         self._run()
 
+    @rule(model=st.sampled_from(sorted(SERVED)), failures=st.integers(0, 2),
+          late=st.integers(0, 2))
+    def a_refused_submit_is_retried_with_its_key(self, model: str, failures: int,
+                                                  late: int) -> None:
+        """The store fails a submit's save (or takes it but answers too late: it may have
+        landed), the client is told 503 and retries with the same Idempotency-Key, as the
+        503 says to: the first try accepted makes the job, every later try answers it, and
+        no refused try runs."""
+        self.retries += 1
+        self.store.failures, self.store.late = failures, late
+        answers = [self._submit(model, 2, "normal", key=f"retry-{self.retries}")
+                   for _ in range(failures + late + 2)]
+        refused = answers.index(next(a for a in answers if a is not None))
+        assert refused <= failures + late and len(set(answers[refused:])) == 1, answers
+        assert "Not accepted" not in str(self._record(answers[-1] or "").get("error"))
+        self._run()
+
     @rule()
     def tracker_restarts(self) -> None:
         self.loop.run_until_complete(self.tracker.close())
@@ -285,7 +303,10 @@ class DispatchModel(RuleBasedStateMachine):
     @invariant()
     def counts_agree_with_the_records(self) -> None:
         tally: dict[str, int] = {}
-        for job_id in self.jobs:
+        # The jobs the test made, and the refused submits whose saves landed late (each
+        # saved again as failed, "Not accepted").
+        stored = [job_id for job_id in self.store._rows if job_id not in self.jobs]
+        for job_id in [*self.jobs, *stored]:
             status = self._record(job_id)["status"]
             tally[status] = tally.get(status, 0) + 1
         counts = self.tracker.counts()

@@ -245,6 +245,24 @@ def test_find_idempotent_returns_the_first_job_saved_with_the_key(store: Jobs) -
     assert store.find_idempotent("idem-unknown") is None
 
 
+def test_a_job_saved_again_without_its_key_releases_it_for_the_next(store: Jobs) -> None:
+    """A submit refused with a 503 whose save may have landed is saved again failed and
+    without its Idempotency-Key: the client's retry with that key makes a new job."""
+    refused = make_job("job_1", 1_000, key="idem-1")
+    store.save(refused)
+    refused.idempotency_key = None
+    store.save(advance(refused, JobStatus.FAILED))
+    assert store.find_idempotent("idem-1") is None
+    store.save(make_job("job_2", 1_001, key="idem-1"))
+    assert store.find_idempotent("idem-1") == "job_2"
+    store.save(advance(make_job("job_2", 1_001, key="idem-1"), JobStatus.PROCESSING))
+    other = make_job("job_3", 1_002, key="idem-1")  # a later job never takes it over
+    store.save(other)
+    other.idempotency_key = None
+    store.save(other)
+    assert store.find_idempotent("idem-1") == "job_2"
+
+
 # -- listing -------------------------------------------------------------------------------
 
 
