@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from serve_app.errors import BlobStoreUnavailable, ReplicaLost
 from serve_app.jobs.book import JobBook
 from serve_app.jobs.calls import Call, Limits, Observer, Outcome, Replicas, Unobserved
-from serve_app.jobs.job import Job, JobStatus, Phase
+from serve_app.jobs.job import TIMED_OUT, Job, JobStatus, Phase
 from serve_app.jobs.lanes import Lane
 from serve_app.jobs.queues import JobQueues
 from serve_app.jobs.results import describe_failure, gave_up, job_result, preview_of
@@ -242,7 +242,7 @@ class Dispatch:
         """The call's deadline passed: its jobs fail as timed out, the call is cancelled."""
         call.deadline = None
         waited = "waiting for a replica" if not call.started else "running"
-        error = (f"Job timed out after {self.limits.timeout_s:g} s {waited} (JOB_TIMEOUT) "
+        error = (f"{TIMED_OUT} after {self.limits.timeout_s:g} s {waited} (JOB_TIMEOUT) "
                  "and was stopped")
         for job in list(call.open.values()):
             self._settle(job, lambda j: j.fail(error, self.clock()))

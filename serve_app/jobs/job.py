@@ -59,6 +59,11 @@ _ID_CHARS = 9
 _ID_SPACE = len(_ID_ALPHABET) ** _ID_CHARS
 
 
+# How the error of a job stopped at its JOB_TIMEOUT deadline begins (`Dispatch._expire`):
+# the compatible APIs answer such a job with their timeout status.
+TIMED_OUT = "Job timed out"
+
+
 def new_job_id(now_ms: int) -> str:
     """`job_<unix ms>_<9 random chars>`, the seed document's shape (one draw from the OS's
     randomness for all nine: this runs for every submit)."""

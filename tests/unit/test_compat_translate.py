@@ -3,6 +3,7 @@ AUTOMATIC1111 fields to our request bodies, samplers, answers, error shapes, cal
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import json
@@ -322,32 +323,61 @@ def test_caller_notes_are_per_caller_bounded_and_forgettable() -> None:
         notes.remember("a", "model", "v" * 513)
 
 
-class Statuses:
-    """A backend whose job goes through the given statuses, one per read."""
+class Pushed:
+    """A backend whose job goes through the given statuses, pushed on its feed."""
 
-    def __init__(self, *statuses: str) -> None:
+    def __init__(self, *statuses: str, hold: bool = False) -> None:
         self.statuses = list(statuses)
-        self.reads = 0
+        self.hold = hold
+        self.reads: list[bool] = []  # each read's `limited`
+        self.watches = 0
 
-    async def get(self, job_id: str, caller: Any, limited: bool = True) -> bytes:
-        assert limited is False  # waiting must not spend the caller's read budget
-        self.reads += 1
-        status = self.statuses.pop(0) if len(self.statuses) > 1 else self.statuses[0]
-        return json.dumps({"id": job_id, "status": status}).encode()
+    def record(self, status: str) -> bytes:
+        return json.dumps({"id": "job_1", "status": status}).encode()
+
+    async def get(self, job_id: str, caller: Any, limited: bool = True,
+                  live: bool = False) -> bytes:
+        self.reads.append(limited)
+        return self.record(self.statuses[0] if len(self.reads) == 1 else self.statuses[-1])
+
+    async def watch(self, job_id: str, caller: Any) -> Any:
+        self.watches += 1
+        for status in self.statuses:
+            yield self.record(status)
+        if self.hold:
+            await asyncio.Event().wait()
 
 
 @pytest.mark.anyio
-async def test_waiting_ends_with_the_job_or_the_client_or_the_deadline() -> None:
-    from serve_app.api.compat.jobs import poll_until_ended
+async def test_waiting_reads_once_then_follows_the_pushed_feed_to_the_end() -> None:
+    from serve_app.api.compat.jobs import wait_until_ended
+    from serve_app.api.events import Subscriptions
     from serve_app.messages import OPEN
 
-    backend = Statuses("queued", "processing", "completed")
-    done = await poll_until_ended(backend, "job_1", OPEN, timeout_s=5)
-    assert done is not None and done["status"] == "completed" and backend.reads == 3
+    backend = Pushed("queued", "processing", "completed")
+    done = await wait_until_ended(backend, Subscriptions(backend), "job_1", OPEN, 5)
+    assert done is not None and done["status"] == "completed"
+    # One read counted against the caller's budget, the feed, the ended record: no polls.
+    assert backend.reads == [True, False] and backend.watches == 1
+    finished = Pushed("completed")
+    assert (await wait_until_ended(finished, Subscriptions(finished), "job_1", OPEN, 5)
+            )["status"] == "completed"
+    assert finished.reads == [True] and finished.watches == 0
+
+
+@pytest.mark.anyio
+async def test_waiting_ends_when_the_client_leaves_or_at_the_deadline() -> None:
+    from serve_app.api.compat import jobs
+    from serve_app.api.events import Subscriptions
+    from serve_app.messages import OPEN
 
     async def gone() -> bool:
         return True
 
-    left = await poll_until_ended(Statuses("processing"), "job_1", OPEN, 5, gone)
+    running = Pushed("processing", hold=True)
+    left = await jobs.wait_until_ended(running, Subscriptions(running), "job_1", OPEN, 5,
+                                       gone)
     assert left is not None and left["status"] == "processing"
-    assert await poll_until_ended(Statuses("queued"), "job_1", OPEN, timeout_s=0.15) is None
+    queued = Pushed("queued", hold=True)
+    assert await jobs.wait_until_ended(queued, Subscriptions(queued), "job_1", OPEN,
+                                       timeout_s=0.15) is None

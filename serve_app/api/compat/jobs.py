@@ -4,8 +4,8 @@ say where its images are.
 A compatible request becomes our own generate request body (camelCase) and goes through
 `build_submission` and `uploads.submit` like `POST /generate/...`: the same validation,
 queue, priority, batching, limits, API keys and ownership. The dialects answer only when
-the job has ended, so `wait_for_job` polls the tracker; it is the one place that waits, to
-be swapped for a pushed primitive when the tracker offers one.
+the job has ended, so `wait_for_job` waits on the job's pushed feed (the one subscription
+per job that event streams share), never polling the tracker.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import contextlib
 import dataclasses
 import json
 import re
-import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
@@ -29,12 +28,17 @@ from serve_app.api.context import context
 from serve_app.api.guard import caller_of
 from serve_app.api.submission import build_submission
 from serve_app.errors import InvalidRequest, JobNotCancellable, JobNotFound, ModelNotAvailable
+from serve_app.jobs.job import TIMED_OUT
 from serve_app.messages import Caller, JobType, Submission
 
 if TYPE_CHECKING:
     from serve_app.api.backend import JobsBackend
+    from serve_app.api.events import Subscriptions
 
-POLL_INTERVAL_S = 0.1
+GONE_EVERY_S = 0.5
+# The tracker stops a job at JOB_TIMEOUT (from its admission, before this wait began): the
+# wait outlasts it by this much, so that one answer, the job's own timeout, always comes.
+BACKSTOP_S = 5.0
 TERMINAL = frozenset({"completed", "failed", "cancelled"})
 # Our validation wants a prompt; dialects that have none (OpenAI variations) or allow an
 # empty one (AUTOMATIC1111) validate with this stand-in, then run with "".
@@ -82,47 +86,90 @@ async def wait_for_job(request: Request, job_id: str, *,
     """The job's record once it has ended (completed, failed or cancelled); its images are
     blob references (`ctx.images` makes them data URIs or URLs).
 
-    Bounded by JOB_TIMEOUT from now: a job still queued or running then is cancelled and a
-    504 is raised, never repeatable. A client that hangs up ends the wait but not the job
+    A job the tracker stopped at JOB_TIMEOUT is a 504, never repeatable; the wait itself
+    gives up `BACKSTOP_S` later (cancelling the job, the same 504) should the tracker not
+    say so. A client that hangs up ends the wait but not the job
     (it runs on, visible in `GET /jobs`, as an A1111 job does; clients that want it stopped
     say so, as SillyTavern does with `/sdapi/v1/interrupt`)."""
     ctx = context(request)
-    timeout_s = ctx.settings.job_timeout_ms / 1000 if timeout_s is None else timeout_s
-    record = await poll_until_ended(ctx.backend, job_id, caller_of(request), timeout_s,
-                                    request.is_disconnected)
+    if timeout_s is None:  # the tracker stops the job at JOB_TIMEOUT; this is a backstop
+        timeout_s = ctx.settings.job_timeout_ms / 1000 + BACKSTOP_S
+    record = await wait_until_ended(ctx.backend, ctx.subscriptions, job_id, caller_of(request),
+                                    timeout_s, request.is_disconnected)
     if record is None:
         await cancel_quietly(ctx.backend, job_id, caller_of(request))
         raise DialectError(
-            f"Job {job_id} did not finish within {timeout_s:g} s (JOB_TIMEOUT) and was "
-            "cancelled; try fewer steps or a smaller size, or retry later",
-            504, code="timeout", repeatable=False)
+            f"Job {job_id} did not finish within {timeout_s:g} s and was cancelled; try "
+            "fewer steps or a smaller size, or retry later", 504, code="timeout",
+            repeatable=False)
     if record["status"] not in TERMINAL:  # nobody is listening any more
         raise DialectError(f"The client closed the request; job {job_id} runs on", 499,
                            repeatable=False)
+    error = str(record.get("error") or "")
+    if record["status"] == "failed" and error.startswith(TIMED_OUT):
+        raise DialectError(f"Job {job_id} failed: {error}; try fewer steps or a smaller "
+                           "size, or retry later", 504, code="timeout", repeatable=False)
     return record
 
 
-async def poll_until_ended(backend: JobsBackend, job_id: str, caller: Caller,
-                           timeout_s: float,
+async def wait_until_ended(backend: JobsBackend, subscriptions: Subscriptions, job_id: str,
+                           caller: Caller, timeout_s: float,
                            gone: Callable[[], Awaitable[bool]] | None = None,
                            ) -> dict[str, Any] | None:
-    """Poll the job every POLL_INTERVAL_S (reads that do not draw on the caller's read
-    budget) until it ends, and return its record; the record as it is if `gone()` says
-    the client left first; None if it has not ended after `timeout_s`."""
-    deadline = time.monotonic() + timeout_s
-    while True:
+    """The job's record once it has ended; the record as it is if `gone()` says the client
+    left first; None if it has not ended after `timeout_s`.
+
+    One read, counted against the caller's read budget like any request's; then the job's
+    pushed feed (the one subscription per job of this replica that event streams share:
+    nothing polls the tracker); then the ended job's whole record. `gone` is asked every
+    `GONE_EVERY_S` (the connection's own state: no tracker call)."""
+    record = await _read(backend, job_id, caller, limited=True)
+    if record["status"] in TERMINAL:
+        return record
+
+    async def ended() -> dict[str, Any] | None:
+        async for pushed in subscriptions.listen(job_id, caller):
+            if json.loads(pushed)["status"] in TERMINAL:
+                return await _read(backend, job_id, caller, limited=False)
+        return None  # the feed went quiet for its idle time: say so as a timeout
+
+    async def left() -> None:
+        while gone is None or not await gone():
+            await asyncio.sleep(GONE_EVERY_S)
+
+    waiting = asyncio.ensure_future(ended())
+    watching = asyncio.ensure_future(left())
+    try:
+        done, _ = await asyncio.wait({waiting, watching}, timeout=timeout_s,
+                                     return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (waiting, watching):
+            task.cancel()
+    if waiting in done and not waiting.cancelled():
         try:
-            record: dict[str, Any] = json.loads(await backend.get(job_id, caller, limited=False))
+            return waiting.result()
+        except DialectError:
+            raise
         except Exception as exc:
-            # The job was accepted: whatever goes wrong now, the client must not repeat it.
-            message = getattr(exc, "message", None) or "the job's state could not be read"
-            raise DialectError(f"Job {job_id} was accepted, but {message}", 500,
-                               code="job_unreadable", repeatable=False) from exc
-        if record["status"] in TERMINAL or (gone is not None and await gone()):
-            return record
-        if time.monotonic() >= deadline:
-            return None
-        await asyncio.sleep(POLL_INTERVAL_S)
+            raise _unreadable(job_id, exc) from exc
+    if watching in done:  # the client left: its job's state as it is
+        return await _read(backend, job_id, caller, limited=False)
+    return None
+
+
+async def _read(backend: JobsBackend, job_id: str, caller: Caller, *, limited: bool
+                ) -> dict[str, Any]:
+    try:
+        return dict(json.loads(await backend.get(job_id, caller, limited=limited)))
+    except Exception as exc:
+        raise _unreadable(job_id, exc) from exc
+
+
+def _unreadable(job_id: str, exc: BaseException) -> DialectError:
+    # The job was accepted: whatever goes wrong now, the client must not repeat it.
+    message = getattr(exc, "message", None) or "the job's state could not be read"
+    return DialectError(f"Job {job_id} was accepted, but {message}", 500,
+                        code="job_unreadable", repeatable=False)
 
 
 async def cancel_quietly(backend: JobsBackend, job_id: str, caller: Caller) -> None:
