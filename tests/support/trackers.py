@@ -76,12 +76,14 @@ async def settle(rounds: int = 50) -> None:
 
 
 def http_client(backend: JobsBackend, settings: Settings, registry: Registry,
-                served: frozenset[str] = SERVED, **options: Any) -> httpx.AsyncClient:
+                served: frozenset[str] = SERVED, *, raise_app_exceptions: bool = True,
+                **options: Any) -> httpx.AsyncClient:
     """An HTTP client over the routes of `create_api`, in process (no server, no Ray); use
-    it with `async with`."""
+    it with `async with`. `raise_app_exceptions=False`: an unhandled error is the 500 a
+    server would send, not an exception in the test."""
     api = create_api(ApiContext(backend, settings, registry, served))
-    return httpx.AsyncClient(transport=httpx.ASGITransport(app=api), base_url="http://test",
-                             **options)
+    transport = httpx.ASGITransport(app=api, raise_app_exceptions=raise_app_exceptions)
+    return httpx.AsyncClient(transport=transport, base_url="http://test", **options)
 
 
 def _counted(spec: CallSpec) -> Callable[..., Awaitable[Any]]:

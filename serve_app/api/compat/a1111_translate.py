@@ -69,7 +69,8 @@ def generation_job(req: dict[str, Any], model: str | None, limits: Limits,
         if loras:
             body["loras"] = loras
     body["numImages"] = _count(req, "batch_size") * _count(req, "n_iter")
-    resolved = resolve(req.get("sampler_name") or req.get("sampler_index"), req.get("scheduler"))
+    resolved = resolve(_text(req, "sampler_name") or _text(req, "sampler_index"),
+                       _text(req, "scheduler"))
     if resolved is not None:
         body["sampler"] = resolved.sampler
     if model is not None:
@@ -92,6 +93,15 @@ def generation_job(req: dict[str, Any], model: str | None, limits: Limits,
     if strength is not None:
         body["inpaintingStrength"] = strength
     return JobType.INPAINT, body
+
+
+def _text(req: dict[str, Any], name: str) -> str | None:
+    """A field that must be a string (or absent): anything else is A1111's 422 as a 400."""
+    value = req.get(name)
+    if value is None or isinstance(value, str):
+        return value
+    raise DialectError(f"{name}: expected a string, got {type(value).__name__} "
+                       f"({json.dumps(value)[:40]})")
 
 
 def lora_tags(prompt: str) -> tuple[str, list[dict[str, Any]]]:

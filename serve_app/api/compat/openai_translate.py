@@ -74,8 +74,8 @@ def parse_fields(fields: Mapping[str, Any], *, needs_prompt: bool = True) -> Ima
                                code="missing_required_parameter")
         body["prompt"] = prompt
     model = fields.get("model")
-    if model not in (None, "") and model not in OPENAI_MODELS:
-        body["model"] = _text(fields, "model")
+    if model not in (None, "") and _text(fields, "model") not in OPENAI_MODELS:
+        body["model"] = model
     n = _value(fields, "n", int)
     if n is not None:
         body["numImages"] = n
@@ -89,12 +89,12 @@ def parse_fields(fields: Mapping[str, Any], *, needs_prompt: bool = True) -> Ima
     response_format = fields.get("response_format")
     if response_format in (None, ""):
         response_format = None
-    elif response_format not in RESPONSE_FORMATS:
+    elif _text(fields, "response_format") not in RESPONSE_FORMATS:
         raise DialectError(f"Invalid value for 'response_format': {response_format!r}. Use "
                            "'b64_json' or 'url'.", param="response_format", code="invalid_value")
     output_format = fields.get("output_format")
     if output_format not in (None, ""):
-        if output_format not in OUTPUT_FORMATS:
+        if _text(fields, "output_format") not in OUTPUT_FORMATS:
             raise DialectError(f"Invalid value for 'output_format': {output_format!r}. Use "
                                "'png', 'jpeg' or 'webp'.", param="output_format",
                                code="invalid_value")
