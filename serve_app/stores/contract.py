@@ -91,7 +91,9 @@ class JobStore(Protocol):
 
     def query(self, flt: JobFilter, limit: int, cursor: str | None) -> Page:
         """Newest first; `cursor` is the `next_cursor` of the previous page (checked with
-        `decode_cursor`: a malformed one raises ValueError)."""
+        `decode_cursor`: a malformed one raises ValueError). A store may bound the work of
+        one call: its page is then shorter than `limit` (even empty) with a `next_cursor`
+        that goes on from where it stopped."""
 
     def totals(self) -> dict[str, Totals]:
         """Per owner ("" for jobs without one): jobs per status, and the number and summed

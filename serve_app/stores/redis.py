@@ -47,6 +47,9 @@ from serve_app.stores.contract import (
 
 _MS_DIGITS = 13  # zero-padded creation time in index members: good until the year 2286
 _SCAN_CHUNK = 200  # members read per round when a filter is checked against other indexes
+# Index members one listing may read: past this, the page ends (maybe short, maybe empty)
+# with a cursor to go on from, so filters that match little cost a bounded time a request.
+SCAN_BUDGET = 2000
 _PRUNE_CHUNK = 500
 
 
@@ -272,7 +275,7 @@ class RedisStore:
             upper = "(" + _member(*decode_cursor(cursor))
         base, *others = self._filter_indexes(flt)
         want = max(limit, 0) + 1
-        found = self._walk(base, others, upper, want)
+        found, stopped = self._walk(base, others, upper, want)
         page = found[:limit]
         keys = [self._key("sum", _member_parts(m)[1]) for m in page]
         # A job pruned between the index read and this one is skipped.
@@ -281,6 +284,8 @@ class RedisStore:
             # The cursor comes from the index member, the same text encode_cursor makes,
             # so it holds even if the last record vanished since.
             return Page(jobs, encode_cursor(*_member_parts(page[-1])))
+        if stopped is not None:  # the scan budget ran out: go on below what was read
+            return Page(jobs, encode_cursor(*_member_parts(stopped)))
         return Page(jobs, None)
 
     def _filter_indexes(self, flt: JobFilter) -> list[str]:
@@ -300,13 +305,20 @@ class RedisStore:
             sizes = pipe.execute()
         return [k for _, k in sorted(zip(sizes, keys, strict=True))]
 
-    def _walk(self, base: str, others: list[str], upper: str, want: int) -> list[str]:
+    def _walk(self, base: str, others: list[str], upper: str, want: int
+              ) -> tuple[list[str], str | None]:
         """Up to `want` members of `base` below `upper`, newest first, that every index in
-        `others` also holds."""
+        `others` also holds; and, when `SCAN_BUDGET` members were read before that many were
+        found (filters that match little or nothing), the last member read, where the next
+        page starts. A request's work is bounded whatever its filters."""
         chunk = want if not others else max(want, _SCAN_CHUNK)
         found: list[str] = []
+        read = 0
         while len(found) < want:
+            if read >= SCAN_BUDGET:
+                return found[:want], upper[1:]
             batch = [_text(m) for m in self._r.zrevrangebylex(base, upper, "-", 0, chunk)]
+            read += len(batch)
             kept = batch
             if others and batch:
                 with self._r.pipeline(transaction=False) as pipe:
@@ -318,7 +330,7 @@ class RedisStore:
             if len(batch) < chunk:
                 break
             upper = "(" + batch[-1]
-        return found[:want]
+        return found[:want], None
 
     def totals(self) -> dict[str, Totals]:
         raw = self._r.hgetall(self._key("totals"))

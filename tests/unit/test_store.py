@@ -482,6 +482,37 @@ def test_missing_names_the_jobs_without_a_record(store: Jobs) -> None:
     assert store.store.missing(many) == many
 
 
+# -- Redis only ----------------------------------------------------------------------------
+
+
+def test_a_redis_listing_reads_a_bounded_slice_and_says_where_to_go_on(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Filters that match little (here: inpaint jobs of a base model, which never has
+    any) read at most the scan budget per request; the page ends early with a cursor, and
+    following the cursors finds exactly what matches, in order."""
+    monkeypatch.setattr(redis_module, "SCAN_BUDGET", 40)
+    monkeypatch.setattr(redis_module, "_SCAN_CHUNK", 16)
+    store = Jobs(redis_store())
+    for i in range(200):
+        kind = JobType.INPAINT if i % 2 else JobType.TEXT2IMG
+        store.save(make_job(f"job_{i:03d}", 1_000 + i, type=kind,
+                            model="sd-inpaint" if i % 2 else "sd-1.5"))
+    store.save(make_job("job_rare", 1_050, type=JobType.INPAINT, model="sd-1.5"))
+    none = JobFilter(type="inpaint", model="sd-1.5")
+    pages, cursor, found = 0, None, []
+    while True:
+        page = store.store.query(none, 10, cursor)
+        pages += 1
+        found += [j["id"] for j in page.jobs]
+        cursor = page.next_cursor
+        if cursor is None:
+            break
+    assert found == ["job_rare"] and pages >= 3  # several bounded reads, not one walk
+    first = store.store.query(none, 10, None)
+    assert first.jobs == [] and first.next_cursor is not None  # short, with a way on
+    store.store.close()
+
+
 # -- SQLite only ---------------------------------------------------------------------------
 
 
