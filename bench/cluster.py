@@ -29,7 +29,9 @@ SINK_MODEL = "sink"
 # the submit path is measured (generation would compete for the same two cores).
 # The submit shape runs with an API key, as a deployment does; rate limits and the per-key
 # queue cap are off (one key's 16 connections are what they exist to refuse), so the figure
-# is the path's capacity with keys checked. `submit-open` is the same without keys.
+# is the path's capacity with keys checked. `submit-open` is the same without keys;
+# `submit-relaxed` the same with keys and IMAGEGEN_DURABILITY=relaxed (a submit's save not
+# fsynced before its 202: the behaviour before durability became the default).
 BENCH_KEY = "bench-key-0123456789abcdef"
 _SUBMIT_SETTINGS: dict[str, Any] = {
     "default_model": SINK_MODEL, "max_queue_size": 10_000_000, "max_concurrent_jobs": 1,
@@ -47,6 +49,11 @@ SHAPES: dict[str, dict[str, Any]] = {
     "submit-open": {
         "models": [tiny_model(SINK_MODEL, num_cpus=64, min_replicas=0, initial_replicas=0)],
         "settings": _SUBMIT_SETTINGS,
+    },
+    "submit-relaxed": {
+        "models": [tiny_model(SINK_MODEL, num_cpus=64, min_replicas=0, initial_replicas=0)],
+        "settings": _SUBMIT_SETTINGS | {"api_keys": [{"name": "bench", "key": BENCH_KEY}],
+                                        "durability": "relaxed"},
     },
     # e2e, batching, cold start and scale: tiny-sd as config/models.yaml ships it (its
     # scaling, batch size and CPUs), and a min-0 copy of the tiny model for the cold start.

@@ -5,7 +5,9 @@ baseline (`bench.baseline_app`), and the same service without keys (auth's cost)
 All three get the same text2img body, the same registry and settings, and the same load
 generator: `wrk` (`bench.wrk`), far cheaper than the servers, so the figure is the
 server's. Rounds alternate baseline and service so drift in the machine's load hits both;
-the keyless service is deployed after them and measured in rounds of its own. In the
+the keyless service is deployed after them and measured in rounds of its own, then the
+service with IMAGEGEN_DURABILITY=relaxed (each submit's save not fsynced before its 202:
+the behaviour before `fsync` became the default), for the cost of the durable write. In the
 service the jobs park in the tracker's queue (the `submit` shape's model can never be
 placed), so nothing generates while the submit path is measured; the queue grows by every
 accepted job. Rate limits and the per-key queue cap are off in these shapes (one key
@@ -116,7 +118,9 @@ def run(ctx: Context) -> dict[str, Any]:
         result, per = measured(open_url, open_pids, open_idle, duration, warmup)
         open_runs.append(result)
         cpu["service without keys"].append(per)
+    relaxed_runs = _relaxed_rounds(ctx, rounds, duration, warmup, cpu)
     base, svc, keyless = merge(baseline_runs), merge(service_runs), merge(open_runs)
+    relaxed = merge(relaxed_runs)
     figure = ratio(svc["accepted_per_s"], base["accepted_per_s"])
     auth = ratio(svc["accepted_per_s"], keyless["accepted_per_s"])
     return {
@@ -140,6 +144,17 @@ def run(ctx: Context) -> dict[str, Any]:
         "service": svc,
         "baseline": base,
         "service_without_keys": keyless,
+        # The submit's fsync (IMAGEGEN_DURABILITY=fsync, the default) against relaxed.
+        "durability": {
+            "fsync_accepted_per_s": svc["accepted_per_s"],
+            "relaxed_accepted_per_s": relaxed["accepted_per_s"],
+            "ratio": ratio(svc["accepted_per_s"], relaxed["accepted_per_s"]),
+            "fsync_p50_ms": svc["latency"]["p50_ms"],
+            "relaxed_p50_ms": relaxed["latency"]["p50_ms"],
+            "fsync_p99_ms": svc["latency"]["p99_ms"],
+            "relaxed_p99_ms": relaxed["latency"]["p99_ms"],
+            "relaxed": relaxed,
+        },
         # Where the CPU goes, per request, by process (the last round's figures; CPU at
         # rest taken out): on two cores, CPU per request is what bounds throughput.
         "cpu_ms_per_request": {k: v[-1] for k, v in cpu.items() if v},
@@ -149,6 +164,21 @@ def run(ctx: Context) -> dict[str, Any]:
         "body": BODY,
         **({"profile": profile} if profile else {}),
     }
+
+
+def _relaxed_rounds(ctx: Context, rounds: int, duration: float, warmup: float,
+                    cpu: dict[str, list[dict[str, float | None]]]) -> list[WrkResult]:
+    url = ctx.deploy("submit-relaxed")
+    pids = ctx.pids("proxy", "ingress", "tracker")
+    idle = idle_cpu(pids, 3.0)
+    runs: list[WrkResult] = []
+    cpu["service, durability relaxed"] = []
+    for i in range(rounds):
+        log(f"submit round {i + 1}/{rounds}: service, durability relaxed")
+        result, per = measured(url, pids, idle, duration, warmup, KEYED)
+        runs.append(result)
+        cpu["service, durability relaxed"].append(per)
+    return runs
 
 
 def _profile(ctx: Context, baseline: str, service: str, baseline_pid: int | None

@@ -115,7 +115,8 @@ class Tracker:
     ) -> None:
         """`served` and `models`: this shard's models and their deployments' handles."""
         store = open_store(settings.store, data_dir=settings.data_dir,
-                           redis_url=settings.redis_url)
+                           redis_url=settings.redis_url,
+                           fsync=settings.durability == "fsync")
         self._tracker = JobTracker(
             settings=settings, registry=registry, store=StoreIO(store),
             replicas=ServeReplicas(models), served=served, shards=shards, shard=shard,

@@ -13,7 +13,7 @@ import ipaddress
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
@@ -75,6 +75,11 @@ class Settings(BaseModel):
     # "sqlite" (one node, the default), "redis" (clusters) or "memory" (nothing persists).
     store: str = Field("sqlite", pattern="^(sqlite|redis|memory)$")
     redis_url: str = "redis://127.0.0.1:6379/0"
+    # "fsync": a submit's save is on disk before its 202 (SQLite syncs that transaction;
+    # Redis needs `appendfsync always`, as the deploy files set it). "relaxed": it is saved
+    # (safe against a crash of the process) but may sit in the OS cache; a power loss may
+    # lose the last second of acknowledged submits. README "Durability" has the cost.
+    durability: Literal["fsync", "relaxed"] = "fsync"
     # A job whose replica died is re-run this many times in all before it fails.
     max_attempts: int = Field(3, ge=1)
     # Finished jobs (and their images) are deleted after this age or beyond this count.
@@ -206,6 +211,7 @@ ENV_VARS: dict[str, str] = {
     "IMAGEGEN_DEFAULT_MODEL": "default_model",
     "IMAGEGEN_STORE": "store",
     "IMAGEGEN_REDIS_URL": "redis_url",
+    "IMAGEGEN_DURABILITY": "durability",
     "IMAGEGEN_MAX_ATTEMPTS": "max_attempts",
     "IMAGEGEN_RETENTION_S": "retention_s",
     "IMAGEGEN_RETENTION_MAX_JOBS": "retention_max_jobs",

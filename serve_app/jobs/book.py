@@ -61,7 +61,7 @@ class JobBook:
         record gives its Idempotency-Key up, so the retry the 503 asks for makes a job."""
         rows = [to_row(job) for job in jobs]
         try:
-            await self.calls.write(lambda store: store.save_many(rows))
+            await self.calls.write(lambda store: store.save_many(rows, durable=True))
         except StoreTimeout:
             for job in jobs:
                 job.idempotency_key = None

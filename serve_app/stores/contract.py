@@ -72,10 +72,12 @@ class Page:
 
 
 class JobStore(Protocol):
-    def save_many(self, rows: Sequence[JobRow]) -> None:
+    def save_many(self, rows: Sequence[JobRow], *, durable: bool = False) -> None:
         """Insert or replace each row, all in one transaction where the store has them. A
         row may name an Idempotency-Key that another job already holds: the first holder
-        keeps it. A job saved again without the key it held releases it."""
+        keeps it. A job saved again without the key it held releases it. `durable`: the
+        rows are on disk when this returns (new jobs: a submit is acknowledged only then),
+        as far as the store's durability setting allows."""
 
     def load(self, job_id: str) -> str | None:
         """The record text of one job."""

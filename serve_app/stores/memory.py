@@ -23,7 +23,7 @@ class MemoryStore:
         self._rows: dict[str, JobRow] = {}
         self._idempotency: dict[str, str] = {}
 
-    def save_many(self, rows: Sequence[JobRow]) -> None:
+    def save_many(self, rows: Sequence[JobRow], *, durable: bool = False) -> None:
         for row in rows:
             old = self._rows.get(row.id)
             self._rows[row.id] = row

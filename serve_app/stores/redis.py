@@ -151,7 +151,9 @@ class RedisStore:
             pipe.hincrby(totals, f"{owner}|#done", sign)
             pipe.hincrby(totals, f"{owner}|#done_ms", sign * meta.time_taken)
 
-    def save_many(self, rows: Sequence[JobRow]) -> None:
+    def save_many(self, rows: Sequence[JobRow], *, durable: bool = False) -> None:
+        # `durable` is the server's: with `appendfsync always` (the deploy files) every
+        # EXEC is fsynced before Redis answers it.
         latest = {row.id: row for row in rows}  # a job saved twice: its last row wins
         meta_keys = [self._key("meta", job_id) for job_id in latest]
 

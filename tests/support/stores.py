@@ -45,11 +45,11 @@ class FlakyStore(MemoryStore):
         self.failures = 0
         self.late = 0
 
-    def save_many(self, rows: Sequence[JobRow]) -> None:
+    def save_many(self, rows: Sequence[JobRow], *, durable: bool = False) -> None:
         if self.failures > 0:
             self.failures -= 1
             raise ConnectionError("store blip")
-        super().save_many(rows)
+        super().save_many(rows, durable=durable)
         if self.late > 0:
             self.late -= 1
             raise StoreTimeout("The job store did not answer within 3 s; retry shortly")

@@ -143,3 +143,21 @@ async def test_a_requeued_job_counts_as_queued_again() -> None:
     assert (book.count(JobStatus.QUEUED), book.count(JobStatus.PROCESSING)) == (1, 0)
     await book.writes.flush()
     assert store.totals()[""].counts["queued"] == 1
+
+
+async def test_only_the_save_of_new_jobs_asks_the_store_for_durability() -> None:
+    saves: list[tuple[list[str], bool]] = []
+
+    class Recording(MemoryStore):
+        def save_many(self, rows, *, durable=False):  # type: ignore[no-untyped-def]
+            saves.append(([r.id for r in rows], durable))
+            super().save_many(rows, durable=durable)
+
+    book = JobBook(InlineStoreCalls(Recording()))
+    a = job("a")
+    await book.add([a, job("b")], now_ms=0)
+    book.apply(a, lambda j: j.start(10))
+    book.apply(a, lambda j: j.complete(result(300), 20))
+    await book.writes.flush()
+    assert saves[0] == (["a", "b"], True)  # acknowledged only once it is on disk
+    assert saves[1:] and all(not durable for _, durable in saves[1:])

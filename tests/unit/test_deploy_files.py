@@ -403,6 +403,8 @@ def test_redis_holds_records_only_capped_so_it_refuses_rather_than_loses() -> No
     args = container["args"]
     assert args[args.index("--maxmemory-policy") + 1] == "noeviction"
     cap = int(args[args.index("--maxmemory") + 1].removesuffix("mb"))
+    assert args[args.index("--appendfsync") + 1] == "always"  # an acknowledged submit is on disk
+    assert "--appendonly yes --appendfsync always" in head_setup
     limit = int(container["resources"]["limits"]["memory"].removesuffix("Gi")) * 1024
     assert cap <= 0.8 * limit  # room for the AOF rewrite's fork and the allocator
 

@@ -225,10 +225,10 @@ class SlowStore(MemoryStore):
         super().__init__()
         self.slow = threading.Event()
 
-    def save_many(self, rows: Sequence[JobRow]) -> None:
+    def save_many(self, rows: Sequence[JobRow], *, durable: bool = False) -> None:
         if self.slow.is_set():
             time.sleep(1.0)
-        super().save_many(rows)
+        super().save_many(rows, durable=durable)
 
 
 @pytest.mark.anyio

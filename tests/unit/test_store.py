@@ -528,6 +528,29 @@ def test_save_many_writes_all_rows_or_none(tmp_path: Path) -> None:
     store.close()
 
 
+@pytest.mark.parametrize(("fsync", "durable", "synced"), [
+    (True, True, True),     # a submit, as shipped: its transaction is synced
+    (True, False, False),   # progress and results: WAL-safe, synced at checkpoints
+    (False, True, False),   # IMAGEGEN_DURABILITY=relaxed
+])
+def test_a_durable_save_commits_at_synchronous_full_and_only_it(
+        tmp_path: Path, fsync: bool, durable: bool, synced: bool) -> None:
+    store = SQLiteStore(tmp_path / "jobs.sqlite3", fsync_durable=fsync)
+    statements: list[str] = []
+    store._db.set_trace_callback(statements.append)
+    store.save_many([to_row(make_job("job_1", 1_000))], durable=durable)
+    store._db.set_trace_callback(None)
+    commit = statements.index("COMMIT")
+    if synced:
+        assert statements[0] == "PRAGMA synchronous=FULL"
+        assert statements[commit + 1:] == ["PRAGMA synchronous=NORMAL"]
+    else:
+        assert not any("synchronous" in s for s in statements)
+    # Every other write runs at NORMAL, whatever the last save was.
+    assert store._db.execute("PRAGMA synchronous").fetchone()[0] == 1
+    store.close()
+
+
 def test_totals_are_kept_per_owner(store: Jobs) -> None:
     for i, owner in enumerate(["ana", "bo", "ana", None]):
         job = advance(make_job(f"job_{i}", 1_000 + i), JobStatus.COMPLETED, 100 * (i + 1))
