@@ -12,6 +12,7 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.support.chaos import until
 from tests.support.serve_harness import ServeHarness, wait_for
 
 pytestmark = pytest.mark.e2e
@@ -139,8 +140,10 @@ def test_one_scrape_counts_what_both_ingress_replicas_served(url: str) -> None:
     before = queue_status_hits()
     for _ in range(12):  # a connection each: HAProxy spreads them over both replicas
         assert call(url, "GET", "/queue/status", OPS).status_code == 200
-    time.sleep(1.5)  # each replica reports its requests once a second
-    assert queue_status_hits() - before == 12
+    # Each replica reports its requests about once a second: wait for all 12, no more.
+    counted = until(lambda: (n := queue_status_hits() - before) >= 12 and n, 15.0,
+                    "12 requests counted")
+    assert counted == 12
     job = call(url, "POST", "/generate/text2img", OPS, json=SMALL).json()
     with httpx.Client(base_url=url, timeout=60,
                       headers={"Authorization": f"Bearer {OPS}"}) as client:

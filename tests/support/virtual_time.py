@@ -17,6 +17,8 @@ import selectors
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
+import pytest
+
 T = TypeVar("T")
 
 START = 1_000_000.0
@@ -56,3 +58,10 @@ def run_virtual(main: Coroutine[Any, Any, T]) -> T:
         return loop.run_until_complete(main)
     finally:
         loop.close()
+
+
+# An async test (anyio's plugin) on a virtual-time loop: its sleeps and the code's timers
+# fire in deadline order, exactly, however loaded the machine is.
+VIRTUAL_TIME = pytest.mark.parametrize(
+    "anyio_backend", [pytest.param(("asyncio", {"loop_factory": VirtualTimeLoop}),
+                                   id="virtual-time")])

@@ -17,8 +17,11 @@ from serve_app.messages import GenerationTask, JobType, Priority
 from serve_app.registry import Scaling
 from tests.support.fakes import FakeClock
 from tests.support.generation import make_task
+from tests.support.virtual_time import VIRTUAL_TIME
 
-pytestmark = pytest.mark.anyio
+# Virtual time: a hold's timer (50 ms) and a test's sleep past it (80 ms) fire in that
+# order, exactly, however loaded the machine is.
+pytestmark = [pytest.mark.anyio, VIRTUAL_TIME]
 
 
 def job(job_id: str, *, mode: JobType = JobType.TEXT2IMG, width: int = 64,

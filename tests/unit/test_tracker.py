@@ -13,6 +13,7 @@ from serve_app.jobs.job import JobStatus
 from serve_app.messages import JobType
 from tests.support.fakes import FakeClock, FakeReplicas, fake_image, memory_store, shared_blobs
 from tests.support.trackers import SERVED, batching_registry, record, settle, submission
+from tests.support.virtual_time import VIRTUAL_TIME
 
 pytestmark = pytest.mark.anyio
 
@@ -164,13 +165,17 @@ async def test_a_pipeline_error_fails_only_that_job(new_tracker, registry, setti
     assert (status["failedJobs"], status["completedJobs"], status["queuedJobs"]) == (1, 1, 0)
 
 
+@VIRTUAL_TIME
 async def test_a_job_past_the_timeout_fails_and_frees_its_replica(
         new_tracker, registry, settings) -> None:
     settings = settings.model_copy(update={"job_timeout_ms": 1000})
     dispatcher = FakeReplicas(hold=asyncio.Event())
     tracker = new_tracker(dispatcher, settings=settings)
     job = await tracker.submit(submission(registry, settings))
-    await asyncio.sleep(1.2)
+    await asyncio.sleep(0.99)  # virtual time: exactly either side of the deadline
+    assert (await record(tracker, job["id"]))["status"] == "processing"
+    assert dispatcher.closed == []
+    await asyncio.sleep(0.02)
     failed = await record(tracker, job["id"])
     assert failed["status"] == "failed" and "timed out" in failed["error"]
     assert job["id"] in dispatcher.closed
@@ -310,6 +315,7 @@ async def test_compatible_waiting_jobs_share_one_replica_call(
     assert tracker.counts()["completedJobs"] == 7
 
 
+@VIRTUAL_TIME
 async def test_a_job_at_a_free_replica_waits_briefly_for_jobs_to_share_its_call(
     new_tracker, registry, settings,
 ) -> None:
@@ -342,6 +348,7 @@ async def test_a_full_batch_or_a_job_of_unknown_cost_goes_without_waiting(
     assert dispatcher.batches[1:] == [[j["id"] for j in full]]  # no wait: nothing to add
 
 
+@VIRTUAL_TIME
 async def test_no_wait_for_a_job_that_already_queued_or_when_other_replicas_are_free(
     new_tracker, registry, settings,
 ) -> None:
