@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
@@ -18,16 +18,18 @@ from serve_app.api.backend import JobsBackend
 from serve_app.api.direct_reads import DirectReads
 from serve_app.api.trackers import Trackers
 from serve_app.errors import ConfigError, NotThisShard, ServiceUnavailable
-from serve_app.jobs.persistence import InlineStoreCalls
+from serve_app.jobs.persistence import InlineStoreCalls, StoreCalls, StoreIO
 from serve_app.jobs.reads import StoreReads
 from serve_app.jobs.service import JobTracker
 from serve_app.messages import OPEN, Caller
 from serve_app.registry import Registry
 from serve_app.settings import Settings
 from serve_app.shards import ShardMap, tracker_deployment_name
+from serve_app.stores.contract import JobStore
 from serve_app.stores.memory import MemoryStore
+from serve_app.stores.redis import RedisStore
 from tests.support.fakes import FakeReplicas
-from tests.support.stores import DownStore
+from tests.support.stores import REDIS_URL, DownStore, redis_store
 from tests.support.trackers import SMALL, CountedTracker, http_client, make_tracker, submission
 
 pytestmark = pytest.mark.anyio
@@ -76,10 +78,13 @@ def test_the_app_has_a_tracker_deployment_per_shard_with_its_models_handles() ->
 
 
 class Sharded:
-    """Two tracker shards on one store, behind the HTTP app."""
+    """Two tracker shards on one store, behind the HTTP app. `calls` makes each shard's way
+    to the store (default: inline calls on `store`)."""
 
-    def __init__(self, registry: Registry, settings: Settings, store: MemoryStore) -> None:
+    def __init__(self, registry: Registry, settings: Settings, store: JobStore,
+                 calls: Callable[[], StoreCalls] | None = None) -> None:
         self.registry, self.settings, self.store = registry, settings, store
+        self.calls = calls or (lambda: InlineStoreCalls(store))
         self.replicas = [FakeReplicas(replicas={A: 1}), FakeReplicas(replicas={B: 1})]
         self.trackers = [self.shard(i) for i in range(2)]
         self.counted = [CountedTracker(t) for t in self.trackers]
@@ -89,7 +94,7 @@ class Sharded:
 
     def shard(self, index: int) -> JobTracker:
         return make_tracker(self.registry, self.settings, self.replicas[index],
-                            store=InlineStoreCalls(self.store), served=SHARDS.shards[index],
+                            store=self.calls(), served=SHARDS.shards[index],
                             shards=SHARDS, shard=index)
 
     async def submit(self, model: str, **body: Any) -> dict[str, Any]:
@@ -277,3 +282,81 @@ async def test_with_the_store_unreadable_a_cancel_and_a_stream_find_the_jobs_sha
     records = [json.loads(r) async for r in blind.watch(running["id"], OPEN)]
     assert records[0]["status"] == "processing" and records[-1]["status"] == "completed"
     assert [c.calls["watch"] for c in sharded.counted] == [1, 1]  # shard 0 said: not mine
+
+
+async def test_two_shards_on_one_real_redis_take_concurrent_submits_and_cancels_exactly(
+        registry: Registry, settings: Settings) -> None:
+    """As two tracker actors run: each its own Redis connections and store threads, on one
+    database, writing the same indexes, totals and idempotency hash at once."""
+    redis_store("shards").close()  # an empty database (or, without a server, a skip)
+    stores: list[RedisStore] = []
+
+    def calls() -> StoreCalls:
+        stores.append(RedisStore(REDIS_URL, namespace="shards"))
+        return StoreIO(stores[-1])
+
+    s = Sharded(registry, settings, RedisStore(REDIS_URL, namespace="shards"), calls)
+    for replicas in s.replicas:
+        replicas.hold = asyncio.Event()  # runs park after their first step until released
+    for tracker in s.trackers:
+        await tracker.start()
+    try:
+        async with s.client:
+            async def keyed(model: str, key: str) -> dict[str, Any]:
+                resp = await s.client.post("/generate/text2img", headers={
+                    "Idempotency-Key": key}, json=SMALL | {"model": model})
+                assert resp.status_code == 202, resp.text
+                return dict(resp.json())
+
+            async def cancel(job_id: str) -> int:
+                return (await s.client.post(f"/jobs/{job_id}/cancel")).status_code
+
+            async def release() -> None:
+                for replicas in s.replicas:
+                    assert replicas.hold is not None
+                    replicas.hold.set()
+
+            first = await asyncio.gather(*(s.submit(m, seed=i) for i in range(10)
+                                           for m in (A, B)))
+            # Submits (some twice with one key) and cancels of queued or parked jobs at once.
+            more = [s.submit(m, seed=i) for i in range(10, 20) for m in (A, B)]
+            twice = [keyed(m, f"{m}-{i}") for i in range(4) for m in (A, B) for _ in (0, 1)]
+            early = [j["id"] for j in first[::2]]
+            *later, codes = await asyncio.gather(*more, *twice,
+                                                 asyncio.gather(*map(cancel, early)))
+            assert codes == [200] * len(early)
+            jobs = [*first, *later]
+            ids = {j["id"] for j in jobs}
+            assert len(ids) == 40 + 8  # each key's two submits are one job
+            cancelled = set(early)
+            # Cancels racing the runs' release: each either cancels or finds the job done.
+            racing = [j["id"] for j in later[::3]]
+            _, codes = await asyncio.gather(release(), asyncio.gather(*map(cancel, racing)))
+            assert set(codes) <= {200, 409}
+            cancelled |= {j for j, code in zip(racing, codes, strict=True) if code == 200}
+            for job_id in ids:
+                await s.until(job_id, "cancelled" if job_id in cancelled else "completed")
+            done = sorted(ids - cancelled)[:5]
+            assert await asyncio.gather(*map(cancel, done)) == [409] * len(done)
+            status = (await s.client.get("/queue/status")).json()
+    finally:
+        await s.close()  # each shard's writes flushed
+
+    models = {j["id"]: j["request"]["model"] for j in jobs}
+    for shard, model in enumerate((A, B)):
+        assert {t.job_id for _, t in s.replicas[shard].calls} <= {
+            j for j, m in models.items() if m == model}
+    fresh = RedisStore(REDIS_URL, namespace="shards")
+    stored = {j: json.loads(fresh.load(j) or "null")["status"] for j in ids}
+    assert stored == {j: "cancelled" if j in cancelled else "completed" for j in ids}
+    counts: dict[str, int] = {}
+    for owner in fresh.totals().values():
+        for name, n in owner.counts.items():
+            counts[name] = counts.get(name, 0) + n
+    assert {k: v for k, v in counts.items() if v} == {
+        "cancelled": len(cancelled), "completed": len(ids) - len(cancelled)}
+    assert (status["cancelledJobs"], status["completedJobs"], status["queuedJobs"]) == (
+        len(cancelled), len(ids) - len(cancelled), 0)
+    assert fresh.unfinished() == []
+    for store in [fresh, *stores]:
+        store.close()
