@@ -26,6 +26,7 @@ import yaml
 from serve_app.errors import ConfigError
 from serve_app.generation.preload import MODULE as PRELOAD_MODULE
 from serve_app.registry import resolve_config_path
+from serve_app.runfile import RunFile, end
 from serve_app.settings import load_settings
 
 # Serve's lean request path (the cluster files set the same): each ingress replica answers
@@ -113,9 +114,15 @@ def serve_forever(config_path: str) -> None:
     if "IMAGEGEN_HOST" in os.environ or "host" not in http:
         http["host"] = settings.host
     settings.check_exposure(http["host"])
+    # A previous run that was killed (not stopped) left its Ray and HAProxy behind.
+    runfile = RunFile(settings.data_dir)
+    ended = runfile.clear_leftovers(http["host"], http["port"])
+    if ended:
+        print(f"imagegen: ended {ended} processes a previous run left behind", flush=True)
 
     try:
         start_local_ray()
+        runfile.keep(http["port"])
         # ray.init installs Ray's own SIGTERM handler (it aborts the process): take SIGTERM
         # back, to stop the service the way Ctrl-C does.
         signal.signal(signal.SIGTERM, signal.default_int_handler)
@@ -141,6 +148,7 @@ def serve_forever(config_path: str) -> None:
         pass
     finally:
         stop_local_ray()
+        runfile.release()
 
 
 def stop_local_ray(grace_s: float = STOP_GRACE_S) -> None:
@@ -171,25 +179,9 @@ def stop_local_ray(grace_s: float = STOP_GRACE_S) -> None:
         serve_s = time.monotonic() - began
         ray.shutdown()
         ray_s = time.monotonic() - began - serve_s
-    leftovers = _end(started)
+    leftovers = end(started)
     print(f"imagegen stopped in {time.monotonic() - began:.1f} s (Serve {serve_s:.1f} s, "
           f"Ray {ray_s:.1f} s, {leftovers} leftover processes ended)", flush=True)
-
-
-def _end(processes: list[Any]) -> int:
-    """SIGTERM, then SIGKILL after a second, to those of `processes` still running (psutil
-    checks each is still the process it was, not a reused pid); how many there were."""
-    import psutil
-
-    alive = [p for p in processes if p.is_running()]
-    for proc in alive:
-        with contextlib.suppress(psutil.Error):
-            proc.terminate()
-    _, stuck = psutil.wait_procs(alive, timeout=1.0)
-    for proc in stuck:
-        with contextlib.suppress(psutil.Error):
-            proc.kill()
-    return len(alive)
 
 
 def build_tiny_models() -> None:

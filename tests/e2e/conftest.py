@@ -15,7 +15,7 @@ for _name, _value in CREDENTIALS.items():
 
 # Modules that stop the session's shared Ray to run one of another shape: last, so the
 # shared Ray is not started a second time for the modules after them (~20 s).
-OWN_RAY_MODULES = {"test_multinode"}
+OWN_RAY_MODULES = {"test_multinode", "test_e2e_restart"}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

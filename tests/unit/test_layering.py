@@ -38,6 +38,8 @@ ALLOWED: dict[str, tuple[str, ...]] = {
     "serve_app.shards": ("serve_app.errors",),
     "serve_app.blobs": ("serve_app.errors", "serve_app.settings", "serve_app.messages"),
     "serve_app.webhook_targets": (),
+    # What a local `imagegen serve` started (cli's helper; psutil, no Ray).
+    "serve_app.runfile": ("serve_app.errors",),
     "serve_app.registry": ("serve_app.errors", "serve_app.settings", "serve_app.messages",
                            "serve_app.model_families", "serve_app.model_adapters"),
     "serve_app.model_families": ("serve_app.messages",),
