@@ -55,6 +55,12 @@ SHAPES: dict[str, dict[str, Any]] = {
         "settings": _SUBMIT_SETTINGS | {"api_keys": [{"name": "bench", "key": BENCH_KEY}],
                                         "durability": "relaxed"},
     },
+    # A key past its burst of 2 (the rate too low to refill it during the figure).
+    "admission": {
+        "models": [tiny_model(SINK_MODEL, num_cpus=64, min_replicas=0, initial_replicas=0)],
+        "settings": _SUBMIT_SETTINGS | {"api_keys": [{"name": "bench", "key": BENCH_KEY}],
+                                        "submit_rate": 0.01, "submit_burst": 2},
+    },
     # e2e, batching, cold start and scale: tiny-sd as config/models.yaml ships it (its
     # scaling, batch size and CPUs), and a min-0 copy of the tiny model for the cold start.
     "service": {

@@ -31,7 +31,8 @@ from typing import Any
 
 from bench.common import ROOT, load_average, log, machine_info, wait_quiet
 
-FIGURES = ("submit", "e2e", "batching", "coldstart", "scale", "tracker", "images")
+FIGURES = ("submit", "e2e", "batching", "coldstart", "scale", "tracker", "images",
+           "admission")
 RESULTS_DIR = ROOT / "bench" / "results"
 README = ROOT / "bench" / "README.md"
 TABLE_START = "<!-- results:start -->"
