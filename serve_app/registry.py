@@ -128,12 +128,20 @@ class Runtime(Strict):
     # GPU memory) onto the GPU while it runs. docs/models.md says what each saves.
     cpu_offload: Literal["none", "model", "sequential"] = "none"
     # Batched images byte-identical to the same seeds made alone (batch-invariant layers on
-    # a CPU, per-image UNet sub-batches elsewhere). Off trades that for batched speed.
-    batch_invariant: bool = True
+    # a CPU, per-image denoiser sub-batches elsewhere). `auto`: on on a CPU (free there),
+    # off on an accelerator, where it would cost a forward per image (serve_app.generation.
+    # batching says what off trades).
+    batch_invariant: bool | Literal["auto"] = "auto"
     # `source: null` only: how long each pretend denoising step takes, and how many bytes
     # each image it answers has (0: a 1x1 PNG; ~400 KB is a 512² photo's, ~1.5 MB 1024²).
     null_step_ms: float = Field(0.0, ge=0, le=10_000)
     null_image_bytes: int = Field(0, ge=0, le=64 * 1024 * 1024)
+
+    def invariant_on(self, device: str) -> bool:
+        """Whether batches are made byte-identical to lone calls on `device`."""
+        if self.batch_invariant == "auto":
+            return device == "cpu"
+        return bool(self.batch_invariant)
 
 
 class ModelSpec(Strict):

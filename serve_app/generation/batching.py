@@ -20,12 +20,21 @@ The same holds for the transformer denoisers (FLUX, SD 3): their layers are line
 norms, per-sample attention and element-wise operations (tests/unit/test_families.py checks
 batched FLUX and SDXL images against lone ones).
 
-That was measured on CPUs only. Elsewhere (CUDA: cuBLAS and cuDNN choose kernels by shape
-too, batched GEMMs included) the denoiser keeps the older, slower guarantee: its forward is
-split into per-image sub-batches with exactly the shapes an unbatched call uses. With
-classifier-free guidance the pipeline lays the batch out as [uncond x n, cond x n] and an
-unbatched call runs the pair [uncond_i, cond_i], so the pair is the sub-batch. The VAE
-decodes one image at a time (slicing) on every device.
+That was measured on CPUs only. On accelerators (CUDA: cuBLAS and cuDNN choose kernels by
+shape, batch count included, batched GEMMs too) no layer rewrite makes that promise, and the
+only guarantee left is to split the denoiser's forward into per-image sub-batches with
+exactly the shapes an unbatched call uses: a batch of k images then costs k forwards, the
+latency of a batch with the throughput of one image at a time. So `runtime.batch_invariant`
+defaults to `auto`: on a CPU (where it costs nothing) on, on an accelerator off, and a
+batch runs as one forward per step. What that trades, stated in docs/models.md: a batched
+image may differ from the same seed made alone in the low bits of some pixels (the
+denoiser's output differs by rounding, ~1e-3 relative in half precision), never in what it
+shows; the same request made alone twice is still identical. `batch_invariant: true` on a
+GPU model buys byte-identical batches back at the per-image cost. With classifier-free
+guidance the pipeline lays the batch out as [uncond x n, cond x n] and an unbatched call
+runs the pair [uncond_i, cond_i], so the pair is the sub-batch: rows i, i+n (a strided
+view, `x[i::n]`: no index tensor is built, so the split issues no host-to-device copy). The
+VAE decodes one image at a time (slicing) wherever invariance is on.
 """
 
 from __future__ import annotations
@@ -107,9 +116,9 @@ class BatchInvariantDenoiser:
         self.model = denoiser
         if on_cpu is None:
             on_cpu = next(denoiser.parameters()).device.type == "cpu"
-        # Off (runtime.batch_invariant: false) the denoiser is left as it is: on a GPU
-        # faster, and a batched image may differ from the same seed made alone in the last
-        # bits.
+        # Off (`runtime.batch_invariant` false, or `auto` on an accelerator) the denoiser
+        # is left as it is: one forward per step for the whole batch, and a batched image
+        # may differ from the same seed made alone in the last bits.
         self.split = enabled and not on_cpu
         self.rewrites = enabled and on_cpu
         self.refresh()
@@ -134,21 +143,21 @@ class BatchInvariantDenoiser:
             return self._forward(*args, **kwargs)
         outputs = []
         for i in range(n):
-            index = torch.tensor([i + b * n for b in range(self.blocks)], device=sample.device)
-            outputs.append(self._forward(*_take(args, index, batch),
-                                         **_take(kwargs, index, batch)))
+            rows = slice(i, batch, n)  # image i in each block: rows i, i + n, ...
+            outputs.append(self._forward(*_take(args, rows, batch),
+                                         **_take(kwargs, rows, batch)))
         return _reassemble(outputs, n, self.blocks)
 
 
-def _take(value: Any, index: torch.Tensor, batch: int) -> Any:
-    """`value` with every batch-sized tensor inside it reduced to the rows in `index`."""
+def _take(value: Any, rows: slice, batch: int) -> Any:
+    """`value` with every batch-sized tensor inside it reduced to `rows` (a view)."""
     if isinstance(value, torch.Tensor):
-        return value[index] if value.ndim > 0 and value.shape[0] == batch else value
+        return value[rows] if value.ndim > 0 and value.shape[0] == batch else value
     if isinstance(value, dict):
-        return {k: v if k in _SHARED_INPUTS else _take(v, index, batch)
+        return {k: v if k in _SHARED_INPUTS else _take(v, rows, batch)
                 for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return type(value)(_take(v, index, batch) for v in value)
+        return type(value)(_take(v, rows, batch) for v in value)
     return value
 
 

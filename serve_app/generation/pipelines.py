@@ -267,8 +267,9 @@ def needs_inpaint_route(pipe: DiffusionPipeline) -> bool:
 class PipelineSet:
     """The loaded pipeline and the per-mode pipelines derived from it, created once each.
 
-    All of them share one denoiser made batch-invariant and a VAE in slicing mode (see
-    `serve_app.generation.batching`). Not thread-safe: the runner calls it under its lock.
+    All of them share one denoiser, batch-invariant where the runtime says so (and the VAE
+    then in slicing mode; see `serve_app.generation.batching`). Not thread-safe: the runner
+    calls it under its lock.
     """
 
     def __init__(self, base: DiffusionPipeline, family: Family | None = None,

@@ -79,7 +79,7 @@ class ModelRunner:
         if not settings.enable_nsfw_filter and getattr(base, "safety_checker", None) is not None:
             # A custom loader may bring a checker the settings do not want.
             base.safety_checker = None
-        invariant = spec.runtime.batch_invariant
+        invariant = spec.runtime.invariant_on(self.device)
         pipes = PipelineSet(base, family_of(spec.pipeline), batch_invariant=invariant,
                             device=self.device)
         prepare_checker(base, invariant and self.device == "cpu")

@@ -119,3 +119,79 @@ def test_split_mode_runs_a_transformer_per_image_with_its_shared_position_ids() 
                           else v for k, v in inputs.items()})[0] for i in range(n)]
     assert calls == [1] * n
     assert torch.equal(whole, torch.cat(alone))
+
+
+class _Counted:
+    """The denoiser's real forwards (under the invariance wrapper), with their rows."""
+
+    def __init__(self, wrapper: BatchInvariantDenoiser) -> None:
+        self.rows: list[int] = []
+        inner = wrapper._forward
+
+        def forward(*args, **kwargs):  # type: ignore[no-untyped-def]
+            sample = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
+            self.rows.append(len(sample))
+            return inner(*args, **kwargs)
+
+        wrapper._forward = forward
+
+
+def _runner_on_an_accelerator(settings: Settings, monkeypatch: pytest.MonkeyPatch,
+                              **runtime: object):  # type: ignore[no-untyped-def]
+    """The runner as it runs on CUDA (its device resolved to `cuda`: the accelerator's
+    policies apply), its tensors on this CPU."""
+    from serve_app.generation import runner as runner_module
+    from serve_app.generation.runner import ModelRunner
+
+    monkeypatch.setattr(runner_module, "resolve_device", lambda *_: "cuda")
+    spec = tiny_spec(runtime=runtime) if runtime else tiny_spec()
+    return ModelRunner(spec, settings,
+                       loader=lambda s, st, _d, _t: load_pipeline(s, st, "cpu", torch.float32))
+
+
+@pytest.mark.parametrize(("runtime", "forwards_per_step", "sliced"), [
+    ({}, 1, False),  # as shipped (`auto`): the whole batch in one forward
+    ({"batch_invariant": True}, 4, True),  # opted in: per-image sub-batches, VAE slicing
+])
+def test_on_an_accelerator_a_batch_runs_one_denoiser_forward_per_step_by_default(
+        settings: Settings, monkeypatch: pytest.MonkeyPatch, runtime: dict[str, object],
+        forwards_per_step: int, sliced: bool) -> None:
+    from tests.support.generation import make_task
+
+    runner = _runner_on_an_accelerator(settings, monkeypatch, **runtime)
+    counted = _Counted(runner._loaded().pipes.denoiser)
+    tasks = [make_task(job_id=f"j{i}", seed=i, steps=3) for i in range(4)]
+    results = runner.generate_batch(tasks)
+    assert len(results) == 4
+    # Classifier-free guidance: each forward holds [uncond, cond] of its images.
+    assert counted.rows == [8 // forwards_per_step] * (3 * forwards_per_step)
+    assert runner.pipeline.vae.use_slicing is sliced
+
+
+def test_the_per_image_split_copies_nothing_from_the_host_and_syncs_nothing() -> None:
+    """Sub-batches are strided views of the batch: no index tensor is built per step (on
+    CUDA each would be a host-to-device copy that waits for the stream), and no value is
+    read back to the host."""
+    from torch.overrides import TorchFunctionMode
+
+    host_bound = {"tensor", "as_tensor", "item", "tolist", "cpu", "numpy", "__bool__",
+                  "__int__", "__float__", "__index__", "nonzero"}
+    seen: list[str] = []
+
+    class Watch(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            if getattr(func, "__name__", "") in host_bound:
+                seen.append(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    model = torch.nn.Identity()
+    wrapper = BatchInvariantDenoiser(model, on_cpu=False)
+    wrapper.blocks = 2
+    rows: list[torch.Tensor] = []
+    wrapper._forward = lambda sample, *a, **k: rows.append(sample) or (sample * 2,)
+    batch = torch.arange(8.0).reshape(8, 1)  # [uncond 0..3, cond 4..7]
+    with Watch():
+        out = wrapper._split_forward(batch, torch.ones(8), encoder_hidden_states=batch)
+    assert seen == []
+    assert [r.flatten().tolist() for r in rows] == [[0, 4], [1, 5], [2, 6], [3, 7]]
+    assert torch.equal(out[0], batch * 2)
