@@ -21,6 +21,7 @@ from deployments.tracker import Tracker, model_deployment_name
 from serve_app.blobs import open_blobs
 from serve_app.errors import ConfigError
 from serve_app.generation.preload import model_runtime_env
+from serve_app.placement import Cluster, measure_cpu_gflops, needs_cpu_speed, place_all
 from serve_app.registry import ModelSpec, Registry, load_registry, parse_registry
 from serve_app.settings import Settings, load_settings
 from serve_app.shards import ShardMap, tracker_deployment_name
@@ -91,15 +92,36 @@ def resolve(args: AppArgs) -> tuple[Settings, Registry, list[ModelSpec]]:
         if isinstance(args.models, str)
         else parse_registry(args.models, "inline models")
     )
+    registry = place_all(registry, detect_cluster(settings, registry),
+                         settings.job_timeout_ms / 1000)
     served = registry.served(settings)
     served_ids = {m.id for m in served}
     if settings.default_model not in served_ids:
+        default = settings.default_model
         raise ConfigError(
-            f"The default model {settings.default_model!r} is not served: "
-            + ("it is not in the registry" if registry.get(settings.default_model) is None
-               else f"its weights are missing under MODEL_PATH={settings.model_path}")
+            f"The default model {default!r} is not served: "
+            + ("it is not in the registry" if registry.get(default) is None
+               else registry.unavailable.get(default)
+               or f"its weights are missing under MODEL_PATH={settings.model_path}")
         )
     return settings, registry, served
+
+
+def detect_cluster(settings: Settings, registry: Registry) -> Cluster:
+    """What the models can be placed on: GPUs (IMAGEGEN_ACCELERATOR, or Ray's nodes now),
+    and, where a model's placement depends on it, this node's CPU speed."""
+    gpus = settings.accelerator == "cuda" or (
+        settings.accelerator == "auto" and _ray_gpus() > 0)
+    if gpus or not needs_cpu_speed(registry.model_copy(update={
+            "models": [m for m in registry.models if m.weights_present(settings)]})):
+        return Cluster(gpus=gpus)
+    return Cluster(gpus=False, cpu_gflops=measure_cpu_gflops())
+
+
+def _ray_gpus() -> float:
+    import ray
+
+    return float(ray.cluster_resources().get("GPU", 0)) if ray.is_initialized() else 0.0
 
 
 def build_app(args: AppArgs | dict[str, Any] | None = None) -> Application:

@@ -30,6 +30,25 @@ PIPELINE_SAMPLERS: dict[str, tuple[str, ...]] = {
 # the ingress refuse a size before a job exists (tests keep the two in step).
 SIZE_MULTIPLES: dict[str, int] = {"sd": 8, "sdxl": 8, "flux": 16, "sd3": 16}
 
+# The half precision each family runs on a GPU (`runtime.dtype: auto`): FLUX's and SD 3's
+# activations overflow float16.
+HALF_DTYPES: dict[str, str] = {"sd": "float16", "sdxl": "float16", "flux": "bfloat16",
+                               "sd3": "bfloat16"}
+
+# What one denoising step costs a full-size model of each family, for the placement check
+# (serve_app.placement): dense TFLOP per step at a reference size, both halves of
+# classifier-free guidance included where the family uses it. SD 1.5: 51 TFLOP for 30
+# steps at 512² (counted by bench/gpu.py with torch.utils.flop_counter); SDXL's UNet ~6.3
+# TFLOP a forward at 1024²; FLUX.1 (12B, guidance-distilled: one forward) ~2 x params x
+# 4,608 tokens; SD 3.5 Medium (2.5B) ~2 x params x 4,429 tokens, twice. Attention grows
+# faster than the pixel count, so the estimate is optimistic for larger sizes.
+STEP_TFLOP: dict[str, tuple[float, int]] = {
+    "sd": (1.7, 512 * 512),
+    "sdxl": (12.7, 1024 * 1024),
+    "flux": (110.0, 1024 * 1024),
+    "sd3": (44.0, 1024 * 1024),
+}
+
 # The embedded tiny models (built locally from fixed seeds) and the family each one is.
 TINY_PIPELINES: dict[str, str] = {
     "tiny": "sd",

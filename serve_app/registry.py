@@ -116,8 +116,12 @@ class Resources(Strict):
 class Runtime(Strict):
     """How the replica loads and runs the pipeline (CUDA knobs are ignored on a CPU)."""
 
+    # `auto`: decided at startup for the cluster (serve_app.placement): a GPU where there
+    # is one, else the CPU if the model's default job fits JOB_TIMEOUT there.
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    # `auto`: float32 on a CPU; on a GPU the half precision the family wants (fp16 for
+    # SD 1.x/SDXL, bf16 for FLUX/SD 3).
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     channels_last: bool = False
     compile: bool = False
     vae_tiling: bool = False
@@ -259,6 +263,9 @@ class ModelSpec(Strict):
 
 class Registry(Strict):
     models: list[ModelSpec]
+    # Set at startup (serve_app.placement), never in a registry file: models that cannot
+    # be served on this cluster, and why.
+    unavailable: dict[str, str] = {}
 
     @model_validator(mode="before")
     @classmethod
@@ -285,7 +292,8 @@ class Registry(Strict):
         return next((m for m in self.models if m.id == model_id), None)
 
     def served(self, settings: Settings) -> list[ModelSpec]:
-        return [m for m in self.models if m.weights_present(settings)]
+        return [m for m in self.models
+                if m.id not in self.unavailable and m.weights_present(settings)]
 
 
 def resolve_config_path(path: str | Path) -> Path:
@@ -297,6 +305,8 @@ def resolve_config_path(path: str | Path) -> Path:
 
 
 def parse_registry(data: Any, source: str = "models config") -> Registry:
+    if isinstance(data, dict) and "unavailable" in data:
+        raise ConfigError(f"Invalid {source}: unavailable: unknown key")
     try:
         return Registry.model_validate(data)
     except ValidationError as exc:

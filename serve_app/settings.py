@@ -80,6 +80,10 @@ class Settings(BaseModel):
     # (safe against a crash of the process) but may sit in the OS cache; a power loss may
     # lose the last second of acknowledged submits. README "Durability" has the cost.
     durability: Literal["fsync", "relaxed"] = "fsync"
+    # Whether models with `runtime.device: auto` get GPUs (serve_app.placement): `auto`
+    # looks for GPUs among the Ray cluster's nodes at startup; `cuda` says there are (an
+    # autoscaling cluster whose GPU nodes join later); `none` keeps every model on CPUs.
+    accelerator: Literal["auto", "cuda", "none"] = "auto"
     # A job whose replica died is re-run this many times in all before it fails.
     max_attempts: int = Field(3, ge=1)
     # Finished jobs (and their images) are deleted after this age or beyond this count.
@@ -212,6 +216,7 @@ ENV_VARS: dict[str, str] = {
     "IMAGEGEN_STORE": "store",
     "IMAGEGEN_REDIS_URL": "redis_url",
     "IMAGEGEN_DURABILITY": "durability",
+    "IMAGEGEN_ACCELERATOR": "accelerator",
     "IMAGEGEN_MAX_ATTEMPTS": "max_attempts",
     "IMAGEGEN_RETENTION_S": "retention_s",
     "IMAGEGEN_RETENTION_MAX_JOBS": "retention_max_jobs",

@@ -78,6 +78,8 @@ def resolve_model(model_id: str, registry: Registry, served: frozenset[str]) -> 
     if spec is None:
         known = ", ".join(m.id for m in registry.models)
         raise InvalidRequest(f"Unknown model {model_id!r}; available models: {known}")
+    if model_id in registry.unavailable:
+        raise ModelNotAvailable(registry.unavailable[model_id])
     if model_id not in served:
         raise ModelNotAvailable(
             f"Model {model_id} not loaded: its weights were not found on this server. Put "

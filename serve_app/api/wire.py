@@ -271,7 +271,12 @@ class ModelInfo(Reply):
     samplers: list[str] = Field(description="The samplers this model accepts")
     loaded: bool = Field(description="Whether a replica is ready (else a cold start)")
     version: str
-    served: bool = Field(description="Whether its weights are present here")
+    served: bool = Field(description="Whether it is served here: its weights are present and "
+                               "it can run on this cluster")
+    unavailable: str | None = Field(
+        description="Why it is not served on this cluster (it needs a GPU, say), or null")
+    device: str = Field(description="Where its replicas run: cuda or cpu (auto: not placed)")
+    num_gpus: float = Field(description="GPUs each replica takes")
     replicas: int
     min_replicas: int
     max_replicas: int

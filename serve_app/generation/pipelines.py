@@ -25,6 +25,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -45,6 +46,7 @@ from serve_app.errors import ConfigError
 from serve_app.generation.batching import BatchInvariantDenoiser
 from serve_app.generation.families import Family, family_of
 from serve_app.generation.tiny import ensure_tiny_model
+from serve_app.model_families import HALF_DTYPES
 from serve_app.registry import ModelSpec, Runtime
 from serve_app.settings import Settings
 
@@ -72,21 +74,26 @@ SINGLE_FILE_SUFFIXES: tuple[str, ...] = (".safetensors", ".ckpt")
 
 
 def resolve_device(requested: str, override: str | None = None) -> str:
-    """`override` if given, else the spec's device; `auto` (and `cuda` without one) -> cpu."""
+    """`override` if given, else the spec's device (`auto`: CUDA when present). A replica
+    that was given a GPU (`cuda`, as serve_app.placement resolves a GPU model) and sees no
+    CUDA raises: it must fail its start loudly, not run for hours on the CPU."""
     device = override or requested
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
-        log.warning("device %r requested but CUDA is not available; running on the CPU", device)
-        return "cpu"
+        raise RuntimeError(
+            f"device {device!r} was asked for but this process sees no CUDA device "
+            f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}, torch "
+            f"{torch.__version__}): refusing to run on the CPU. Check the node's driver and "
+            f"that the model's resources give it a GPU (num_gpus)")
     return device
 
 
-def resolve_dtype(name: str, device: str) -> torch.dtype:
-    """The spec's dtype on CUDA; always float32 on a CPU."""
+def resolve_dtype(name: str, device: str, family: str = "sd") -> torch.dtype:
+    """The spec's dtype on CUDA (`auto`: the family's half precision); float32 on a CPU."""
     if not device.startswith("cuda"):
         return torch.float32
-    return _DTYPES[name]
+    return _DTYPES[HALF_DTYPES[family] if name == "auto" else name]
 
 
 def resolve_model_file(settings: Settings, path: str) -> Path:

@@ -73,7 +73,7 @@ class ModelRunner:
     ) -> None:
         self.spec = spec
         self.device = resolve_device(spec.runtime.device, device)
-        self.dtype = resolve_dtype(spec.runtime.dtype, self.device)
+        self.dtype = resolve_dtype(spec.runtime.dtype, self.device, spec.pipeline)
         ip_adapter = _ip_adapter(spec, settings)
         base = loader(spec, settings, self.device, self.dtype)
         if not settings.enable_nsfw_filter and getattr(base, "safety_checker", None) is not None:

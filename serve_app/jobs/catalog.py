@@ -11,11 +11,13 @@ from serve_app.registry import ModelSpec, Registry
 def describe_models(registry: Registry, served: frozenset[str], ready: dict[str, int],
                     default_model: str) -> dict[str, Any]:
     return {"models": [describe_model(spec, spec.id in served, ready.get(spec.id, 0),
-                                      spec.id == default_model)
+                                      spec.id == default_model,
+                                      registry.unavailable.get(spec.id))
                        for spec in registry.models]}
 
 
-def describe_model(spec: ModelSpec, served: bool, ready: int, default: bool) -> dict[str, Any]:
+def describe_model(spec: ModelSpec, served: bool, ready: int, default: bool,
+                   unavailable: str | None = None) -> dict[str, Any]:
     replicas = ready if served else 0
     return {
         "id": spec.id,
@@ -27,6 +29,10 @@ def describe_model(spec: ModelSpec, served: bool, ready: int, default: bool) -> 
         "loaded": replicas > 0,
         "version": spec.version,
         "served": served,
+        # Why it is not served, where that was decided at startup (serve_app.placement).
+        "unavailable": unavailable,
+        "device": spec.runtime.device,
+        "numGpus": spec.resources.num_gpus,
         "replicas": replicas,
         "minReplicas": spec.scaling.min_replicas,
         "maxReplicas": spec.scaling.max_replicas,

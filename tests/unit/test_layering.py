@@ -38,6 +38,8 @@ ALLOWED: dict[str, tuple[str, ...]] = {
     "serve_app.shards": ("serve_app.errors",),
     "serve_app.blobs": ("serve_app.errors", "serve_app.settings", "serve_app.messages"),
     "serve_app.webhook_targets": (),
+    # Where each model runs (the builder's helper; numpy, no torch, no Ray).
+    "serve_app.placement": ("serve_app.registry", "serve_app.model_families"),
     # What a local `imagegen serve` started (cli's helper; psutil, no Ray).
     "serve_app.runfile": ("serve_app.errors",),
     "serve_app.registry": ("serve_app.errors", "serve_app.settings", "serve_app.messages",

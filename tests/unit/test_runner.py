@@ -282,10 +282,15 @@ def test_weights_that_are_neither_folder_nor_checkpoint_are_a_config_error(
         ModelRunner(spec, settings)
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU fallback")
-def test_cuda_requested_without_a_gpu_falls_back_to_the_cpu() -> None:
-    assert resolve_device("cuda") == "cpu"
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without CUDA")
+def test_a_replica_given_a_gpu_without_cuda_fails_its_start_instead_of_using_the_cpu(
+        settings: Settings) -> None:
     assert resolve_device("auto") == "cpu"
+    with pytest.raises(RuntimeError, match="refusing to run on the CPU"):
+        resolve_device("cuda")
+    spec = tiny_spec(runtime={"device": "cuda"})  # as placement resolves a GPU model
+    with pytest.raises(RuntimeError, match="no CUDA device"):
+        ModelRunner(spec, settings)
 
 
 @pytest.mark.parametrize("sampler", ["euler_a", "dpm++_2m", "ddim"])

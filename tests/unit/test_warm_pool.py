@@ -92,12 +92,30 @@ def test_idle_workers_are_the_jobs_workers_with_no_actor_and_no_task() -> None:
     assert idle_workers(stats, job) == 2
 
 
+# What would touch CUDA (and, once touched, fix the devices this process sees before Ray
+# sets CUDA_VISIBLE_DEVICES for the replica it becomes). In a model worker, torch is
+# imported first and these are wrapped to record calls before the preload runs.
+_CUDA_PROBE = """
+import os, torch
+calls = []
+def watch(owner, name):
+    real = getattr(owner, name, None)
+    if real is not None:
+        setattr(owner, name, lambda *a, **k: calls.append(name) or real(*a, **k))
+for name in ("is_available", "device_count", "init", "_lazy_init", "current_device",
+             "get_device_properties", "get_device_capability", "is_bf16_supported"):
+    watch(torch.cuda, name)
+watch(torch._C, "_cuda_getDeviceCount")
+"""
+
+
 def _preload(env: dict[str, str]) -> dict[str, object]:
-    code = ("import json, sys, " + MODULE + " as p\n"
+    probe = _CUDA_PROBE if env.get(ROLE_VAR) == "model" else "calls = None\n"
+    code = (probe + "import json, sys, " + MODULE + " as p\n"
             "print(json.dumps({'torch': 'torch' in sys.modules,"
             " 'diffusers': 'diffusers' in sys.modules, 'runner':"
             " 'serve_app.generation.runner' in sys.modules,"
-            " 'done': p.IMPORTS_DONE is not None}))")
+            " 'done': p.IMPORTS_DONE is not None, 'cuda_calls': calls}))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=180, check=True, env={**os.environ, **env})
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -106,9 +124,12 @@ def _preload(env: dict[str, str]) -> dict[str, object]:
 def test_the_preload_imports_the_replica_code_only_in_a_model_worker() -> None:
     env = {k: v for k, v in os.environ.items() if k != ROLE_VAR}
     assert _preload(env | {ROLE_VAR: ""}) == {
-        "torch": False, "diffusers": False, "runner": False, "done": False}
+        "torch": False, "diffusers": False, "runner": False, "done": False,
+        "cuda_calls": None}
+    # ...and asks torch nothing about CUDA: a warm worker must not settle which GPUs it
+    # sees before Ray assigns the replica's.
     assert _preload(env | {ROLE_VAR: "model"}) == {
-        "torch": True, "diffusers": True, "runner": True, "done": True}
+        "torch": True, "diffusers": True, "runner": True, "done": True, "cuda_calls": []}
 
 
 def test_a_replica_reports_whether_its_process_was_warm() -> None:
