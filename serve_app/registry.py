@@ -113,6 +113,18 @@ class Resources(Strict):
         return options
 
 
+class StepCacheSpec(Strict):
+    """`runtime.step_cache` (serve_app.generation.step_cache): reuse deep features across
+    denoising steps. Faster, slightly different images (bench/stepcache.py measures both)."""
+
+    # deepcache: UNet models (SD 1.x, SDXL). taylorseer: FLUX, SD 3. first_block: FLUX.
+    kind: Literal["deepcache", "taylorseer", "first_block"]
+    # deepcache, taylorseer: a full step every `every` steps.
+    every: int = Field(3, ge=2, le=10)
+    # first_block: reuse when the first block's output changed by less than this (relative).
+    threshold: float = Field(0.1, gt=0, le=1)
+
+
 class Runtime(Strict):
     """How the replica loads and runs the pipeline (CUDA knobs are ignored on a CPU)."""
 
@@ -131,6 +143,7 @@ class Runtime(Strict):
     # encoders, the denoiser, the VAE in turn) or each layer (`sequential`: slowest, least
     # GPU memory) onto the GPU while it runs. docs/models.md says what each saves.
     cpu_offload: Literal["none", "model", "sequential"] = "none"
+    step_cache: StepCacheSpec | None = None
     # Batched images byte-identical to the same seeds made alone (batch-invariant layers on
     # a CPU, per-image denoiser sub-batches elsewhere). `auto`: on on a CPU (free there),
     # off on an accelerator, where it would cost a forward per image (serve_app.generation.

@@ -176,7 +176,8 @@ class ModeCalls:
                 | {"num_images_per_prompt": task.num_images} | kwargs)
         # inference_mode, not only the pipeline's no_grad: no version counters or view
         # tracking (6% of a 64 px / 1-step call here); the numbers are the same.
-        with cpu_threads(self.device, task), torch.inference_mode():
+        with (self.pipes.step_cache.call(), cpu_threads(self.device, task),
+              torch.inference_mode()):
             output = pipe(
                 num_inference_steps=task.steps,
                 # CPU generators: the same seed gives the same image on any device.

@@ -45,9 +45,10 @@ from diffusers import (
 from serve_app.errors import ConfigError
 from serve_app.generation.batching import BatchInvariantDenoiser
 from serve_app.generation.families import Family, family_of
+from serve_app.generation.step_cache import attach as attach_step_cache
 from serve_app.generation.tiny import ensure_tiny_model
 from serve_app.model_families import HALF_DTYPES
-from serve_app.registry import ModelSpec, Runtime
+from serve_app.registry import ModelSpec, Runtime, StepCacheSpec
 from serve_app.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -280,7 +281,8 @@ class PipelineSet:
     """
 
     def __init__(self, base: DiffusionPipeline, family: Family | None = None,
-                 batch_invariant: bool = True, device: str | None = None) -> None:
+                 batch_invariant: bool = True, device: str | None = None,
+                 step_cache: StepCacheSpec | None = None, model_id: str = "model") -> None:
         self.base = base
         self.family = family or family_of("sd")
         self.inpaint_route = needs_inpaint_route(base)
@@ -288,6 +290,13 @@ class PipelineSet:
             self.family.denoiser(base), enabled=batch_invariant,
             on_cpu=None if device is None else device == "cpu",
         )
+        if step_cache is not None and self.denoiser.split:
+            raise ConfigError(
+                f"model {model_id}: runtime.step_cache cannot be combined with "
+                f"batch_invariant: true on a GPU (the per-image split); leave batch_invariant "
+                f"at auto")
+        # Outside the invariance wrapper: a cached step skips layers, whatever the batch.
+        self.step_cache = attach_step_cache(self.family.denoiser(base), step_cache, model_id)
         if batch_invariant:
             base.vae.enable_slicing()
         pin_execution_device(base)

@@ -81,7 +81,8 @@ class ModelRunner:
             base.safety_checker = None
         invariant = spec.runtime.invariant_on(self.device)
         pipes = PipelineSet(base, family_of(spec.pipeline), batch_invariant=invariant,
-                            device=self.device)
+                            device=self.device, step_cache=spec.runtime.step_cache,
+                            model_id=spec.id)
         prepare_checker(base, invariant and self.device == "cpu")
         self._loras = LoraSet(spec, settings, base, pipes.family.denoiser_attr,
                               after_load=pipes.denoiser.refresh)
