@@ -32,19 +32,22 @@ class ModelReplica:
 
         context = serve.get_replica_context()
         name = f"{spec.id}#{context.replica_id.unique_id}"
+        blobs = open_blobs(settings)
         if spec.source == "null":  # benchmarks: the service's own cost, no torch
             from serve_app.generation.null import NullRunner
 
             self._runner: Any = NullRunner(spec)
         else:
             from serve_app.generation.runner import ModelRunner
+            from serve_app.generation.speedups import BlobArtifacts
 
-            self._runner = ModelRunner(spec, settings)
+            # Compiled artifacts (runtime.compile) are shared through the blob store too.
+            self._runner = ModelRunner(spec, settings, compiled=BlobArtifacts(blobs))
         # Inputs are read from, and results written to, the blob store here: no image
         # bytes travel between this replica and the tracker.
         self._worker = ModelWorker(self._runner, replica_name=name,
                                    progress_every_s=settings.progress_every_ms / 1000,
-                                   blobs=open_blobs(settings))
+                                   blobs=blobs)
         self._startup = startup_phases(psutil.Process().create_time(), began, time.time(),
                                        preload.IMPORTS_STARTED, preload.IMPORTS_DONE)
         log.info("replica %s started: %s", name, self._startup)

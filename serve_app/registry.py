@@ -135,7 +135,20 @@ class Runtime(Strict):
     # SD 1.x/SDXL, bf16 for FLUX/SD 3).
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     channels_last: bool = False
+    # torch.compile the denoiser (CUDA). Its compiled artifacts are saved under the cache
+    # dir and loaded by the next replica, so a scale-up from zero does not recompile.
     compile: bool = False
+    # One matmul for each attention's q, k and v (diffusers' fuse_qkv_projections): fewer,
+    # larger GEMMs; the same image up to rounding. Not with LoRAs (PEFT targets to_q/k/v).
+    fuse_qkv: bool = False
+    # Which fused attention kernels SDPA may use on CUDA (`auto`: torch chooses).
+    attention_backend: Literal["auto", "flash", "efficient", "cudnn", "math"] = "auto"
+    # Denoiser weight quantization through torchao: int8 weights (any device), int8
+    # weights and activations, fp8 (CUDA, compute capability 8.9+). Less memory, faster
+    # GEMMs where the hardware has them; the image changes slightly (bench/stepcache.py's
+    # quality grid measures it). Batch invariance on a CPU needs plain linear layers:
+    # quantize there only with batch_invariant: false.
+    quantize: Literal["none", "int8_weight_only", "int8_dynamic", "fp8"] = "none"
     vae_tiling: bool = False
     vae_slicing: bool = False
     attention_slicing: bool = False

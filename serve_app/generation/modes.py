@@ -30,6 +30,7 @@ from serve_app.generation.pipelines import PipelineSet
 from serve_app.generation.previews import Previewer
 from serve_app.generation.prompts import PromptCache
 from serve_app.generation.samplers import SamplerFactory
+from serve_app.generation.speedups import attention_kernels
 from serve_app.generation.steps import Interrupted, StepHook, cpu_threads
 from serve_app.generation.style import IPAdapter, adain_start_image, style_denoise_strength
 from serve_app.messages import GenerationTask, InputImage, JobType
@@ -42,8 +43,9 @@ class ModeCalls:
 
     def __init__(self, model_id: str, pipes: PipelineSet, device: str,
                  ip_adapter: IPAdapter | None = None,
-                 controls: ControlNets | None = None) -> None:
+                 controls: ControlNets | None = None, attention_backend: str = "auto") -> None:
         self.model_id = model_id
+        self.attention_backend = attention_backend
         self.pipes = pipes
         self.family = pipes.family
         self.device = device
@@ -177,7 +179,7 @@ class ModeCalls:
         # inference_mode, not only the pipeline's no_grad: no version counters or view
         # tracking (6% of a 64 px / 1-step call here); the numbers are the same.
         with (self.pipes.step_cache.call(), cpu_threads(self.device, task),
-              torch.inference_mode()):
+              attention_kernels(self.attention_backend, self.device), torch.inference_mode()):
             output = pipe(
                 num_inference_steps=task.steps,
                 # CPU generators: the same seed gives the same image on any device.

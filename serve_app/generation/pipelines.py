@@ -45,6 +45,7 @@ from diffusers import (
 from serve_app.errors import ConfigError
 from serve_app.generation.batching import BatchInvariantDenoiser
 from serve_app.generation.families import Family, family_of
+from serve_app.generation.speedups import fuse_qkv, quantize_denoiser
 from serve_app.generation.step_cache import attach as attach_step_cache
 from serve_app.generation.tiny import ensure_tiny_model
 from serve_app.model_families import HALF_DTYPES
@@ -212,7 +213,10 @@ def _is_inpainting(spec: ModelSpec, path: Path) -> bool:
 def apply_runtime(pipe: DiffusionPipeline, runtime: Runtime, device: str) -> None:
     """Apply the spec's speed/memory knobs to a loaded pipeline (see module docstring)."""
     on_cuda = device.startswith("cuda")
+    if runtime.fuse_qkv:
+        fuse_qkv(pipe)
     denoiser = denoiser_of(pipe)
+    quantize_denoiser(denoiser, runtime.quantize, device)
     if runtime.channels_last:
         # A memory layout for 4-D convolution inputs: transformers' token tensors have none.
         if getattr(pipe, "unet", None) is not None:

@@ -30,6 +30,7 @@ import dataclasses
 import gc
 import threading
 import time
+from pathlib import Path
 
 import torch
 from diffusers import DiffusionPipeline
@@ -51,6 +52,7 @@ from serve_app.generation.pipelines import (
 )
 from serve_app.generation.previews import PreviewCallback, Previews
 from serve_app.generation.safety import prepare_checker
+from serve_app.generation.speedups import ArtifactStore, CompileCache, FolderArtifacts
 from serve_app.generation.steps import Interrupted, StepCallback, StepHook, StopCheck
 from serve_app.generation.style import IPAdapter
 from serve_app.messages import GenerationResult, GenerationTask, JobType
@@ -70,10 +72,19 @@ class ModelRunner:
         *,
         device: str | None = None,
         loader: PipelineLoader = load_pipeline,
+        compiled: ArtifactStore | None = None,
     ) -> None:
+        """`compiled`: where torch.compile's artifacts are shared between replicas (the
+        blob store, on a replica); default a folder under the cache dir."""
         self.spec = spec
         self.device = resolve_device(spec.runtime.device, device)
         self.dtype = resolve_dtype(spec.runtime.dtype, self.device, spec.pipeline)
+        _check_runtime(spec, self.device)
+        self._compile_cache: CompileCache | None = None
+        if spec.runtime.compile and self.device.startswith("cuda"):
+            store = compiled or FolderArtifacts(Path(settings.cache_dir) / "compile")
+            self._compile_cache = CompileCache(store, spec.id, self.device)
+            self._compile_cache.load()  # before the first compiled call
         ip_adapter = _ip_adapter(spec, settings)
         base = loader(spec, settings, self.device, self.dtype)
         if not settings.enable_nsfw_filter and getattr(base, "safety_checker", None) is not None:
@@ -88,8 +99,9 @@ class ModelRunner:
                               after_load=pipes.denoiser.refresh)
         controls = (ControlNets(spec, settings, pipes, self.device, self.dtype, invariant)
                     if spec.control_nets else None)
-        self._modes: ModeCalls | None = ModeCalls(spec.id, pipes, self.device, ip_adapter,
-                                                  controls)
+        self._modes: ModeCalls | None = ModeCalls(
+            spec.id, pipes, self.device, ip_adapter, controls,
+            attention_backend=spec.runtime.attention_backend)
         self._lock = threading.Lock()
 
     @property
@@ -191,6 +203,8 @@ class ModelRunner:
 
     def _result(self, task: GenerationTask, images: list[Image.Image], nsfw: list[bool],
                 started: float) -> GenerationResult:
+        if self._compile_cache is not None:
+            self._compile_cache.save()  # if that call compiled a new graph
         encoded = [encode_image(img, task.output_format, task.quality) for img in images]
         return GenerationResult(
             images=encoded,
@@ -201,6 +215,18 @@ class ModelRunner:
             model=self.spec.id,
             job_id=task.job_id,
         )
+
+
+def _check_runtime(spec: ModelSpec, device: str) -> None:
+    """Speed-ups that cannot be combined with what else the model runs with."""
+    runtime = spec.runtime
+    if runtime.fuse_qkv and spec.loras:
+        raise ConfigError(f"model {spec.id!r}: runtime.fuse_qkv cannot be combined with "
+                          f"LoRAs (they target the separate q, k and v projections)")
+    if runtime.quantize != "none" and runtime.invariant_on(device) and device == "cpu":
+        raise ConfigError(f"model {spec.id!r}: runtime.quantize on a CPU needs "
+                          f"batch_invariant: false (batch invariance rewrites the plain "
+                          f"linear layers that quantization replaces)")
 
 
 def _ip_adapter(spec: ModelSpec, settings: Settings) -> IPAdapter | None:
