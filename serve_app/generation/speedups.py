@@ -37,12 +37,16 @@ def quantize_denoiser(denoiser: torch.nn.Module, mode: str, device: str) -> None
                               and torch.cuda.get_device_capability() >= (8, 9)):
         raise ConfigError("runtime.quantize fp8 needs a CUDA GPU of compute capability 8.9 "
                           "or newer (L4, L40S, H100, ...); use int8_weight_only elsewhere")
-    from torchao.quantization import (
-        Float8DynamicActivationFloat8WeightConfig,
-        Int8DynamicActivationInt8WeightConfig,
-        Int8WeightOnlyConfig,
-        quantize_,
-    )
+    try:
+        from torchao.quantization import (
+            Float8DynamicActivationFloat8WeightConfig,
+            Int8DynamicActivationInt8WeightConfig,
+            Int8WeightOnlyConfig,
+            quantize_,
+        )
+    except ImportError:
+        raise ConfigError("runtime.quantize needs torchao: pip install 'imagegen-serve"
+                          "[quantize]' (torchao==0.18.0) on the model's nodes") from None
 
     config = {"int8_weight_only": Int8WeightOnlyConfig,
               "int8_dynamic": Int8DynamicActivationInt8WeightConfig,

@@ -83,3 +83,41 @@ def test_the_scale_figure_fills_the_store_through_its_current_api(tmp_path: Path
         assert filler.fill_to(30)["added"] == 0
     finally:
         filler.store.close()
+
+
+def test_the_gpu_check_dry_run_runs_the_matrix_code_on_a_cpu_without_ray(
+        tmp_path: Path) -> None:
+    """The prepared GPU check (bench/gpucheck.py) on the tiny models: the SD 1.5 case's
+    rows (batches as shipped, invariance on, DeepCache) and its JSON and Markdown."""
+    (tmp_path / "ray").mkdir()
+    (tmp_path / "ray" / "__init__.py").write_text(
+        "raise ImportError('the GPU check must not need ray outside its serve case')\n")
+    env = os.environ | {"PYTHONPATH": str(tmp_path)}
+    out = subprocess.run(
+        [sys.executable, "-m", "bench.gpucheck", "--dry-run", "--only", "sd15",
+         "--out", str(tmp_path / "out")],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=280)
+    assert out.returncode == 0, out.stderr[-3000:]
+    (report_file,) = (tmp_path / "out").glob("*-gpucheck-dry.json")
+    report = json.loads(report_file.read_text())
+    rows = [r for r in report["rows"] if "s_per_image" in r]
+    assert [(r["batch"], r.get("invariance") or r.get("step_cache")) for r in rows] == [
+        (1, "auto (off)"), (2, "auto (off)"), (4, "auto (off)"), (8, "auto (off)"),
+        (8, "on"), (1, "deepcache/3"), (8, "deepcache/3")]
+    alone = {r["case"]: r for r in report["rows"] if "identical" in r}
+    # On a CPU, invariance as shipped is on: a batched image is the lone one, bit for bit.
+    assert alone["sd15-batched-vs-alone"]["identical"] is True
+    assert report["summary"]["sd15_b1_s"] == rows[0]["s_per_image"]
+    assert "| sd15 | 8 | 64 | 2 | deepcache/3 |" in report_file.with_suffix(".md").read_text()
+
+
+def test_the_gpu_check_without_cuda_says_so_and_exits_cleanly(tmp_path: Path) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: the check would run for real")
+    out = subprocess.run([sys.executable, "-m", "bench.gpucheck", "--out", str(tmp_path)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "No CUDA device here" in out.stderr
+    assert "skipped" in json.loads(out.stdout.strip().splitlines()[-1])
