@@ -7,7 +7,8 @@ Contract (`train_denoiser(...)`):
   fresh caption (so the model learns words, not sentences), 10 % of them empty
   (classifier-free guidance's unconditional branch).
 - Objective: v-prediction on the zero-terminal-SNR schedule of `models.train_scheduler`
-  (see there why), MSE, AdamW with warmup and cosine decay, gradient clipping.
+  (see there why), MSE weighted towards the shape's box (`data.shape_weights`), AdamW
+  with warmup and cosine decay, gradient clipping.
 - An EMA of both modules' weights is what gets evaluated and shipped (it is steadier and
   better than the raw weights at every point measured).
 - Every `eval_every` steps the EMA pipeline draws a small quality grid (default sampler,
@@ -27,12 +28,19 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from serve_app.training.common import Ema, Progress, lr_at, set_lr
-from serve_app.training.data import LatentCache, captions_for, scenes, tokenize
-from serve_app.training.evaluate import measure, quality_grid
-from serve_app.training.models import IMAGE_SIZE, new_text_encoder, new_unet, train_scheduler
+from serve_app.training.data import LatentCache, captions_for, scenes, shape_weights, tokenize
+from serve_app.training.evaluate import contact_sheet, measure, misses, quality_grid
+from serve_app.training.models import (
+    IMAGE_SIZE,
+    VAE_FACTOR,
+    new_text_encoder,
+    new_unet,
+    train_scheduler,
+)
 from serve_app.training.pipeline import assemble
 
 CAPTION_DROPOUT = 0.1
+SHAPE_BOOST = 4.0
 
 
 @dataclass
@@ -44,9 +52,11 @@ class DenoiserRun:
 
 
 def velocity_loss(unet: UNet2DConditionModel, latents: torch.Tensor, states: torch.Tensor,
-                  generator: torch.Generator, extra: torch.Tensor | None = None) -> torch.Tensor:
+                  generator: torch.Generator, extra: torch.Tensor | None = None,
+                  weights: torch.Tensor | None = None) -> torch.Tensor:
     """The v-prediction MSE of `unet` on `latents` at uniform random timesteps. `extra`
-    (inpainting: mask and masked-image latents) is concatenated to the noisy latents."""
+    (inpainting: mask and masked-image latents) is concatenated to the noisy latents;
+    `weights` (B, 1, h, w) weight the squared error per latent pixel."""
     scheduler = train_scheduler()
     noise = torch.randn(latents.shape, generator=generator)
     t = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],),
@@ -55,13 +65,14 @@ def velocity_loss(unet: UNet2DConditionModel, latents: torch.Tensor, states: tor
     target = scheduler.get_velocity(latents, noise, t)
     model_input = noisy if extra is None else torch.cat([noisy, extra], dim=1)
     prediction = unet(model_input, t, states).sample
-    return (prediction - target).pow(2).mean()
+    error = (prediction - target).pow(2)
+    return (error if weights is None else error * weights).mean()
 
 
 def train_denoiser(vae: AutoencoderKL, tokenizer: CLIPTokenizer, steps: int, batch: int = 64,
                    lr: float = 5e-4, pool: int = 20000, seed: int = 0, eval_every: int = 1000,
                    eval_n: int = 45, log_path: Path | None = None,
-                   ema_decay: float = 0.999) -> DenoiserRun:
+                   ema_decay: float = 0.999, sheet_dir: Path | None = None) -> DenoiserRun:
     rng = np.random.default_rng(seed)
     generator = torch.Generator().manual_seed(seed)
     progress = Progress("denoiser", steps, log_path)
@@ -78,10 +89,11 @@ def train_denoiser(vae: AutoencoderKL, tokenizer: CLIPTokenizer, steps: int, bat
         set_lr(optimizer, lr_at(step, steps, lr, warmup=min(300, steps // 10 + 1)))
         index = torch.randint(0, len(cache), (batch,), generator=generator)
         latents = cache.sample(index, generator)
-        captions = captions_for([cache.scenes[i] for i in index.tolist()], rng,
-                                CAPTION_DROPOUT)
+        batch_scenes = [cache.scenes[i] for i in index.tolist()]
+        captions = captions_for(batch_scenes, rng, CAPTION_DROPOUT)
         states = text_encoder(tokenize(tokenizer, captions))[0]
-        loss = velocity_loss(unet, latents, states, generator)
+        weights = shape_weights(batch_scenes, IMAGE_SIZE, VAE_FACTOR, SHAPE_BOOST)
+        loss = velocity_loss(unet, latents, states, generator, weights=weights)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(modules.parameters(), 1.0)
@@ -89,7 +101,8 @@ def train_denoiser(vae: AutoencoderKL, tokenizer: CLIPTokenizer, steps: int, bat
         ema.update()
         progress.step(loss=loss.item())
         if (step + 1) % eval_every == 0 or step + 1 == steps:
-            scores = evaluate_ema(ema, modules, vae, tokenizer, grid, seed)
+            scores = evaluate_ema(ema, modules, vae, tokenizer, grid, seed,
+                                  sheet_dir / f"eval-{step + 1}.png" if sheet_dir else None)
             mean = float(np.mean(list(scores.values())))
             run.history.append({"step": step + 1, "loss": loss.item(), "mean": mean, **scores})
             progress.log(f"loss {loss.item():.4f} grid {scores} mean {mean:.3f}")
@@ -105,10 +118,17 @@ def train_denoiser(vae: AutoencoderKL, tokenizer: CLIPTokenizer, steps: int, bat
 
 
 def evaluate_ema(ema: Ema, modules: torch.nn.ModuleList, vae: AutoencoderKL,
-                 tokenizer: CLIPTokenizer, grid: list, seed: int) -> dict[str, float]:
+                 tokenizer: CLIPTokenizer, grid: list, seed: int,
+                 sheet: Path | None = None) -> dict[str, float]:
+    """The judge's figures of the EMA weights on `grid` (and its contact sheet, if asked)."""
     frozen = copy.deepcopy(modules)
     ema.copy_to(frozen)
     text_encoder, unet = frozen[0], frozen[1]
     pipe = assemble(vae, text_encoder, tokenizer, unet)
-    scores, _, _ = measure(pipe, grid, seed=seed)
+    scores, images, verdicts = measure(pipe, grid, seed=seed)
+    if sheet is not None:
+        sheet.parent.mkdir(parents=True, exist_ok=True)
+        contact_sheet(images, [p for p, _ in grid],
+                      [" ".join(misses(v, t)) for v, (_, t) in zip(verdicts, grid, strict=True)]
+                      ).save(sheet)
     return {k: round(v, 3) for k, v in scores.items()}

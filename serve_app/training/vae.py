@@ -33,7 +33,8 @@ KL_WEIGHT = 1e-5
 
 
 def train_vae(out: Path, steps: int, batch: int = 32, lr: float = 2e-3, seed: int = 0,
-              log_path: Path | None = None, crop: int | None = 32) -> tuple[AutoencoderKL, dict[str, float]]:
+              log_path: Path | None = None, crop: int | None = 32
+              ) -> tuple[AutoencoderKL, dict[str, float]]:
     rng = np.random.default_rng(seed)
     generator = torch.Generator().manual_seed(seed)
     vae = new_vae().train()
