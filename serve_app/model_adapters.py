@@ -11,6 +11,8 @@ Sources:
   (`unet.…`/`transformer.…` keys, as `save_lora_weights` writes) or kohya format
   (`lora_unet_…` keys with `lora_down`/`lora_up`/`alpha`, as sd-scripts and most community
   LoRAs ship); a ControlNet is a diffusers folder (`config.json` + weights).
+- `trained`: the adapters trained with the shapes-world models (serve_app.training),
+  shipped under `TRAINED_DIR`; `path` is relative to it.
 - `tiny-lora` / `tiny-controlnet`: seeded test adapters for the embedded tiny models, built
   into the cache folder on first use (`serve_app.generation.tiny_adapters`).
 
@@ -26,7 +28,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from serve_app.model_families import Pipeline
+from serve_app.model_families import TRAINED_DIR, Pipeline
 
 # The families whose ControlNet pipelines the replicas drive (diffusers' SD 1.x and SDXL
 # ControlNet text2img / img2img pipelines).
@@ -44,7 +46,7 @@ class LoraSpec(_Strict):
 
     name: str = Field(pattern=ADAPTER_NAME)
     description: str = ""
-    source: Literal["path", "tiny-lora"] = "path"
+    source: Literal["path", "trained", "tiny-lora"] = "path"
     path: str | None = None
     format: Literal["diffusers", "kohya"] = "diffusers"
     # The family it was trained for; left out, its model's. A mismatch stops the start.
@@ -63,7 +65,7 @@ class ControlNetSpec(_Strict):
 
     id: str = Field(pattern=ADAPTER_NAME)
     description: str = ""
-    source: Literal["path", "tiny-controlnet"] = "path"
+    source: Literal["path", "trained", "tiny-controlnet"] = "path"
     path: str | None = None
     pipeline: Pipeline | None = None
     seed: int = Field(0, ge=0)
@@ -75,8 +77,8 @@ class ControlNetSpec(_Strict):
 
 
 def _check_source(source: str, path: str | None, tiny: str) -> None:
-    if source == "path" and not path:
-        raise ValueError("an adapter with source 'path' needs a 'path'")
+    if source in ("path", "trained") and not path:
+        raise ValueError(f"an adapter with source {source!r} needs a 'path'")
     if source == tiny and path:
         raise ValueError(f"a {tiny} adapter is built locally: leave out 'path'")
 
@@ -133,6 +135,8 @@ def adapter_path(kind: Literal["loras", "controlnets"], adapter: LoraSpec | Cont
     model, since it is built from that model's denoiser), else its registry path."""
     if adapter.path is None:
         return Path(cache_dir) / "adapters" / model_id / kind / _name(adapter)
+    if adapter.source == "trained":
+        return TRAINED_DIR / adapter.path
     path = Path(adapter.path).expanduser()
     return path if path.is_absolute() else Path(model_path) / path
 

@@ -6,6 +6,7 @@ counterpart (what each family does in a pipeline call); tests keep the two in st
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 from serve_app.messages import SAMPLERS
@@ -57,9 +58,15 @@ TINY_PIPELINES: dict[str, str] = {
     "tiny-flux": "flux",
     "tiny-sd3": "sd3",
 }
+# Where the trained models ship: in the package, so an installed service has them.
+TRAINED_DIR = Path(__file__).resolve().parent / "trained"
+# `trained`: the shapes-world models trained here (serve_app.training) and shipped in the
+# repository under TRAINED_DIR; `path` is relative to that folder. Loaded like any local
+# checkpoint (`from_pretrained`), embedded like the tiny ones (always present).
 # `null`: no model at all, for benchmarks of the service's own cost (serve_app.generation
 # .null): never in a served registry by default.
-Source = Literal["path", "tiny", "tiny-inpaint", "tiny-sdxl", "tiny-flux", "tiny-sd3", "null"]
+Source = Literal["path", "trained", "tiny", "tiny-inpaint", "tiny-sdxl", "tiny-flux", "tiny-sd3",
+                 "null"]
 
 
 def samplers_for(pipeline: str) -> tuple[str, ...]:

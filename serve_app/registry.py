@@ -28,6 +28,7 @@ from serve_app.model_families import (
     PIPELINE_SAMPLERS,
     SIZE_MULTIPLES,
     TINY_PIPELINES,
+    TRAINED_DIR,
     Pipeline,
     Source,
     samplers_for,
@@ -184,8 +185,9 @@ class ModelSpec(Strict):
     version: str = "1.0"
     # The diffusers pipeline family. Left out, it is `sd`, or the family of a tiny source.
     pipeline: Pipeline = "sd"
-    # `tiny*` (see TINY_PIPELINES): built locally from fixed seeds. Otherwise `path` (relative
-    # to MODEL_PATH, or absolute) is a diffusers folder or a single .safetensors/.ckpt file.
+    # `tiny*` (see TINY_PIPELINES): built locally from fixed seeds. `trained`: shipped in the
+    # package (`path` relative to TRAINED_DIR). Otherwise `path` (relative to MODEL_PATH,
+    # or absolute) is a diffusers folder or a single .safetensors/.ckpt file.
     source: Source = "path"
     path: str | None = None
     inpainting_model: str | None = None
@@ -218,8 +220,8 @@ class ModelSpec(Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> ModelSpec:
-        if self.source == "path" and not self.path:
-            raise ValueError("a model with source 'path' needs a 'path'")
+        if self.source in ("path", "trained") and not self.path:
+            raise ValueError(f"a model with source {self.source!r} needs a 'path'")
         tiny_family = TINY_PIPELINES.get(self.source)
         if tiny_family is not None and tiny_family != self.pipeline:
             raise ValueError(
@@ -268,9 +270,18 @@ class ModelSpec(Strict):
 
     @property
     def is_tiny(self) -> bool:
+        """An embedded model (built here or shipped here): always present, CPU-sized."""
         return self.source != "path"
 
+    @property
+    def is_built(self) -> bool:
+        """Built locally from fixed seeds on first use (`tiny*` sources)."""
+        return self.source in TINY_PIPELINES
+
     def weights_path(self, settings: Settings) -> Path:
+        if self.source == "trained":
+            assert self.path is not None  # checked by the validator above
+            return TRAINED_DIR / self.path
         if self.is_tiny:
             return Path(settings.cache_dir) / self.id
         assert self.path is not None  # checked by the validator above

@@ -109,7 +109,7 @@ def load_pipeline(
 ) -> DiffusionPipeline:
     """Load `spec`'s pipeline onto `device` with `dtype` and apply its runtime knobs."""
     path = spec.weights_path(settings)
-    if spec.is_tiny:
+    if spec.is_built:
         ensure_tiny_model(spec.source, path)
     cls = _pipeline_class(spec, path)
     kwargs: dict[str, object] = {"dtype": dtype, "local_files_only": True}

@@ -35,13 +35,13 @@ class Plan:
     time estimate printed before the run)."""
 
     vae: int = 1200
-    denoiser: int = 4000
-    inpaint: int = 1200
-    lora: int = 600
-    controlnet: int = 1000
+    denoiser: int = 2500
+    inpaint: int = 600
+    lora: int = 300
+    controlnet: int = 500
     pool: int = 20000
     companion_pool: int = 6000
-    eval_every: int = 1000
+    eval_every: int = 500
     eval_n: int = 45
     vae_batch: int = 16
     batch: int = 64

@@ -10,8 +10,11 @@ Contract (`train_lora(...)`):
   and the text encoder are frozen. Captions never name the style: loading the LoRA (scale
   1) is what asks for it, scale 0 gives the base model's image exactly.
 - `save_lora(unet, folder)` writes `pytorch_lora_weights.safetensors` with
-  `StableDiffusionPipeline.save_lora_weights` (keys `unet.…lora_A/lora_B…`), which
-  `pipe.load_lora_weights(folder)` reads.
+  `StableDiffusionPipeline.save_lora_weights` (keys `unet.…lora_A/lora_B…`, PEFT's names
+  as they are), which `pipe.load_lora_weights(folder)` reads. Not through
+  `convert_state_dict_to_diffusers`: it renames the attention layers' keys to the old
+  `lora.down/lora.up` and leaves the convolutions' alone, and diffusers then loads the
+  convolutions only (with a warning), silently dropping the attention half of the style.
 """
 
 from __future__ import annotations
@@ -77,10 +80,9 @@ def train_lora(vae: AutoencoderKL, text_encoder: CLIPTextModel, tokenizer: CLIPT
 
 
 def save_lora(unet: UNet2DConditionModel, folder: Path) -> Path:
-    from diffusers.utils import convert_state_dict_to_diffusers
     from peft import get_peft_model_state_dict
 
-    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    layers = get_peft_model_state_dict(unet)
     StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=layers,
                                               safe_serialization=True)
     return Path(folder) / LORA_FILE
