@@ -54,10 +54,10 @@ def train_vae(out: Path, steps: int, batch: int = 32, lr: float = 2e-3, seed: in
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
         optimizer.step()
-        progress.step(loss=float(loss), mse=float(error.pow(2).mean()))
+        progress.step(loss=loss.item(), mse=error.detach().pow(2).mean().item())
         if (step + 1) % max(1, steps // 10) == 0:
-            progress.log(f"loss {float(loss):.4f} mse {float(error.pow(2).mean()):.5f} "
-                         f"kl {float(kl):.3f}")
+            progress.log(f"loss {loss.item():.4f} mse {error.detach().pow(2).mean().item():.5f} "
+                         f"kl {kl.item():.3f}")
     vae.eval()
     set_scaling_factor(vae, seed)
     figures = reconstruction_figures(vae, seed)

@@ -1,0 +1,62 @@
+"""The training of the embedded shapes models keeps working (a smoke run of every stage, as
+the shipped weights were made, only shorter), and the judge that measures them is right on
+the world's own pictures."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from serve_app.training import judge as judging
+from serve_app.training import world
+
+
+def test_the_judge_reads_every_attribute_of_rendered_scenes() -> None:
+    assert judging.self_check(n=300) == {a: 1.0 for a in judging.ATTRIBUTES}
+
+
+def test_the_judge_tells_an_outline_from_a_filled_shape() -> None:
+    scene = world.Scene("square", "red", "blue", "center", "large")
+    assert judging.is_outline(world.render(scene, 64, style="outline"))
+    assert not judging.is_outline(world.render(scene, 64))
+
+
+def test_captions_vary_and_name_what_the_scene_shows() -> None:
+    rng = np.random.default_rng(0)
+    scene = world.Scene("triangle", "yellow", "black", "top", "small")
+    captions = {world.full_caption(scene, rng) for _ in range(50)}
+    assert len(captions) >= 20  # templates vary: the model learns words, not sentences
+    for text in captions:
+        lower = text.lower()
+        assert all(w in lower for w in ("yellow", "triangle", "black", "top")), text
+
+
+def test_every_caption_word_is_one_token_of_the_shipped_tokenizer() -> None:
+    from transformers import CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(
+        Path(__file__).parents[2] / "serve_app" / "trained" / "tiny-sd" / "tokenizer")
+    for word in world.vocabulary():
+        assert len(tokenizer(word, add_special_tokens=False).input_ids) == 1, word
+
+
+@pytest.mark.timeout(600)
+def test_a_smoke_run_trains_every_stage_into_loadable_checkpoints(tmp_path: Path) -> None:
+    from diffusers import ControlNetModel, StableDiffusionInpaintPipeline, StableDiffusionPipeline
+
+    from serve_app.training.__main__ import main
+
+    assert main(["--out", str(tmp_path), "--smoke", "--threads", "1"]) == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert set(report["stages"]) == {"tokenizer", "vae", "denoiser", "inpaint", "lora",
+                                     "controlnet"}
+    assert set(report["final"]["quality"]) == set(judging.ATTRIBUTES)
+    # What ships is what from_pretrained loads, as the service loads it.
+    pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "tiny-sd")
+    pipe.load_lora_weights(str(tmp_path / "tiny-outline-lora"), adapter_name="outline")
+    assert "outline" in pipe.get_list_adapters()["unet"]
+    StableDiffusionInpaintPipeline.from_pretrained(tmp_path / "tiny-sd-inpaint")
+    ControlNetModel.from_pretrained(tmp_path / "tiny-canny")
