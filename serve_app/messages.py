@@ -154,9 +154,10 @@ class GenerationTask:
     # A latent thumbnail every this many steps (`preview: true`); 0: none.
     preview_every: int = 0
     # upscale: the upscaler (the output is width x height); outpaint: the pixels added on
-    # each side, (left, top, right, bottom), width x height being the padded size.
+    # each side and the seam band's width, (left, top, right, bottom, seam), width x height
+    # being the padded size.
     upscaler: UpscalerRef | None = None
-    outpaint: tuple[int, int, int, int] | None = None
+    outpaint: tuple[int, int, int, int, int] | None = None
 
     @property
     def seeds(self) -> list[int]:

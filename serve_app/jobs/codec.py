@@ -77,8 +77,8 @@ def task_from_json(data: dict[str, Any]) -> GenerationTask:
     if values.get("upscaler") is not None:
         values["upscaler"] = UpscalerRef(**values["upscaler"])
     if values.get("outpaint") is not None:
-        left, top, right, bottom = (int(v) for v in values["outpaint"])
-        values["outpaint"] = (left, top, right, bottom)
+        left, top, right, bottom, seam = (int(v) for v in values["outpaint"])
+        values["outpaint"] = (left, top, right, bottom, seam)
     return GenerationTask(**values)
 
 
