@@ -172,3 +172,17 @@ async def test_openapi_documents_the_new_routes(client):
     components = schema["components"]["schemas"]
     assert {"image", "scale", "upscaler"} <= set(components["UpscaleRequest"]["properties"])
     assert {"left", "seam"} <= set(components["OutpaintRequest"]["properties"])
+
+
+def test_upscale_and_outpaint_tasks_survive_the_job_record() -> None:
+    from serve_app.jobs.codec import task_from_json, task_to_json
+    from serve_app.jobs.jsontext import dumps_text, loads
+    from serve_app.messages import GenerationTask, UpscalerRef
+
+    base: dict[str, Any] = {"job_id": "j", "prompt": "", "negative_prompt": "", "width": 8,
+                            "height": 8, "steps": 1, "guidance_scale": 0.0, "seed": 0,
+                            "sampler": "euler_a"}
+    for task in (GenerationTask(mode=JobType.UPSCALE, **base,
+                                upscaler=UpscalerRef("tiny-esrgan", "tiny-esrgan", tile=64)),
+                 GenerationTask(mode=JobType.OUTPAINT, **base, outpaint=(1, 2, 3, 4, 5))):
+        assert task_from_json(loads(dumps_text(task_to_json(task)))) == task
