@@ -238,6 +238,7 @@ def build_tiny_esrgan(target: Path, seed: int = 0) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     handle, staging = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
     os.close(handle)
+    os.chmod(staging, 0o644)  # mkstemp makes it private; the others in the cache are not
     save_file({k: v.contiguous() for k, v in net.state_dict().items()}, staging)
     os.replace(staging, target)  # atomic: a concurrent builder writes the same bytes
     return target
