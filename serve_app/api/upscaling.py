@@ -59,16 +59,21 @@ def resolve_upscaler(name: str, registry: Registry, settings: Settings) -> Upsca
     spec = registry.upscaler(name)
     if spec is None:
         known = [*BUILTIN_UPSCALERS, *(u.name for u in registry.upscalers)]
-        near = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
-        hint = f"did you mean {' or '.join(repr(n) for n in near)}? " if near else ""
-        raise InvalidRequest(f"Unknown upscaler {name!r}; {hint}available upscalers: "
-                             f"{', '.join(known)} (GET /upscalers)")
+        raise InvalidRequest(f"Unknown upscaler {name!r}; {near_matches(name, known)}"
+                             f"available upscalers: {', '.join(known)} (GET /upscalers)")
     if not spec.present(settings):
         raise ModelNotAvailable(
             f"Upscaler {name!r} is not available: its weights were not found at "
             f"{spec.weights_path(settings)}. Put the file there and restart, or use one of: "
             f"{', '.join(available_upscalers(registry, settings))}")
     return spec.ref()
+
+
+def near_matches(name: str, known: list[str]) -> str:
+    """"did you mean 'x'? " for the names closest to `name` (any case), or ""."""
+    lowered = {k.lower(): k for k in known}
+    near = difflib.get_close_matches(name.lower(), list(lowered), n=3, cutoff=0.5)
+    return f"did you mean {' or '.join(repr(lowered[n]) for n in near)}? " if near else ""
 
 
 def available_upscalers(registry: Registry, settings: Settings) -> list[str]:
