@@ -209,7 +209,7 @@ print((max(peak[0], rss()) - base) // 2**20)
 def test_tiling_memory_is_the_output_plus_one_tile_for_a_2048_square_by_two() -> None:
     """Peak RSS growth while a 2048 x 2048 image is upscaled x2 through a x4 model, tiles
     of 256 px: the output is 48 MiB, one tile's x4 output and its resampling under 10 MiB.
-    (The tiny ESRGAN's activations add about 380 MiB at this tile size: docs/upscaling.md.)"""
+    (With the tiny ESRGAN's activations: 477 MiB at this tile size, docs/upscaling.md.)"""
     done = subprocess.run([sys.executable, "-c", _MEMORY_SCRIPT, "2048"],
                           capture_output=True, text=True, check=True, timeout=600)
     grown_mib = int(done.stdout.strip().splitlines()[-1])
