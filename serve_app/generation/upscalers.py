@@ -85,7 +85,7 @@ class Upscalers:
         return Image.fromarray(out)
 
 
-_DEFAULT: dict[tuple[int, str], Upscalers] = {}
+_DEFAULT: dict[tuple[str, str, str], Upscalers] = {}
 
 
 def upscale_image(image: Image.Image, upscaler: UpscalerRef | str, width: int, height: int,
@@ -93,8 +93,10 @@ def upscale_image(image: Image.Image, upscaler: UpscalerRef | str, width: int, h
                   progress: TileProgress | None = None) -> Image.Image:
     """`image` upscaled to `width` x `height` (see the module docstring); model upscalers
     stay loaded in this process for the next call."""
-    key = (id(settings), device)
-    upscalers = _DEFAULT.setdefault(key, Upscalers(settings, device))
+    key = (settings.cache_dir, settings.model_path, device)
+    upscalers = _DEFAULT.get(key)
+    if upscalers is None:
+        upscalers = _DEFAULT.setdefault(key, Upscalers(settings, device))
     return upscalers.upscale(image, upscaler, width, height, progress)
 
 

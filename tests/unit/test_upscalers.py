@@ -26,7 +26,7 @@ from serve_app.generation.esrgan import (
 )
 from serve_app.generation.steps import Interrupted
 from serve_app.generation.tiling import spans, upscale_tiled
-from serve_app.generation.upscalers import Upscalers, load_upscaler
+from serve_app.generation.upscalers import Upscalers, load_upscaler, upscale_image
 from serve_app.messages import UpscalerRef
 from serve_app.settings import Settings
 
@@ -214,3 +214,12 @@ def test_tiling_memory_is_the_output_plus_one_tile_for_a_2048_square_by_two() ->
                           capture_output=True, text=True, check=True, timeout=600)
     grown_mib = int(done.stdout.strip().splitlines()[-1])
     assert grown_mib < 100, f"peak RSS grew by {grown_mib} MiB"
+
+
+def test_upscale_image_keeps_model_upscalers_loaded_per_process(settings: Settings) -> None:
+    """The entry point the hires fix shares: a name or a registry ref, the exact size."""
+    image = _image(40, 24)
+    first = upscale_image(image, TINY, 80, 48, settings=settings)
+    again = upscale_image(image, TINY, 80, 48, settings=settings)
+    assert first.size == (80, 48) and first.tobytes() == again.tobytes()
+    assert upscale_image(image, "nearest", 120, 72, settings=settings).size == (120, 72)
