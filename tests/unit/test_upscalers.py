@@ -223,3 +223,47 @@ def test_upscale_image_keeps_model_upscalers_loaded_per_process(settings: Settin
     again = upscale_image(image, TINY, 80, 48, settings=settings)
     assert first.size == (80, 48) and first.tobytes() == again.tobytes()
     assert upscale_image(image, "nearest", 120, 72, settings=settings).size == (120, 72)
+
+
+def test_spandrel_loads_the_weights_when_it_is_importable(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stand-in with spandrel's API (`ModelLoader(device).load_from_file(path)` giving an
+    `ImageModelDescriptor` with `scale`, `size_requirements.multiple_of`, `eval()` and a
+    call on N x 3 x H x W): spandrel is not installable beside the CPU torch here."""
+    import types
+
+    loaded: list[str] = []
+
+    class ImageModelDescriptor:
+        scale = 2
+        size_requirements = types.SimpleNamespace(multiple_of=4)
+
+        def eval(self) -> ImageModelDescriptor:
+            return self
+
+        def __call__(self, x: torch.Tensor) -> torch.Tensor:
+            assert x.shape[-1] % 4 == 0 and x.shape[-2] % 4 == 0
+            return torch.nn.functional.interpolate(x, scale_factor=2, mode="nearest")
+
+    class ModelLoader:
+        def __init__(self, device: torch.device) -> None:
+            assert device == torch.device("cpu")
+
+        def load_from_file(self, path: str) -> ImageModelDescriptor:
+            loaded.append(path)
+            return ImageModelDescriptor()
+
+    fake = types.ModuleType("spandrel")
+    fake.ModelLoader = ModelLoader  # type: ignore[attr-defined]
+    fake.ImageModelDescriptor = ImageModelDescriptor  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "spandrel", fake)
+    weights = tmp_path / "swinir.pth"
+    weights.write_bytes(b"")
+    model = load_upscaler(weights)
+    assert (model.loader, model.scale, model.multiple, loaded) == ("spandrel", 2, 4,
+                                                                   [str(weights)])
+    settings = Settings(cache_dir=str(tmp_path), model_path=str(tmp_path), store="memory")
+    image = _image(30, 18)  # not multiples of 4: padded, then cropped
+    out = Upscalers(settings).upscale(image, UpscalerRef("swinir", "path", "swinir.pth"), 60, 36)
+    assert np.array_equal(np.asarray(out), np.asarray(image.resize((60, 36),
+                                                                   Image.Resampling.NEAREST)))
