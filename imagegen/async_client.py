@@ -11,7 +11,7 @@ from httpx_sse import SSEError, aconnect_sse
 
 from imagegen import payloads
 from imagegen.exceptions import APIError, ConnectionFailed
-from imagegen.payloads import Call, GenerationOptions
+from imagegen.payloads import Call, GenerationOptions, UpscaleOptions
 from imagegen.results import CancelResult, Job, JobPage, ModelInfo, QueueStatus, open_image
 from imagegen.transport import (
     DEFAULT_TIMEOUT_S,
@@ -88,6 +88,25 @@ class AsyncClient:
         call = payloads.style_transfer(content, style, prompt, style_strength,
                                        content_strength, options, idempotency_key)
         return Job.from_wire(await self._json(call))
+
+    async def outpaint(self, image: ImageInput, prompt: str, *, left: int = 0, top: int = 0,
+                       right: int = 0, bottom: int = 0, seam: int | None = None,
+                       strength: float | None = None, idempotency_key: str | None = None,
+                       **options: Unpack[GenerationOptions]) -> Job:
+        call = payloads.outpaint(image, prompt, (left, top, right, bottom), seam, strength,
+                                 options, idempotency_key)
+        return Job.from_wire(await self._json(call))
+
+    async def upscale(self, image: ImageInput, *, scale: float | None = None,
+                      width: int | None = None, height: int | None = None,
+                      upscaler: str | None = None, idempotency_key: str | None = None,
+                      **options: Unpack[UpscaleOptions]) -> Job:
+        call = payloads.upscale(image, scale, width, height, upscaler, options,
+                                idempotency_key)
+        return Job.from_wire(await self._json(call))
+
+    async def upscalers(self) -> list[dict[str, Any]]:
+        return list((await self._json(payloads.upscalers()))["upscalers"])
 
     async def get(self, job: JobRef) -> Job:
         return Job.from_wire(await self._json(payloads.get(job)))

@@ -4,6 +4,8 @@
     imagegen img2img photo.png "as a watercolor" -o out.png --strength 0.6
     imagegen inpaint photo.png mask.png "a red car" -o out.png
     imagegen style content.png style.png -o out.png
+    imagegen outpaint photo.png "more sky" -o out.png --all 64
+    imagegen upscale photo.png -o big.png --scale 2 --upscaler tiny-esrgan  |  upscalers
     imagegen jobs [--status completed]  |  show ID  |  cancel ID  |  models  |  status
     imagegen serve [--config config/serve.yaml]  |  build-tiny-models
 
@@ -24,7 +26,7 @@ from typing import Any
 from imagegen import display, keys
 from imagegen.client import Client
 from imagegen.exceptions import APIError, ImagegenError, WaitTimeout
-from imagegen.payloads import GenerationOptions
+from imagegen.payloads import GenerationOptions, UpscaleOptions
 from imagegen.results import Job, JobStatus
 from imagegen.transport import DEFAULT_URL
 
@@ -103,9 +105,10 @@ def output_paths(output: str | None, job: Job) -> list[Path]:
     return [path.with_name(f"{path.stem}-{i}{path.suffix}") for i in range(count)]
 
 
-def run_generation(args: argparse.Namespace,
-                   submit: Callable[[Client, GenerationOptions], Job]) -> int:
-    options = generation_options(args)
+def run_generation(args: argparse.Namespace, submit: Callable[[Client, Any], Job],
+                   options: GenerationOptions | UpscaleOptions | None = None) -> int:
+    if options is None:
+        options = generation_options(args)
     with connect(args) as client:
         job = submit(client, options)
         args.submitted = job.id
@@ -156,6 +159,37 @@ def cmd_style(args: argparse.Namespace) -> int:
     return run_generation(args, lambda c, o: c.style_transfer(
         Path(args.content), Path(args.style), prompt=args.prompt,
         style_strength=args.style_strength, content_strength=args.content_strength, **o))
+
+
+def cmd_outpaint(args: argparse.Namespace) -> int:
+    pads = {side: getattr(args, side) if getattr(args, side) is not None else args.all
+            for side in ("left", "top", "right", "bottom")}
+    return run_generation(args, lambda c, o: c.outpaint(
+        Path(args.image), args.prompt, seam=args.seam, strength=args.strength,
+        **{k: v or 0 for k, v in pads.items()}, **o))
+
+
+def cmd_upscale(args: argparse.Namespace) -> int:
+    width, height = args.size if args.size is not None else (args.width, args.height)
+    options: dict[str, Any] = {"model": args.model, "priority": args.priority,
+                               "quality": args.quality, "output_format": output_format(args.output)}
+    return run_generation(args, lambda c, o: c.upscale(
+        Path(args.image), scale=args.scale, width=width, height=height,
+        upscaler=args.upscaler, **o),
+        UpscaleOptions(**{k: v for k, v in options.items() if v is not None}))  # type: ignore[typeddict-item]
+
+
+def cmd_upscalers(args: argparse.Namespace) -> int:
+    with connect(args) as client:
+        listing = client.upscalers()
+    if args.json:
+        display.print_json(listing)
+        return EXIT_OK
+    for u in listing:
+        scale = f"x{u['scale']}" if u.get("scale") else "any"
+        here = "" if u.get("present", True) else "  (weights not present)"
+        print(f"{u['name']:<24} {u['kind']:<10} {scale:<4} {u.get('description', '')}{here}")
+    return EXIT_OK
 
 
 def cmd_jobs(args: argparse.Namespace) -> int:
@@ -293,9 +327,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt")
     p.add_argument("--style-strength", type=float)
     p.add_argument("--content-strength", type=float)
+    p = command("outpaint", cmd_outpaint, "extend an image on its sides, painting the new "
+                "area after a prompt (the original pixels are kept)", generates=True)
+    p.add_argument("image")
+    p.add_argument("prompt")
+    for side in ("left", "top", "right", "bottom"):
+        p.add_argument(f"--{side}", type=int, help=f"pixels to add on the {side}")
+    p.add_argument("--all", type=int, default=0, help="pixels to add on every side not given")
+    p.add_argument("--seam", type=int, help="width of the blended band inside the image")
+    p.add_argument("--strength", type=float, help="inpainting strength, 0..1")
+    p = command("upscale", cmd_upscale, "make an image larger (resampler or model upscaler)")
+    p.add_argument("image")
+    p.add_argument("-o", "--output", help="image file (.png, .jpg or .webp)")
+    p.add_argument("--scale", type=float, help="factor, e.g. 2")
+    p.add_argument("--size", type=size, help="target WIDTHxHEIGHT")
+    p.add_argument("--width", type=int, help="target width (height keeps the aspect)")
+    p.add_argument("--height", type=int, help="target height (width keeps the aspect)")
+    p.add_argument("--upscaler", help="lanczos (default), nearest, or a model upscaler "
+                   "(see `imagegen upscalers`)")
+    p.add_argument("--model", help="whose replica runs it (default: the default model)")
+    p.add_argument("--priority", choices=("low", "normal", "high"))
+    p.add_argument("--quality", type=int, help="JPEG/WebP quality")
+    p.add_argument("--timeout", type=float, help="seconds to wait for the job")
+    p.add_argument("--no-wait", action="store_true", help="print the job id and return")
+    command("upscalers", cmd_upscalers, "the upscalers the service offers")
     p = command("jobs", cmd_jobs, "list jobs, newest first")
     p.add_argument("--status", choices=[s.value for s in JobStatus])
-    p.add_argument("--type", choices=("text2img", "img2img", "inpaint", "style-transfer"))
+    p.add_argument("--type", choices=("text2img", "img2img", "inpaint", "style-transfer",
+                                      "outpaint", "upscale"))
     p.add_argument("--model")
     p.add_argument("--limit", type=int, default=20)
     p.add_argument("--cursor", help="the cursor a previous page printed")

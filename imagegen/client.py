@@ -39,7 +39,7 @@ from imagegen.exceptions import (
     Unauthorized,
     WaitTimeout,
 )
-from imagegen.payloads import Call, GenerationOptions
+from imagegen.payloads import Call, GenerationOptions, UpscaleOptions
 from imagegen.results import (
     CancelResult,
     Job,
@@ -132,6 +132,30 @@ class Client:
         call = payloads.style_transfer(content, style, prompt, style_strength,
                                        content_strength, options, idempotency_key)
         return Job.from_wire(self._json(call))
+
+    def outpaint(self, image: ImageInput, prompt: str, *, left: int = 0, top: int = 0,
+                 right: int = 0, bottom: int = 0, seam: int | None = None,
+                 strength: float | None = None, idempotency_key: str | None = None,
+                 **options: Unpack[GenerationOptions]) -> Job:
+        """`image` on a canvas grown by `left`/`top`/`right`/`bottom` pixels, the new area
+        painted from `prompt`; pixels outside it and the `seam` band stay the input's."""
+        call = payloads.outpaint(image, prompt, (left, top, right, bottom), seam, strength,
+                                 options, idempotency_key)
+        return Job.from_wire(self._json(call))
+
+    def upscale(self, image: ImageInput, *, scale: float | None = None,
+                width: int | None = None, height: int | None = None,
+                upscaler: str | None = None, idempotency_key: str | None = None,
+                **options: Unpack[UpscaleOptions]) -> Job:
+        """`image` made larger by `upscaler` (`upscalers()`; default lanczos): by `scale`,
+        or to `width` and/or `height`."""
+        call = payloads.upscale(image, scale, width, height, upscaler, options,
+                                idempotency_key)
+        return Job.from_wire(self._json(call))
+
+    def upscalers(self) -> list[dict[str, Any]]:
+        """The upscalers `upscale` may name: resamplers and the registry's models."""
+        return list((self._json(payloads.upscalers()))["upscalers"])
 
     # -- reading -----------------------------------------------------------------------
 

@@ -50,6 +50,17 @@ class GenerationOptions(TypedDict, total=False):
     webhook_events: list[str]  # started, progress, completed, failed, cancelled
 
 
+class UpscaleOptions(TypedDict, total=False):
+    """What an upscale takes besides the image, the size and the upscaler."""
+
+    model: str  # whose replica runs it (default: the default model)
+    output_format: str
+    quality: int
+    priority: str
+    webhook: str
+    webhook_events: list[str]
+
+
 @dataclass(frozen=True)
 class Call:
     """One HTTP request, before it is sent."""
@@ -130,6 +141,26 @@ def style_transfer(content: ImageInput, style: ImageInput, prompt: str | None,
               "prompt": prompt, "style_strength": style_strength,
               "content_strength": content_strength}
     return submit("style-transfer", fields, options, key)
+
+
+def outpaint(image: ImageInput, prompt: str, pads: tuple[int, int, int, int],
+             seam: int | None, strength: float | None, options: GenerationOptions,
+             key: str | None) -> Call:
+    left, top, right, bottom = pads
+    fields = {"prompt": prompt, "image": data_uri(image), "left": left, "top": top,
+              "right": right, "bottom": bottom, "seam": seam, "inpainting_strength": strength}
+    return submit("outpaint", fields, options, key)
+
+
+def upscale(image: ImageInput, scale: float | None, width: int | None, height: int | None,
+            upscaler: str | None, options: UpscaleOptions, key: str | None) -> Call:
+    fields = {"image": data_uri(image), "scale": scale, "width": width, "height": height,
+              "upscaler": upscaler}
+    return submit("upscale", fields, options, key)  # type: ignore[arg-type]
+
+
+def upscalers() -> Call:
+    return Call("GET", "/upscalers")
 
 
 def get(job: str | Job) -> Call:

@@ -193,6 +193,12 @@ def build_tiny_models() -> None:
                          ("tiny-sd3", "tiny-sd3")):
         path = ensure_tiny_model(source, Path(settings.cache_dir) / name)
         print(f"{name}: {path}")
+    from serve_app.generation.upscalers import weights_file
+    from serve_app.registry import load_registry
+
+    for spec in load_registry("config/models.yaml").upscalers:
+        if spec.source == "tiny-esrgan":  # the seeded test upscaler(s)
+            print(f"{spec.name}: {weights_file(spec.ref(), settings)}")
 
 
 def main(argv: list[str] | None = None) -> int:

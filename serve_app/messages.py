@@ -35,6 +35,8 @@ class JobType(StrEnum):
     IMG2IMG = "img2img"
     INPAINT = "inpaint"
     STYLE_TRANSFER = "style-transfer"
+    UPSCALE = "upscale"
+    OUTPAINT = "outpaint"
 
 
 class Priority(StrEnum):
@@ -110,6 +112,20 @@ class ControlInput:
 
 
 @dataclass(frozen=True)
+class UpscalerRef:
+    """An upscaler as the replica needs it (`serve_app.registry.UpscalerSpec.ref`): a
+    built-in resampler (`source` "builtin": lanczos, nearest), a weights file under
+    MODEL_PATH (`path`), or the seeded tiny ESRGAN (`tiny-esrgan`); tiles in input pixels."""
+
+    name: str
+    source: str = "builtin"
+    path: str = ""
+    seed: int = 0
+    tile: int = 256
+    tile_overlap: int = 32
+
+
+@dataclass(frozen=True)
 class GenerationTask:
     """One pipeline call's worth of work, as the tracker sends it to a model replica."""
 
@@ -137,6 +153,11 @@ class GenerationTask:
     control: ControlInput | None = None
     # A latent thumbnail every this many steps (`preview: true`); 0: none.
     preview_every: int = 0
+    # upscale: the upscaler (the output is width x height); outpaint: the pixels added on
+    # each side and the seam band's width, (left, top, right, bottom, seam), width x height
+    # being the padded size.
+    upscaler: UpscalerRef | None = None
+    outpaint: tuple[int, int, int, int, int] | None = None
 
     @property
     def seeds(self) -> list[int]:

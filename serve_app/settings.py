@@ -55,6 +55,8 @@ class Limits(BaseModel):
     max_lora_scale: float = 4.0
     # ControlNet conditioning scale: 0 (no effect) to this.
     max_conditioning_scale: float = 2.0
+    # The largest image an upscale job may make (width x height): a 2048 x 2048 image x2.
+    max_upscale_pixels: int = 4096 * 4096
 
 
 class Settings(BaseModel):

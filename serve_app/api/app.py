@@ -13,7 +13,7 @@ from __future__ import annotations
 from fastapi import FastAPI
 
 from serve_app.api import errors
-from serve_app.api.compat import a1111, openai
+from serve_app.api.compat import a1111, a1111_extras, openai
 from serve_app.api.context import ApiContext
 from serve_app.api.guard import Guard
 from serve_app.api.http_metrics import HttpMetrics, HttpRecorder
@@ -42,5 +42,6 @@ def create_api(ctx: ApiContext, *, echo_request_id: bool = True) -> FastAPI:
     api.router.routes.extend(playground_routes())
     api.include_router(openai.router)  # the tools people already use (docs/compat.md)
     api.include_router(a1111.router)
+    api.include_router(a1111_extras.router)
     document_request_models(api)
     return api

@@ -4,6 +4,7 @@ task the replica runs and the parameters the job record echoes are built here.""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from typing import Any
@@ -13,6 +14,8 @@ from pydantic.alias_generators import to_camel
 from serve_app.api import input_images as images
 from serve_app.api.adapter_requests import check_control, check_loras, echo_adapters
 from serve_app.api.defaults import Settled, settle, size
+from serve_app.api.outpainting import outpaint_geometry
+from serve_app.api.upscaling import build_upscale_submission
 from serve_app.api.validation import (
     check_priority,
     check_text,
@@ -26,6 +29,7 @@ from serve_app.api.wire import (
     WEBHOOK_FIELDS,
     GenerationCommon,
     InpaintRequest,
+    OutpaintRequest,
 )
 from serve_app.messages import (
     OPEN,
@@ -55,6 +59,12 @@ def build_submission(
 ) -> Submission:
     """`base_url`: the service's public URL, for the image links of the job's webhooks;
     `admitted`: the caller's submit token was spent already (`serve_app.api.admission`)."""
+    if job_type is JobType.UPSCALE:
+        return build_upscale_submission(
+            body, settings=settings, registry=registry, served=served,
+            idempotency_key=idempotency_key, caller=caller, request_id=request_id,
+            base_url=base_url, admitted=admitted,
+            fingerprint=fingerprint(job_type, body) if idempotency_key is not None else None)
     req = parse(job_type, body)
     check_priority(req.priority, caller)
     spec = resolve_model(req.model or settings.default_model, registry, served)
@@ -67,16 +77,25 @@ def build_submission(
     # The size (without one: the first input image's, or text2img's control image's) and
     # the work budget, from image headers only: no pixel is decoded for a request that
     # asks for too much.
-    width, height = size(req, spec, _first_size(req, settings), settings)
+    pads = None
+    if isinstance(req, OutpaintRequest):
+        width, height, pads = outpaint_geometry(
+            req, spec, images.probe_size(req.image, "image", limits), limits)
+    else:
+        width, height = size(req, spec, _first_size(req, settings), settings)
     check_work(width, height, settled.steps, req.num_images, limits.max_work)
 
     decoded = _decode_images(req, settings)
     control = check_control(req, job_type, spec, limits)
     task = _task(job_type, req, settled, width, height, decoded, loras, control)
+    if pads is not None and isinstance(req, OutpaintRequest):
+        task = dataclasses.replace(task, outpaint=(*pads, req.seam))
     echo = _echo(req, spec, settled, task, decoded, control)
-    fingerprint = _fingerprint(job_type, body) if idempotency_key is not None else None
+    if pads is not None:
+        echo.update(zip(("left", "top", "right", "bottom"), pads, strict=True))
+    digest = fingerprint(job_type, body) if idempotency_key is not None else None
     return Submission(job_type, _target(job_type, spec, served), req.priority, echo, task,
-                      idempotency_key, caller, fingerprint, request_id, webhook,
+                      idempotency_key, caller, digest, request_id, webhook,
                       admitted=admitted)
 
 
@@ -132,7 +151,7 @@ def _echo(req: GenerationCommon, spec: ModelSpec, settled: Settled, task: Genera
     return echo
 
 
-def _fingerprint(job_type: JobType, body: Any) -> str:
+def fingerprint(job_type: JobType, body: Any) -> str:
     """The request's digest, independent of key order and spacing: what an Idempotency-Key
     is bound to."""
     canonical = json.dumps([job_type.value, body], sort_keys=True, separators=(",", ":"))
@@ -140,10 +159,11 @@ def _fingerprint(job_type: JobType, body: Any) -> str:
 
 
 def _target(job_type: JobType, spec: ModelSpec, served: frozenset[str]) -> str:
-    """The model that runs the job: inpainting goes to the base model's dedicated
-    inpainting model when the registry names one and it is served, else the base model
-    runs it in legacy (4-channel) mode."""
-    if job_type is JobType.INPAINT and spec.inpainting_model and spec.inpainting_model in served:
+    """The model that runs the job: inpainting (and outpainting) goes to the base model's
+    dedicated inpainting model when the registry names one and it is served, else the base
+    model runs it in legacy (4-channel) mode."""
+    inpainting = job_type in (JobType.INPAINT, JobType.OUTPAINT)
+    if inpainting and spec.inpainting_model and spec.inpainting_model in served:
         return spec.inpainting_model
     return spec.id
 

@@ -20,6 +20,7 @@ from serve_app.errors import Forbidden, InvalidRequest, ModelNotAvailable
 from serve_app.messages import SAMPLERS, Caller, JobType, Priority
 from serve_app.registry import ModelSpec, Registry
 
+_PROMPTLESS = (JobType.STYLE_TRANSFER, JobType.UPSCALE)
 _TYPE_WORDS = {
     "int_type": "an integer",
     "float_type": "a number",
@@ -32,10 +33,10 @@ def parse(job_type: JobType, body: Any) -> GenerationCommon:
     """Check types and field names; the first problem found is reported."""
     if not isinstance(body, dict):
         raise InvalidRequest("Request body must be a JSON object")
-    if job_type is not JobType.STYLE_TRANSFER and not _present(body.get("prompt")):
+    if job_type not in _PROMPTLESS and not _present(body.get("prompt")):
         raise InvalidRequest("Prompt is required")
     try:
-        return REQUEST_MODELS[job_type].model_validate(body)
+        return REQUEST_MODELS[job_type].model_validate(body)  # type: ignore[return-value]
     except ValidationError as exc:
         raise InvalidRequest(_describe(exc, job_type)) from None
 

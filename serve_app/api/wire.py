@@ -106,11 +106,58 @@ class StyleTransferRequest(GenerationCommon):
     content_strength: Number = 0.3
 
 
-REQUEST_MODELS: dict[JobType, type[GenerationCommon]] = {
+class OutpaintRequest(GenerationCommon):
+    """The image on a larger canvas: `left`/`top`/`right`/`bottom` pixels added, the new
+    area pre-filled (edges extended and blurred), then inpainted through a mask that also
+    covers a `seam` band inside the image, feathered, on the model's inpainting route.
+    Pixels outside the new area and the seam are exactly the input's. The output size is
+    the image's plus the padding (`right`/`bottom` grow to the model's size multiple);
+    `width`/`height` are not taken."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "prompt": "a wide mountain valley", "image": "data:image/png;base64,...",
+        "left": 64, "right": 64, "top": 64, "bottom": 64}]})
+
+    prompt: str
+    image: str
+    left: int = 0
+    top: int = 0
+    right: int = 0
+    bottom: int = 0
+    seam: int = Field(16, description="Width in pixels of the band inside the image that is "
+                      "repainted and feathered into the new area (0: a hard edge)")
+    inpainting_strength: Number = 1.0
+
+
+class UpscaleRequest(WireModel):
+    """An image made larger by `upscaler` (`GET /upscalers`: `lanczos`, `nearest`, or a model
+    upscaler of the registry): by `scale`, or to `width` x `height` (one of the two given:
+    the other keeps the aspect ratio). Runs as a job on `model`'s replica (default: the
+    default model's), like the generate routes."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "image": "data:image/png;base64,...", "scale": 2, "upscaler": "lanczos"}]})
+
+    image: str
+    scale: Number | None = None
+    width: int | None = None
+    height: int | None = None
+    upscaler: str = "lanczos"
+    model: str | None = None
+    output_format: Annotated[OutputFormat, Field(strict=False)] = OutputFormat.PNG
+    quality: int = 95
+    priority: Annotated[Priority, Field(strict=False)] = Priority.NORMAL
+    webhook: str | None = None
+    webhook_events: list[Annotated[WebhookEvent, Field(strict=False)]] | None = None
+
+
+REQUEST_MODELS: dict[JobType, type[WireModel]] = {
     JobType.TEXT2IMG: Text2ImgRequest,
     JobType.IMG2IMG: Img2ImgRequest,
     JobType.INPAINT: InpaintRequest,
     JobType.STYLE_TRANSFER: StyleTransferRequest,
+    JobType.OUTPAINT: OutpaintRequest,
+    JobType.UPSCALE: UpscaleRequest,
 }
 
 # Request fields holding objects: unknown keys inside them are reported against these.
@@ -290,6 +337,20 @@ class ModelInfo(Reply):
 
 class ModelList(Reply):
     models: list[ModelInfo]
+
+
+class UpscalerInfo(Reply):
+    name: str
+    kind: Literal["resampler", "model"] = Field(
+        description="resampler: PIL, no weights; model: a super-resolution network")
+    scale: int | None = Field(description="The model's own factor (other factors are reached "
+                              "by resampling its output); null for resamplers")
+    description: str
+    present: bool = Field(description="Whether its weights are on this server")
+
+
+class UpscalerList(Reply):
+    upscalers: list[UpscalerInfo]
 
 
 class Health(Reply):

@@ -10,6 +10,9 @@ Used by `ModelRunner` under its lock; nothing here is thread-safe.
   `StableDiffusionXLInpaintPipeline`, FLUX on `FluxInpaintPipeline`); pixels outside an
   inpainting mask are copied back from the input after decoding.
 - style transfer: `serve_app.generation.style` (IP-Adapter, else AdaIN + img2img).
+- outpainting: the inpainting call on a padded canvas (`serve_app.generation.outpaint`), its
+  output composited back so pixels outside the new area and seam are the input's.
+- upscaling: no pipeline; `serve_app.generation.upscalers`, progress per tile.
 A model with a 9-channel inpainting UNet runs every mode through its inpainting pipeline.
 """
 
@@ -24,6 +27,7 @@ from diffusers import DiffusionPipeline
 from PIL import Image
 
 from serve_app.errors import InvalidRequest
+from serve_app.generation import outpaint
 from serve_app.generation.controlnets import ControlNets, control_image
 from serve_app.generation.images import binarize_mask, decode_mask, decode_rgb, fit, keep_unmasked
 from serve_app.generation.pipelines import PipelineSet
@@ -33,6 +37,7 @@ from serve_app.generation.samplers import SamplerFactory
 from serve_app.generation.speedups import attention_kernels
 from serve_app.generation.steps import Interrupted, StepHook, cpu_threads
 from serve_app.generation.style import IPAdapter, adain_start_image, style_denoise_strength
+from serve_app.generation.upscalers import Upscalers
 from serve_app.messages import GenerationTask, InputImage, JobType
 
 Images = tuple[list[Image.Image], list[bool]]  # images, and NSFW flags ([] without a checker)
@@ -43,8 +48,10 @@ class ModeCalls:
 
     def __init__(self, model_id: str, pipes: PipelineSet, device: str,
                  ip_adapter: IPAdapter | None = None,
-                 controls: ControlNets | None = None, attention_backend: str = "auto") -> None:
+                 controls: ControlNets | None = None, attention_backend: str = "auto",
+                 upscalers: Upscalers | None = None) -> None:
         self.model_id = model_id
+        self.upscalers = upscalers
         self.attention_backend = attention_backend
         self.pipes = pipes
         self.family = pipes.family
@@ -64,6 +71,8 @@ class ModeCalls:
         return self.family.batchable and not self.pipes.inpaint_route
 
     def run(self, task: GenerationTask, hook: StepHook) -> Images:
+        if task.mode is JobType.UPSCALE:
+            return self._upscale(task, hook)
         multiple = self.family.size_multiple(self.pipes.base)
         if task.width % multiple or task.height % multiple:
             raise InvalidRequest(
@@ -88,6 +97,8 @@ class ModeCalls:
             return self._inpaint(task, hook, image, mask, strength=task.strength)
         if task.mode is JobType.STYLE_TRANSFER:
             return self._style(task, hook)
+        if task.mode is JobType.OUTPAINT:
+            return self._outpaint(task, hook)
         raise InvalidRequest(f"unsupported mode {task.mode!r}")
 
     def text2img_batch(self, tasks: list[GenerationTask], hook: StepHook) -> Images:
@@ -152,6 +163,30 @@ class ModeCalls:
             for img, bad in zip(images, flagged, strict=True)
         ]
         return images, nsfw
+
+    def _outpaint(self, task: GenerationTask, hook: StepHook) -> Images:
+        if task.outpaint is None:
+            raise InvalidRequest("outpaint needs the padding on each side")
+        *pads, seam = task.outpaint
+        left, top, right, bottom = pads
+        canvas = outpaint.prepare(decode_rgb(_need(task.init_image, "image", task)),
+                                  (left, top, right, bottom), seam)
+        if canvas.image.size != (task.width, task.height):
+            raise InvalidRequest(f"outpaint canvas is {canvas.image.size}, the task "
+                                 f"{task.width}x{task.height}")
+        images, nsfw = self._inpaint(task, hook, canvas.image, canvas.mask,
+                                     strength=task.strength)
+        flagged = nsfw or [False] * len(images)
+        return [img if bad else outpaint.composite(img, canvas)
+                for img, bad in zip(images, flagged, strict=True)], nsfw
+
+    def _upscale(self, task: GenerationTask, hook: StepHook) -> Images:
+        if self.upscalers is None or task.upscaler is None:
+            raise InvalidRequest(f"model {self.model_id!r} cannot upscale here")
+        image = decode_rgb(_need(task.init_image, "image", task))
+        out = self.upscalers.upscale(image, task.upscaler, task.width, task.height,
+                                     progress=hook.tick)
+        return [out], []
 
     def _style(self, task: GenerationTask, hook: StepHook) -> Images:
         content = _input_rgb(task, task.init_image, "content_image")

@@ -55,6 +55,7 @@ from serve_app.generation.safety import prepare_checker
 from serve_app.generation.speedups import ArtifactStore, CompileCache, FolderArtifacts
 from serve_app.generation.steps import Interrupted, StepCallback, StepHook, StopCheck
 from serve_app.generation.style import IPAdapter
+from serve_app.generation.upscalers import Upscalers
 from serve_app.messages import GenerationResult, GenerationTask, JobType
 from serve_app.registry import ModelSpec
 from serve_app.settings import Settings
@@ -101,7 +102,8 @@ class ModelRunner:
                     if spec.control_nets else None)
         self._modes: ModeCalls | None = ModeCalls(
             spec.id, pipes, self.device, ip_adapter, controls,
-            attention_backend=spec.runtime.attention_backend)
+            attention_backend=spec.runtime.attention_backend,
+            upscalers=Upscalers(settings, self.device))
         self._lock = threading.Lock()
 
     @property

@@ -43,6 +43,16 @@ class StepHook:
         self.steps = 0
         self.stopped = False
 
+    def tick(self, step: int, total: int) -> bool:
+        """Progress of work outside a pipeline call (an upscale's tiles): report it, and
+        whether to stop."""
+        self.steps = step
+        if self._on_step is not None:
+            self._on_step(step, total)
+        if self._should_stop is not None and self._should_stop():
+            self.stopped = True
+        return self.stopped
+
     def __call__(
         self, pipe: DiffusionPipeline, step: int, timestep: Any, tensors: dict[str, Any]
     ) -> dict[str, Any]:

@@ -23,6 +23,7 @@ from serve_app.messages import (
     JobType,
     OutputFormat,
     Priority,
+    UpscalerRef,
 )
 from serve_app.stores.contract import JobRow
 
@@ -55,6 +56,10 @@ def task_to_json(task: GenerationTask) -> dict[str, Any]:
     if task.control is not None:
         out["control"] = dataclasses.asdict(task.control) | {
             "image": _image_to_json(task.control.image)}
+    if task.upscaler is not None:
+        out["upscaler"] = dataclasses.asdict(task.upscaler)
+    if task.outpaint is not None:
+        out["outpaint"] = list(task.outpaint)
     return out
 
 
@@ -69,6 +74,11 @@ def task_from_json(data: dict[str, Any]) -> GenerationTask:
     control = values.get("control")
     if control is not None:
         values["control"] = ControlInput(**control | {"image": _image_from_json(control["image"])})
+    if values.get("upscaler") is not None:
+        values["upscaler"] = UpscalerRef(**values["upscaler"])
+    if values.get("outpaint") is not None:
+        left, top, right, bottom, seam = (int(v) for v in values["outpaint"])
+        values["outpaint"] = (left, top, right, bottom, seam)
     return GenerationTask(**values)
 
 

@@ -195,3 +195,22 @@ def test_the_progress_bar_follows_status_phase_and_progress() -> None:
     shown = screen.getvalue()  # the first frame, then the last one before it is cleared
     assert "job_1_a queued (position 2)" in shown and "  0%" in shown
     assert "job_1_a generating" in shown and " 40%" in shown
+
+
+def test_upscale_outpaint_and_upscalers(url, tmp_path, capsys) -> None:
+    src = image_file(tmp_path / "in.png", (96, 80))
+    assert main(["upscale", str(src), "-o", str(tmp_path / "a.png"), "--scale", "2",
+                 "--upscaler", "tiny-esrgan", "--url", url]) == 0
+    assert size_of(tmp_path / "a.png") == ("PNG", (192, 160))
+    assert main(["upscale", str(src), "-o", str(tmp_path / "b.png"), "--width", "144",
+                 "--url", url]) == 0
+    assert size_of(tmp_path / "b.png") == ("PNG", (144, 120))
+    assert main(["outpaint", str(src), "more", "-o", str(tmp_path / "c.png"), "--all", "16",
+                 "--left", "0", "--steps", "2", "--url", url]) == 0
+    assert size_of(tmp_path / "c.png") == ("PNG", (112, 112))
+    capsys.readouterr()
+    assert main(["upscale", str(src), "--scale", "0.5", "--url", url]) == 2
+    assert "scale must be between 1 and 8" in one_line(capsys.readouterr().err)
+    assert main(["upscalers", "--url", url]) == 0
+    listing = capsys.readouterr().out
+    assert listing.startswith("lanczos") and "tiny-esrgan" in listing

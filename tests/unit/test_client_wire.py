@@ -11,8 +11,8 @@ from typing import Any, get_type_hints
 from PIL import Image
 
 from imagegen import payloads
-from imagegen.payloads import GenerationOptions
-from serve_app.api.wire import REQUEST_MODELS, GenerationCommon
+from imagegen.payloads import GenerationOptions, UpscaleOptions
+from serve_app.api.wire import REQUEST_MODELS, GenerationCommon, UpscaleRequest
 from serve_app.messages import JobType
 
 
@@ -33,6 +33,17 @@ EVERY_OPTION: GenerationOptions = {
 }
 
 
+EVERY_UPSCALE_OPTION: UpscaleOptions = {
+    "model": "tiny-sd", "output_format": "webp", "quality": 80, "priority": "high",
+    "webhook": "https://hooks.example.com/x", "webhook_events": ["completed"]}
+
+
+def test_the_clients_upscale_options_are_the_upscale_routes_other_fields() -> None:
+    own = {"image", "scale", "width", "height", "upscaler"}
+    assert set(get_type_hints(UpscaleOptions)) == set(UpscaleRequest.model_fields) - own
+    assert set(EVERY_UPSCALE_OPTION) == set(get_type_hints(UpscaleOptions))
+
+
 def test_the_clients_options_are_the_fields_every_mode_shares() -> None:
     assert set(get_type_hints(GenerationOptions)) == set(GenerationCommon.model_fields)
     assert set(EVERY_OPTION) == set(GenerationCommon.model_fields)
@@ -46,6 +57,10 @@ def test_every_body_the_client_builds_is_one_its_route_accepts_with_every_field(
         JobType.INPAINT: payloads.inpaint(uri, uri, "a lake", 0.5, EVERY_OPTION, None),
         JobType.STYLE_TRANSFER: payloads.style_transfer(uri, uri, "a lake", 0.5, 0.5,
                                                         EVERY_OPTION, None),
+        JobType.OUTPAINT: payloads.outpaint(uri, "a lake", (8, 8, 8, 8), 4, 0.9,
+                                            EVERY_OPTION, None),
+        JobType.UPSCALE: payloads.upscale(uri, 2, 128, 128, "lanczos", EVERY_UPSCALE_OPTION,
+                                          None),
     }
     for job_type, call in calls.items():
         model = REQUEST_MODELS[job_type]

@@ -329,3 +329,46 @@ async def test_a1111_model_choice_and_progress_are_per_caller(registry, settings
         assert above.status_code == 403  # a user key's highest is normal
         assert "above this API key's highest" in above.json()["error"]["message"]
     await tracker.close()
+
+
+def test_webuiapi_extras_upscale_twice_with_every_listed_upscaler(server) -> None:
+    api = sdapi(server)
+    listed = [u["name"] for u in api.get_upscalers()]
+    assert listed[:3] == ["None", "Lanczos", "Nearest"] and "tiny-esrgan" in listed
+    assert "RealESRGAN_x4plus" not in listed  # its weights are not here
+    source = Image.new("RGB", (40, 24), "green")
+    for name in listed:
+        result = api.extra_single_image(source, upscaler_1=name, upscaling_resize=2)
+        assert result.image.size == (80, 48), name
+    last = httpx.get(f"{server.url}/jobs/{jobs(server)[0]['id']}").json()
+    assert last["type"] == "upscale" and last["request"]["upscaler"] == "tiny-esrgan"
+
+
+def test_webuiapi_extras_batch_second_upscaler_and_resize_to_a_size(server) -> None:
+    api = sdapi(server)
+    images = [Image.new("RGB", (40, 24), "green"), Image.new("RGB", (30, 30), "red")]
+    result = api.extra_batch_images(images, upscaler_1="Lanczos", upscaler_2="Nearest",
+                                    extras_upscaler_2_visibility=0.5, upscaling_resize=3)
+    assert [im.size for im in result.images] == [(120, 72), (90, 90)]
+    assert len(jobs(server)) == 4  # two upscalers, two images
+    cropped = api.extra_single_image(images[0], resize_mode=1, upscaling_resize_w=100,
+                                     upscaling_resize_h=100, upscaler_1="Lanczos")
+    assert cropped.image.size == (100, 100)
+    stretched = api.extra_single_image(images[0], resize_mode=1, upscaling_resize_w=100,
+                                       upscaling_resize_h=50, upscaling_crop=False)
+    assert stretched.image.size == (100, 50)
+
+
+def test_a1111_extras_refuse_face_restoration_and_bad_upscalers_in_its_shape(server) -> None:
+    source = base64.b64encode(png(Image.new("RGB", (40, 24)))).decode()
+    url = f"{server.url}/sdapi/v1/extra-single-image"
+    for field in ("gfpgan_visibility", "codeformer_visibility"):
+        resp = httpx.post(url, json={"image": source, field: 0.5})
+        assert resp.status_code == 400
+        body = resp.json()
+        assert body["error"] == "HTTPException"
+        assert f"{field}=0.5: face restoration" in body["detail"]
+    resp = httpx.post(url, json={"image": source, "upscaler_1": "Lanczoz"})
+    assert resp.status_code == 400 and "did you mean 'Lanczos'" in resp.json()["detail"]
+    resp = httpx.post(url, json={"image": source, "upscaling_resize": 20})
+    assert resp.status_code == 400 and "upscaling_resize_w 800" in resp.json()["detail"]

@@ -22,7 +22,7 @@ from transformers import CLIPTextModelWithProjection, T5EncoderModel
 from serve_app.errors import InvalidRequest
 from serve_app.generation.runner import ModelRunner
 from serve_app.generation.tiny import build_flux_pipeline
-from serve_app.messages import GenerationTask, JobType
+from serve_app.messages import GenerationTask, JobType, UpscalerRef
 from serve_app.registry import ModelSpec
 from serve_app.settings import Settings
 from tests.support.generation import (
@@ -78,6 +78,11 @@ def run_modes(runner: ModelRunner, modes: list[JobType], width: int, height: int
         JobType.STYLE_TRANSFER: {"init_image": input_image(image), "style_strength": 0.8,
                                  "style_image": input_image(Image.new("RGB", (32, 32), "red")),
                                  "content_strength": 0.3},
+        # The input plus 16 px left and right, 8 px top and bottom: the requested size.
+        JobType.OUTPAINT: {"init_image": input_image(gradient(width - 32, height - 16)),
+                           "outpaint": (16, 8, 16, 8, 4)},
+        JobType.UPSCALE: {"init_image": input_image(gradient(width // 2, height // 2)),
+                          "upscaler": UpscalerRef("lanczos")},
     }
     return {mode: pixels(runner.generate(task(runner, mode=mode, width=width, height=height,
                                               **fields[mode])).images[0]) for mode in modes}

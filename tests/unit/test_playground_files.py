@@ -79,7 +79,8 @@ async def test_root_serves_the_page_with_a_label_for_every_control(client) -> No
     assert all(b["text"] or b.get("aria-label") for b in page.buttons)
     assert {"Text to image", "Image to image", "Inpainting", "Style transfer", "Seed",
             "Negative", "Model", "Sampler", "Number of images", "Priority",
-            "Brush size", "Eraser", "API key"} <= set(page.labels.values())
+            "Brush size", "Eraser", "API key", "Outpainting", "Upscale", "Upscaler",
+            "Scale", "Seam", "Left"} <= set(page.labels.values())
     assert 'role="alert"' in resp.text
     # Tools that match labels and names by substring (Playwright's get_by_label("Prompt"),
     # get_by_role("button", name="Generate")) find exactly one element.

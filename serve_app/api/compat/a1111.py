@@ -40,9 +40,6 @@ EMPTY: dict[str, Any] = {
     "/face-restorers": [], "/realesrgan-models": [], "/prompt-styles": [], "/extensions": [],
     "/embeddings": {"loaded": {}, "skipped": {}},
     "/scripts": {"txt2img": [], "img2img": []},
-    # Our only "upscaler" is none; clients expect A1111's "None" entry first.
-    "/upscalers": [{"name": "None", "model_name": None, "model_path": None, "model_url": None,
-                    "scale": 4}],
     "/cmd-flags": {"api": True, "nowebui": True, "api_auth": None, "listen": False,
                    "port": None, "skip_torch_cuda_test": False},
 }

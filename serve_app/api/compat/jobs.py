@@ -60,7 +60,7 @@ async def submit(request: Request, names: dict[str, str],
 
     def validate() -> Submission:
         job_type, body = build()
-        empty = not str(body.get("prompt") or "").strip()
+        empty = job_type is not JobType.UPSCALE and not str(body.get("prompt") or "").strip()
         if empty:
             body = {**body, "prompt": _NO_PROMPT}
         try:

@@ -1,4 +1,5 @@
-"""POST /generate/{text2img,img2img,inpaint,style-transfer}: validate, submit, 202."""
+"""POST /generate/{text2img,img2img,inpaint,style-transfer,outpaint,upscale}: validate,
+submit, 202; and GET /upscalers, what `upscale` may name."""
 
 from __future__ import annotations
 
@@ -16,8 +17,9 @@ from serve_app.api.images import ImageMode
 from serve_app.api.json_body import parse_json
 from serve_app.api.routes.docs import errors, request_body
 from serve_app.api.submission import build_submission
+from serve_app.api.upscaling import upscaler_listing
 from serve_app.api.webhook_fields import public_base_url
-from serve_app.api.wire import JobRecord
+from serve_app.api.wire import JobRecord, UpscalerList
 from serve_app.errors import InvalidRequest
 from serve_app.messages import JobType, Submission
 
@@ -49,6 +51,22 @@ async def generate_inpaint(request: Request, key: IdempotencyKey = None) -> Resp
              openapi_extra=request_body(JobType.STYLE_TRANSFER))
 async def generate_style_transfer(request: Request, key: IdempotencyKey = None) -> Response:
     return await submit(request, JobType.STYLE_TRANSFER, key)
+
+
+@router.post("/generate/outpaint", **_SUBMIT, openapi_extra=request_body(JobType.OUTPAINT))
+async def generate_outpaint(request: Request, key: IdempotencyKey = None) -> Response:
+    return await submit(request, JobType.OUTPAINT, key)
+
+
+@router.post("/generate/upscale", **_SUBMIT, openapi_extra=request_body(JobType.UPSCALE))
+async def generate_upscale(request: Request, key: IdempotencyKey = None) -> Response:
+    return await submit(request, JobType.UPSCALE, key)
+
+
+@router.get("/upscalers", response_model=UpscalerList, responses=errors(401))
+async def list_upscalers(request: Request) -> Response:
+    ctx = context(request)
+    return JSONResponse({"upscalers": upscaler_listing(ctx.registry, ctx.settings)})
 
 
 async def submit(request: Request, job_type: JobType, key: str | None) -> Response:

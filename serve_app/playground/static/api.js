@@ -65,6 +65,7 @@ const jobPath = (id) => `jobs/${encodeURIComponent(id)}`;
 
 export const api = {
   models: () => json('GET', 'models'),
+  upscalers: () => json('GET', 'upscalers'),
   queueStatus: () => json('GET', 'queue/status'),
   submit: (mode, body) => json('POST', `generate/${mode}`, { body }),
   job: (id) => json('GET', jobPath(id)),

@@ -63,6 +63,8 @@ const inputs = {
   }),
   contentImage: new ImageInput($('content-image'), { onImage: sizeFrom, onError }),
   styleImage: new ImageInput($('style-image'), { onError }),
+  outpaintImage: new ImageInput($('outpaint-image'), { onError }),
+  upscaleImage: new ImageInput($('upscale-image'), { onError }),
 };
 
 function need(input, message) {
@@ -79,6 +81,12 @@ function modeImages(mode) {
     const image = need(inputs.image, 'Choose an image to inpaint first.');
     if (painter.isEmpty()) throw new Error('Paint over the part of the image to repaint.');
     return { image, mask: painter.toDataURL() };
+  }
+  if (mode === 'outpaint') {
+    return { image: need(inputs.outpaintImage, 'Choose an image to extend first.') };
+  }
+  if (mode === 'upscale') {
+    return { image: need(inputs.upscaleImage, 'Choose an image to upscale first.') };
   }
   if (mode === 'style-transfer') {
     return {
@@ -238,6 +246,7 @@ async function refreshQueue() {
 async function refreshModels() {
   try {
     await form.loadModels();
+    await form.loadUpscalers();
   } catch (err) {
     handle(err);
   }

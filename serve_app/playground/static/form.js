@@ -69,8 +69,27 @@ export class GenerateForm {
     $('height').value = side(img.naturalHeight);
   }
 
+  /** The upscalers the service offers, into the Upscale mode's list. */
+  async loadUpscalers() {
+    const { upscalers } = await api.upscalers();
+    const select = $('upscaler');
+    const chosen = select.value;
+    select.replaceChildren(...upscalers.map((u) => {
+      const option = new Option(u.scale ? `${u.name} (x${u.scale} model)` : u.name, u.name);
+      option.disabled = !u.present;
+      return option;
+    }));
+    select.value = upscalers.some((u) => u.name === chosen) ? chosen : 'lanczos';
+  }
+
   /** The request body for the current mode; `images` holds the mode's data URIs. */
   body(images) {
+    if (this.mode === 'upscale') {
+      return {
+        scale: number('upscale-scale'), upscaler: $('upscaler').value,
+        model: $('model').value || undefined, priority: $('priority').value, ...images,
+      };
+    }
     const body = {
       prompt: $('prompt').value.trim(),
       model: $('model').value || undefined,
@@ -88,6 +107,12 @@ export class GenerateForm {
     if (negative) body.negativePrompt = negative;
     if (this.mode === 'img2img') body.strength = number('strength');
     if (this.mode === 'inpaint') body.inpaintingStrength = number('inpainting-strength');
+    if (this.mode === 'outpaint') {
+      delete body.width; // the output is the image plus the padding
+      delete body.height;
+      for (const side of ['left', 'top', 'right', 'bottom']) body[side] = number(`pad-${side}`);
+      body.seam = number('seam');
+    }
     if (this.mode === 'style-transfer') {
       body.styleStrength = number('style-strength');
       body.contentStrength = number('content-strength');
@@ -117,6 +142,10 @@ export class GenerateForm {
     set('inpainting-strength', request.inpaintingStrength);
     set('style-strength', request.styleStrength);
     set('content-strength', request.contentStrength);
+    for (const side of ['left', 'top', 'right', 'bottom']) set(`pad-${side}`, request[side]);
+    set('seam', request.seam);
+    set('upscale-scale', request.scale);
+    set('upscaler', request.upscaler);
     for (const range of this.form.querySelectorAll('input[type=range]')) this.#syncOutput(range);
     this.#showModelStatus();
   }
