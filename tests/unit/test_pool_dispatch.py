@@ -1,0 +1,166 @@
+"""Dispatch over a model pool: the pool's capacity is shared, its models take turns, only
+one model's jobs batch together, and a job waiting for its model's load says so."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+
+from serve_app.messages import GenerationTask, PoolReport, ReplicaEvent, Started
+from serve_app.registry import Registry, parse_registry
+from serve_app.settings import Settings
+from tests.support.fakes import fake_image, finished
+from tests.support.trackers import record, settle, submission
+
+pytestmark = pytest.mark.anyio
+
+POOLED = ("a", "b", "c")
+SERVED = frozenset({*POOLED, "solo"})
+
+
+def pool_registry(max_replicas: int = 1, max_batch_size: int = 1) -> Registry:
+    def model(model_id: str, **over: Any) -> dict[str, Any]:
+        return {"id": model_id, "name": model_id, "description": "d", "source": "tiny"} | over
+    return parse_registry({
+        "pools": [{"id": "shared", "max_models_per_replica": 2,
+                   "scaling": {"min_replicas": 0, "max_replicas": max_replicas,
+                               "max_batch_size": max_batch_size, "max_batch_wait_s": 0}}],
+        "models": [model(m, seed=i, pool="shared") for i, m in enumerate(POOLED)]
+        + [model("solo", scaling={"max_replicas": 1})]})
+
+
+@dataclass
+class PoolReplicasFake:
+    """One pool replica holding up to 2 models (LRU) and one solo replica. Every call waits
+    for the test's `release()`, then reports like a real pool replica and finishes."""
+
+    calls: list[tuple[str, list[str]]] = field(default_factory=list)
+    gates: list[asyncio.Event] = field(default_factory=list)
+    held: list[str] = field(default_factory=list)
+
+    async def run(self, model_id: str, tasks: list[GenerationTask]
+                  ) -> AsyncGenerator[ReplicaEvent, None]:
+        gate = asyncio.Event()
+        self.calls.append((model_id, [t.job_id for t in tasks]))
+        self.gates.append(gate)
+        await gate.wait()
+        if model_id == "solo":
+            yield Started(replica="solo#1")
+        else:
+            fresh, evicted = model_id not in self.held, ()
+            if fresh:
+                self.held.append(model_id)
+                if len(self.held) > 2:
+                    evicted = (self.held.pop(0),)
+            else:
+                self.held.remove(model_id)
+                self.held.append(model_id)
+            yield Started(replica=f"{model_id}#r1", pool=PoolReport(
+                loaded=tuple(self.held), load_s=0.25 if fresh else None, evicted=evicted))
+        for task in tasks:
+            yield finished(task, [fake_image(task, s) for s in task.seeds], model=model_id)
+
+    async def release(self, index: int) -> None:
+        self.gates[index].set()
+        await settle()
+
+    @property
+    def out(self) -> int:
+        return sum(not g.is_set() for g in self.gates)
+
+    async def replica_states(self) -> dict[str, dict[str, int]]:
+        return {m: {"ready": 1, "starting": 0} for m in SERVED}
+
+
+def make(new_tracker: Any, registry: Registry, settings: Settings, **over: Any) -> Any:
+    replicas = PoolReplicasFake()
+    tracker = new_tracker(replicas, registry=registry, served=SERVED,
+                          settings=settings.model_copy(update=over))
+    return tracker, replicas
+
+
+async def submit(tracker: Any, registry: Registry, settings: Settings, model: str,
+                 **body: Any) -> str:
+    sub = submission(registry, settings, served=SERVED, model=model, **body)
+    return str((await tracker.submit(sub))["id"])
+
+
+async def test_a_popular_model_cannot_starve_the_pools_others(new_tracker, settings) -> None:
+    registry = pool_registry()
+    tracker, replicas = make(new_tracker, registry, settings)
+    for _ in range(6):
+        await submit(tracker, registry, settings, "a")
+    await submit(tracker, registry, settings, "b")
+    await submit(tracker, registry, settings, "c")
+    await settle()
+    for i in range(8):
+        assert replicas.out == 1  # one replica: one call out in the whole pool
+        await replicas.release(i)
+    # b and c, queued behind five jobs of a, each get the next turn.
+    assert [m for m, _ in replicas.calls] == ["a", "b", "c", "a", "a", "a", "a", "a"]
+    assert tracker.audit() == []
+
+
+async def test_the_pool_shares_max_concurrent_jobs_and_other_models_keep_their_own(
+        new_tracker, settings) -> None:
+    registry = pool_registry(max_replicas=3)
+    tracker, replicas = make(new_tracker, registry, settings, max_concurrent_jobs=2)
+    for model in ("a", "b", "c", "a"):
+        await submit(tracker, registry, settings, model)
+    await submit(tracker, registry, settings, "solo")
+    await settle()
+    pooled_out = [m for m, _ in replicas.calls if m != "solo"]
+    assert pooled_out == ["a", "b"]  # 3 replicas, but 2 jobs out per pool
+    assert ("solo", [replicas.calls[-1][1][0]]) in replicas.calls
+    await replicas.release(0)
+    assert [m for m, _ in replicas.calls if m != "solo"] == ["a", "b", "c"]
+    assert tracker.audit() == []
+
+
+async def test_only_one_models_jobs_share_a_call(new_tracker, settings) -> None:
+    registry = pool_registry(max_batch_size=4)
+    tracker, replicas = make(new_tracker, registry, settings)
+    await submit(tracker, registry, settings, "c")  # occupies the replica
+    for model in ("a", "b", "a", "b", "a"):
+        await submit(tracker, registry, settings, model)
+    await settle()
+    await replicas.release(0)
+    await replicas.release(1)
+    assert [(m, len(ids)) for m, ids in replicas.calls] == [("c", 1), ("a", 3), ("b", 2)]
+
+
+async def test_a_job_waiting_for_its_models_load_says_so_and_loads_are_counted(
+        new_tracker, settings) -> None:
+    registry = pool_registry(max_replicas=2)
+    tracker, replicas = make(new_tracker, registry, settings)
+    first = await submit(tracker, registry, settings, "a")
+    await settle()
+    assert (await record(tracker, first))["phase"] == "loading_model"
+    await replicas.release(0)
+    assert (await record(tracker, first))["status"] == "completed"
+    again = await submit(tracker, registry, settings, "a")
+    other = await submit(tracker, registry, settings, "b")
+    await settle()
+    assert (await record(tracker, again))["phase"] == "waiting_for_replica"  # a is loaded
+    assert (await record(tracker, other))["phase"] == "loading_model"
+    models = {m["id"]: m for m in (await tracker.models())["models"]}
+    assert (models["a"]["pool"], models["a"]["loadedReplicas"]) == ("shared", 1)
+    assert models["b"]["loadedReplicas"] == 0 and models["b"]["loaded"] is False
+    await replicas.release(1)
+    await replicas.release(2)
+    third = await submit(tracker, registry, settings, "c")  # evicts a on the fake's replica
+    await settle()
+    await replicas.release(3)
+    assert (await record(tracker, third))["status"] == "completed"
+    text = (await tracker.metrics_text()).decode()
+    assert 'imagegen_pool_model_loads_total{model="a",pool="shared"} 1.0' in text
+    assert 'imagegen_pool_model_hits_total{model="a",pool="shared"} 1.0' in text
+    assert 'imagegen_pool_model_loads_total{model="c",pool="shared"} 1.0' in text
+    assert 'imagegen_pool_model_evictions_total{model="a",pool="shared"} 1.0' in text
+    assert 'imagegen_pool_model_load_seconds_count{model="b",pool="shared"} 1.0' in text
+    assert 'imagegen_pool_model_replicas{model="a",pool="shared"} 0.0' in text
+    assert 'imagegen_pool_model_replicas{model="c",pool="shared"} 1.0' in text
