@@ -99,3 +99,26 @@ def test_seeded_variants_are_reproducible_and_distinct(tmp_path: Path) -> None:
     assert len({_digest(one, "unet"), _digest(two, "unet"), _digest(plain, "unet")}) == 3
     # Only the denoiser differs: the text encoder and VAE are the family's own.
     assert _digest(one, "vae") == _digest(two, "vae") == _digest(plain, "vae")
+
+
+def test_the_app_has_one_deployment_per_pool_and_a_shard_owns_a_whole_pool() -> None:
+    from serve_app.builder import build_app
+    from serve_app.shards import ShardMap
+
+    registry = {"pools": [pool(max_models_per_replica=2)],
+                "models": [model("a", seed=1, pool="shared"), model("solo"),
+                           model("b", seed=2, pool="shared")]}
+    app = build_app({"models": registry, "tracker_shards": 2,
+                     "settings": {"store": "redis", "default_model": "solo"}})
+    trackers, shards = app._bound_deployment.init_args[:2]
+    assert shards == ShardMap((frozenset({"a", "b"}), frozenset({"solo"})))
+    handles = trackers[0]._bound_deployment.init_args[3]
+    assert handles["a"] is handles["b"]  # the pool's one deployment
+    deployment = handles["a"]._bound_deployment
+    assert deployment.name == "pool-shared"
+    assert deployment.init_args[0].id == "shared"
+    assert [spec.id for spec in deployment.init_args[1]] == ["a", "b"]
+    assert deployment._deployment_config.autoscaling_config.max_replicas == 2
+    assert deployment._deployment_config.max_ongoing_requests == 1
+    solo = trackers[1]._bound_deployment.init_args[3]["solo"]._bound_deployment
+    assert solo.name == "model-solo"
