@@ -195,7 +195,7 @@ class ModelSpec(Strict):
     loras: tuple[LoraSpec, ...] = ()
     # Folders (absolute, or relative to MODEL_PATH) whose every .safetensors file is a LoRA
     # of this model, requested by its file stem, rescanned while serving
-    # (serve_app.lora_folders).
+    # (serve_app.lora_folders). A pool model's list ends with its pool's.
     lora_dirs: tuple[str, ...] = ()
     # Tiny sources only: another seed gives the same architecture with other weights, so
     # several distinct test checkpoints can run here (a pool of them, say).
@@ -353,7 +353,8 @@ class Registry(Strict):
     @classmethod
     def _inherit_loras(cls, data: Any) -> Any:
         if isinstance(data, dict) and "models" in data:
-            data = {**data, "models": inherit_loras(data["models"])}
+            data = {**data, "models": _pool_lora_dirs(inherit_loras(data["models"]),
+                                                      data.get("pools"))}
         return data
 
     @model_validator(mode="after")
@@ -411,13 +412,6 @@ class Registry(Strict):
         pool = self.pool_of(model_id)
         return pool.scaling if pool is not None else spec.scaling
 
-    def lora_dirs(self, model_id: str) -> tuple[str, ...]:
-        """The LoRA folders of a model: its own, then its pool's."""
-        spec = self.get(model_id)
-        if spec is None:
-            return ()
-        pool = self.pool_of(model_id)
-        return spec.lora_dirs + (pool.lora_dirs if pool is not None else ())
 
     def get(self, model_id: str) -> ModelSpec | None:
         return next((m for m in self.models if m.id == model_id), None)
@@ -425,6 +419,20 @@ class Registry(Strict):
     def served(self, settings: Settings) -> list[ModelSpec]:
         return [m for m in self.models
                 if m.id not in self.unavailable and m.weights_present(settings)]
+
+
+def _pool_lora_dirs(models: Any, pools: Any) -> Any:
+    """Raw registry models with each pool model given its pool's `lora_dirs` after its own."""
+    if not isinstance(models, list) or not isinstance(pools, list):
+        return models
+    dirs = {p.get("id"): p.get("lora_dirs") for p in pools if isinstance(p, dict)}
+    out = []
+    for m in models:
+        extra = dirs.get(m.get("pool")) if isinstance(m, dict) else None
+        if isinstance(extra, list) and extra and isinstance(m.get("lora_dirs", []), list):
+            m = {**m, "lora_dirs": list(m.get("lora_dirs", [])) + extra}
+        out.append(m)
+    return out
 
 
 def resolve_config_path(path: str | Path) -> Path:

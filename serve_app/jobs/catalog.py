@@ -4,19 +4,23 @@ from __future__ import annotations
 
 from typing import Any
 
+from serve_app.lora_folders import model_loras
 from serve_app.model_adapters import describe_control_nets, describe_loras
 from serve_app.registry import ModelSpec, PoolSpec, Registry
 
 
 def describe_models(registry: Registry, served: frozenset[str], ready: dict[str, int],
-                    default_model: str, loaded: dict[str, int] | None = None
-                    ) -> dict[str, Any]:
-    """`loaded`: per pool model, on how many of its pool's replicas it is loaded now."""
+                    default_model: str, loaded: dict[str, int] | None = None,
+                    model_path: str = "") -> dict[str, Any]:
+    """`loaded`: per pool model, on how many of its pool's replicas it is loaded now;
+    `model_path`: where relative `lora_dirs` are (their files are listed as LoRAs)."""
     loaded = loaded or {}
     models = []
     for spec in registry.models:
         entry = describe_model(spec, spec.id in served, ready.get(spec.id, 0),
                                spec.id == default_model, registry.unavailable.get(spec.id))
+        if spec.lora_dirs:
+            entry["loras"] = describe_loras(model_loras(spec, model_path))
         pool = registry.pool_of(spec.id)
         if pool is not None:
             replicas = loaded.get(spec.id, 0) if spec.id in served else 0

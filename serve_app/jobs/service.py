@@ -365,7 +365,8 @@ class JobTracker:
         counts = await self.refresh_replicas()
         # Every shard's models are served; the replica counts are this shard's own.
         return describe_models(self._registry, self._shards.served, counts,
-                               self._settings.default_model, self._pools.loaded_counts())
+                               self._settings.default_model, self._pools.loaded_counts(),
+                               self._settings.model_path)
 
     def _pool_loads(self) -> list[tuple[str, str, int]]:
         """(pool, model, replicas holding it) for each of this shard's pool models."""
