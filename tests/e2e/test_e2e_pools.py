@@ -16,13 +16,12 @@ import json
 import re
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import httpx
-import psutil
 import pytest
 
 from tests.support.serve_harness import ServeHarness, wait_for
@@ -140,13 +139,13 @@ def test_a_replicas_memory_stays_bounded_over_many_switches(
         client: httpx.Client) -> None:
     for k in (1, 2, 3):
         wait_for(client, submit(client, f"probe-{k}"))
-    replica = probe_replica()
-    first_three = replica.memory_info().rss
+    rss = probe_rss()
+    first_three = rss()
     cycle = [f"probe-{k}" for k in (4, 1, 2, 3)]  # each one the replica evicted last
     for i in range(SWITCHES):
         job = wait_for(client, submit(client, cycle[i % 4]), 120)
         assert job["status"] == "completed", job
-    after = replica.memory_info().rss
+    after = rss()
     text = client.get("/metrics").text
     assert metric(text, "imagegen_pool_model_evictions_total", pool="probe") == SWITCHES
     assert metric(text, "imagegen_pool_model_loads_total", pool="probe") == SWITCHES + 3
@@ -156,14 +155,16 @@ def test_a_replicas_memory_stays_bounded_over_many_switches(
     assert grew_mb < RSS_BOUND_MB
 
 
-def probe_replica() -> psutil.Process:
-    """The probe pool's one replica process (on this machine: the cluster is local)."""
-    from ray.util.state import list_actors
+def probe_rss() -> Callable[[], int]:
+    """The probe pool's one replica's RSS, as it measures itself (`PoolReplica.rss_bytes`)."""
+    from ray import serve
 
-    actors = [a for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
-              if "pool-probe" in (a.class_name or "") or "pool-probe" in (a.name or "")]
-    assert len(actors) == 1, actors
-    return psutil.Process(actors[0].pid)
+    from tests.support.serve_harness import APP_NAME
+
+    handle = serve.get_deployment_handle("pool-probe", app_name=APP_NAME)
+    if not handle.is_initialized:
+        handle._init(_run_router_in_separate_loop=True)  # a synchronous driver
+    return lambda: int(handle.rss_bytes.remote().result(timeout_s=60))
 
 
 def test_a_lora_copied_into_the_folder_while_serving_is_usable(

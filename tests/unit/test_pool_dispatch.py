@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from serve_app.api.wire import ModelList
 from serve_app.messages import GenerationTask, PoolReport, ReplicaEvent, Started
 from serve_app.registry import Registry, parse_registry
 from serve_app.settings import Settings
@@ -147,7 +148,9 @@ async def test_a_job_waiting_for_its_models_load_says_so_and_loads_are_counted(
     await settle()
     assert (await record(tracker, again))["phase"] == "waiting_for_replica"  # a is loaded
     assert (await record(tracker, other))["phase"] == "loading_model"
-    models = {m["id"]: m for m in (await tracker.models())["models"]}
+    listed = await tracker.models()
+    ModelList.model_validate(listed)  # the OpenAPI schema declares the pool fields
+    models = {m["id"]: m for m in listed["models"]}
     assert (models["a"]["pool"], models["a"]["loadedReplicas"]) == ("shared", 1)
     assert models["b"]["loadedReplicas"] == 0 and models["b"]["loaded"] is False
     await replicas.release(1)
