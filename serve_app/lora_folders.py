@@ -7,12 +7,12 @@ Contract:
   length, then JSON; no tensor is read): kohya (`lora_unet_…`, `lora_te…`) or diffusers/PEFT
   (`unet.…`, `text_encoder…`, `transformer.…`). A file of neither kind, or whose stem is
   not a valid LoRA name, is left out (logged once per scan).
-- A folder is scanned at most every `RESCAN_S` seconds (10 s) when asked, and again at once
-  when a name is asked for that the last scan did not find (at most once a second per
-  folder): a file copied into a folder is requestable within 10 s of being complete, and
-  at once by a request naming it. Copy a file in under another name, then rename it, so a
-  scan never reads half a file (a half file's header fails to parse and is left out until
-  the next scan).
+- A folder is scanned again when asked and its modification time changed (a file was
+  added, removed or renamed: one `stat`), when the last scan is `RESCAN_S` (10 s) old, and
+  when a name is asked for that the last scan did not find (at most once a second): a file
+  copied into a folder is listed and requestable at once, a file rewritten in place within
+  10 s. Copy a file in under another name, then rename it, so a scan never reads half a
+  file (a half file's header fails to parse and it is left out until the next scan).
 - A registry LoRA of the model wins over a folder file of the same name; the first folder
   (the model's own, then its pool's) wins among folders.
 - On a multi-node cluster the folders must be on a filesystem every node mounts at the same
@@ -65,6 +65,7 @@ def header_format(path: Path) -> str:
 @dataclass
 class _Scan:
     at: float = float("-inf")
+    mtime_ns: int | None = None
     loras: dict[str, LoraSpec] = field(default_factory=dict)
 
 
@@ -98,12 +99,20 @@ class LoraFolders:
 
     def _scan(self, folder: Path, max_age_s: float) -> _Scan:
         now = self._clock()
+        mtime = _mtime_ns(folder)
         with self._lock:
             scan = self._scans.get(folder)
-            if scan is not None and now - scan.at < max_age_s:
+            if scan is not None and now - scan.at < max_age_s and scan.mtime_ns == mtime:
                 return scan
-            scan = self._scans[folder] = _Scan(now, _read_folder(folder))
+            scan = self._scans[folder] = _Scan(now, mtime, _read_folder(folder))
             return scan
+
+
+def _mtime_ns(folder: Path) -> int | None:
+    try:
+        return folder.stat().st_mtime_ns
+    except OSError:
+        return None
 
 
 def _read_folder(folder: Path) -> dict[str, LoraSpec]:

@@ -22,6 +22,11 @@ from serve_app.settings import Settings
 ZERO = np.zeros((2, 2), dtype=np.float32)
 
 
+def rewrite_in_place(path: Path, kind: str, scratch: Path) -> None:
+    """New contents for `path` written into the same file (its folder is unchanged)."""
+    path.write_bytes(write_lora(scratch / path.name, kind).read_bytes())
+
+
 def write_lora(path: Path, kind: str = "kohya") -> Path:
     keys = {"kohya": ["lora_unet_down_blocks_0.lora_down.weight", "lora_unet_down_blocks_0.alpha"],
             "diffusers": ["unet.down_blocks.0.to_q.lora_A.weight"],
@@ -52,18 +57,33 @@ def test_a_folders_files_are_loras_by_stem_with_their_format(tmp_path: Path) -> 
     assert header_format(tmp_path / "half.safetensors") == "unknown"
 
 
-def test_a_new_file_shows_after_the_rescan_period_or_at_once_when_asked_for(
+def test_a_file_added_shows_at_once_and_one_rewritten_in_place_after_the_period(
         tmp_path: Path) -> None:
     clock = Clock()
     folders = LoraFolders(clock=clock, rescan_s=10)
+    (tmp_path / "scratch").mkdir()
     assert folders.loras([tmp_path]) == {}
-    write_lora(tmp_path / "late.safetensors")
+    write_lora(tmp_path / "late.safetensors")  # the folder's mtime changes: a rescan
+    assert {n: lo.format for n, lo in folders.loras([tmp_path]).items()} == {"late": "kohya"}
+    stamp = tmp_path.stat().st_mtime_ns
+    rewrite_in_place(tmp_path / "late.safetensors", "diffusers", tmp_path / "scratch")
+    assert tmp_path.stat().st_mtime_ns == stamp
     clock.now += 5
-    assert folders.loras([tmp_path]) == {}  # the last scan is 5 s old
-    assert folders.find([tmp_path], "late") is not None  # a miss rescans
-    write_lora(tmp_path / "later.safetensors")
-    clock.now += 10
-    assert set(folders.loras([tmp_path])) == {"late", "later"}
+    assert folders.loras([tmp_path])["late"].format == "kohya"  # the last scan is 5 s old
+    clock.now += 5
+    assert folders.loras([tmp_path])["late"].format == "diffusers"
+
+
+def test_an_unknown_name_rescans_at_most_once_a_second(tmp_path: Path) -> None:
+    clock = Clock()
+    folders = LoraFolders(clock=clock, rescan_s=10)
+    (tmp_path / "scratch").mkdir()
+    write_lora(tmp_path / "old.safetensors", "other")  # not a LoRA: left out
+    assert folders.find([tmp_path], "old") is None
+    rewrite_in_place(tmp_path / "old.safetensors", "kohya", tmp_path / "scratch")
+    assert folders.find([tmp_path], "old") is None  # the miss's rescan was 0 s ago
+    clock.now += 1.5
+    assert folders.find([tmp_path], "old") is not None
 
 
 def test_two_hundred_files_are_listed(tmp_path: Path) -> None:
@@ -115,7 +135,6 @@ def test_an_unknown_folder_lora_is_a_400_naming_near_matches(
         submit("watercolor-v2")
     assert "did you mean watercolour-v2?" in str(err.value)
     write_lora(tmp_path / "shared" / "fresh.safetensors")  # copied in while serving
-    clock.now += 1.5  # a miss rescans at most once a second
     assert submit("fresh").task.loras == (("fresh", 0.5),)
 
 
