@@ -4,20 +4,23 @@ one model's jobs batch together, and a job waiting for its model's load says so.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
 
 from serve_app.api.wire import ModelList
+from serve_app.errors import JobNotCancellable
 from serve_app.messages import GenerationTask, PoolReport, ReplicaEvent, Started
 from serve_app.registry import Registry, parse_registry
 from serve_app.settings import Settings
 from tests.support.fakes import fake_image, finished
 from tests.support.trackers import record, settle, submission
-
-pytestmark = pytest.mark.anyio
 
 POOLED = ("a", "b", "c")
 SERVED = frozenset({*POOLED, "solo"})
@@ -90,6 +93,7 @@ async def submit(tracker: Any, registry: Registry, settings: Settings, model: st
     return str((await tracker.submit(sub))["id"])
 
 
+@pytest.mark.anyio
 async def test_a_popular_model_cannot_starve_the_pools_others(new_tracker, settings) -> None:
     registry = pool_registry()
     tracker, replicas = make(new_tracker, registry, settings)
@@ -106,6 +110,7 @@ async def test_a_popular_model_cannot_starve_the_pools_others(new_tracker, setti
     assert tracker.audit() == []
 
 
+@pytest.mark.anyio
 async def test_the_pool_shares_max_concurrent_jobs_and_other_models_keep_their_own(
         new_tracker, settings) -> None:
     registry = pool_registry(max_replicas=3)
@@ -122,6 +127,7 @@ async def test_the_pool_shares_max_concurrent_jobs_and_other_models_keep_their_o
     assert tracker.audit() == []
 
 
+@pytest.mark.anyio
 async def test_only_one_models_jobs_share_a_call(new_tracker, settings) -> None:
     registry = pool_registry(max_batch_size=4)
     tracker, replicas = make(new_tracker, registry, settings)
@@ -134,6 +140,7 @@ async def test_only_one_models_jobs_share_a_call(new_tracker, settings) -> None:
     assert [(m, len(ids)) for m, ids in replicas.calls] == [("c", 1), ("a", 3), ("b", 2)]
 
 
+@pytest.mark.anyio
 async def test_a_job_waiting_for_its_models_load_says_so_and_loads_are_counted(
         new_tracker, settings) -> None:
     registry = pool_registry(max_replicas=2)
@@ -167,3 +174,60 @@ async def test_a_job_waiting_for_its_models_load_says_so_and_loads_are_counted(
     assert 'imagegen_pool_model_load_seconds_count{model="b",pool="shared"} 1.0' in text
     assert 'imagegen_pool_model_replicas{model="a",pool="shared"} 0.0' in text
     assert 'imagegen_pool_model_replicas{model="c",pool="shared"} 1.0' in text
+
+
+OPS = st.lists(st.one_of(
+    st.tuples(st.just("submit"), st.sampled_from([*POOLED, "solo"]),
+              st.sampled_from(["low", "normal", "high"])),
+    st.tuples(st.just("release"), st.integers(0, 50), st.none()),
+    st.tuples(st.just("cancel"), st.integers(0, 50), st.none()),
+), max_size=40)
+
+
+@given(ops=OPS, max_replicas=st.integers(1, 3), max_jobs=st.integers(1, 4),
+       batch=st.integers(1, 3))
+@hsettings(max_examples=60, deadline=None,
+           suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_random_interleavings_keep_the_pools_capacity_and_every_job_ends(
+        settings: Settings, ops: list[tuple[str, Any, Any]], max_replicas: int,
+        max_jobs: int, batch: int) -> None:
+    from tests.support.trackers import make_tracker
+
+    registry = pool_registry(max_replicas=max_replicas, max_batch_size=batch)
+    over = settings.model_copy(update={"max_concurrent_jobs": max_jobs})
+
+    async def scenario() -> None:
+        replicas = PoolReplicasFake()
+        tracker = make_tracker(registry, over, replicas, served=SERVED)
+        ids: list[str] = []
+        try:
+            for op, arg, priority in ops:
+                if op == "submit":
+                    sub = submission(registry, over, served=SERVED, model=arg,
+                                     priority=priority)
+                    ids.append(str((await tracker.submit(sub))["id"]))
+                elif op == "release" and replicas.gates:
+                    replicas.gates[arg % len(replicas.gates)].set()
+                elif op == "cancel" and ids:
+                    with contextlib.suppress(JobNotCancellable):
+                        await tracker.cancel(ids[arg % len(ids)])
+                await settle()
+                assert tracker.audit() == []
+                pooled = [c for c, g in zip(replicas.calls, replicas.gates, strict=True)
+                          if c[0] != "solo" and not g.is_set()]
+                assert len(pooled) <= max_replicas
+                assert sum(len(j) for _, j in pooled) <= max_jobs
+                assert all(len(j) <= batch for _, j in pooled)
+            for _ in range(200):  # every replica answers from now on
+                for gate in replicas.gates:
+                    gate.set()
+                await settle()
+                records = [await record(tracker, i) for i in ids]
+                if all(r["status"] in ("completed", "cancelled") for r in records):
+                    break
+            assert all(r["status"] in ("completed", "cancelled") for r in records)
+            assert tracker.audit() == []
+        finally:
+            await tracker.close()
+
+    asyncio.run(scenario())
