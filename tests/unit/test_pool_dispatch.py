@@ -44,13 +44,24 @@ class PoolReplicasFake:
 
     calls: list[tuple[str, list[str]]] = field(default_factory=list)
     gates: list[asyncio.Event] = field(default_factory=list)
+    ended: list[bool] = field(default_factory=list)  # per call: its stream is over
     held: list[str] = field(default_factory=list)
 
     async def run(self, model_id: str, tasks: list[GenerationTask]
                   ) -> AsyncGenerator[ReplicaEvent, None]:
         gate = asyncio.Event()
+        index = len(self.calls)
         self.calls.append((model_id, [t.job_id for t in tasks]))
         self.gates.append(gate)
+        self.ended.append(False)
+        try:
+            async for event in self._answer(model_id, tasks, gate):
+                yield event
+        finally:
+            self.ended[index] = True
+
+    async def _answer(self, model_id: str, tasks: list[GenerationTask], gate: asyncio.Event
+                      ) -> AsyncGenerator[ReplicaEvent, None]:
         await gate.wait()
         if model_id == "solo":
             yield Started(replica="solo#1")
@@ -74,7 +85,10 @@ class PoolReplicasFake:
 
     @property
     def out(self) -> int:
-        return sum(not g.is_set() for g in self.gates)
+        return self.ended.count(False)
+
+    def open_calls(self) -> list[tuple[str, list[str]]]:
+        return [c for c, ended in zip(self.calls, self.ended, strict=True) if not ended]
 
     async def replica_states(self) -> dict[str, dict[str, int]]:
         return {m: {"ready": 1, "starting": 0} for m in SERVED}
@@ -213,8 +227,7 @@ def test_random_interleavings_keep_the_pools_capacity_and_every_job_ends(
                         await tracker.cancel(ids[arg % len(ids)])
                 await settle()
                 assert tracker.audit() == []
-                pooled = [c for c, g in zip(replicas.calls, replicas.gates, strict=True)
-                          if c[0] != "solo" and not g.is_set()]
+                pooled = [c for c in replicas.open_calls() if c[0] != "solo"]
                 assert len(pooled) <= max_replicas
                 assert sum(len(j) for _, j in pooled) <= max_jobs
                 assert all(len(j) <= batch for _, j in pooled)
