@@ -69,6 +69,7 @@ class Call:
     admitted_at: float = 0.0  # loop time
     cold: bool = False  # admitted while the model had no ready replica
     started: bool = False
+    replica: str | None = None  # the replica that started it
     outcome: Outcome | None = None
     task: asyncio.Task[None] | None = None
     deadline: asyncio.TimerHandle | None = None

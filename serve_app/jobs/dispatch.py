@@ -219,6 +219,8 @@ class Dispatch:
                                                      "result")
         except ReplicaLost as exc:
             call.outcome = Outcome(lost=True, reason=str(exc))
+            if call.replica is not None:  # what it held went with it
+                self.pools.lost(call.model, call.replica)
         except Exception as exc:
             cause = getattr(exc, "cause", None) or exc  # Ray wraps a replica's errors
             if isinstance(cause, BlobStoreUnavailable):  # not the job's fault: run it again
@@ -231,6 +233,7 @@ class Dispatch:
 
     def _started(self, call: Call, event: Started) -> None:
         call.started = True
+        call.replica = event.replica
         loop = asyncio.get_running_loop()
         self.observer.call_started(call.model, call.cold, loop.time() - call.admitted_at)
         pool = self.pools.pool(call.model)

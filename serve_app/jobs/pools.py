@@ -12,9 +12,10 @@ model with 100 queued jobs gets one call, then each other waiting model gets one
 on: a popular model cannot starve the pool's rare ones.
 
 Which replica holds which model comes from the replicas themselves (each call's `Started`
-carries its replica's `PoolReport`); a pool with no ready replica holds nothing. A replica
-that dies keeps its entry until the pool has no ready replica: the counts are what the
-tracker last heard, for GET /models and a job's `loading_model` phase.
+carries its replica's `PoolReport`); a replica a call finds dead holds nothing, and a pool
+with no ready replica holds nothing. A replica that goes away between calls (scaled down)
+keeps its entry until then: the counts are what the tracker last heard, for GET /models
+and a job's `loading_model` phase.
 """
 
 from __future__ import annotations
@@ -84,6 +85,12 @@ class PoolView:
         pool = self._pool_of.get(model)
         if pool is not None:
             self._held[pool][replica.rsplit("#", 1)[-1]] = report.loaded
+
+    def lost(self, model: str, replica: str) -> None:
+        """A call on `replica` of `model`'s pool found it dead: it holds nothing now."""
+        pool = self._pool_of.get(model)
+        if pool is not None:
+            self._held[pool].pop(replica.rsplit("#", 1)[-1], None)
 
     def deployment_ready(self, ready: Mapping[str, int]) -> None:
         """Ready replicas per model now (a pool model's are its pool's): a pool with none

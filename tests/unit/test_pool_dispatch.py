@@ -15,7 +15,7 @@ from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
 from serve_app.api.wire import ModelList
-from serve_app.errors import JobNotCancellable
+from serve_app.errors import JobNotCancellable, ReplicaLost
 from serve_app.messages import GenerationTask, PoolReport, ReplicaEvent, Started
 from serve_app.registry import Registry, parse_registry
 from serve_app.settings import Settings
@@ -46,6 +46,7 @@ class PoolReplicasFake:
     gates: list[asyncio.Event] = field(default_factory=list)
     ended: list[bool] = field(default_factory=list)  # per call: its stream is over
     held: list[str] = field(default_factory=list)
+    lose: int = 0  # the next N pool calls die after their Started, like a killed replica
 
     async def run(self, model_id: str, tasks: list[GenerationTask]
                   ) -> AsyncGenerator[ReplicaEvent, None]:
@@ -76,6 +77,10 @@ class PoolReplicasFake:
                 self.held.append(model_id)
             yield Started(replica=f"{model_id}#r1", pool=PoolReport(
                 loaded=tuple(self.held), load_s=0.25 if fresh else None, evicted=evicted))
+            if self.lose > 0:
+                self.lose -= 1
+                self.held.clear()
+                raise ReplicaLost("fake pool replica killed")
         for task in tasks:
             yield finished(task, [fake_image(task, s) for s in task.seeds], model=model_id)
 
@@ -188,6 +193,26 @@ async def test_a_job_waiting_for_its_models_load_says_so_and_loads_are_counted(
     assert 'imagegen_pool_model_load_seconds_count{model="b",pool="shared"} 1.0' in text
     assert 'imagegen_pool_model_replicas{model="a",pool="shared"} 0.0' in text
     assert 'imagegen_pool_model_replicas{model="c",pool="shared"} 1.0' in text
+
+
+@pytest.mark.anyio
+async def test_a_replica_found_dead_holds_no_model_any_more(new_tracker, settings) -> None:
+    registry = pool_registry()
+    tracker, replicas = make(new_tracker, registry, settings)
+    await submit(tracker, registry, settings, "a")
+    await settle()
+    await replicas.release(0)
+    models = {m["id"]: m for m in (await tracker.models())["models"]}
+    assert models["a"]["loadedReplicas"] == 1
+    replicas.lose = 1
+    retried = await submit(tracker, registry, settings, "a")
+    await settle()
+    await replicas.release(1)  # started, then the replica died: the job runs again
+    models = {m["id"]: m for m in (await tracker.models())["models"]}
+    assert models["a"]["loadedReplicas"] == 0
+    assert (await record(tracker, retried))["phase"] == "loading_model"
+    await replicas.release(2)
+    assert (await record(tracker, retried))["status"] == "completed"
 
 
 OPS = st.lists(st.one_of(
