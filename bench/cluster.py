@@ -126,7 +126,9 @@ class BenchCluster:
 
     def app_args(self, shape: str) -> dict[str, Any]:
         """The builder's args; a shape's `args` (e.g. `tracker_shards`) go in as they are."""
-        return {"models": {"models": SHAPES[shape]["models"]}, "settings": self.settings(shape),
+        registry = {"models": SHAPES[shape]["models"]} | (
+            {"pools": SHAPES[shape]["pools"]} if "pools" in SHAPES[shape] else {})
+        return {"models": registry, "settings": self.settings(shape),
                 **SHAPES[shape].get("args", {})}
 
     def data_dir(self, shape: str) -> Path:

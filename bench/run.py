@@ -32,7 +32,7 @@ from typing import Any
 from bench.common import ROOT, load_average, log, machine_info, wait_quiet
 
 FIGURES = ("submit", "e2e", "batching", "coldstart", "scale", "tracker", "images",
-           "admission")
+           "admission", "pools")
 RESULTS_DIR = ROOT / "bench" / "results"
 README = ROOT / "bench" / "README.md"
 TABLE_START = "<!-- results:start -->"
@@ -97,6 +97,11 @@ def headline(name: str, result: dict[str, Any]) -> str:
                 f"{h['service_p99_ms']} ms (API key) vs bare {h['baseline_accepted_per_s']}/s "
                 f"p50 {h['baseline_p50_ms']} p99 {h['baseline_p99_ms']} ms; without keys "
                 f"{h['keyless_accepted_per_s']}/s (auth ratio {result.get('auth_ratio')})")
+    if name == "pools":
+        p, d = h["pool"], h["dedicated"]
+        return (f"pool p50 {p['p50_s']} p95 {p['p95_s']} s, {p['jobs_per_s']} jobs/s "
+                f"({p['pool_metrics']}) vs dedicated p50 {d['p50_s']} p95 {d['p95_s']} s, "
+                f"{d['jobs_per_s']} jobs/s")
     if name == "e2e":
         return (f"p50 {h['service_p50_ms']} p99 {h['service_p99_ms']} ms vs in-process "
                 f"{h['in_process_p50_ms']} ms")

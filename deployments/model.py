@@ -8,17 +8,27 @@ them; only the replica process does.
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import logging
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 import psutil
 from ray import serve
 
-from serve_app.blobs import open_blobs
-from serve_app.messages import GenerationTask, StreamItem, pack
-from serve_app.registry import ModelSpec
+from serve_app.blobs import Blobs, open_blobs
+from serve_app.errors import ModelNotAvailable
+from serve_app.messages import (
+    GenerationTask,
+    PoolReport,
+    ReplicaEvent,
+    Started,
+    StreamItem,
+    pack,
+)
+from serve_app.registry import ModelSpec, PoolSpec
 from serve_app.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -28,26 +38,11 @@ class ModelReplica:
     def __init__(self, spec: ModelSpec, settings: Settings) -> None:
         began = time.time()
         from serve_app.generation import preload
-        from serve_app.generation.worker import ModelWorker
 
         context = serve.get_replica_context()
         name = f"{spec.id}#{context.replica_id.unique_id}"
-        blobs = open_blobs(settings)
-        if spec.source == "null":  # benchmarks: the service's own cost, no torch
-            from serve_app.generation.null import NullRunner
-
-            self._runner: Any = NullRunner(spec)
-        else:
-            from serve_app.generation.runner import ModelRunner
-            from serve_app.generation.speedups import BlobArtifacts
-
-            # Compiled artifacts (runtime.compile) are shared through the blob store too.
-            self._runner = ModelRunner(spec, settings, compiled=BlobArtifacts(blobs))
-        # Inputs are read from, and results written to, the blob store here: no image
-        # bytes travel between this replica and the tracker.
-        self._worker = ModelWorker(self._runner, replica_name=name,
-                                   progress_every_s=settings.progress_every_ms / 1000,
-                                   blobs=blobs)
+        self._worker = build_worker(spec, settings, name, open_blobs(settings))
+        self._runner = self._worker.runner
         self._startup = startup_phases(psutil.Process().create_time(), began, time.time(),
                                        preload.IMPORTS_STARTED, preload.IMPORTS_DONE)
         log.info("replica %s started: %s", name, self._startup)
@@ -73,6 +68,108 @@ class ModelReplica:
         events = self._worker.stream(tasks)
         async for item in pack(events) if packed else events:
             yield item
+
+
+def build_worker(spec: ModelSpec, settings: Settings, name: str, blobs: Blobs) -> Any:
+    """A `ModelWorker` over `spec`'s runner (loaded here: blocking, seconds to minutes)."""
+    from serve_app.generation.worker import ModelWorker
+
+    if spec.source == "null":  # benchmarks: the service's own cost, no torch
+        from serve_app.generation.null import NullRunner
+
+        runner: Any = NullRunner(spec)
+    else:
+        from serve_app.generation.runner import ModelRunner
+        from serve_app.generation.speedups import BlobArtifacts
+
+        # Compiled artifacts (runtime.compile) are shared through the blob store too.
+        runner = ModelRunner(spec, settings, compiled=BlobArtifacts(blobs))
+    # Inputs are read from, and results written to, the blob store here: no image bytes
+    # travel between this replica and the tracker.
+    return ModelWorker(runner, replica_name=name,
+                       progress_every_s=settings.progress_every_ms / 1000, blobs=blobs)
+
+
+class PoolReplica:
+    """One replica of a pool deployment (`pool-<id>`): it serves each call with the model
+    the call names as its multiplexed model id (`handle.options(multiplexed_model_id=...)`),
+    loading it on demand. Which models stay loaded is Serve's multiplexing LRU
+    (`get_model`, decorated in `pool_replica_class` with the pool's model count); an
+    evicted model's memory is freed for real (`serve_app.generation.pool`)."""
+
+    def __init__(self, pool: PoolSpec, specs: list[ModelSpec], settings: Settings) -> None:
+        from serve_app.generation import preload
+        from serve_app.generation.pool import PoolLedger
+
+        began = time.time()
+        self._pool = pool
+        self._specs = {spec.id: spec for spec in specs}
+        self._settings = settings
+        self._blobs = open_blobs(settings)
+        self._replica = serve.get_replica_context().replica_id.unique_id
+        self._ledger = PoolLedger()
+        self._startup = startup_phases(psutil.Process().create_time(), began, time.time(),
+                                       preload.IMPORTS_STARTED, preload.IMPORTS_DONE)
+
+    def startup(self) -> dict[str, Any]:
+        return self._startup
+
+    def loaded(self) -> tuple[str, ...]:
+        """The models this replica holds now, least recently loaded first."""
+        return self._ledger.loaded
+
+    def rss_bytes(self) -> int:
+        """This replica process's resident memory (tests and bench watch it)."""
+        return int(psutil.Process().memory_info().rss)
+
+    async def _load(self, model_id: str) -> Any:
+        from serve_app.generation.pool import PooledModel
+
+        spec = self._specs.get(model_id)
+        if spec is None:
+            raise ModelNotAvailable(f"model {model_id!r} is not in pool {self._pool.id!r}; "
+                                    f"its models: {', '.join(self._specs)}")
+        began = time.monotonic()
+        name = f"{model_id}#{self._replica}"
+        worker = await asyncio.to_thread(build_worker, spec, self._settings, name, self._blobs)
+        self._ledger.added(model_id, round(time.monotonic() - began, 4))
+        log.info("pool %s: loaded %s in %.2f s", self._pool.id, model_id,
+                 time.monotonic() - began)
+        return PooledModel(model_id, worker, self._ledger.released)
+
+    async def get_model(self, model_id: str) -> Any:  # replaced in pool_replica_class
+        return await self._load(model_id)
+
+    async def run(self, tasks: list[GenerationTask], packed: bool = False
+                  ) -> AsyncGenerator[StreamItem, None]:
+        """As `ModelReplica.run`, for the call's multiplexed model; its `Started` carries
+        this replica's `PoolReport`."""
+        model_id = serve.get_multiplexed_model_id()
+        fresh = not self._ledger.holds(model_id)
+        model = await self.get_model(model_id)
+        report = self._ledger.report(model_id, fresh)
+        events = _with_report(model.worker.stream(tasks), report)
+        del model  # only Serve's LRU holds a model between calls
+        async for item in pack(events) if packed else events:
+            yield item
+
+
+async def _with_report(events: AsyncIterator[ReplicaEvent], report: PoolReport
+                       ) -> AsyncIterator[ReplicaEvent]:
+    async for event in events:
+        yield dataclasses.replace(event, pool=report) if isinstance(event, Started) else event
+
+
+def pool_replica_class(pool: PoolSpec) -> type[PoolReplica]:
+    """`PoolReplica` with Serve's multiplexing on `get_model`, keeping `pool`'s count of
+    models per replica (the decorator takes it as a constant, so the class is made here)."""
+
+    class Pooled(PoolReplica):
+        @serve.multiplexed(max_num_models_per_replica=pool.models_per_replica)
+        async def get_model(self, model_id: str) -> Any:
+            return await self._load(model_id)
+
+    return Pooled
 
 
 # A process whose imports were done this long before the replica's constructor began was

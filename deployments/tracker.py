@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
 from ray import serve
@@ -49,11 +49,23 @@ def model_deployment_name(model_id: str) -> str:
     return f"model-{model_id}"
 
 
-class ServeReplicas:
-    """Routes a call to its model's deployment and streams the replica's events back."""
+def pool_deployment_name(pool_id: str) -> str:
+    return f"pool-{pool_id}"
 
-    def __init__(self, handles: dict[str, DeploymentHandle]) -> None:
-        self._handles = {m: h.options(stream=True) for m, h in handles.items()}
+
+class ServeReplicas:
+    """Routes a call to its model's deployment and streams the replica's events back. A
+    pool model's call goes to its pool's deployment with the model as its multiplexed id:
+    Serve's router prefers a replica that holds the model, and the replica loads it if
+    none does."""
+
+    def __init__(self, handles: dict[str, DeploymentHandle],
+                 pools: Mapping[str, str] | None = None) -> None:
+        self._pools = dict(pools or {})
+        self._handles = {
+            m: h.options(stream=True, multiplexed_model_id=m) if m in self._pools
+            else h.options(stream=True)
+            for m, h in handles.items()}
 
     async def run(
         self, model_id: str, tasks: list[GenerationTask]
@@ -77,7 +89,9 @@ class ServeReplicas:
         app = status.applications.get(serve.get_replica_context().app_name)
         out: dict[str, dict[str, int]] = {}
         for model_id in self._handles:
-            dep = app.deployments.get(model_deployment_name(model_id)) if app else None
+            pool = self._pools.get(model_id)
+            name = pool_deployment_name(pool) if pool else model_deployment_name(model_id)
+            dep = app.deployments.get(name) if app else None
             states = dep.replica_states if dep else {}
             out[model_id] = {
                 "ready": states.get(ReplicaState.RUNNING, 0),
@@ -119,13 +133,16 @@ class Tracker:
                            fsync=settings.durability == "fsync")
         self._tracker = JobTracker(
             settings=settings, registry=registry, store=StoreIO(store),
-            replicas=ServeReplicas(models), served=served, shards=shards, shard=shard,
+            replicas=ServeReplicas(models, {m: spec.pool for m in models
+                                            if (spec := registry.get(m)) and spec.pool}),
+            served=served, shards=shards, shard=shard,
         )
         # The primary keeps warm workers for every shard's models: they are per node.
         everyone = shards.served if shards else served
-        needs = [{"CPU": spec.resources.num_cpus, "GPU": spec.resources.num_gpus}
+        needs = [{"CPU": res.num_cpus, "GPU": res.num_gpus}
                  for m in everyone
-                 if (spec := registry.get(m)) is not None and spec.source != "null"]
+                 if (spec := registry.get(m)) is not None and spec.source != "null"
+                 and (res := (registry.pool_of(m) or spec).resources)]
         self._warm = (WarmPool(settings.warm_workers, needs)
                       if settings.warm_workers and needs and shard == PRIMARY else None)
         self._started: asyncio.Task[int] | None = None

@@ -1,7 +1,8 @@
 """The app builder: `import_path: serve_app.builder:build_app` in config/serve.yaml.
 
 Composes the three kinds of deployment: one model replica deployment per served model
-(its own name, resources and autoscaling), the job tracker that owns job state (one per
+(its own name, resources and autoscaling), or per model pool (`pool-<id>`, whose replicas
+load the pool's models on demand), the job tracker that owns job state (one per
 tracker shard, each owning some models' jobs: `serve_app.shards`), and the HTTP ingress.
 `serve run config/serve.yaml` and `serve deploy config/serve.yaml` both land here with the
 YAML's `args`.
@@ -16,13 +17,13 @@ from ray import serve
 from ray.serve import Application
 
 from deployments.ingress import Ingress
-from deployments.model import ModelReplica
-from deployments.tracker import Tracker, model_deployment_name
+from deployments.model import ModelReplica, pool_replica_class
+from deployments.tracker import Tracker, model_deployment_name, pool_deployment_name
 from serve_app.blobs import open_blobs
 from serve_app.errors import ConfigError
 from serve_app.generation.preload import model_runtime_env
 from serve_app.placement import Cluster, measure_cpu_gflops, needs_cpu_speed, place_all
-from serve_app.registry import ModelSpec, Registry, load_registry, parse_registry
+from serve_app.registry import ModelSpec, PoolSpec, Registry, load_registry, parse_registry
 from serve_app.settings import Settings, load_settings
 from serve_app.shards import ShardMap, tracker_deployment_name
 
@@ -71,6 +72,34 @@ def model_options(spec: ModelSpec) -> dict[str, Any]:
         "max_ongoing_requests": 1,
         "graceful_shutdown_timeout_s": spec.scaling.graceful_shutdown_timeout_s,
     }
+
+
+def pool_options(pool: PoolSpec) -> dict[str, Any]:
+    """Serve deployment options for a model pool: as a model's, from the pool's entry."""
+    return {
+        "name": pool_deployment_name(pool.id),
+        "health_check_period_s": 10,
+        "ray_actor_options": pool.resources.ray_actor_options()
+        | {"runtime_env": model_runtime_env()},
+        "autoscaling_config": pool.scaling.autoscaling_config(),
+        "max_ongoing_requests": 1,
+        "graceful_shutdown_timeout_s": pool.scaling.graceful_shutdown_timeout_s,
+    }
+
+
+def model_handles(registry: Registry, served: list[ModelSpec], settings: Settings
+                  ) -> dict[str, Any]:
+    """Each served model's bound deployment: its own, or its pool's (one per pool, shared
+    by the pool's models; the tracker names the model in each call)."""
+    pools: dict[str, Any] = {}
+    for pool in registry.pools:
+        members = [spec for spec in served if spec.pool == pool.id]
+        if members:
+            pools[pool.id] = serve.deployment(pool_replica_class(pool), **pool_options(pool)
+                                              ).bind(pool, members, settings)
+    return {spec.id: pools[spec.pool] if spec.pool else
+            serve.deployment(ModelReplica, **model_options(spec)).bind(spec, settings)
+            for spec in served}
 
 
 def resolve(args: AppArgs) -> tuple[Settings, Registry, list[ModelSpec]]:
@@ -127,9 +156,10 @@ def _ray_gpus() -> float:
 def build_app(args: AppArgs | dict[str, Any] | None = None) -> Application:
     args = AppArgs.model_validate(args or {})
     settings, registry, served = resolve(args)
-    models = {spec.id: serve.deployment(ModelReplica, **model_options(spec)).bind(spec, settings)
-              for spec in served}
-    shards = ShardMap.deal([spec.id for spec in served], args.tracker_shards)
+    models = model_handles(registry, served, settings)
+    # A pool's models share its replicas and its capacity: one shard owns all of them.
+    shards = ShardMap.deal([spec.id for spec in served], args.tracker_shards,
+                           groups={spec.id: spec.pool for spec in served if spec.pool})
     trackers = [
         serve.deployment(Tracker, name=tracker_deployment_name(i), **TRACKER_OPTIONS).bind(
             settings, registry, own, {m: models[m] for m in own}, shards, i)

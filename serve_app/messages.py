@@ -189,10 +189,22 @@ class GenerationResult:
     refs: tuple[ImageRef, ...] = ()
 
 
+@dataclass(frozen=True)
+class PoolReport:
+    """What a pool replica says with a call's `Started`: the models it holds now (the
+    call's among them), the seconds this call spent loading its model (None: it was
+    loaded already, a hit), and the models it evicted since its last report."""
+
+    loaded: tuple[str, ...]
+    load_s: float | None = None
+    evicted: tuple[str, ...] = ()
+
+
 # Events a replica streams back while it works on a task.
 @dataclass(frozen=True)
 class Started:
     replica: str
+    pool: PoolReport | None = None  # from a pool's replica only
 
 
 @dataclass(frozen=True)

@@ -195,6 +195,16 @@ class ModelSpec(Strict):
     image_encoder: str | None = None
     # Per-request adapters (serve_app.model_adapters): LoRAs by name, ControlNets by id.
     loras: tuple[LoraSpec, ...] = ()
+    # Folders (absolute, or relative to MODEL_PATH) whose every .safetensors file is a LoRA
+    # of this model, requested by its file stem, rescanned while serving
+    # (serve_app.lora_folders). A pool model's list ends with its pool's.
+    lora_dirs: tuple[str, ...] = ()
+    # Tiny sources only: another seed gives the same architecture with other weights, so
+    # several distinct test checkpoints can run here (a pool of them, say).
+    seed: int | None = Field(None, ge=0, le=2**31 - 1)
+    # The pool whose replicas load this model on demand (`pools:`); left out, the model
+    # has its own deployment.
+    pool: str | None = None
     control_nets: tuple[ControlNetSpec, ...] = ()
     defaults: Defaults = Defaults()
     scaling: Scaling = Scaling()
@@ -230,6 +240,13 @@ class ModelSpec(Strict):
         problem = self.sampler_error(self.defaults.sampler)
         if problem is not None:
             raise ValueError(f"defaults.sampler: {problem}")
+        if self.seed is not None and self.source not in TINY_PIPELINES:
+            raise ValueError(f"seed applies to the tiny sources only, not source {self.source!r}")
+        if self.pool is not None:
+            own = sorted({"scaling", "resources"} & self.model_fields_set)
+            if own:
+                raise ValueError(f"a pool model's {' and '.join(own)} are its pool's: set "
+                                 f"them on pool {self.pool!r}, not on the model")
         problems = adapter_problems(self.id, self.pipeline, self.is_tiny, self.loras,
                                     self.control_nets)
         if problems:
@@ -283,7 +300,9 @@ class ModelSpec(Strict):
             assert self.path is not None  # checked by the validator above
             return TRAINED_DIR / self.path
         if self.is_tiny:
-            return Path(settings.cache_dir) / self.id
+            # A seeded variant has its own folder: changing the seed never reuses weights.
+            name = self.id if self.seed is None else f"{self.id}.seed-{self.seed}"
+            return Path(settings.cache_dir) / name
         assert self.path is not None  # checked by the validator above
         path = Path(self.path).expanduser()
         return path if path.is_absolute() else Path(settings.model_path) / path
@@ -343,9 +362,48 @@ class UpscalerSpec(Strict):
                            self.tile_overlap)
 
 
+class PoolSpec(Strict):
+    """A model pool (`pools:`): one deployment (`pool-<id>`) whose replicas load the pool's
+    models on demand through Serve's model multiplexing and keep the most recently used."""
+
+    id: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]{0,63}$")
+    description: str = ""
+    # Models one replica keeps loaded; the least recently used goes when another loads.
+    max_models_per_replica: int = Field(3, ge=1, le=1000)
+    # Optional memory budget: with `model_memory_gb` (one loaded model's footprint), a
+    # replica keeps at most floor(budget / footprint) models, if fewer than the count.
+    memory_budget_gb: float | None = Field(None, gt=0)
+    model_memory_gb: float | None = Field(None, gt=0)
+    # LoRA folders every model of the pool takes (beside each model's own lora_dirs).
+    lora_dirs: tuple[str, ...] = ()
+    scaling: Scaling = Scaling()
+    resources: Resources = Resources()
+
+    @model_validator(mode="after")
+    def _budget(self) -> PoolSpec:
+        if (self.memory_budget_gb is None) != (self.model_memory_gb is None):
+            raise ValueError("memory_budget_gb and model_memory_gb go together: the budget "
+                             "is counted in models of that size")
+        if self.memory_budget_gb is not None and self.models_per_replica < 1:
+            raise ValueError(f"memory_budget_gb {self.memory_budget_gb:g} does not hold one "
+                             f"model of model_memory_gb {self.model_memory_gb:g}")
+        return self
+
+    @property
+    def models_per_replica(self) -> int:
+        """How many models a replica keeps loaded: the count, or fewer if the budget says."""
+        if self.memory_budget_gb is None or self.model_memory_gb is None:
+            return self.max_models_per_replica
+        fits = int(self.memory_budget_gb / self.model_memory_gb + 1e-9)
+        return min(self.max_models_per_replica, fits)
+
+
 class Registry(Strict):
     models: list[ModelSpec]
     upscalers: list[UpscalerSpec] = []
+
+
+    pools: list[PoolSpec] = []
     # Set at startup (serve_app.placement), never in a registry file: models that cannot
     # be served on this cluster, and why.
     unavailable: dict[str, str] = {}
@@ -354,7 +412,8 @@ class Registry(Strict):
     @classmethod
     def _inherit_loras(cls, data: Any) -> Any:
         if isinstance(data, dict) and "models" in data:
-            data = {**data, "models": inherit_loras(data["models"])}
+            data = {**data, "models": _pool_lora_dirs(inherit_loras(data["models"]),
+                                                      data.get("pools"))}
         return data
 
     @model_validator(mode="after")
@@ -377,12 +436,71 @@ class Registry(Strict):
     def upscaler(self, name: str) -> UpscalerSpec | None:
         return next((u for u in self.upscalers if u.name == name), None)
 
+
+        self._check_pools()
+        return self
+
+    def _check_pools(self) -> None:
+        pool_ids = [p.id for p in self.pools]
+        duplicates = sorted({i for i in pool_ids if pool_ids.count(i) > 1})
+        if duplicates:
+            raise ValueError(f"duplicate pool ids: {', '.join(duplicates)}")
+        for m in self.models:
+            if m.pool is not None and m.pool not in pool_ids:
+                raise ValueError(f"model {m.id!r} names pool {m.pool!r}, which is not in "
+                                 f"pools: ({', '.join(pool_ids) or 'none'})")
+        for pool in self.pools:
+            members = self.pool_models(pool.id)
+            if not members:
+                raise ValueError(f"pool {pool.id!r} has no models: name it as a model's pool")
+            families = sorted({m.pipeline for m in members})
+            if len(families) > 1:
+                by_family = "; ".join(
+                    f"{f}: {', '.join(m.id for m in members if m.pipeline == f)}"
+                    for f in families)
+                raise ValueError(f"pool {pool.id!r} mixes pipeline families ({by_family}): "
+                                 "a pool's models must share one family; split the pool")
+
+    def pool(self, pool_id: str) -> PoolSpec | None:
+        return next((p for p in self.pools if p.id == pool_id), None)
+
+    def pool_models(self, pool_id: str) -> list[ModelSpec]:
+        return [m for m in self.models if m.pool == pool_id]
+
+    def pool_of(self, model_id: str) -> PoolSpec | None:
+        """The pool that serves `model_id`, or None for a model with its own deployment."""
+        spec = self.get(model_id)
+        return self.pool(spec.pool) if spec is not None and spec.pool else None
+
+    def scaling_of(self, model_id: str) -> Scaling | None:
+        """The scaling a model's calls run under: its pool's, else its own."""
+        spec = self.get(model_id)
+        if spec is None:
+            return None
+        pool = self.pool_of(model_id)
+        return pool.scaling if pool is not None else spec.scaling
+
+
     def get(self, model_id: str) -> ModelSpec | None:
         return next((m for m in self.models if m.id == model_id), None)
 
     def served(self, settings: Settings) -> list[ModelSpec]:
         return [m for m in self.models
                 if m.id not in self.unavailable and m.weights_present(settings)]
+
+
+def _pool_lora_dirs(models: Any, pools: Any) -> Any:
+    """Raw registry models with each pool model given its pool's `lora_dirs` after its own."""
+    if not isinstance(models, list) or not isinstance(pools, list):
+        return models
+    dirs = {p.get("id"): p.get("lora_dirs") for p in pools if isinstance(p, dict)}
+    out = []
+    for m in models:
+        extra = dirs.get(m.get("pool")) if isinstance(m, dict) else None
+        if isinstance(extra, list) and extra and isinstance(m.get("lora_dirs", []), list):
+            m = {**m, "lora_dirs": list(m.get("lora_dirs", [])) + extra}
+        out.append(m)
+    return out
 
 
 def resolve_config_path(path: str | Path) -> Path:

@@ -67,6 +67,8 @@ class Settings(BaseModel):
     port: int = Field(3003, ge=1, le=65535)
     host: str = "127.0.0.1"
     max_concurrent_jobs: int = Field(4, ge=1)
+    # LoRAs one replica keeps loaded per model; the least recently used goes past this.
+    max_loaded_loras: int = Field(16, ge=1, le=1000)
     max_queue_size: int = Field(100, ge=1)
     job_timeout_ms: int = Field(300_000, ge=1000)
     model_path: str = "/models"
@@ -215,6 +217,7 @@ ENV_VARS: dict[str, str] = {
     "IMAGEGEN_DATA_DIR": "data_dir",
     "IMAGEGEN_CACHE_DIR": "cache_dir",
     "IMAGEGEN_DEFAULT_MODEL": "default_model",
+    "IMAGEGEN_MAX_LOADED_LORAS": "max_loaded_loras",
     "IMAGEGEN_STORE": "store",
     "IMAGEGEN_REDIS_URL": "redis_url",
     "IMAGEGEN_DURABILITY": "durability",

@@ -11,7 +11,7 @@ and failing stored jobs of models that are no longer served).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from serve_app.errors import ConfigError, NotThisShard
@@ -26,15 +26,22 @@ class ShardMap:
     shards: tuple[frozenset[str], ...]
 
     @classmethod
-    def deal(cls, served: Sequence[str], count: int) -> ShardMap:
-        """Models dealt to `count` shards in turn, in the order given (the registry's)."""
+    def deal(cls, served: Sequence[str], count: int,
+             groups: Mapping[str, str] | None = None) -> ShardMap:
+        """Models dealt to `count` shards in turn, in the order given (the registry's);
+        models with the same group (a model pool's) are dealt together, as one."""
         if count < 1:
             raise ConfigError(f"tracker_shards must be at least 1, not {count}")
-        if count > max(1, len(served)):
+        units: dict[str, list[str]] = {}
+        for model in served:
+            units.setdefault((groups or {}).get(model, f"model:{model}"), []).append(model)
+        dealt = list(units.values())
+        if count > max(1, len(dealt)):
             raise ConfigError(
-                f"tracker_shards is {count} but {len(served)} model(s) are served: a shard "
-                "owns whole models, so use at most one shard per served model")
-        return cls(tuple(frozenset(served[i::count]) for i in range(count)))
+                f"tracker_shards is {count} but {len(dealt)} model(s) or pool(s) are served: "
+                "a shard owns whole models and pools, so use at most one shard per each")
+        return cls(tuple(frozenset(m for unit in dealt[i::count] for m in unit)
+                         for i in range(count)))
 
     @property
     def count(self) -> int:

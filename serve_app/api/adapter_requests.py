@@ -8,11 +8,13 @@ preprocessing runs on the replica (OpenCV is not an ingress dependency).
 
 from __future__ import annotations
 
+import difflib
 from typing import Any
 
 from serve_app.api import input_images as images
 from serve_app.api.wire import GenerationCommon
 from serve_app.errors import InvalidRequest
+from serve_app.lora_folders import find_lora, model_loras
 from serve_app.messages import ControlInput, JobType
 from serve_app.registry import ModelSpec, Registry
 from serve_app.settings import Limits
@@ -21,17 +23,18 @@ CONTROL_MODES = (JobType.TEXT2IMG, JobType.IMG2IMG)
 
 
 def check_loras(req: GenerationCommon, spec: ModelSpec, registry: Registry,
-                limits: Limits) -> tuple[tuple[str, float], ...]:
-    """The request's LoRAs as `(name, scale)` pairs, each one of `spec`'s, by name (the
-    replica applies them in that order whatever the request's: one set, one batch key)."""
+                limits: Limits, model_path: str = "") -> tuple[tuple[str, float], ...]:
+    """The request's LoRAs as `(name, scale)` pairs, each one of `spec`'s (its registry
+    LoRAs and the files of its `lora_dirs`, under `model_path`), by name (the replica
+    applies them in that order whatever the request's: one set, one batch key)."""
     if len(req.loras) > limits.max_loras:
         raise InvalidRequest(f"loras: at most {limits.max_loras} LoRAs per request "
                              f"(got {len(req.loras)})")
     seen: set[str] = set()
     out = []
     for i, ref in enumerate(req.loras):
-        if spec.lora(ref.name) is None:
-            raise InvalidRequest(_unknown_lora(ref.name, spec, registry))
+        if find_lora(spec, ref.name, model_path) is None:
+            raise InvalidRequest(_unknown_lora(ref.name, spec, registry, model_path))
         if ref.name in seen:
             raise InvalidRequest(f"loras[{i}]: LoRA {ref.name!r} is listed twice; give it once "
                                  "with the scale you want")
@@ -76,13 +79,21 @@ def echo_adapters(echo: dict[str, Any], control: ControlInput | None) -> None:
         echo["controlNet"]["image"] = images.describe(control.image)
 
 
-def _unknown_lora(name: str, spec: ModelSpec, registry: Registry) -> str:
-    have = ", ".join(lo.name for lo in spec.loras) or "none"
+def _unknown_lora(name: str, spec: ModelSpec, registry: Registry, model_path: str) -> str:
+    names = [lo.name for lo in model_loras(spec, model_path)]
+    have = ", ".join(names) or "none"
     owners = [m for m in registry.models if m.lora(name) is not None]
     if owners:
         where = ", ".join(f"{m.id} (a {m.pipeline} model)" for m in owners)
         return (f"loras: LoRA {name!r} belongs to {where}, not to model {spec.id!r} (a "
                 f"{spec.pipeline} model): a LoRA only fits the model it was made for; "
                 f"{spec.id}'s LoRAs: {have}")
+    near = difflib.get_close_matches(name, names, n=5, cutoff=0.6)
+    if near:
+        return (f"loras: unknown LoRA {name!r} for model {spec.id!r}; did you mean "
+                f"{', '.join(near)}? (GET /models lists its {len(names)} LoRAs)")
+    if len(names) > 20:
+        return (f"loras: unknown LoRA {name!r} for model {spec.id!r}, and no name is close; "
+                f"GET /models lists its {len(names)} LoRAs")
     return f"loras: unknown LoRA {name!r} for model {spec.id!r}; its LoRAs: {have} " \
            "(GET /models lists them)"

@@ -73,7 +73,7 @@ def build_submission(
     check_text("prompt", getattr(req, "prompt", "") or "", limits.max_prompt_chars)
     check_text("negativePrompt", req.negative_prompt or "", limits.max_prompt_chars)
     settled = settle(req, spec, limits)
-    loras = check_loras(req, spec, registry, limits)
+    loras = check_loras(req, spec, registry, limits, settings.model_path)
     # The size (without one: the first input image's, or text2img's control image's) and
     # the work budget, from image headers only: no pixel is decoded for a request that
     # asks for too much.

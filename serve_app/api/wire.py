@@ -333,6 +333,13 @@ class ModelInfo(Reply):
     loras: list[LoraInfo] = Field(description="LoRAs a request may name in `loras`")
     control_nets: list[ControlNetInfo] = Field(
         description="ControlNets a request may name in `controlNet.model`")
+    # A pool model's (docs/models.md, model pools); absent for a model of its own.
+    pool: str | None = Field(None, description="The model pool whose replicas load it")
+    loaded_replicas: int | None = Field(
+        None, description="Pool models: on how many of the pool's replicas it is loaded now")
+    pool_replicas: int | None = Field(None, description="Pool models: the pool's ready replicas")
+    max_models_per_replica: int | None = Field(
+        None, description="Pool models: models each pool replica keeps loaded (LRU)")
 
 
 class ModelList(Reply):

@@ -1,7 +1,8 @@
 """`LoraSet`: a model's registry LoRAs on its loaded pipeline, switched per call.
 
 Contract:
-- Each LoRA is loaded once per replica, on the first task that names it, with diffusers'
+- Each LoRA (a registry one, or a file of the model's `lora_dirs`: serve_app.lora_folders)
+  is loaded once per replica, on the first task that names it, with diffusers'
   `load_lora_weights(..., adapter_name=<its registry name>)`: PEFT wraps the targeted
   linear layers of the denoiser (and text encoders, when the file has them), keeping the
   original layers inside. The img2img/inpainting pipelines derived with `from_pipe` share
@@ -15,6 +16,8 @@ Contract:
   LoRAs still makes the image it makes alone.
 - A file that does not fit the model (another family, another format than its registry
   entry says) fails the job with `ModelNotAvailable` naming the LoRA; nothing stays loaded.
+- At most `max_loaded_loras` stay loaded (IMAGEGEN_MAX_LOADED_LORAS, 16): loading one more
+  first deletes the least recently used adapter the call does not need.
 Not thread-safe: the runner calls it under its lock.
 """
 
@@ -31,6 +34,7 @@ from safetensors import safe_open
 
 from serve_app.errors import InvalidRequest, ModelNotAvailable
 from serve_app.generation.tiny_adapters import ensure_tiny_lora
+from serve_app.lora_folders import find_lora
 from serve_app.model_adapters import LORA_SUFFIX, LoraSpec
 from serve_app.registry import ModelSpec
 from serve_app.settings import Settings
@@ -53,7 +57,9 @@ class LoraSet:
         self.pipe = pipe
         self.denoiser_attr = denoiser_attr
         self.after_load = after_load
-        self.loaded: list[str] = []
+        self.loaded: list[str] = []  # in load order
+        self._used: dict[str, int] = {}  # name -> the activation that last used it
+        self._tick = 0
 
     def activate(self, loras: Loras) -> None:
         """Make exactly `loras` (name, scale) active for the next call."""
@@ -61,17 +67,33 @@ class LoraSet:
             if self.loaded:
                 self.pipe.disable_lora()
             return
+        wanted = {name for name, _ in loras}
+        self._tick += 1
         for name, _ in loras:
             if name not in self.loaded:
+                self._make_room(wanted)
                 self._load(name)
+            self._used[name] = self._tick
         # PEFT adds the adapters' outputs in the order given: by name, so the same set
         # makes the same bits however a request orders it.
         ordered = sorted(loras)
         self.pipe.enable_lora()
         self.pipe.set_adapters([n for n, _ in ordered], adapter_weights=[s for _, s in ordered])
 
+    def _make_room(self, keep: set[str]) -> None:
+        """Past `max_loaded_loras`, unload the least recently used LoRAs not in `keep`."""
+        cap = self.settings.max_loaded_loras
+        idle = sorted((n for n in self.loaded if n not in keep), key=lambda n: self._used[n])
+        for name in idle:
+            if len(self.loaded) < cap:
+                return
+            self.pipe.delete_adapters(name)
+            self.loaded.remove(name)
+            del self._used[name]
+            log.info("model %s: unloaded LoRA %s (least recently used)", self.spec.id, name)
+
     def _load(self, name: str) -> None:
-        lora = self.spec.lora(name)
+        lora = find_lora(self.spec, name, self.settings.model_path)
         if lora is None:
             valid = ", ".join(lo.name for lo in self.spec.loras) or "none"
             raise InvalidRequest(f"unknown LoRA {name!r} for model {self.spec.id!r}; "

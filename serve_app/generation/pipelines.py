@@ -110,7 +110,7 @@ def load_pipeline(
     """Load `spec`'s pipeline onto `device` with `dtype` and apply its runtime knobs."""
     path = spec.weights_path(settings)
     if spec.is_built:
-        ensure_tiny_model(spec.source, path)
+        ensure_tiny_model(spec.source, path, spec.seed)
     cls = _pipeline_class(spec, path)
     kwargs: dict[str, object] = {"dtype": dtype, "local_files_only": True}
     if spec.pipeline == "sd" and not settings.enable_nsfw_filter:

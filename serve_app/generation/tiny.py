@@ -52,7 +52,8 @@ from serve_app.generation.tiny_parts import tokenizer_vocab, write_tokenizer_fil
 
 __all__ = [
     "TINY_SOURCES", "build_pipeline", "build_tiny_ip_adapter", "build_tiny_model",
-    "build_tiny_pipeline", "ensure_tiny_model", "tokenizer_vocab", "write_tokenizer_files",
+    "build_tiny_pipeline", "ensure_tiny_model", "reseed_denoiser", "tokenizer_vocab",
+    "write_tokenizer_files",
 ]
 
 TINY_SOURCES: tuple[str, ...] = ("tiny", "tiny-inpaint", "tiny-sdxl", "tiny-flux", "tiny-sd3")
@@ -144,8 +145,22 @@ def build_tiny_pipeline(source: str, workdir: Path) -> DiffusionPipeline:
     raise ValueError(f"not a tiny model source: {source!r}; valid: {TINY_SOURCES}")
 
 
-def build_tiny_model(target_dir: Path, source: str = "tiny") -> Path:
-    """Build tiny `source` into `target_dir` atomically; returns `target_dir`.
+def reseed_denoiser(pipe: DiffusionPipeline, seed: int) -> None:
+    """Make `pipe` seed `seed`'s variant: every denoiser weight moved by seeded noise (10%
+    of the tensor's spread), in parameter-name order, on the CPU. The same seed gives the
+    same bytes on every machine; another seed, another checkpoint of the same shape."""
+    denoiser = getattr(pipe, "unet", None) or pipe.transformer
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, param in sorted(denoiser.named_parameters()):
+            spread = param.std() if param.numel() > 1 else param.abs() + 0.01
+            noise = torch.randn(param.shape, generator=generator, dtype=param.dtype)
+            param.add_(noise * 0.1 * spread)
+
+
+def build_tiny_model(target_dir: Path, source: str = "tiny", seed: int | None = None) -> Path:
+    """Build tiny `source` (seed `seed`'s variant, see `reseed_denoiser`) into
+    `target_dir` atomically; returns `target_dir`.
 
     Safe against concurrent builders: a file lock beside the target serializes them, and
     the folder appears in one rename, so a reader sees either nothing or a complete model.
@@ -160,6 +175,8 @@ def build_tiny_model(target_dir: Path, source: str = "tiny") -> Path:
         staging = Path(tempfile.mkdtemp(prefix=f".{target_dir.name}.build-", dir=target_dir.parent))
         try:
             pipe = build_tiny_pipeline(source, staging / "_tokenizer_source")
+            if seed is not None:
+                reseed_denoiser(pipe, seed)
             pipe.save_pretrained(staging / "model", safe_serialization=True)
             try:
                 os.rename(staging / "model", target_dir)
@@ -173,14 +190,15 @@ def build_tiny_model(target_dir: Path, source: str = "tiny") -> Path:
     return target_dir
 
 
-def ensure_tiny_model(spec_source: str, target_dir: Path) -> Path:
-    """Build the tiny model for `spec_source` (one of `TINY_SOURCES`) unless already there."""
+def ensure_tiny_model(spec_source: str, target_dir: Path, seed: int | None = None) -> Path:
+    """Build the tiny model for `spec_source` (one of `TINY_SOURCES`; `seed`: its seeded
+    variant) unless already there."""
     if spec_source not in TINY_SOURCES:
         raise ValueError(f"not a tiny model source: {spec_source!r}; valid: {TINY_SOURCES}")
     target_dir = Path(target_dir)
     if _complete(target_dir):
         return target_dir
-    return build_tiny_model(target_dir, spec_source)
+    return build_tiny_model(target_dir, spec_source, seed)
 
 
 def build_tiny_ip_adapter(target_dir: Path) -> tuple[Path, Path]:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from serve_app.jobs.job import Job
-from serve_app.messages import GenerationTask, ReplicaEvent
+from serve_app.messages import GenerationTask, PoolReport, ReplicaEvent
 
 
 class Replicas(Protocol):
@@ -31,6 +31,7 @@ class Observer(Protocol):
     def call_admitted(self, model: str, jobs: int) -> None: ...
     def call_started(self, model: str, cold: bool, waited_s: float) -> None: ...
     def step(self, model: str) -> None: ...
+    def pool_call(self, pool: str, model: str, report: PoolReport) -> None: ...
 
 
 class Unobserved:
@@ -43,6 +44,9 @@ class Unobserved:
         pass
 
     def step(self, model: str) -> None:
+        pass
+
+    def pool_call(self, pool: str, model: str, report: PoolReport) -> None:
         pass
 
 
@@ -65,6 +69,7 @@ class Call:
     admitted_at: float = 0.0  # loop time
     cold: bool = False  # admitted while the model had no ready replica
     started: bool = False
+    replica: str | None = None  # the replica that started it
     outcome: Outcome | None = None
     task: asyncio.Task[None] | None = None
     deadline: asyncio.TimerHandle | None = None

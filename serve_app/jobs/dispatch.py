@@ -5,7 +5,8 @@ A live job is in exactly one place: its model's queue, or one replica call (wait
 replica, then running on it). Only this class moves it, and every move is one of four:
 
 - `add`: into the queue (a new job, or one resumed after a restart);
-- `_pump`: from the queue into a new call, as the model's `Lane` allows;
+- `_pump`: from the queue into a new call, as the model's `Lane` allows (a pool's models
+  share their pool's capacity and take turns: `serve_app.jobs.pools`);
 - `_back_to_queue`: out of a call whose replica was lost, for another attempt;
 - `_settle`: out of wherever it is, for good (completed, failed, cancelled).
 
@@ -34,6 +35,7 @@ from serve_app.jobs.book import JobBook
 from serve_app.jobs.calls import Call, Limits, Observer, Outcome, Replicas, Unobserved
 from serve_app.jobs.job import TIMED_OUT, Job, JobStatus, Phase
 from serve_app.jobs.lanes import Lane
+from serve_app.jobs.pools import PoolView
 from serve_app.jobs.queues import JobQueues
 from serve_app.jobs.results import describe_failure, gave_up, job_result, preview_of
 from serve_app.messages import Finished, GenerationResult, Progress, Started
@@ -58,6 +60,7 @@ class Dispatch:
     limits: Limits
     clock: Callable[[], int]
     observer: Observer = field(default_factory=Unobserved)
+    pools: PoolView = field(default_factory=lambda: PoolView({}))
     _places: dict[str, _Place] = field(default_factory=dict)
     _calls: dict[str, set[Call]] = field(default_factory=dict)
     _ready: dict[str, int] = field(default_factory=dict)
@@ -105,10 +108,22 @@ class Dispatch:
         return place.job
 
     def replicas_ready(self, counts: dict[str, int]) -> None:
-        """What the replicas' status says: jobs waiting on a cold model learn it is up."""
+        """What the replicas' status says: jobs waiting on a cold model learn it is up
+        (a pool model's: once a replica of its pool holds it)."""
         self._ready = dict(counts)
+        self.pools.deployment_ready(counts)
+        self._wake_loaded()
+
+    def model_ready(self, model: str) -> bool:
+        """Whether a call of `model` would find it loaded: a ready replica of its own, or
+        a pool replica that holds it."""
+        if self.pools.pool(model) is not None:
+            return self.pools.holding(model) > 0
+        return self._ready.get(model, 0) > 0
+
+    def _wake_loaded(self) -> None:
         for model, calls in self._calls.items():
-            if counts.get(model, 0) > 0:
+            if calls and self.model_ready(model):
                 for call in calls:
                     for job in call.open.values():
                         if job.phase is Phase.LOADING_MODEL:
@@ -133,28 +148,40 @@ class Dispatch:
     # -- moves -------------------------------------------------------------------------
 
     def pump(self, model: str) -> None:
-        """Start the calls the model's lane allows now."""
-        lane = self.lanes[model]
-        calls = self._calls[model]
+        """Start the calls the lanes allow now: the model's own, or, for a pool model,
+        those of its pool's models whose turn it is, within the pool's capacity."""
+        group = self.pools.group(model)
         while not self._closing:
-            jobs = lane.next_call(len(calls), sum(len(c.jobs) for c in calls))
-            if jobs is None:
+            calls_out = sum(len(self._calls[m]) for m in group)
+            jobs_out = sum(len(c.jobs) for m in group for c in self._calls[m])
+            leads = {m: lead for m in group if (lead := self.queues.peek(m)) is not None}
+            for candidate in self.pools.order(model, leads):
+                jobs = self.lanes[candidate].next_call(calls_out, jobs_out)
+                if jobs is not None:
+                    self.pools.took(candidate, jobs[0])
+                    self._admit(candidate, jobs)
+                    break
+            else:
                 return
-            tasks = [job.task for job in jobs if job.task is not None]
-            ready = self._ready.get(model, 0) > 0
-            loop = asyncio.get_running_loop()
-            call = Call(model, jobs, tasks, {job.id: job for job in jobs},
-                        admitted_at=loop.time(), cold=not ready)
-            self.observer.call_admitted(model, len(jobs))
-            for job in jobs:
-                self.queues.take(job.id)
-                self._places[job.id].call = call
-                self.book.apply(job, lambda j, r=ready: j.admit(r))
-            name = f"call {jobs[0].id}+{len(jobs) - 1}"
-            call.task = loop.create_task(self._drive(call), name=name)
-            call.task.add_done_callback(functools.partial(self._ended, call))
-            call.deadline = loop.call_later(self.limits.timeout_s, self._expire, call)
-            calls.add(call)
+
+    def _admit(self, model: str, jobs: list[Job]) -> None:
+        """The move from the queue into a new call."""
+        calls = self._calls[model]
+        tasks = [job.task for job in jobs if job.task is not None]
+        ready = self.model_ready(model)
+        loop = asyncio.get_running_loop()
+        call = Call(model, jobs, tasks, {job.id: job for job in jobs},
+                    admitted_at=loop.time(), cold=not ready)
+        self.observer.call_admitted(model, len(jobs))
+        for job in jobs:
+            self.queues.take(job.id)
+            self._places[job.id].call = call
+            self.book.apply(job, lambda j, r=ready: j.admit(r))
+        name = f"call {jobs[0].id}+{len(jobs) - 1}"
+        call.task = loop.create_task(self._drive(call), name=name)
+        call.task.add_done_callback(functools.partial(self._ended, call))
+        call.deadline = loop.call_later(self.limits.timeout_s, self._expire, call)
+        calls.add(call)
 
     def _settle(self, job: Job, step: Step) -> None:
         """The only way out for good: `step` ends the job, which leaves its place."""
@@ -192,6 +219,8 @@ class Dispatch:
                                                      "result")
         except ReplicaLost as exc:
             call.outcome = Outcome(lost=True, reason=str(exc))
+            if call.replica is not None:  # what it held went with it
+                self.pools.lost(call.model, call.replica)
         except Exception as exc:
             cause = getattr(exc, "cause", None) or exc  # Ray wraps a replica's errors
             if isinstance(cause, BlobStoreUnavailable):  # not the job's fault: run it again
@@ -204,8 +233,13 @@ class Dispatch:
 
     def _started(self, call: Call, event: Started) -> None:
         call.started = True
+        call.replica = event.replica
         loop = asyncio.get_running_loop()
         self.observer.call_started(call.model, call.cold, loop.time() - call.admitted_at)
+        pool = self.pools.pool(call.model)
+        if pool is not None and event.pool is not None:
+            self.pools.reported(call.model, event.replica, event.pool)
+            self.observer.pool_call(pool, call.model, event.pool)
         if call.deadline is not None:
             call.deadline.cancel()
         call.deadline = loop.call_later(self.limits.timeout_s, self._expire, call)
@@ -213,6 +247,8 @@ class Dispatch:
         for job in list(call.open.values()):
             if job.status is JobStatus.QUEUED:
                 self.book.apply(job, lambda j: j.start(now, event.replica))
+        if event.pool is not None:
+            self._wake_loaded()  # other calls of the model it loaded may find it now
 
     def _progress(self, call: Call, event: Progress) -> None:
         self.observer.step(call.model)
@@ -285,11 +321,14 @@ class Dispatch:
         in_calls: dict[str, Call] = {}
         for model, calls in self._calls.items():
             lane = self.lanes[model]
-            if len(calls) > lane.slots:
-                problems.append(f"{model}: {len(calls)} calls out, {lane.slots} allowed")
-            jobs_out = sum(len(c.jobs) for c in calls)
+            group = self.pools.group(model)
+            name = self.pools.pool(model) or model  # a pool's capacity is the pool's
+            out = [c for m in group for c in self._calls[m]]
+            if len(out) > lane.slots:
+                problems.append(f"{name}: {len(out)} calls out, {lane.slots} allowed")
+            jobs_out = sum(len(c.jobs) for c in out)
             if jobs_out > lane.max_jobs:
-                problems.append(f"{model}: {jobs_out} jobs out, {lane.max_jobs} allowed")
+                problems.append(f"{name}: {jobs_out} jobs out, {lane.max_jobs} allowed")
             for call in calls:
                 for job_id in call.open:
                     if job_id in in_calls:

@@ -18,7 +18,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from serve_app.jobs.job import Job, JobStatus
-from serve_app.messages import Priority
+from serve_app.messages import PoolReport, Priority
 
 # Seconds: a 64 px job on a CPU to an SDXL cold start on a new GPU node.
 WAIT_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900)
@@ -30,6 +30,8 @@ BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 32, 64)
 HttpSample = tuple[str, str, int, float]
 QueueDepths = Callable[[], Iterable[tuple[str, Priority, int]]]
 ReplicaStates = Callable[[], dict[str, dict[str, int]]]
+PoolLoads = Callable[[], Iterable[tuple[str, str, int]]]
+LOAD_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
 
 class ServiceMetrics:
@@ -62,10 +64,24 @@ class ServiceMetrics:
                                    ["route", "method"], buckets=HTTP_BUCKETS, registry=r)
         self.webhooks = Counter("imagegen_webhook_deliveries",
                                 "Webhook delivery attempts by outcome", ["outcome"], registry=r)
+        # Model pools (serve_app.jobs.pools), from what each call's replica reports.
+        self.pool_loads = Counter("imagegen_pool_model_loads",
+                                  "Pool calls whose replica loaded their model first",
+                                  ["pool", "model"], registry=r)
+        self.pool_hits = Counter("imagegen_pool_model_hits",
+                                 "Pool calls whose replica held their model already",
+                                 ["pool", "model"], registry=r)
+        self.pool_evictions = Counter("imagegen_pool_model_evictions",
+                                      "Models a pool replica evicted (least recently used)",
+                                      ["pool", "model"], registry=r)
+        self.pool_load_time = Histogram("imagegen_pool_model_load_seconds",
+                                        "How long a pool replica took to load a model",
+                                        ["pool", "model"], buckets=LOAD_BUCKETS, registry=r)
 
-    def live(self, queue_depths: QueueDepths, replica_states: ReplicaStates) -> None:
+    def live(self, queue_depths: QueueDepths, replica_states: ReplicaStates,
+             pool_loads: PoolLoads = lambda: ()) -> None:
         """Gauges read at scrape time from the tracker's live state."""
-        self.registry.register(_LiveGauges(queue_depths, replica_states))
+        self.registry.register(_LiveGauges(queue_depths, replica_states, pool_loads))
 
     # -- what moves them -----------------------------------------------------------------
 
@@ -91,6 +107,15 @@ class ServiceMetrics:
     def step(self, model: str) -> None:
         self.steps.labels(model).inc()
 
+    def pool_call(self, pool: str, model: str, report: PoolReport) -> None:
+        if report.load_s is None:
+            self.pool_hits.labels(pool, model).inc()
+        else:
+            self.pool_loads.labels(pool, model).inc()
+            self.pool_load_time.labels(pool, model).observe(report.load_s)
+        for evicted in report.evicted:
+            self.pool_evictions.labels(pool, evicted).inc()
+
     def http_requests(self, samples: Sequence[HttpSample]) -> None:
         for route, method, status, seconds in samples:
             self.http.labels(route, method, str(status)).inc()
@@ -104,9 +129,11 @@ class ServiceMetrics:
 
 
 class _LiveGauges(Collector):
-    def __init__(self, queue_depths: QueueDepths, replica_states: ReplicaStates) -> None:
+    def __init__(self, queue_depths: QueueDepths, replica_states: ReplicaStates,
+                 pool_loads: PoolLoads) -> None:
         self._queue_depths = queue_depths
         self._replica_states = replica_states
+        self._pool_loads = pool_loads
 
     def collect(self) -> Iterator[Metric]:
         depth = GaugeMetricFamily("imagegen_queue_depth", "Jobs waiting, per model and priority",
@@ -120,6 +147,12 @@ class _LiveGauges(Collector):
             for state, count in sorted(states.items()):
                 replicas.add_metric([model, state], count)
         yield replicas
+        held = GaugeMetricFamily("imagegen_pool_model_replicas",
+                                 "Pool replicas holding each pool model now",
+                                 labels=["pool", "model"])
+        for pool, model, count in self._pool_loads():
+            held.add_metric([pool, model], count)
+        yield held
 
     def describe(self) -> Iterator[Metric]:
         return iter(())

@@ -41,6 +41,7 @@ from serve_app.jobs.joblog import JobLog
 from serve_app.jobs.lanes import Lane
 from serve_app.jobs.metrics import ServiceMetrics
 from serve_app.jobs.persistence import StoreCalls
+from serve_app.jobs.pools import PoolView
 from serve_app.jobs.queues import JobQueues
 from serve_app.jobs.ratelimit import RateLimiter
 from serve_app.jobs.reads import image_of, query_page, queue_counts
@@ -86,6 +87,8 @@ class JobTracker:
         self._book.watch(self.metrics.job_changed)
         self._book.watch(JobLog().changed)
         queues = JobQueues(served, weights={k.name: k.weight for k in settings.api_keys})
+        self._pools = PoolView({m: spec.pool for m in sorted(served)
+                                if (spec := registry.get(m)) is not None and spec.pool})
         self._dispatch = Dispatch(
             book=self._book,
             lanes={m: self._lane(m, queues) for m in served},
@@ -94,9 +97,11 @@ class JobTracker:
             limits=Limits(settings.job_timeout_ms / 1000, settings.max_attempts),
             clock=clock,
             observer=self.metrics,
+            pools=self._pools,
         )
         self._replica_states: dict[str, dict[str, int]] = {}
-        self.metrics.live(queues.depths, lambda: self._replica_states)
+        self.metrics.live(queues.depths, lambda: self._replica_states,
+                          lambda: self._pool_loads())
         self._intake = Intake(settings=settings, served=served, book=self._book,
                               dispatch=self._dispatch, clock=clock,
                               retry_after_s=self._retry_after_s,
@@ -131,9 +136,9 @@ class JobTracker:
         return self._shards.owns(self._shard, job.model)
 
     def _lane(self, model: str, queues: JobQueues) -> Lane:
-        spec = self._registry.get(model)
-        # Served models come from the registry; the fallback (one job a call) is for safety.
-        scaling = spec.scaling if spec else Scaling(max_batch_size=1)
+        # Served models come from the registry (a pool model runs under its pool's
+        # scaling); the fallback (one job a call) is for safety.
+        scaling = self._registry.scaling_of(model) or Scaling(max_batch_size=1)
         return Lane(model, scaling, queues=queues, max_jobs=self._settings.max_concurrent_jobs,
                     clock=self._clock, on_hold_over=lambda m: self._dispatch.pump(m))
 
@@ -360,7 +365,13 @@ class JobTracker:
         counts = await self.refresh_replicas()
         # Every shard's models are served; the replica counts are this shard's own.
         return describe_models(self._registry, self._shards.served, counts,
-                               self._settings.default_model)
+                               self._settings.default_model, self._pools.loaded_counts(),
+                               self._settings.model_path)
+
+    def _pool_loads(self) -> list[tuple[str, str, int]]:
+        """(pool, model, replicas holding it) for each of this shard's pool models."""
+        return [(pool, model, count) for model, count in self._pools.loaded_counts().items()
+                if (pool := self._pools.pool(model)) is not None]
 
     # -- per-caller settings (the compatible APIs' state, shared by every ingress) ----
 

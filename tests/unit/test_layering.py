@@ -17,7 +17,8 @@ PACKAGES = ("serve_app", "deployments")
 # registry, messages) is shared by all; the composers (builder, cli) may import anything.
 KERNEL = ("serve_app.errors", "serve_app.settings", "serve_app.registry", "serve_app.messages",
           "serve_app.credentials", "serve_app.model_families", "serve_app.webhook_targets",
-          "serve_app.model_adapters", "serve_app.shards", "serve_app.blobs")
+          "serve_app.model_adapters", "serve_app.shards", "serve_app.blobs",
+          "serve_app.lora_folders")
 ALLOWED: dict[str, tuple[str, ...]] = {
     # The tracker's interface is declared by `JobTracker` (serve_app.jobs.service); the
     # ingress derives its client and routing from it.
@@ -46,6 +47,8 @@ ALLOWED: dict[str, tuple[str, ...]] = {
                            "serve_app.model_families", "serve_app.model_adapters"),
     "serve_app.model_families": ("serve_app.messages",),
     "serve_app.model_adapters": ("serve_app.model_families",),
+    # LoRA folders' files (torch-free: the ingress validates names with it).
+    "serve_app.lora_folders": ("serve_app.model_adapters", "serve_app.registry"),
     "deployments.ingress": ("serve_app.api", "serve_app.jobs.reads", "serve_app.jobs.persistence",
                             "serve_app.stores", *KERNEL),
     "deployments.tracker": ("serve_app.jobs", "serve_app.stores", "deployments.warm_pool",

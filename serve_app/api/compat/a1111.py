@@ -122,7 +122,8 @@ async def list_sd_models(request: Request) -> JSONResponse:
 @router.get("/loras", responses=_READ_ERRORS)
 async def list_loras(request: Request) -> JSONResponse:
     """The LoRAs of the caller's selected checkpoint (or the default model)."""
-    return JSONResponse(translate.lora_entries(await _selected(request)))
+    return JSONResponse(translate.lora_entries(await _selected(request),
+                                               context(request).settings.model_path))
 
 
 @router.get("/options", responses=_READ_ERRORS)

@@ -31,6 +31,7 @@ from PIL import ImageOps
 from serve_app.api.compat.a1111_samplers import a1111_name, resolve
 from serve_app.api.compat.dialects import DialectError
 from serve_app.api.input_images import open_image
+from serve_app.lora_folders import model_loras
 from serve_app.messages import JobType
 from serve_app.registry import ModelSpec, Registry
 from serve_app.settings import Limits, Settings
@@ -119,10 +120,12 @@ def lora_tags(prompt: str) -> tuple[str, list[dict[str, Any]]]:
     return cleaned, loras
 
 
-def lora_entries(spec: ModelSpec) -> list[dict[str, Any]]:
-    """`GET /sdapi/v1/loras`: a model's registry LoRAs, as A1111 lists its LoRA files."""
+def lora_entries(spec: ModelSpec, model_path: str = "") -> list[dict[str, Any]]:
+    """`GET /sdapi/v1/loras`: a model's LoRAs (registry ones and its folders' files), as
+    A1111 lists its LoRA files."""
     return [{"name": lo.name, "alias": lo.name, "path": f"{lo.name}.safetensors",
-             "metadata": {"description": lo.description}} for lo in spec.loras]
+             "metadata": {"description": lo.description}}
+            for lo in model_loras(spec, model_path)]
 
 
 def generation_response(record: dict[str, Any], req: dict[str, Any],
