@@ -184,21 +184,25 @@ def stop_local_ray(grace_s: float = STOP_GRACE_S) -> None:
           f"Ray {ray_s:.1f} s, {leftovers} leftover processes ended)", flush=True)
 
 
-def build_tiny_models() -> None:
+def build_tiny_models(config: str = "config/models.yaml") -> None:
+    """Build the registry's seeded tiny models (`tiny*` sources) into the cache; the trained
+    ones ship in the package and need nothing."""
     from serve_app.generation.tiny import ensure_tiny_model
+    from serve_app.registry import load_registry, resolve_config_path
 
     settings = load_settings()
-    for source, name in (("tiny", "tiny-sd"), ("tiny-inpaint", "tiny-sd-inpaint"),
-                         ("tiny-sdxl", "tiny-sdxl"), ("tiny-flux", "tiny-flux"),
-                         ("tiny-sd3", "tiny-sd3")):
-        path = ensure_tiny_model(source, Path(settings.cache_dir) / name)
-        print(f"{name}: {path}")
     from serve_app.generation.upscalers import weights_file
-    from serve_app.registry import load_registry
 
-    for spec in load_registry("config/models.yaml").upscalers:
-        if spec.source == "tiny-esrgan":  # the seeded test upscaler(s)
-            print(f"{spec.name}: {weights_file(spec.ref(), settings)}")
+    registry = load_registry(resolve_config_path(config))
+    for spec in registry.models:
+        if spec.is_built:
+            path = ensure_tiny_model(spec.source, spec.weights_path(settings), spec.seed)
+            print(f"{spec.id}: built {path}")
+        elif spec.source == "trained":
+            print(f"{spec.id}: trained, shipped at {spec.weights_path(settings)}")
+    for upscaler in registry.upscalers:
+        if upscaler.source == "tiny-esrgan":  # the seeded test upscaler(s)
+            print(f"{upscaler.name}: {weights_file(upscaler.ref(), settings)}")
 
 
 def main(argv: list[str] | None = None) -> int:

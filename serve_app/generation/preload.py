@@ -18,6 +18,10 @@ import time
 
 ROLE_VAR = "IMAGEGEN_ROLE"
 MODEL_ROLE = "model"
+# torch.cuda.is_available() through NVML: it counts the GPUs without initializing CUDA, so
+# a module that asks at import (torchao does, and diffusers imports torchao when it is
+# installed) does not fix the process's visible GPUs before Ray assigns the replica's.
+NVML_CHECK = {"PYTORCH_NVML_BASED_CUDA_CHECK": "1"}
 MODULE = __name__
 
 # Wall-clock seconds (time.time()) at which the imports began and ended in this process;
@@ -28,12 +32,14 @@ IMPORTS_DONE: float | None = None
 
 def model_runtime_env() -> dict[str, dict[str, str]]:
     """The runtime env that marks a worker process as a model replica's."""
-    return {"env_vars": {ROLE_VAR: MODEL_ROLE}}
+    return {"env_vars": {ROLE_VAR: MODEL_ROLE, **NVML_CHECK}}
 
 
 def _import_replica_code() -> None:
     global IMPORTS_STARTED, IMPORTS_DONE
     IMPORTS_STARTED = time.time()
+    for name, value in NVML_CHECK.items():
+        os.environ.setdefault(name, value)
     import ray.serve  # noqa: F401  (the replica shell and Serve's replica machinery)
 
     import serve_app.generation.runner

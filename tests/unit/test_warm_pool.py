@@ -50,7 +50,8 @@ def test_nodes_that_left_are_forgotten() -> None:
 def test_the_warm_env_is_the_app_env_with_the_role_as_serve_merges_it() -> None:
     app_env = {"env_vars": {"IMAGEGEN_STORE": "redis"}, "pip": ["x"]}
     merged = merge_runtime_env(app_env, model_runtime_env())
-    assert merged == {"pip": ["x"], "env_vars": {"IMAGEGEN_STORE": "redis", ROLE_VAR: "model"}}
+    assert merged == {"pip": ["x"], "env_vars": {"IMAGEGEN_STORE": "redis", ROLE_VAR: "model",
+                                                 "PYTORCH_NVML_BASED_CUDA_CHECK": "1"}}
     assert app_env == {"env_vars": {"IMAGEGEN_STORE": "redis"}, "pip": ["x"]}  # untouched
     assert merge_runtime_env({}, model_runtime_env()) == model_runtime_env()
 
@@ -101,7 +102,10 @@ calls = []
 def watch(owner, name):
     real = getattr(owner, name, None)
     if real is not None:
-        setattr(owner, name, lambda *a, **k: calls.append(name) or real(*a, **k))
+        def spy(*a, **k):
+            calls.append([name, os.environ.get("PYTORCH_NVML_BASED_CUDA_CHECK")])
+            return real(*a, **k)
+        setattr(owner, name, spy)
 for name in ("is_available", "device_count", "init", "_lazy_init", "current_device",
              "get_device_properties", "get_device_capability", "is_bf16_supported"):
     watch(torch.cuda, name)
@@ -126,10 +130,14 @@ def test_the_preload_imports_the_replica_code_only_in_a_model_worker() -> None:
     assert _preload(env | {ROLE_VAR: ""}) == {
         "torch": False, "diffusers": False, "runner": False, "done": False,
         "cuda_calls": None}
-    # ...and asks torch nothing about CUDA: a warm worker must not settle which GPUs it
-    # sees before Ray assigns the replica's.
-    assert _preload(env | {ROLE_VAR: "model"}) == {
-        "torch": True, "diffusers": True, "runner": True, "done": True, "cuda_calls": []}
+    # ...and never initializes CUDA: a warm worker must not settle which GPUs it sees
+    # before Ray assigns the replica's. Counting GPUs through NVML is allowed (torchao,
+    # which diffusers imports when installed, asks is_available() at import).
+    found = _preload(env | {ROLE_VAR: "model"})
+    calls = found.pop("cuda_calls")
+    assert found == {"torch": True, "diffusers": True, "runner": True, "done": True}
+    assert all(name in ("is_available", "device_count") and nvml == "1"
+               for name, nvml in calls), calls
 
 
 def test_a_replica_reports_whether_its_process_was_warm() -> None:
