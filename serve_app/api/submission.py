@@ -13,6 +13,7 @@ from pydantic.alias_generators import to_camel
 from serve_app.api import input_images as images
 from serve_app.api.adapter_requests import check_control, check_loras, echo_adapters
 from serve_app.api.defaults import Settled, settle, size
+from serve_app.api.hires import echo_hires, settle_hires
 from serve_app.api.validation import (
     check_priority,
     check_text,
@@ -26,12 +27,14 @@ from serve_app.api.wire import (
     WEBHOOK_FIELDS,
     GenerationCommon,
     InpaintRequest,
+    Text2ImgRequest,
 )
 from serve_app.messages import (
     OPEN,
     Caller,
     ControlInput,
     GenerationTask,
+    HiresFix,
     InputImage,
     JobType,
     Submission,
@@ -68,11 +71,12 @@ def build_submission(
     # the work budget, from image headers only: no pixel is decoded for a request that
     # asks for too much.
     width, height = size(req, spec, _first_size(req, settings), settings)
-    check_work(width, height, settled.steps, req.num_images, limits.max_work)
+    hires = settle_hires(req, spec, limits, width, height, settled.steps, settled.sampler)
+    check_work(width, height, settled.steps, req.num_images, limits.max_work, hires)
 
     decoded = _decode_images(req, settings)
     control = check_control(req, job_type, spec, limits)
-    task = _task(job_type, req, settled, width, height, decoded, loras, control)
+    task = _task(job_type, req, settled, width, height, decoded, loras, control, hires)
     echo = _echo(req, spec, settled, task, decoded, control)
     fingerprint = _fingerprint(job_type, body) if idempotency_key is not None else None
     return Submission(job_type, _target(job_type, spec, served), req.priority, echo, task,
@@ -82,7 +86,7 @@ def build_submission(
 
 def _task(job_type: JobType, req: GenerationCommon, settled: Settled, width: int,
           height: int, decoded: dict[str, InputImage], loras: tuple[tuple[str, float], ...],
-          control: ControlInput | None) -> GenerationTask:
+          control: ControlInput | None, hires: HiresFix | None) -> GenerationTask:
     return GenerationTask(
         job_id="",
         mode=job_type,
@@ -108,6 +112,7 @@ def _task(job_type: JobType, req: GenerationCommon, settled: Settled, width: int
         preview_every=settled.preview_every,
         loras=loras,
         control=control,
+        hires=hires,
     )
 
 
@@ -129,6 +134,10 @@ def _echo(req: GenerationCommon, spec: ModelSpec, settled: Settled, task: Genera
     )
     for field, img in decoded.items():
         echo[to_camel(field)] = images.describe(img)
+    if task.hires is not None and isinstance(req, Text2ImgRequest) and req.hires is not None:
+        echo["hires"] = echo_hires(task.hires, req.hires)
+    elif "hires" in echo:
+        del echo["hires"]
     return echo
 
 

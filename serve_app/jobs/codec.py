@@ -19,6 +19,7 @@ from serve_app.jobs.webhook_state import WebhookState
 from serve_app.messages import (
     ControlInput,
     GenerationTask,
+    HiresFix,
     InputImage,
     JobType,
     OutputFormat,
@@ -55,6 +56,8 @@ def task_to_json(task: GenerationTask) -> dict[str, Any]:
     if task.control is not None:
         out["control"] = dataclasses.asdict(task.control) | {
             "image": _image_to_json(task.control.image)}
+    if task.hires is not None:
+        out["hires"] = dataclasses.asdict(task.hires)
     return out
 
 
@@ -69,6 +72,9 @@ def task_from_json(data: dict[str, Any]) -> GenerationTask:
     control = values.get("control")
     if control is not None:
         values["control"] = ControlInput(**control | {"image": _image_from_json(control["image"])})
+    # Records written before the hires fix existed have none.
+    hires = values.get("hires")
+    values["hires"] = HiresFix(**hires) if hires is not None else None
     return GenerationTask(**values)
 
 
