@@ -43,16 +43,19 @@ def settle_hires(req: GenerationCommon, spec: ModelSpec, limits: Limits, width: 
         raise InvalidRequest(f"hires.sampler: {problem}")
     final = target_size(width, height, spec.size_multiple, scale=hires.scale,
                         to_width=hires.width, to_height=hires.height)
-    _check_size(final, spec, limits)
+    by_scale = hires.width is None and hires.height is None
+    _check_size(final, spec, limits, "hires.scale" if by_scale else None)
     return HiresFix(width=final[0], height=final[1], upscaler=hires.upscaler,
                     steps=second_steps, denoising_strength=float(hires.denoising_strength),
                     sampler=second_sampler)
 
 
-def _check_size(size: tuple[int, int], spec: ModelSpec, limits: Limits) -> None:
-    """The rules `width` and `height` obey, for the final size."""
+def _check_size(size: tuple[int, int], spec: ModelSpec, limits: Limits,
+                field: str | None) -> None:
+    """The rules `width` and `height` obey, for the final size; `field` names what set it
+    (None: hires.width and hires.height)."""
     multiple = spec.size_multiple
-    for name, value in (("hires.width", size[0]), ("hires.height", size[1])):
+    for name, value in ((field or "hires.width", size[0]), (field or "hires.height", size[1])):
         if not limits.min_size <= value <= limits.max_size:
             raise InvalidRequest(
                 f"{name}: the hires image would be {size[0]}x{size[1]}, but each side must be "
@@ -62,8 +65,8 @@ def _check_size(size: tuple[int, int], spec: ModelSpec, limits: Limits) -> None:
                                  f"(got {value}; try {value - value % multiple})")
     if size[0] * size[1] > limits.max_pixels:
         raise InvalidRequest(
-            f"hires: the hires image would be {size[0]}x{size[1]} = {size[0] * size[1]} "
-            f"pixels, at most {limits.max_pixels}: use a smaller scale or size")
+            f"{field or 'hires'}: the hires image would be {size[0]}x{size[1]} = "
+            f"{size[0] * size[1]} pixels, at most {limits.max_pixels}: use a smaller scale or size")
 
 
 def echo_hires(hires: HiresFix, asked: HiresRequest) -> dict[str, Any]:
