@@ -164,8 +164,7 @@ class HiresRun:
     def _second_step(self, step: int, total: int) -> None:
         self._second_total = total
         if self._on_step is not None:
-            self._on_step(self._first_total + step, self._first_total + total,
-                          HIRES_PHASE)  # type: ignore[call-arg]
+            self._on_step(self._first_total + step, self._first_total + total, HIRES_PHASE)
 
     def _first_preview(self, step: int, total: int, thumbnails: dict[str, bytes]) -> None:
         if self._on_preview is not None:
@@ -174,4 +173,4 @@ class HiresRun:
     def _second_preview(self, step: int, total: int, thumbnails: dict[str, bytes]) -> None:
         if self._on_preview is not None:
             self._on_preview(self._first_total + step, self._first_total + total,
-                             thumbnails, HIRES_PHASE)  # type: ignore[call-arg]
+                             thumbnails, HIRES_PHASE)

@@ -84,8 +84,12 @@ def test_a_batch_equals_each_job_made_alone_byte_for_byte(runner: ModelRunner,
     assert steps[-1] == (5, 5, HIRES_PHASE)  # one count for the batch, both passes
 
 
-def test_a_batch_on_another_family_equals_lone_jobs(settings: Settings) -> None:
-    flux = ModelRunner(tiny_spec("tiny-flux", "tiny-flux"), settings)
+@pytest.fixture(scope="module")
+def flux(settings: Settings) -> ModelRunner:
+    return ModelRunner(tiny_spec("tiny-flux", "tiny-flux"), settings)
+
+
+def test_a_batch_on_another_family_equals_lone_jobs(flux: ModelRunner) -> None:
     fix = hires(width=96, height=64, sampler="euler")
     tasks = [make_task(job_id=str(i), seed=i, steps=2, sampler="euler", hires=fix,
                        prompt=f"p{i}") for i in range(3)]
@@ -100,6 +104,21 @@ def test_progress_counts_both_passes_and_names_the_second(runner: ModelRunner) -
     runner.generate(task(hires(steps=8, strength=0.5)), on_step=lambda *a: steps.append(a))
     assert steps == [(1, 7), (2, 7), (3, 7), (4, 7, "hires"), (5, 7, "hires"),
                      (6, 7, "hires"), (7, 7, "hires")]
+
+
+@pytest.mark.parametrize("family", ["runner", "flux"])
+def test_previews_come_from_both_passes_the_second_named(
+        family: str, request: pytest.FixtureRequest) -> None:
+    # FLUX packs its latents: the second pass's thumbnails unpack them at the hires size.
+    model: ModelRunner = request.getfixturevalue(family)
+    sampler = model.spec.defaults.sampler
+    fix = hires(width=96, height=64, steps=4, strength=0.5, sampler=sampler)
+    shown: list[tuple[object, ...]] = []
+    model.generate(make_task(steps=2, width=64, height=32, sampler=sampler, hires=fix,
+                             preview_every=1),
+                   on_preview=lambda *a: shown.append((a[0], a[1], *a[2], *a[3:])))
+    # None at a pass's last step (the image itself follows), as in a one-pass job.
+    assert shown == [(1, 4, "job-1"), (3, 4, "job-1", "hires")]
 
 
 def test_stopping_in_the_second_pass_stops_it_there(runner: ModelRunner) -> None:

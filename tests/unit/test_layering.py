@@ -17,7 +17,8 @@ PACKAGES = ("serve_app", "deployments")
 # registry, messages) is shared by all; the composers (builder, cli) may import anything.
 KERNEL = ("serve_app.errors", "serve_app.settings", "serve_app.registry", "serve_app.messages",
           "serve_app.credentials", "serve_app.model_families", "serve_app.webhook_targets",
-          "serve_app.model_adapters", "serve_app.shards", "serve_app.blobs")
+          "serve_app.model_adapters", "serve_app.shards", "serve_app.blobs",
+          "serve_app.hires_plan")
 ALLOWED: dict[str, tuple[str, ...]] = {
     # The tracker's interface is declared by `JobTracker` (serve_app.jobs.service); the
     # ingress derives its client and routing from it.
@@ -45,6 +46,8 @@ ALLOWED: dict[str, tuple[str, ...]] = {
     "serve_app.registry": ("serve_app.errors", "serve_app.settings", "serve_app.messages",
                            "serve_app.model_families", "serve_app.model_adapters"),
     "serve_app.model_families": ("serve_app.messages",),
+    # The hires fix's upscaler names and sizes, for the ingress and the replica alike.
+    "serve_app.hires_plan": (),
     "serve_app.model_adapters": ("serve_app.model_families",),
     "deployments.ingress": ("serve_app.api", "serve_app.jobs.reads", "serve_app.jobs.persistence",
                             "serve_app.stores", *KERNEL),
