@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
+from serve_app.hires_plan import DEFAULT_DENOISING_STRENGTH, DEFAULT_UPSCALER
 from serve_app.messages import JobType, OutputFormat, Priority, WebhookEvent
 
 
@@ -87,13 +88,14 @@ class HiresRequest(WireModel):
                                  "(default 2 when no width or height is given)")
     width: int | None = Field(None, description="The final width (instead of scale)")
     height: int | None = Field(None, description="The final height (instead of scale)")
-    upscaler: str = Field("latent", description="latent, latent-antialiased, latent-bicubic, "
-                          "latent-bicubic-antialiased, latent-nearest, latent-nearest-exact "
-                          "(the latents scaled), or lanczos, nearest (the decoded image)")
+    upscaler: str = Field(
+        DEFAULT_UPSCALER, description="latent, latent-antialiased, latent-bicubic, "
+        "latent-bicubic-antialiased, latent-nearest, latent-nearest-exact (the latents "
+        "scaled), or lanczos, nearest (the decoded image)")
     steps: int | None = Field(None, description="Steps of the second pass, of which it runs "
                               "denoisingStrength x steps (default: the first pass's)")
-    denoising_strength: Number = Field(0.7, description="How much the second pass changes, "
-                                       "0 to 1")
+    denoising_strength: Number = Field(
+        DEFAULT_DENOISING_STRENGTH, description="How much the second pass changes, 0 to 1")
     sampler: str | None = Field(None, description="The second pass's sampler (default: the "
                                 "first pass's)")
 

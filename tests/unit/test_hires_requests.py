@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from serve_app.api.submission import build_submission
+from serve_app.api.wire import Text2ImgRequest
 from serve_app.errors import InvalidRequest
 from serve_app.hires_plan import cover, crop_box, target_size
 from serve_app.jobs.codec import task_from_json, task_to_json
@@ -168,3 +169,14 @@ def test_cover_and_crop_keep_the_first_pass_aspect() -> None:
     assert crop_box((1024, 1024), (1024, 768)) == (0, 128, 1024, 896)
     assert cover(512, 512, 1024, 768, unit=8) == (128, 128)
     assert cover(64, 48, 128, 96, unit=8) == (16, 12)
+
+
+def test_openapi_documents_the_hires_object() -> None:
+    schema = Text2ImgRequest.model_json_schema(by_alias=True)
+    assert schema["properties"]["hires"]["anyOf"][0] == {"$ref": "#/$defs/HiresRequest"}
+    hires = schema["$defs"]["HiresRequest"]["properties"]
+    assert set(hires) == {"scale", "width", "height", "upscaler", "steps",
+                          "denoisingStrength", "sampler"}
+    assert hires["upscaler"]["default"] == "latent"
+    assert hires["denoisingStrength"]["default"] == 0.7
+    assert "latent-bicubic" in hires["upscaler"]["description"]
