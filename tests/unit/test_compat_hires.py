@@ -5,6 +5,7 @@ field we do not implement (pure functions: `serve_app.api.compat.a1111_fields` t
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -171,3 +172,13 @@ def test_a_hires_answer_says_so_as_a1111s_info_does(registry: Registry,
         "Hires upscaler": "Latent (nearest)"}
     assert "Denoising strength: 0.6, Hires upscale: 2.0, Hires upscaler: Latent (nearest), " \
         "Version:" in info["infotexts"][0]
+
+
+def test_progress_of_a_hires_job_counts_both_passes_and_names_the_second() -> None:
+    record = {"id": "job_1_a", "type": "text2img", "status": "processing", "phase": "hires",
+              "progress": 75, "createdAt": "2026-11-30T05:00:00.000Z",
+              "startedAt": "2026-11-30T05:00:01.000Z",
+              "request": {"steps": 10, "hires": {"steps": 20, "denoisingStrength": 0.5}}}
+    body = a1111.progress_body(record, datetime(2026, 11, 30, 5, 0, 4, tzinfo=UTC))
+    assert (body["state"]["sampling_step"], body["state"]["sampling_steps"]) == (15, 20)
+    assert body["textinfo"] == "hires" and body["progress"] == 0.75

@@ -191,6 +191,9 @@ def progress_body(record: dict[str, Any] | None, now: datetime) -> dict[str, Any
         return {"progress": 0.0, "eta_relative": 0.0, "state": state, "current_image": None,
                 "textinfo": None, "current_task": record["id"] if record else None}
     steps = int(record["request"].get("steps") or 0)
+    hires = record["request"].get("hires")
+    if hires:  # progress counts both passes; the second runs strength x its steps
+        steps += max(1, min(hires["steps"], int(hires["steps"] * hires["denoisingStrength"])))
     done = record.get("progress", 0) / 100
     progress = min(1.0, max(0.01, done))
     eta = 0.0
