@@ -54,6 +54,17 @@ def test_every_upscaler_makes_the_image_at_twice_the_size(runner: ModelRunner,
     assert [size(img) for img in result.images] == [(128, 128), (128, 128)]
 
 
+@pytest.mark.parametrize("upscaler", ["latent-bicubic", "nearest"])
+def test_a_9_channel_inpainting_model_runs_both_passes_on_its_inpainting_route(
+        settings: Settings, upscaler: str) -> None:
+    inpainting = ModelRunner(tiny_spec("tiny-sd-inpaint", "tiny-inpaint"), settings)
+    made = inpainting.generate(task(hires(upscaler=upscaler), num_images=2))
+    assert [size(img) for img in made.images] == [(128, 128)] * 2
+    assert made.images[0] != made.images[1]
+    assert inpainting.generate(task(hires(upscaler=upscaler), num_images=2)).images == \
+        made.images
+
+
 def test_another_aspect_is_covered_and_centre_cropped(runner: ModelRunner) -> None:
     for upscaler in ("latent", "lanczos"):
         result = runner.generate(task(hires(width=160, height=96, upscaler=upscaler)))
