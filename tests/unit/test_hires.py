@@ -117,6 +117,19 @@ def test_progress_counts_both_passes_and_names_the_second(runner: ModelRunner) -
                      (6, 7, "hires"), (7, 7, "hires")]
 
 
+@pytest.mark.parametrize(("model_id", "source"), [("tiny-sdxl", "tiny-sdxl"),
+                                                  ("tiny-sd3", "tiny-sd3")])
+def test_sdxl_and_sd3_refine_their_scaled_latents_on_their_img2img_pipelines(
+        settings: Settings, model_id: str, source: str) -> None:
+    model = ModelRunner(tiny_spec(model_id, source), settings)
+    sampler = model.spec.defaults.sampler
+    fixed = task(hires(width=96, height=64, sampler=sampler), sampler=sampler, width=64,
+                 height=32)
+    made = model.generate(fixed)
+    assert size(made.images[0]) == (96, 64)
+    assert model.generate(fixed).images == made.images
+
+
 @pytest.mark.parametrize("family", ["runner", "flux"])
 def test_previews_come_from_both_passes_the_second_named(
         family: str, request: pytest.FixtureRequest) -> None:
