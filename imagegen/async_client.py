@@ -11,7 +11,7 @@ from httpx_sse import SSEError, aconnect_sse
 
 from imagegen import payloads
 from imagegen.exceptions import APIError, ConnectionFailed
-from imagegen.payloads import Call, GenerationOptions, UpscaleOptions
+from imagegen.payloads import Call, GenerationOptions, HiresOptions, UpscaleOptions
 from imagegen.results import CancelResult, Job, JobPage, ModelInfo, QueueStatus, open_image
 from imagegen.transport import (
     DEFAULT_TIMEOUT_S,
@@ -64,8 +64,9 @@ class AsyncClient:
         return (await self._send(call)).json()
 
     async def text2img(self, prompt: str, *, idempotency_key: str | None = None,
+                       hires: HiresOptions | None = None,
                        **options: Unpack[GenerationOptions]) -> Job:
-        call = payloads.text2img(prompt, options, idempotency_key)
+        call = payloads.text2img(prompt, options, idempotency_key, hires)
         return Job.from_wire(await self._json(call))
 
     async def img2img(self, image: ImageInput, prompt: str, *, strength: float | None = None,

@@ -26,7 +26,7 @@ from typing import Any
 from imagegen import display, keys
 from imagegen.client import Client
 from imagegen.exceptions import APIError, ImagegenError, WaitTimeout
-from imagegen.payloads import GenerationOptions, UpscaleOptions
+from imagegen.payloads import GenerationOptions, HiresOptions, UpscaleOptions
 from imagegen.results import Job, JobStatus
 from imagegen.transport import DEFAULT_URL
 
@@ -142,7 +142,24 @@ def run_generation(args: argparse.Namespace, submit: Callable[[Client, Any], Job
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    return run_generation(args, lambda c, o: c.text2img(args.prompt, **o))
+    hires = hires_options(args)
+    return run_generation(args, lambda c, o: c.text2img(args.prompt, hires=hires, **o))
+
+
+def hires_options(args: argparse.Namespace) -> HiresOptions | None:
+    """The hires fix the `--hires*` flags ask for (any of them turns it on), or None."""
+    hires: HiresOptions = {}
+    if args.hires_scale is not None:
+        hires["scale"] = args.hires_scale
+    if args.hires_size is not None:
+        hires["width"], hires["height"] = args.hires_size
+    for flag, key in (("hires_upscaler", "upscaler"), ("hires_steps", "steps"),
+                      ("hires_strength", "denoising_strength"),
+                      ("hires_sampler", "sampler")):
+        value = getattr(args, flag)
+        if value is not None:
+            hires[key] = value  # type: ignore[literal-required]
+    return hires if hires or args.hires else None
 
 
 def cmd_img2img(args: argparse.Namespace) -> int:
@@ -295,6 +312,20 @@ def generation_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-wait", action="store_true", help="print the job id and return")
 
 
+def hires_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "hires fix", "made at --size, then scaled up and refined in the same job (any of "
+        "these turns it on; the service's defaults: scale 2, latent, strength 0.7)")
+    group.add_argument("--hires", action="store_true", help="with the defaults")
+    group.add_argument("--hires-scale", type=float, help="times the first pass, 1 to 4")
+    group.add_argument("--hires-size", type=size, help="the final WIDTHxHEIGHT instead")
+    group.add_argument("--hires-upscaler", help="latent (default), latent-bicubic, "
+                       "latent-nearest, ..., lanczos, nearest")
+    group.add_argument("--hires-steps", type=int, help="second pass steps (default: --steps)")
+    group.add_argument("--hires-strength", type=float, help="second pass denoising, 0..1")
+    group.add_argument("--hires-sampler", help="second pass sampler (default: --sampler)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="imagegen", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -312,6 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("generate", cmd_generate, "text to image", generates=True)
     p.add_argument("prompt")
+    hires_flags(p)
     p = command("img2img", cmd_img2img, "redraw an image after a prompt", generates=True)
     p.add_argument("image")
     p.add_argument("prompt")

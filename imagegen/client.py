@@ -39,7 +39,7 @@ from imagegen.exceptions import (
     Unauthorized,
     WaitTimeout,
 )
-from imagegen.payloads import Call, GenerationOptions, UpscaleOptions
+from imagegen.payloads import Call, GenerationOptions, HiresOptions, UpscaleOptions
 from imagegen.results import (
     CancelResult,
     Job,
@@ -71,7 +71,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "APIError", "AsyncClient", "BadRequest", "CancelResult", "Client", "Conflict",
-    "ConnectionFailed", "GenerationOptions", "ImagegenError", "Job", "JobCancelled",
+    "ConnectionFailed", "GenerationOptions", "HiresOptions", "ImagegenError", "Job", "JobCancelled",
     "JobFailed", "JobPage", "JobResult", "JobStatus", "ModelInfo", "NotFound",
     "QueueStatus", "RateLimited", "ServerError", "ServiceUnavailable", "Unauthorized",
     "WaitTimeout",
@@ -110,8 +110,12 @@ class Client:
     # -- submitting ------------------------------------------------------------------
 
     def text2img(self, prompt: str, *, idempotency_key: str | None = None,
+                 hires: HiresOptions | None = None,
                  **options: Unpack[GenerationOptions]) -> Job:
-        return Job.from_wire(self._json(payloads.text2img(prompt, options, idempotency_key)))
+        """`hires`: made at width x height, then scaled up and refined in the same job,
+        e.g. `hires={"scale": 2, "upscaler": "latent", "denoising_strength": 0.6}`."""
+        call = payloads.text2img(prompt, options, idempotency_key, hires)
+        return Job.from_wire(self._json(call))
 
     def img2img(self, image: ImageInput, prompt: str, *, strength: float | None = None,
                 idempotency_key: str | None = None, **options: Unpack[GenerationOptions]) -> Job:

@@ -61,6 +61,20 @@ class UpscaleOptions(TypedDict, total=False):
     webhook_events: list[str]
 
 
+class HiresOptions(TypedDict, total=False):
+    """text2img's hires fix: made at width x height, then scaled up and refined in the
+    same job. A left-out option gets the service's default (scale 2, upscaler latent,
+    denoising strength 0.7, the first pass's steps and sampler)."""
+
+    scale: float  # 1 to 4; or width and/or height (the final size)
+    width: int
+    height: int
+    upscaler: str  # latent, latent-antialiased, latent-bicubic, ..., lanczos, nearest
+    steps: int
+    denoising_strength: float
+    sampler: str
+
+
 @dataclass(frozen=True)
 class Call:
     """One HTTP request, before it is sent."""
@@ -117,8 +131,12 @@ def submit(route: str, fields: dict[str, Any], options: GenerationOptions,
     return Call("POST", f"/generate/{route}", json=body, headers=headers)
 
 
-def text2img(prompt: str, options: GenerationOptions, key: str | None) -> Call:
-    return submit("text2img", {"prompt": prompt}, options, key)
+def text2img(prompt: str, options: GenerationOptions, key: str | None,
+             hires: HiresOptions | None = None) -> Call:
+    fields: dict[str, Any] = {"prompt": prompt}
+    if hires is not None:
+        fields["hires"] = {camel(k): v for k, v in hires.items() if v is not None}
+    return submit("text2img", fields, options, key)
 
 
 def img2img(image: ImageInput, prompt: str, strength: float | None, options: GenerationOptions,

@@ -126,6 +126,27 @@ class UpscalerRef:
 
 
 @dataclass(frozen=True)
+class HiresFix:
+    """A text2img task's second pass (`hires`): the first pass's latents (`latent*`
+    upscalers) or decoded images (`lanczos`, `nearest`, ...) scaled to `width` x `height`
+    (covering it with the first pass's aspect, centre-cropped), then refined by the
+    family's img2img pipeline with `steps`, `denoising_strength` and `sampler`. Settled by
+    the ingress (`serve_app.api.hires`); run by `serve_app.generation.hires`."""
+
+    width: int
+    height: int
+    upscaler: str
+    steps: int
+    denoising_strength: float
+    sampler: str
+
+    @property
+    def denoising_steps(self) -> int:
+        """The steps the second pass runs, as diffusers' img2img counts them (at least 1)."""
+        return max(1, min(self.steps, int(self.steps * self.denoising_strength)))
+
+
+@dataclass(frozen=True)
 class GenerationTask:
     """One pipeline call's worth of work, as the tracker sends it to a model replica."""
 
@@ -158,6 +179,23 @@ class GenerationTask:
     # being the padded size.
     upscaler: UpscalerRef | None = None
     outpaint: tuple[int, int, int, int, int] | None = None
+    # text2img only: a second, larger pass (`width` x `height` stay the first pass's).
+    hires: HiresFix | None = None
+
+    @property
+    def output_size(self) -> tuple[int, int]:
+        """The size of the images the task makes: the hires target, else width x height."""
+        if self.hires is not None:
+            return self.hires.width, self.hires.height
+        return self.width, self.height
+
+    @property
+    def work(self) -> float:
+        """Megapixel-steps: images x steps x megapixels, both passes of a hires fix."""
+        work = self.steps * self.width * self.height / 1e6
+        if self.hires is not None:
+            work += self.hires.denoising_steps * self.hires.width * self.hires.height / 1e6
+        return self.num_images * work
 
     @property
     def seeds(self) -> list[int]:
@@ -166,11 +204,12 @@ class GenerationTask:
     def batch_key(self) -> tuple[Any, ...] | None:
         """Tasks with equal keys can share one pipeline call (prompts and seeds may
         differ). Only text2img batches: the other modes carry per-job input images, and so
-        does a ControlNet job. A batch runs one LoRA set at the same scales."""
+        does a ControlNet job. A batch runs one LoRA set at the same scales, and one hires
+        fix (or none)."""
         if self.mode is not JobType.TEXT2IMG or self.control is not None:
             return None
         return (self.mode, self.width, self.height, self.steps, self.sampler,
-                self.guidance_scale, self.output_format, self.quality, self.loras)
+                self.guidance_scale, self.output_format, self.quality, self.loras, self.hires)
 
 
 @dataclass(frozen=True)
@@ -213,6 +252,9 @@ class Progress:
     total: int
     # JPEG thumbnails of the latents at this step, by job id (`preview: true` jobs).
     previews: dict[str, bytes] = field(default_factory=dict)
+    # The pass it counts: "" for a one-pass job, "hires" for a hires fix's second pass
+    # (`step` and `total` then count both passes).
+    phase: str = ""
 
 
 @dataclass(frozen=True)

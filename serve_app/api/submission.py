@@ -14,6 +14,7 @@ from pydantic.alias_generators import to_camel
 from serve_app.api import input_images as images
 from serve_app.api.adapter_requests import check_control, check_loras, echo_adapters
 from serve_app.api.defaults import Settled, settle, size
+from serve_app.api.hires import echo_hires, settle_hires
 from serve_app.api.outpainting import outpaint_geometry
 from serve_app.api.upscaling import build_upscale_submission
 from serve_app.api.validation import (
@@ -30,12 +31,14 @@ from serve_app.api.wire import (
     GenerationCommon,
     InpaintRequest,
     OutpaintRequest,
+    Text2ImgRequest,
 )
 from serve_app.messages import (
     OPEN,
     Caller,
     ControlInput,
     GenerationTask,
+    HiresFix,
     InputImage,
     JobType,
     Submission,
@@ -83,11 +86,12 @@ def build_submission(
             req, spec, images.probe_size(req.image, "image", limits), limits)
     else:
         width, height = size(req, spec, _first_size(req, settings), settings)
-    check_work(width, height, settled.steps, req.num_images, limits.max_work)
+    hires = settle_hires(req, spec, limits, width, height, settled.steps, settled.sampler)
+    check_work(width, height, settled.steps, req.num_images, limits.max_work, hires)
 
     decoded = _decode_images(req, settings)
     control = check_control(req, job_type, spec, limits)
-    task = _task(job_type, req, settled, width, height, decoded, loras, control)
+    task = _task(job_type, req, settled, width, height, decoded, loras, control, hires)
     if pads is not None and isinstance(req, OutpaintRequest):
         task = dataclasses.replace(task, outpaint=(*pads, req.seam))
     echo = _echo(req, spec, settled, task, decoded, control)
@@ -101,7 +105,7 @@ def build_submission(
 
 def _task(job_type: JobType, req: GenerationCommon, settled: Settled, width: int,
           height: int, decoded: dict[str, InputImage], loras: tuple[tuple[str, float], ...],
-          control: ControlInput | None) -> GenerationTask:
+          control: ControlInput | None, hires: HiresFix | None) -> GenerationTask:
     return GenerationTask(
         job_id="",
         mode=job_type,
@@ -127,6 +131,7 @@ def _task(job_type: JobType, req: GenerationCommon, settled: Settled, width: int
         preview_every=settled.preview_every,
         loras=loras,
         control=control,
+        hires=hires,
     )
 
 
@@ -148,6 +153,10 @@ def _echo(req: GenerationCommon, spec: ModelSpec, settled: Settled, task: Genera
     )
     for field, img in decoded.items():
         echo[to_camel(field)] = images.describe(img)
+    if task.hires is not None and isinstance(req, Text2ImgRequest) and req.hires is not None:
+        echo["hires"] = echo_hires(task.hires, req.hires)
+    elif "hires" in echo:
+        del echo["hires"]
     return echo
 
 

@@ -17,7 +17,7 @@ from pydantic.alias_generators import to_camel
 
 from serve_app.api.wire import NESTED_MODELS, REQUEST_MODELS, GenerationCommon
 from serve_app.errors import Forbidden, InvalidRequest, ModelNotAvailable
-from serve_app.messages import SAMPLERS, Caller, JobType, Priority
+from serve_app.messages import SAMPLERS, Caller, HiresFix, JobType, Priority
 from serve_app.registry import ModelSpec, Registry
 
 _PROMPTLESS = (JobType.STYLE_TRANSFER, JobType.UPSCALE)
@@ -106,14 +106,22 @@ def check_sampler(sampler: str, spec: ModelSpec) -> None:
         raise InvalidRequest(problem)
 
 
-def check_work(width: int, height: int, steps: int, images: int, max_work: float) -> None:
-    """The work budget: megapixels x steps x images, at most `max_work`."""
+def check_work(width: int, height: int, steps: int, images: int, max_work: float,
+               hires: HiresFix | None = None) -> None:
+    """The work budget: megapixels x steps x images, at most `max_work`; a hires fix adds
+    its second pass (its megapixels x the steps it runs)."""
     megapixels = width * height / 1e6
-    work = megapixels * steps * images
+    work = megapixels * steps
+    asked = f"{width}x{height} ({megapixels:.2f} megapixels) x {steps} steps"
+    if hires is not None:
+        second = hires.width * hires.height / 1e6
+        work += second * hires.denoising_steps
+        asked = (f"({asked} + a hires pass of {hires.width}x{hires.height} ({second:.2f} "
+                 f"megapixels) x {hires.denoising_steps} steps)")
+    work *= images
     if work > max_work:
         raise InvalidRequest(
-            f"This request asks for {width}x{height} ({megapixels:.2f} megapixels) x "
-            f"{steps} steps x {images} image(s) = {work:.0f} megapixel-steps, "
+            f"This request asks for {asked} x {images} image(s) = {work:.0f} megapixel-steps, "
             f"over the limit of {max_work:g}: use fewer steps or images, or a smaller size")
 
 

@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
+from serve_app.hires_plan import DEFAULT_DENOISING_STRENGTH, DEFAULT_UPSCALER
 from serve_app.messages import JobType, OutputFormat, Priority, WebhookEvent
 
 
@@ -77,12 +78,35 @@ class GenerationCommon(WireModel):
     control_net: ControlNetRef | None = None
 
 
+class HiresRequest(WireModel):
+    """The hires fix: the image made at `width` x `height` first, then scaled up (`scale`
+    times, or to `width` and/or `height` here: one of them keeps the aspect; both, another
+    aspect, centre-cropped) and refined by img2img at that size, in the same job. README:
+    Hires fix."""
+
+    scale: Number | None = Field(None, description="Times the first pass's size, 1 to 4 "
+                                 "(default 2 when no width or height is given)")
+    width: int | None = Field(None, description="The final width (instead of scale)")
+    height: int | None = Field(None, description="The final height (instead of scale)")
+    upscaler: str = Field(
+        DEFAULT_UPSCALER, description="latent, latent-antialiased, latent-bicubic, "
+        "latent-bicubic-antialiased, latent-nearest, latent-nearest-exact (the latents "
+        "scaled), or lanczos, nearest (the decoded image)")
+    steps: int | None = Field(None, description="Steps of the second pass, of which it runs "
+                              "denoisingStrength x steps (default: the first pass's)")
+    denoising_strength: Number = Field(
+        DEFAULT_DENOISING_STRENGTH, description="How much the second pass changes, 0 to 1")
+    sampler: str | None = Field(None, description="The second pass's sampler (default: the "
+                                "first pass's)")
+
+
 class Text2ImgRequest(GenerationCommon):
     model_config = ConfigDict(json_schema_extra={"examples": [{
         "prompt": "A serene lake surrounded by mountains at sunset", "steps": 30,
         "width": 512, "height": 512, "seed": 42}]})
 
     prompt: str
+    hires: HiresRequest | None = None
 
 
 class Img2ImgRequest(GenerationCommon):
@@ -161,7 +185,8 @@ REQUEST_MODELS: dict[JobType, type[WireModel]] = {
 }
 
 # Request fields holding objects: unknown keys inside them are reported against these.
-NESTED_MODELS: dict[str, type[WireModel]] = {"loras": LoraRef, "control_net": ControlNetRef}
+NESTED_MODELS: dict[str, type[WireModel]] = {"loras": LoraRef, "control_net": ControlNetRef,
+                                              "hires": HiresRequest}
 
 # Request fields that carry images: kept out of job records (a record echoes a short
 # description instead of megabytes of base64).
@@ -180,7 +205,8 @@ class Reply(BaseModel):
 
 
 JobStatusName = Literal["queued", "processing", "completed", "failed", "cancelled"]
-PhaseName = Literal["queued", "loading_model", "waiting_for_replica", "generating", "retrying"]
+PhaseName = Literal["queued", "loading_model", "waiting_for_replica", "generating", "hires",
+                    "retrying"]
 
 
 class ErrorBody(Reply):

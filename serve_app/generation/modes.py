@@ -29,6 +29,7 @@ from PIL import Image
 from serve_app.errors import InvalidRequest
 from serve_app.generation import outpaint
 from serve_app.generation.controlnets import ControlNets, control_image
+from serve_app.generation.hires import ImageUpscaler
 from serve_app.generation.images import binarize_mask, decode_mask, decode_rgb, fit, keep_unmasked
 from serve_app.generation.pipelines import PipelineSet
 from serve_app.generation.previews import Previewer
@@ -62,6 +63,8 @@ class ModeCalls:
         self.ip_adapter = ip_adapter
         self.controls = controls
         self.previewer = Previewer()
+        # Image upscalers beyond Pillow's, by name, for the hires fix (model upscalers).
+        self.image_upscalers: dict[str, ImageUpscaler] = {}
 
     @property
     def batchable(self) -> bool:
@@ -101,13 +104,52 @@ class ModeCalls:
             return self._outpaint(task, hook)
         raise InvalidRequest(f"unsupported mode {task.mode!r}")
 
-    def text2img_batch(self, tasks: list[GenerationTask], hook: StepHook) -> Images:
+    def text2img_batch(self, tasks: list[GenerationTask], hook: StepHook,
+                       output_type: str = "pil") -> Images:
         """Tasks sharing a `batch_key` in one call: each prompt's embeddings are encoded on
         their own (or come from the cache), exactly as an unbatched call encodes them (the
         text encoders' output varies with batch shape), repeated per image, concatenated."""
         first = tasks[0]
         pipe = self.pipes.text2img()
-        cfg = self.family.classifier_free(pipe, first)
+        seeds = [s for task in tasks for s in task.seeds]
+        return self._call(pipe, first, hook, seeds=seeds, prompt=None, negative_prompt=None,
+                          num_images_per_prompt=1, width=first.width, height=first.height,
+                          output_type=output_type, **self._batch_embeds(pipe, tasks))
+
+    def first_pass(self, tasks: list[GenerationTask], hook: StepHook,
+                   output_type: str) -> tuple[list[Any], list[bool]]:
+        """A hires fix's first pass (`serve_app.generation.hires`): text2img as `run` makes
+        it, as PIL images or (`output_type` "latent") the latents, one per image."""
+        first = tasks[0]
+        if self.pipes.inpaint_route:  # one task: not batchable
+            return self._inpaint(first, hook, *_blank_canvas(first), strength=1.0)
+        if self.batchable:
+            return self.text2img_batch(tasks, hook, output_type)
+        return self._call(self.pipes.text2img(), first, hook, width=first.width,
+                          height=first.height, output_type=output_type)
+
+    def refine(self, tasks: list[GenerationTask], hook: StepHook,
+               image: torch.Tensor | list[Image.Image], strength: float) -> Images:
+        """A hires fix's second pass: img2img of `image` (latents, or one upscaled image per
+        image of `tasks`, which carry the target size, steps and sampler)."""
+        first = tasks[0]
+        denoise = _strength(strength, first.steps)
+        if self.pipes.inpaint_route:
+            white = Image.new("L", (first.width, first.height), 255)
+            return self._call(self.pipes.inpaint(), first, hook, image=image, mask_image=white,
+                              width=first.width, height=first.height, strength=denoise)
+        pipe = self.pipes.img2img()
+        extra: dict[str, Any] = {"width": first.width, "height": first.height} \
+            if _takes_size(type(pipe)) else {}
+        if self.batchable:
+            seeds = [s for task in tasks for s in task.seeds]
+            extra |= {"seeds": seeds, "prompt": None, "negative_prompt": None,
+                      "num_images_per_prompt": 1, **self._batch_embeds(pipe, tasks)}
+        return self._call(pipe, first, hook, image=image, strength=denoise, **extra)
+
+    def _batch_embeds(self, pipe: DiffusionPipeline,
+                      tasks: list[GenerationTask]) -> dict[str, torch.Tensor]:
+        cfg = self.family.classifier_free(pipe, tasks[0])
         rows: dict[str, list[torch.Tensor]] = {}
         for task in tasks:
             # Keyed by the LoRAs too: a LoRA may change the text encoders.
@@ -115,11 +157,7 @@ class ModeCalls:
                                                         cfg, task.loras).items():
                 rows.setdefault(name, []).append(
                     tensor.repeat_interleave(task.num_images, dim=0))
-        embeds = {name: torch.cat(parts) for name, parts in rows.items()}
-        seeds = [s for task in tasks for s in task.seeds]
-        return self._call(pipe, first, hook, seeds=seeds, prompt=None, negative_prompt=None,
-                          num_images_per_prompt=1, width=first.width, height=first.height,
-                          **embeds)
+        return {name: torch.cat(parts) for name, parts in rows.items()}
 
     def _controlled(self, task: GenerationTask, hook: StepHook) -> Images:
         """text2img or img2img steered by the task's ControlNet (`controlnets`)."""
@@ -203,7 +241,8 @@ class ModeCalls:
         return self._img2img(task, hook, start, strength)
 
     def _call(self, pipe: DiffusionPipeline, task: GenerationTask, hook: StepHook,
-              seeds: list[int] | None = None, **kwargs: Any) -> Images:
+              seeds: list[int] | None = None, output_type: str = "pil",
+              **kwargs: Any) -> Images:
         pipe.scheduler = self.samplers.get(task.sampler)
         blocks = 2 if self.family.classifier_free(pipe, task) else 1
         self.pipes.denoiser.blocks = blocks
@@ -221,7 +260,7 @@ class ModeCalls:
                 generator=[torch.Generator(device="cpu").manual_seed(s)
                            for s in (seeds or task.seeds)],
                 callback_on_step_end=hook,
-                output_type="pil",
+                output_type=output_type,
                 **call,
             )
         if hook.stopped:

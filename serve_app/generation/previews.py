@@ -30,8 +30,9 @@ from serve_app.messages import GenerationTask
 
 log = logging.getLogger(__name__)
 
-# (step, total steps, {job id: JPEG thumbnail of its first image})
-PreviewCallback = Callable[[int, int, dict[str, bytes]], None]
+# (step, total steps, {job id: JPEG thumbnail of its first image}), and the phase in a
+# hires fix's second pass, as `StepCallback`.
+PreviewCallback = Callable[..., None]
 
 # The longer side of a thumbnail, at most (never larger than the image itself).
 THUMBNAIL_SIDE = 128

@@ -20,6 +20,8 @@ Contract of `generate(task, on_step, should_stop)`:
   `generate` raises `Interrupted` instead of returning a partial result.
 - A sampler the model's family does not take (`ModelSpec.samplers`) or a size it cannot
   make is an `InvalidRequest`, before any step runs.
+- A text2img task with `hires` runs in two passes (`serve_app.generation.hires`): its
+  images come at the hires size, `on_step` counts both passes and names the second.
 - Images are encoded in `task.output_format`; for inpainting, pixels outside the mask are
   exactly the input's. Style transfer is described in `serve_app.generation.style`.
 """
@@ -39,6 +41,7 @@ from PIL import Image
 from serve_app.errors import ConfigError, InvalidRequest
 from serve_app.generation.controlnets import ControlNets
 from serve_app.generation.families import family_of
+from serve_app.generation.hires import HiresRun
 from serve_app.generation.images import encode_image
 from serve_app.generation.loras import LoraSet
 from serve_app.generation.modes import ModeCalls
@@ -154,8 +157,11 @@ class ModelRunner:
             # Timed from here: waiting for the lock is queueing, not generation.
             started = time.perf_counter()
             modes = self._ready(task, should_stop, f"task {task.job_id}")
-            previews = Previews.wanted([task], modes.previewer, modes.family, on_preview)
-            images, nsfw = modes.run(task, StepHook(on_step, should_stop, previews))
+            if task.hires is not None and task.mode is JobType.TEXT2IMG:
+                images, nsfw = self._hires(modes, [task], on_step, should_stop, on_preview)
+            else:
+                previews = Previews.wanted([task], modes.previewer, modes.family, on_preview)
+                images, nsfw = modes.run(task, StepHook(on_step, should_stop, previews))
         return self._result(task, images, nsfw, started)
 
     def generate_batch(
@@ -176,8 +182,12 @@ class ModelRunner:
         started = time.perf_counter()
         with self._lock:
             modes = self._ready(tasks[0], should_stop, f"batch of {len(tasks)}")
-            previews = Previews.wanted(tasks, modes.previewer, modes.family, on_preview)
-            images, nsfw = modes.text2img_batch(tasks, StepHook(on_step, should_stop, previews))
+            if tasks[0].hires is not None:  # all of them: the batch key holds it
+                images, nsfw = self._hires(modes, tasks, on_step, should_stop, on_preview)
+            else:
+                previews = Previews.wanted(tasks, modes.previewer, modes.family, on_preview)
+                images, nsfw = modes.text2img_batch(tasks,
+                                                    StepHook(on_step, should_stop, previews))
         results, offset = [], 0
         for task in tasks:
             n = task.num_images
@@ -185,6 +195,18 @@ class ModelRunner:
                                         nsfw[offset:offset + n], started))
             offset += n
         return results
+
+    def _hires(self, modes: ModeCalls, tasks: list[GenerationTask],
+               on_step: StepCallback | None, should_stop: StopCheck | None,
+               on_preview: PreviewCallback | None) -> tuple[list[Image.Image], list[bool]]:
+        """text2img with a hires fix: both passes (`serve_app.generation.hires`)."""
+        task = tasks[0]
+        multiple = modes.family.size_multiple(modes.pipes.base)
+        if task.width % multiple or task.height % multiple:
+            raise InvalidRequest(
+                f"width and height must be multiples of {multiple} for model "
+                f"{self.spec.id!r} (got {task.width}x{task.height})")
+        return HiresRun(modes, tasks, on_step, should_stop, on_preview).run()
 
     def _loaded(self) -> ModeCalls:
         if self._modes is None:

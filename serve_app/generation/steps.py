@@ -19,7 +19,9 @@ from diffusers import DiffusionPipeline
 from serve_app.generation.previews import Previews
 from serve_app.messages import GenerationTask
 
-StepCallback = Callable[[int, int], None]
+# (step, total), or (step, total, phase) in a hires fix's second pass (phase "hires",
+# `serve_app.generation.hires`): a callback for hires tasks takes the third argument.
+StepCallback = Callable[..., None]
 StopCheck = Callable[[], bool]
 
 # Below this many pixels per image a CPU call runs on one thread: a second one costs more

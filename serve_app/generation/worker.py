@@ -9,9 +9,10 @@ Contract of `stream(task)`:
 - One pipeline call at a time per worker (an `asyncio.Lock`); other tasks wait their turn.
 - Events, in order: `Started(replica)`, `Progress(step, total)` for the first step, then at
   most every `progress_every_s` (0.1 s: the tracker, the store and every event stream need
-  no more), and for the last step, `Finished(result)` with `result.replica` set. A step
-  with latent thumbnails (tasks with `preview_every`) always gets its `Progress`, carrying
-  them. A runner error propagates unchanged.
+  no more), and for the last step, `Finished(result)` with `result.replica` set. A hires
+  fix's second pass names itself (`Progress.phase` "hires"; its first step always gets a
+  `Progress`). A step with latent thumbnails (tasks with `preview_every`) always gets its
+  `Progress`, carrying them. A runner error propagates unchanged.
 - With a blob store (`blobs`, as every replica has one): the tasks' input images are read
   from it by their keys before the pipeline runs, and each result's images are written to
   it (`Blobs.store_output`) before its `Finished`, which then carries only references
@@ -100,18 +101,22 @@ class ModelWorker:
             stop = threading.Event()
 
             sent = [0.0]  # when the last Progress left (monotonic)
+            phases = [""]  # the pass the last Progress named
 
-            def on_step(step: int, total: int) -> None:
+            def on_step(step: int, total: int, phase: str = "") -> None:
                 now = time.monotonic()
-                if 1 < step < total and now - sent[0] < self.progress_every_s:
+                if (1 < step < total and now - sent[0] < self.progress_every_s
+                        and phase == phases[0]):
                     return  # coalesced: the next one carries this step's progress too
-                sent[0] = now
-                loop.call_soon_threadsafe(queue.put_nowait, Progress(step, total))
+                sent[0], phases[0] = now, phase
+                loop.call_soon_threadsafe(queue.put_nowait, Progress(step, total, phase=phase))
 
-            def on_preview(step: int, total: int, thumbnails: dict[str, bytes]) -> None:
+            def on_preview(step: int, total: int, thumbnails: dict[str, bytes],
+                           phase: str = "") -> None:
                 # Before on_step for the same step, which this makes coalesce.
-                sent[0] = time.monotonic()
-                loop.call_soon_threadsafe(queue.put_nowait, Progress(step, total, thumbnails))
+                sent[0], phases[0] = time.monotonic(), phase
+                loop.call_soon_threadsafe(queue.put_nowait,
+                                          Progress(step, total, thumbnails, phase))
 
             # Only asked of a runner when a task wants previews (fakes need not know it).
             wants = {"on_preview": on_preview} if any(t.preview_every for t in tasks) else {}
@@ -173,7 +178,7 @@ async def store_outputs(task: GenerationTask, result: GenerationResult, blobs: B
                         ) -> GenerationResult:
     """`result` with its images written to the blob store: references instead of bytes."""
     refs = await asyncio.gather(*(
-        blobs.store_output(task.job_id, i, data, result.content_type, task.width, task.height)
+        blobs.store_output(task.job_id, i, data, result.content_type, *task.output_size)
         for i, data in enumerate(result.images)))
     return dataclasses.replace(result, images=[], refs=tuple(refs))
 

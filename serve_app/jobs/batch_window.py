@@ -22,8 +22,8 @@ SMOOTHING = 0.3
 
 
 def _work(task: GenerationTask) -> float:
-    """Units of work in a task: images x steps x megapixels."""
-    return task.num_images * task.steps * task.width * task.height / 1e6
+    """Units of work in a task: images x steps x megapixels (both passes of a hires fix)."""
+    return task.work
 
 
 class BatchWindow:

@@ -19,6 +19,7 @@ from serve_app.jobs.webhook_state import WebhookState
 from serve_app.messages import (
     ControlInput,
     GenerationTask,
+    HiresFix,
     InputImage,
     JobType,
     OutputFormat,
@@ -60,6 +61,8 @@ def task_to_json(task: GenerationTask) -> dict[str, Any]:
         out["upscaler"] = dataclasses.asdict(task.upscaler)
     if task.outpaint is not None:
         out["outpaint"] = list(task.outpaint)
+    if task.hires is not None:
+        out["hires"] = dataclasses.asdict(task.hires)
     return out
 
 
@@ -79,6 +82,9 @@ def task_from_json(data: dict[str, Any]) -> GenerationTask:
     if values.get("outpaint") is not None:
         left, top, right, bottom, seam = (int(v) for v in values["outpaint"])
         values["outpaint"] = (left, top, right, bottom, seam)
+    # Records written before the hires fix existed have none.
+    hires = values.get("hires")
+    values["hires"] = HiresFix(**hires) if hires is not None else None
     return GenerationTask(**values)
 
 

@@ -256,7 +256,7 @@ class Dispatch:
             if job.status is JobStatus.PROCESSING:
                 thumbnail = event.previews.get(job.id)
                 preview = None if thumbnail is None else preview_of(event.step, thumbnail)
-                job.report_progress(event.step, event.total, preview)
+                job.report_progress(event.step, event.total, preview, event.phase)
                 self.book.progressed(job)
 
     def _finished(self, call: Call, result: GenerationResult) -> None:

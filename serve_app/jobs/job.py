@@ -50,7 +50,8 @@ class Phase(StrEnum):
     QUEUED = "queued"  # in its model's queue
     LOADING_MODEL = "loading_model"  # handed to a call; the model has no ready replica yet
     WAITING_FOR_REPLICA = "waiting_for_replica"  # handed to a call; a replica is up
-    GENERATING = "generating"  # a replica is running it
+    GENERATING = "generating"  # a replica is running it (a hires fix: its first pass)
+    HIRES = "hires"  # a replica is running its hires fix's second pass
     RETRYING = "retrying"  # back in the queue after its replica was lost
 
 
@@ -187,8 +188,13 @@ class Job:
         self.phase = Phase.GENERATING
         self.retry_reason = None
 
-    def report_progress(self, step: int, total: int, preview: Preview | None = None) -> None:
+    def report_progress(self, step: int, total: int, preview: Preview | None = None,
+                        phase: str = "") -> None:
+        """`phase` "hires": the step is in the second pass of a hires fix (`step` and
+        `total` count both passes)."""
         self._require(JobStatus.PROCESSING, "report progress on")
+        if phase == Phase.HIRES:
+            self.phase = Phase.HIRES
         if total > 0:
             # 100 is reserved for "completed": a finished denoise still has to decode.
             self.progress = max(self.progress, min(99, (100 * step) // total))

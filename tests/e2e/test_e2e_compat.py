@@ -21,7 +21,7 @@ import webuiapi
 from PIL import Image
 
 from serve_app.registry import load_registry
-from tests.support.serve_harness import ServeHarness
+from tests.support.serve_harness import ServeHarness, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -110,6 +110,22 @@ def test_webuiapi_seeds_batches_and_img2img(oai, sdapi) -> None:
     varied = sdapi.img2img(images=[batch.image], prompt="a lake", width=64, height=64,
                            steps=STEPS, denoising_strength=0.5, seed=9)
     assert varied.image.size == (64, 64) and varied.info["seed"] == 9
+
+
+def test_webuiapi_enable_hr_makes_twice_the_size_as_our_own_hires_fix(harness, sdapi) -> None:
+    made = sdapi.txt2img(prompt="a lake", seed=21, width=96, height=64, steps=STEPS,
+                         cfg_scale=7, sampler_name="Euler a", enable_hr=True, hr_scale=2,
+                         hr_upscaler="Latent (nearest)", hr_second_pass_steps=4,
+                         denoising_strength=0.5)
+    assert made.image.size == (192, 128)
+    with harness.client() as client:  # the same job in our API gives the same pixels
+        done = wait_for(client, client.post("/generate/text2img", json={
+            "prompt": "a lake", "seed": 21, "width": 96, "height": 64, "steps": STEPS,
+            "guidanceScale": 7, "sampler": "euler_a", "model": "tiny-sd",
+            "hires": {"scale": 2, "upscaler": "latent-nearest", "steps": 4,
+                      "denoisingStrength": 0.5}}).json()["id"])
+    ours = picture(base64.b64decode(done["result"]["images"][0].partition(",")[2]))
+    assert ours.tobytes() == made.image.tobytes()
 
 
 def test_webuiapi_watches_and_interrupts_its_running_job(harness, sdapi) -> None:

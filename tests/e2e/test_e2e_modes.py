@@ -1,5 +1,6 @@
 """End to end through real Ray Serve on loopback, for the modes that take input images
-(img2img, inpainting, style transfer), several images per job, JPEG/WebP output, and bad
+(img2img, inpainting, style transfer), text2img's hires fix (two passes, one job), several
+images per job, JPEG/WebP output, and bad
 input images never disturbing other jobs (the table of bad images itself runs in process,
 tests/unit/test_http.py). Driven over HTTP exactly as a client following the seed document
 would: POST a job, poll GET /jobs/:id, decode the data URIs (or fetch /jobs/:id/images/:n)."""
@@ -15,6 +16,7 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
+from httpx_sse import connect_sse
 from PIL import Image
 
 from tests.support.images import (
@@ -93,6 +95,36 @@ def inpainted(
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     with serve_harness.client() as c:
         return inpaint_submitted, completed(c, inpaint_submitted)
+
+
+# -- text2img's hires fix -------------------------------------------------------------------
+
+
+def test_a_hires_job_makes_twice_the_size_and_names_its_second_pass(client) -> None:
+    body = {"prompt": "a lighthouse", "width": 192, "height": 128, "steps": 16, "seed": 5,
+            "hires": {"scale": 2, "steps": 24, "denoisingStrength": 0.5}}
+    job = submit(client, "text2img", **body)
+    seen: list[tuple[str | None, int]] = []
+    with connect_sse(client, "GET", f"/jobs/{job['id']}/events") as source:
+        for event in source.iter_sse():
+            if event.event != "job" or not event.data:
+                continue  # not a record (sse-starlette's ping)
+            record = json.loads(event.data)
+            seen.append((record.get("phase"), record["progress"]))
+            if record["status"] in ("completed", "failed", "cancelled"):
+                break
+    done = completed(client, job)
+    assert opened(image_bytes(done)).size == (384, 256)
+    assert done["request"]["hires"] == {"scale": 2, "width": 384, "height": 256,
+                                        "upscaler": "latent", "steps": 24,
+                                        "denoisingStrength": 0.5, "sampler": "euler_a"}
+    phases = [phase for phase, _ in seen if phase in ("generating", "hires")]
+    # The second pass (12 steps at 384x256) shows as its own phase, after the first's.
+    assert "hires" in phases and phases == sorted(phases, key=("generating", "hires").index)
+    progress = [p for _, p in seen]
+    assert progress == sorted(progress) and progress[-1] == 100
+    again = run(client, "text2img", **body)
+    assert image_bytes(again) == image_bytes(done)  # the same seed, the same image
 
 
 # -- img2img -------------------------------------------------------------------------------

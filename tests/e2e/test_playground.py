@@ -35,7 +35,7 @@ from selenium.webdriver.common.action_chains import ActionChains  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.remote.webdriver import WebDriver  # noqa: E402
 from selenium.webdriver.remote.webelement import WebElement  # noqa: E402
-from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
 
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[2]
@@ -346,3 +346,20 @@ def gradient() -> Image.Image:
     image = Image.new("RGB", (128, 96))
     image.putdata([(x * 2, y * 2, 128) for y in range(96) for x in range(128)])
     return image
+
+
+def test_the_hires_toggle_makes_a_text2img_twice_the_size(page, client) -> None:
+    control(page, "Prompt").send_keys("a lake, larger")
+    fill(page, width=96, height=64, steps=3, seed=77, number_of_images=1)
+    assert not control(page, "Hires scale").is_displayed()  # off: its options hidden
+    control(page, "Hires fix").click()
+    fill(page, hires_steps=4)
+    Select(control(page, "Hires upscaler")).select_by_value("lanczos")
+    [image] = generate(page)
+    width = page.execute_script("return arguments[0].naturalWidth", image)
+    height = page.execute_script("return arguments[0].naturalHeight", image)
+    assert (width, height) == (192, 128)
+    record = client.get(f"/jobs/{job_id(page)}").json()
+    assert record["request"]["hires"] == {"scale": 2, "width": 192, "height": 128,
+                                          "upscaler": "lanczos", "steps": 4,
+                                          "denoisingStrength": 0.7, "sampler": "euler_a"}

@@ -39,10 +39,11 @@ def png(width: int, height: int, seed: int) -> bytes:
 
 @dataclass
 class PngDispatcher(FakeReplicas):
-    """FakeReplicas' events, with a real PNG of the task's size for each image."""
+    """FakeReplicas' events, with a real PNG of the task's output size (a hires fix's
+    target) for each image."""
 
     def result(self, model_id: str, task: GenerationTask) -> Finished:
-        return finished(task, [png(task.width, task.height, seed) for seed in task.seeds],
+        return finished(task, [png(*task.output_size, seed) for seed in task.seeds],
                         model=model_id, replica=f"{model_id}#fake")
 
 

@@ -68,7 +68,7 @@ def _store(task: GenerationTask, job_id: str, index: int, data: bytes, blobs: Bl
            ) -> ImageRef:
     key = output_key(job_id, index, "png")
     blobs.put(key, data, "image/png")
-    return ImageRef(key, "image/png", len(data), task.width, task.height, digest(data))
+    return ImageRef(key, "image/png", len(data), *task.output_size, digest(data))
 
 
 def fake_previews(tasks: list[GenerationTask], step: int) -> dict[str, bytes]:

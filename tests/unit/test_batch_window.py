@@ -38,3 +38,14 @@ def test_a_batched_call_counts_all_its_work_and_estimates_follow_new_calls() -> 
     assert 10 < (window.ms_per_unit or 0) < 20
     window.observe([task()], 0)  # nothing measured: ignored
     assert 10 < (window.ms_per_unit or 0) < 20
+
+
+def test_a_hires_job_is_expected_to_cost_both_passes() -> None:
+    from serve_app.messages import HiresFix
+
+    window = BatchWindow(max_wait_ms=1e9)
+    window.observe([task(steps=20)], 200)  # 10 ms per megapixel-step
+    # 20 steps at 1 MP, then int(10 x 0.5) = 5 steps at 4 MP: 40 units, 400 ms expected.
+    hires = dataclasses.replace(task(steps=20), hires=HiresFix(2000, 2000, "latent", 10, 0.5,
+                                                               "euler_a"))
+    assert window.wait_ms(hires) == pytest.approx(WAIT_FRACTION * 400)

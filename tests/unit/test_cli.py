@@ -58,6 +58,25 @@ def test_generate_writes_the_png_of_the_requested_size(url, tmp_path, capsys) ->
     assert one_line(capsys.readouterr().out).startswith(f"{out}  (seed 42")
 
 
+def test_generate_with_hires_flags_makes_the_hires_size(url, tmp_path) -> None:
+    out = tmp_path / "big.png"
+    assert main(["generate", "a lake", "-o", str(out), "--size", "96x64", "--steps", "2",
+                 "--hires-scale", "2", "--hires-upscaler", "lanczos", "--hires-steps", "3",
+                 "--hires-strength", "0.4", "--url", url]) == 0
+    assert size_of(out) == ("PNG", (192, 128))
+    with Client(url) as client:
+        hires = client.get(client.jobs(limit=1).jobs[0].id).raw["request"]["hires"]
+    assert (hires["upscaler"], hires["steps"], hires["denoisingStrength"]) == ("lanczos", 3, 0.4)
+    plain = tmp_path / "plain.png"
+    assert main(["generate", "a lake", "-o", str(plain), "--size", "96x64", "--steps", "2",
+                 "--hires", "--url", url]) == 0
+    assert size_of(plain) == ("PNG", (192, 128))  # --hires alone: the defaults (2x)
+    sized = tmp_path / "sized.png"
+    assert main(["generate", "a lake", "-o", str(sized), "--size", "64x64", "--steps", "2",
+                 "--hires-size", "128x96", "--url", url]) == 0
+    assert size_of(sized) == ("PNG", (128, 96))
+
+
 def test_generate_n_writes_numbered_files_and_json_prints_the_record(url, tmp_path,
                                                                      capsys) -> None:
     out = tmp_path / "lake.png"

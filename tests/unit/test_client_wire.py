@@ -11,8 +11,13 @@ from typing import Any, get_type_hints
 from PIL import Image
 
 from imagegen import payloads
-from imagegen.payloads import GenerationOptions, UpscaleOptions
-from serve_app.api.wire import REQUEST_MODELS, GenerationCommon, UpscaleRequest
+from imagegen.payloads import GenerationOptions, HiresOptions, UpscaleOptions
+from serve_app.api.wire import (
+    REQUEST_MODELS,
+    GenerationCommon,
+    HiresRequest,
+    UpscaleRequest,
+)
 from serve_app.messages import JobType
 
 
@@ -44,6 +49,10 @@ def test_the_clients_upscale_options_are_the_upscale_routes_other_fields() -> No
     assert set(EVERY_UPSCALE_OPTION) == set(get_type_hints(UpscaleOptions))
 
 
+EVERY_HIRES: HiresOptions = {"scale": 1.5, "width": 128, "height": 96, "upscaler": "lanczos",
+                             "steps": 3, "denoising_strength": 0.4, "sampler": "euler"}
+
+
 def test_the_clients_options_are_the_fields_every_mode_shares() -> None:
     assert set(get_type_hints(GenerationOptions)) == set(GenerationCommon.model_fields)
     assert set(EVERY_OPTION) == set(GenerationCommon.model_fields)
@@ -52,7 +61,7 @@ def test_the_clients_options_are_the_fields_every_mode_shares() -> None:
 def test_every_body_the_client_builds_is_one_its_route_accepts_with_every_field() -> None:
     uri = png_uri()
     calls = {
-        JobType.TEXT2IMG: payloads.text2img("a lake", EVERY_OPTION, None),
+        JobType.TEXT2IMG: payloads.text2img("a lake", EVERY_OPTION, None, EVERY_HIRES),
         JobType.IMG2IMG: payloads.img2img(uri, "a lake", 0.5, EVERY_OPTION, None),
         JobType.INPAINT: payloads.inpaint(uri, uri, "a lake", 0.5, EVERY_OPTION, None),
         JobType.STYLE_TRANSFER: payloads.style_transfer(uri, uri, "a lake", 0.5, 0.5,
@@ -69,3 +78,5 @@ def test_every_body_the_client_builds_is_one_its_route_accepts_with_every_field(
         sent: dict[str, Any] = parsed.model_dump(exclude_unset=True)
         # Every field of the mode was sent, options and the mode's own fields alike.
         assert set(sent) == set(model.model_fields), job_type
+        if job_type is JobType.TEXT2IMG:  # and every field of the hires fix
+            assert set(sent["hires"]) == set(HiresRequest.model_fields)

@@ -198,6 +198,40 @@ def test_webuiapi_txt2img_honours_seed_batch_and_size(server) -> None:
         "text2img", "dpm++_2m_karras", 4)
 
 
+def test_webuiapi_txt2img_with_enable_hr_returns_twice_the_size(server) -> None:
+    api = sdapi(server)
+    result = api.txt2img(prompt="a cat", seed=7, width=96, height=64, steps=3,
+                         enable_hr=True, hr_scale=2, hr_upscaler=webuiapi.HiResUpscaler.Lanczos,
+                         hr_second_pass_steps=4, denoising_strength=0.5)
+    assert result.image.size == (192, 128)
+    assert result.info["extra_generation_params"]["Hires upscaler"] == "Lanczos"
+    job = httpx.get(f"{server.url}/jobs/{result.info['job_id']}").json()
+    assert job["request"]["hires"] == {"scale": 2, "width": 192, "height": 128,
+                                       "upscaler": "lanczos", "steps": 4,
+                                       "denoisingStrength": 0.5, "sampler": "euler_a"}
+    # webuiapi's own defaults (enable_hr=False and its hr_* values) change nothing.
+    assert api.txt2img(prompt="a cat", seed=7, width=96, height=64, steps=3).image.size == (
+        96, 64)
+    modes = httpx.get(f"{server.url}/sdapi/v1/latent-upscale-modes").json()
+    assert modes[0] == {"name": "Latent"} and {"name": "Latent (nearest-exact)"} in modes
+
+
+def test_a1111_image_changing_fields_we_lack_are_refused_naming_them(server) -> None:
+    api = sdapi(server)
+    with pytest.raises(RuntimeError) as faces:
+        api.txt2img(prompt="x", width=64, height=64, restore_faces=True)
+    assert faces.value.args[0] == 400
+    assert json.loads(faces.value.args[1])["detail"].startswith("restore_faces: face "
+                                                                "restoration is not available")
+    with pytest.raises(RuntimeError) as upscaler:
+        api.txt2img(prompt="x", width=64, height=64, enable_hr=True, hr_upscaler="ESRGAN_4x")
+    assert upscaler.value.args[0] == 400 and "hr_upscaler" in upscaler.value.args[1]
+    with pytest.raises(RuntimeError) as too_big:
+        api.txt2img(prompt="x", width=1024, height=1024, enable_hr=True, hr_scale=4, steps=1)
+    assert too_big.value.args[0] == 400
+    assert json.loads(too_big.value.args[1])["detail"].startswith("hr_scale")
+
+
 def test_webuiapi_img2img_and_inpainting(server) -> None:
     api = sdapi(server)
     source = Image.new("RGB", (96, 80), "blue")

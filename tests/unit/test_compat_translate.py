@@ -171,7 +171,7 @@ def test_every_sampler_we_run_has_an_a1111_name_that_resolves_back() -> None:
 def test_txt2img_fields_become_our_body() -> None:
     req = {"prompt": "cat", "negative_prompt": "dog", "steps": 9, "cfg_scale": 6, "width": 96,
            "height": 64, "seed": -1, "batch_size": 2, "n_iter": 3, "sampler_name": "DDIM",
-           "enable_hr": True, "restore_faces": True, "alwayson_scripts": {}}
+           "enable_hr": False, "hr_scale": 3, "restore_faces": False, "alwayson_scripts": {}}
     job_type, body = a1111.generation_job(req, "tiny-sd", LIMITS, img2img=False)
     assert job_type is JobType.TEXT2IMG
     assert body == {"outputFormat": "png", "preview": True, "prompt": "cat",

@@ -126,3 +126,41 @@ def test_a_stream_that_fails_releases_its_slot() -> None:
     with pytest.raises(RuntimeError), slots.take("ana"):
         raise RuntimeError("the tracker went away")
     assert slots.held("ana") == 0
+
+
+class TwoPasses(Stepped):
+    """A hires job's replica: after its first step, the rest are the second pass's."""
+
+    async def run(self, model_id, tasks):  # type: ignore[no-untyped-def]
+        yield Started("r")
+        for n, phase in ((1, ""), (2, "hires")):
+            await self.step.wait()
+            self.step.clear()
+            yield Progress(n, 3, phase=phase)
+        await self.step.wait()
+        for t in tasks:
+            yield finished(t, [b"x"])
+
+
+@pytest.mark.anyio
+async def test_a_hires_jobs_record_names_the_pass_it_is_in(registry, settings) -> None:
+    replicas = TwoPasses()
+    tracker = make_tracker(registry, settings, replicas)
+    job = await tracker.submit(submission(registry, settings, hires={"scale": 2}))
+
+    async def after_step(progress: int) -> dict[str, Any]:
+        replicas.step.set()
+        for _ in range(500):  # until the tracker has it (no timing assumed)
+            record: dict[str, Any] = json.loads(await tracker.get(job["id"], limited=False))
+            if record["progress"] == progress:
+                return record
+            await asyncio.sleep(0.01)
+        raise AssertionError(f"progress never reached {progress}: {record}")
+
+    first = await after_step(33)
+    assert (first["status"], first["phase"], first["progress"]) == ("processing",
+                                                                    "generating", 33)
+    second = await after_step(66)
+    assert (second["phase"], second["progress"]) == ("hires", 66)
+    replicas.step.set()
+    await tracker.close()

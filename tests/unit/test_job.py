@@ -65,6 +65,19 @@ def test_progress_never_goes_backwards() -> None:
     assert job.progress == 66
 
 
+def test_a_hires_fixs_second_pass_shows_as_its_phase() -> None:
+    job = make_job()
+    job.start(0)
+    job.report_progress(3, 7)
+    assert job.to_wire()["phase"] == "generating"
+    job.report_progress(4, 7, phase="hires")
+    assert (job.phase, job.to_wire()["phase"], job.progress) == (Phase.HIRES, "hires", 57)
+    job.report_progress(5, 7)  # a coalesced step without its phase does not go back
+    assert job.phase is Phase.HIRES
+    job.complete(result(), 1)
+    assert job.phase is None
+
+
 def test_cancel_keeps_progress_where_it_stopped() -> None:
     job = make_job()
     job.start(0)

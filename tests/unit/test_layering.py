@@ -18,7 +18,7 @@ PACKAGES = ("serve_app", "deployments")
 KERNEL = ("serve_app.errors", "serve_app.settings", "serve_app.registry", "serve_app.messages",
           "serve_app.credentials", "serve_app.model_families", "serve_app.webhook_targets",
           "serve_app.model_adapters", "serve_app.shards", "serve_app.blobs",
-          "serve_app.lora_folders")
+          "serve_app.lora_folders", "serve_app.hires_plan")
 ALLOWED: dict[str, tuple[str, ...]] = {
     # The tracker's interface is declared by `JobTracker` (serve_app.jobs.service); the
     # ingress derives its client and routing from it.
@@ -46,6 +46,8 @@ ALLOWED: dict[str, tuple[str, ...]] = {
     "serve_app.registry": ("serve_app.errors", "serve_app.settings", "serve_app.messages",
                            "serve_app.model_families", "serve_app.model_adapters"),
     "serve_app.model_families": ("serve_app.messages",),
+    # The hires fix's upscaler names and sizes, for the ingress and the replica alike.
+    "serve_app.hires_plan": (),
     "serve_app.model_adapters": ("serve_app.model_families",),
     # LoRA folders' files (torch-free: the ingress validates names with it).
     "serve_app.lora_folders": ("serve_app.model_adapters", "serve_app.registry"),

@@ -278,3 +278,37 @@ async def test_with_a_blob_store_inputs_are_read_by_key_and_results_leave_as_ref
         "jobs/job_7_a/out/0.webp", "image/webp", 9, 32, 16)
     assert first.sha256 == hashlib.sha256(b"the input").hexdigest()
     assert blobs.get(first.key) == b"the input" and blobs.get(second.key) == b"second"
+
+
+class TwoPassRunner(FakeRunner):
+    """Reports like a hires fix: two first-pass steps, then three named "hires"."""
+
+    def generate(self, task: GenerationTask, on_step: Callable[..., None] | None = None,
+                 should_stop: Callable[[], bool] | None = None) -> GenerationResult:
+        assert on_step is not None
+        for step in (1, 2):
+            on_step(step, 5)
+        for step in (3, 4, 5):
+            on_step(step, 5, "hires")
+        return GenerationResult(images=[b"img"], seeds=task.seeds, content_type="image/png")
+
+
+async def test_the_first_step_of_a_second_pass_is_never_coalesced_away() -> None:
+    worker = ModelWorker(TwoPassRunner(), "r", progress_every_s=10)
+    events = await collect(worker, make_task())
+    assert [e for e in events if isinstance(e, Progress)] == [
+        Progress(1, 5), Progress(3, 5, phase="hires"), Progress(5, 5, phase="hires")]
+
+
+async def test_a_hires_results_images_are_stored_at_the_hires_size() -> None:
+    from obstore.store import MemoryStore
+
+    from serve_app.blobs import Blobs
+    from serve_app.messages import HiresFix
+
+    worker = ModelWorker(FakeRunner(), "r", blobs=Blobs(MemoryStore()))
+    task = make_task(job_id="job_8_b", width=64, height=48, steps=1,
+                     hires=HiresFix(128, 96, "latent", 2, 0.5, "euler_a"))
+    (*_, done) = [e async for e in worker.stream(task)]
+    assert isinstance(done, Finished)
+    assert [(r.width, r.height) for r in done.result.refs] == [(128, 96)]

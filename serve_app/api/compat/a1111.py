@@ -21,6 +21,7 @@ from fastapi.responses import JSONResponse
 from serve_app.api.admission import admit
 from serve_app.api.compat import a1111_samplers as samplers
 from serve_app.api.compat import a1111_translate as translate
+from serve_app.api.compat.a1111_fields import HR_UPSCALERS, LATENT_MODES
 from serve_app.api.compat.dialects import A1111_PREFIX, DialectError, error_responses, json_body
 from serve_app.api.compat.jobs import cancel_quietly, submit, wait_for_job
 from serve_app.api.context import context
@@ -36,18 +37,23 @@ JOB_NOTE = "a1111.job"
 
 # What clients probe on start-up and we have nothing of: A1111's answer for an empty list.
 EMPTY: dict[str, Any] = {
-    "/sd-vae": [], "/latent-upscale-modes": [], "/hypernetworks": [],
+    "/sd-vae": [], "/hypernetworks": [],
     "/face-restorers": [], "/realesrgan-models": [], "/prompt-styles": [], "/extensions": [],
     "/embeddings": {"loaded": {}, "skipped": {}},
     "/scripts": {"txt2img": [], "img2img": []},
     "/cmd-flags": {"api": True, "nowebui": True, "api_auth": None, "listen": False,
                    "port": None, "skip_torch_cuda_test": False},
 }
+# The hires fix's latent upscalers (`hr_upscaler`), as A1111 lists them.
+LISTINGS: dict[str, Any] = {
+    "/latent-upscale-modes": [{"name": name} for name in LATENT_MODES],
+}
 # Refreshing lists we do not have: A1111 answers null.
 REFRESH = ("/refresh-checkpoints", "/refresh-loras", "/refresh-vae", "/refresh-embeddings")
 
 # What /docs and /openapi.json show of the request bodies (the routes read the raw request,
-# to answer a malformed one in A1111's words). Unknown fields are accepted and ignored.
+# to answer a malformed one in A1111's words). Unknown fields are accepted and ignored,
+# unless they change the image (`a1111_fields.refuse_unsupported`).
 _TXT2IMG_FIELDS: dict[str, Any] = {
     "prompt": {"type": "string"}, "negative_prompt": {"type": "string"},
     "steps": {"type": "integer"}, "cfg_scale": {"type": "number"},
@@ -57,6 +63,14 @@ _TXT2IMG_FIELDS: dict[str, Any] = {
     "send_images": {"type": "boolean"},
     "override_settings": {"type": "object",
                           "properties": {"sd_model_checkpoint": {"type": "string"}}},
+}
+# txt2img's hires fix (docs/compat.md).
+_HIRES_FIELDS: dict[str, Any] = {
+    "enable_hr": {"type": "boolean"}, "hr_scale": {"type": "number"},
+    "hr_resize_x": {"type": "integer"}, "hr_resize_y": {"type": "integer"},
+    "hr_upscaler": {"type": "string", "enum": list(HR_UPSCALERS)},
+    "hr_second_pass_steps": {"type": "integer"}, "denoising_strength": {"type": "number"},
+    "hr_sampler_name": {"type": "string"}, "hr_scheduler": {"type": "string"},
 }
 _IMG2IMG_FIELDS: dict[str, Any] = {
     **_TXT2IMG_FIELDS, "init_images": {"type": "array", "items": {"type": "string"}},
@@ -68,7 +82,8 @@ _READ_ERRORS = error_responses(A1111_PREFIX, 401, 429, 503)
 
 
 @router.post("/txt2img", responses=_GENERATE_ERRORS,
-             openapi_extra=json_body({"type": "object", "properties": _TXT2IMG_FIELDS}))
+             openapi_extra=json_body({"type": "object",
+                                      "properties": _TXT2IMG_FIELDS | _HIRES_FIELDS}))
 async def txt2img(request: Request) -> JSONResponse:
     return await _generate(request, img2img=False)
 
@@ -163,7 +178,7 @@ def _listing(value: Any) -> Any:
     return answer
 
 
-for _path, _value in EMPTY.items():
+for _path, _value in {**EMPTY, **LISTINGS}.items():
     router.add_api_route(_path, _listing(_value), methods=["GET"], responses=_READ_ERRORS)
 for _path in REFRESH:
     router.add_api_route(_path, _listing(None), methods=["POST"], responses=_READ_ERRORS)

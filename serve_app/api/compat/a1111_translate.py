@@ -12,8 +12,10 @@ sd_model_checkpoint`, `send_images`; img2img adds `init_images` (the first), `ma
 prompt as A1111 does, `<lora:name:multiplier>` (multiplier 1 if left out): the tags leave
 the prompt and become the job's `loras` (the model's registry LoRAs; `GET
 /sdapi/v1/loras` lists them).
-Every other field is accepted and ignored (docs/compat.md lists them). Fields left out take
-the model's defaults.
+txt2img's hires fix (`enable_hr`, `hr_*`, `denoising_strength`) and the refusal of every
+image-changing field we do not implement are `serve_app.api.compat.a1111_fields`'. Every
+other field is accepted and ignored (docs/compat.md lists them). Fields left out take the
+model's defaults.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from typing import Any
 
 from PIL import ImageOps
 
+from serve_app.api.compat.a1111_fields import hires_fields, hires_params, refuse_unsupported
 from serve_app.api.compat.a1111_samplers import a1111_name, resolve
 from serve_app.api.compat.dialects import DialectError
 from serve_app.api.input_images import open_image
@@ -44,7 +47,10 @@ FIELD_NAMES = {
     "seed": "seed", "guidanceScale": "cfg_scale", "initImage": "init_images",
     "image": "init_images", "mask": "mask", "strength": "denoising_strength",
     "inpaintingStrength": "denoising_strength", "sampler": "sampler_name",
-    "loras": "prompt",
+    "loras": "prompt", "hires": "enable_hr", "hires.scale": "hr_scale",
+    "hires.width": "hr_resize_x", "hires.height": "hr_resize_y",
+    "hires.upscaler": "hr_upscaler", "hires.steps": "hr_second_pass_steps",
+    "hires.denoisingStrength": "denoising_strength", "hires.sampler": "hr_sampler_name",
 }
 # Ours <- theirs, for the fields that map one to one.
 _DIRECT = {"prompt": "prompt", "negative_prompt": "negativePrompt", "steps": "steps",
@@ -76,7 +82,13 @@ def generation_job(req: dict[str, Any], model: str | None, limits: Limits,
         body["sampler"] = resolved.sampler
     if model is not None:
         body["model"] = model
+    refuse_unsupported(req, body.get("sampler"), img2img=img2img)
+    if req.get("disable_extra_networks") in (True, 1):
+        body.pop("loras", None)  # the tags leave the prompt, unapplied, as in A1111
     if not img2img:
+        hires = hires_fields(req, req.get("prompt") or "", req.get("negative_prompt") or "")
+        if hires is not None:
+            body["hires"] = hires
         return JobType.TEXT2IMG, body
     init = req.get("init_images")
     if not isinstance(init, list) or not init:
@@ -153,8 +165,9 @@ def generation_response(record: dict[str, Any], req: dict[str, Any],
         "sd_model_name": checkpoint["model_name"], "sd_model_hash": checkpoint["hash"],
         "sd_vae_name": None, "sd_vae_hash": None, "seed_resize_from_w": -1,
         "seed_resize_from_h": -1, "denoising_strength": ran.get(
-            "strength", ran.get("inpaintingStrength")),
-        "extra_generation_params": {"Schedule type": named.scheduler},
+            "strength", ran.get("inpaintingStrength", (ran.get("hires") or {}).get(
+                "denoisingStrength"))),
+        "extra_generation_params": {"Schedule type": named.scheduler} | hires_params(ran),
         "index_of_first_image": 0, "infotexts": infotexts, "styles": [],
         "job_timestamp": _timestamp(record.get("createdAt")), "clip_skip": 1,
         "is_using_inpainting_conditioning": record["type"] == "inpaint",
@@ -181,6 +194,9 @@ def progress_body(record: dict[str, Any] | None, now: datetime) -> dict[str, Any
         return {"progress": 0.0, "eta_relative": 0.0, "state": state, "current_image": None,
                 "textinfo": None, "current_task": record["id"] if record else None}
     steps = int(record["request"].get("steps") or 0)
+    hires = record["request"].get("hires")
+    if hires:  # progress counts both passes; the second runs strength x its steps
+        steps += max(1, min(hires["steps"], int(hires["steps"] * hires["denoisingStrength"])))
     done = record.get("progress", 0) / 100
     progress = min(1.0, max(0.01, done))
     eta = 0.0
@@ -235,7 +251,8 @@ def _infotext(ran: dict[str, Any], sampler: str, scheduler: str, seed: int,
         f"Steps: {ran['steps']}, Sampler: {sampler}, Schedule type: {scheduler}, "
         f"CFG scale: {ran['guidanceScale']:g}, Seed: {seed}, "
         f"Size: {ran['width']}x{ran['height']}, Model hash: {checkpoint['hash']}, "
-        f"Model: {checkpoint['model_name']}, Version: {VERSION}")
+        f"Model: {checkpoint['model_name']}, "
+        + "".join(f"{k}: {v}, " for k, v in hires_params(ran).items()) + f"Version: {VERSION}")
     return "\n".join(lines)
 
 

@@ -107,6 +107,7 @@ function describe(r) {
   if (phase === 'loading_model') return 'Loading the model (cold start: no replica was ready)…';
   if (phase === 'waiting_for_replica') return 'Waiting for a free replica…';
   if (phase === 'retrying') return `Retrying (${r.retryReason ?? 'its replica was lost'})…`;
+  if (phase === 'hires') return `Hires fix: refining at the larger size… ${r.progress}%`;
   if (r.status === 'processing') return `Generating… ${r.progress}%`;
   return r.queuePosition ? `Queued: position ${r.queuePosition}` : 'Queued';
 }

@@ -22,6 +22,9 @@ export class GenerateForm {
     $('random-seed').addEventListener('click', () => {
       $('seed').value = crypto.getRandomValues(new Uint32Array(1))[0];
     });
+    $('hires').addEventListener('change', () => {
+      $('hires-options').hidden = !$('hires').checked;
+    });
     $('model').addEventListener('change', () => {
       this.#applyDefaults();
       this.#showModelStatus();
@@ -105,6 +108,14 @@ export class GenerateForm {
     };
     const negative = $('negative-prompt').value.trim();
     if (negative) body.negativePrompt = negative;
+    if (this.mode === 'text2img' && $('hires').checked) {
+      body.hires = {
+        scale: number('hires-scale'),
+        upscaler: $('hires-upscaler').value,
+        steps: number('hires-steps'),
+        denoisingStrength: number('hires-strength'),
+      };
+    }
     if (this.mode === 'img2img') body.strength = number('strength');
     if (this.mode === 'inpaint') body.inpaintingStrength = number('inpainting-strength');
     if (this.mode === 'outpaint') {
@@ -146,6 +157,15 @@ export class GenerateForm {
     set('seam', request.seam);
     set('upscale-scale', request.scale);
     set('upscaler', request.upscaler);
+    const hires = request.hires;
+    $('hires').checked = Boolean(hires);
+    $('hires-options').hidden = !hires;
+    if (hires) {
+      set('hires-scale', hires.scale ?? (request.width ? hires.width / request.width : undefined));
+      set('hires-upscaler', hires.upscaler);
+      set('hires-steps', hires.steps);
+      set('hires-strength', hires.denoisingStrength);
+    }
     for (const range of this.form.querySelectorAll('input[type=range]')) this.#syncOutput(range);
     this.#showModelStatus();
   }
