@@ -1,6 +1,6 @@
 """`imagegen`: generate images with a running service, inspect its jobs, or run it.
 
-    imagegen generate "a lake at dawn" -o lake.png --size 512x512 --steps 30 --seed 42
+    imagegen generate "a red circle on a blue background" -o circle.png --seed 42
     imagegen img2img photo.png "as a watercolor" -o out.png --strength 0.6
     imagegen inpaint photo.png mask.png "a red car" -o out.png
     imagegen style content.png style.png -o out.png

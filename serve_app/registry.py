@@ -431,14 +431,11 @@ class Registry(Strict):
         names = [u.name for u in self.upscalers]
         if len(set(names)) != len(names):
             raise ValueError(f"duplicate upscaler names: {', '.join(sorted(names))}")
+        self._check_pools()
         return self
 
     def upscaler(self, name: str) -> UpscalerSpec | None:
         return next((u for u in self.upscalers if u.name == name), None)
-
-
-        self._check_pools()
-        return self
 
     def _check_pools(self) -> None:
         pool_ids = [p.id for p in self.pools]

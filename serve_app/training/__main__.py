@@ -36,11 +36,11 @@ class Plan:
 
     vae: int = 1200
     denoiser: int = 2500
-    inpaint: int = 600
-    lora: int = 300
-    controlnet: int = 500
+    inpaint: int = 300
+    lora: int = 600
+    controlnet: int = 600
     pool: int = 20000
-    companion_pool: int = 6000
+    companion_pool: int = 3000
     eval_every: int = 500
     eval_n: int = 45
     vae_batch: int = 16

@@ -76,7 +76,7 @@ def test_high_priority_job_starts_before_earlier_low_ones(
     spec = registry.get("tiny-sd")
     assert spec is not None
     batch = spec.scaling.max_batch_size
-    blocker = submit(client, width=512, height=512, steps=40)
+    blocker = submit(client, width=192, height=192, steps=40)
     running(client, blocker["id"])
     lows = [submit(client, priority="low", **SMALL) for _ in range(batch + 1)]
     high = submit(client, priority="high", **SMALL)
@@ -97,7 +97,7 @@ def test_high_priority_job_starts_before_earlier_low_ones(
 
 def test_cancelling_a_running_job_stops_it_and_frees_the_replica(serve_harness, client) -> None:
     deployed(serve_harness)
-    victim = submit(client, width=512, height=512, steps=100)
+    victim = submit(client, width=192, height=192, steps=100)
     behind = submit(client, **SMALL)
     running(client, victim["id"])
 
@@ -109,7 +109,7 @@ def test_cancelling_a_running_job_stops_it_and_frees_the_replica(serve_harness, 
     assert cancelled["status"] == "cancelled" and 0 < cancelled["progress"] < 100
 
     # The replica stops within a step, so the job behind starts within seconds, not after
-    # the victim's remaining ~95 steps of 512² (a minute and more here; 10 s leaves room
+    # the victim's remaining ~95 steps of 192² (a minute and more here; 10 s leaves room
     # for a loaded machine's slow steps).
     until(lambda: job(client, behind["id"]).get("startedAt"), 10.0, "the next job started")
     assert wait_for(client, behind["id"])["status"] == "completed"
@@ -122,7 +122,7 @@ def test_killing_the_model_replica_mid_job_retries_it_on_the_replica_serve_start
     serve_harness, client
 ) -> None:
     deployed(serve_harness)
-    victim = submit(client, width=512, height=512, steps=60)
+    victim = submit(client, width=192, height=192, steps=60)
     queued = [submit(client, **SMALL) for _ in range(3)]
     running(client, victim["id"])
 
@@ -142,7 +142,7 @@ def test_killing_the_tracker_loses_no_job_and_completes_none_twice(
 ) -> None:
     deployed(serve_harness)
     before = stats(client)
-    jobs = [submit(client, width=512, height=512, steps=30)]
+    jobs = [submit(client, width=192, height=192, steps=30)]
     jobs += [submit(client, width=128, height=128, steps=8) for _ in range(6)]
     ids = [j["id"] for j in jobs]
     running(client, ids[0])
@@ -219,7 +219,7 @@ def test_deleting_and_redeploying_the_app_under_load_completes_every_job(
 ) -> None:
     deployed(serve_harness)
     before = stats(client)
-    jobs = [submit(client, width=512, height=512, steps=30)]
+    jobs = [submit(client, width=192, height=192, steps=30)]
     jobs += [submit(client, width=128, height=128, steps=4) for _ in range(19)]
     ids = [j["id"] for j in jobs]
     running(client, ids[0])
@@ -243,7 +243,7 @@ def test_deleting_and_redeploying_the_app_under_load_completes_every_job(
 
 def test_a_full_queue_answers_429_with_retry_after_and_never_5xx(serve_harness, client) -> None:
     deployed(serve_harness, max_queue_size=5)
-    blocker = submit(client, width=512, height=512, steps=60)
+    blocker = submit(client, width=192, height=192, steps=60)
     running(client, blocker["id"])
 
     accepted, refused = [], []
@@ -266,7 +266,7 @@ def test_a_full_queue_answers_429_with_retry_after_and_never_5xx(serve_harness, 
 
 def test_a_job_past_job_timeout_fails_and_the_next_one_runs(serve_harness, client) -> None:
     deployed(serve_harness, job_timeout_ms=2000)
-    slow = submit(client, width=512, height=512, steps=150)
+    slow = submit(client, width=192, height=192, steps=150)
     nxt = submit(client, **SMALL)
     failed = wait_for(client, slow["id"], timeout_s=30)
     assert failed["status"] == "failed" and "timed out" in failed["error"], failed

@@ -12,6 +12,7 @@ import httpx
 import pytest
 from PIL import Image
 
+from serve_app.training.judge import judge
 from tests.support.serve_harness import ServeHarness, wait_for
 
 pytestmark = pytest.mark.e2e
@@ -35,18 +36,28 @@ def png_of(job: dict[str, Any], index: int = 0) -> bytes:
     return base64.b64decode(uri.split(",", 1)[1])
 
 
-def test_seed_curl_example_completes_with_a_png_of_the_requested_size(client) -> None:
-    job = submit(client, prompt="A serene lake surrounded by mountains at sunset",
-                 steps=30, width=512, height=512)
+def test_the_readme_example_draws_what_it_asks_for_at_the_model_defaults(client) -> None:
+    job = submit(client, prompt="a red circle on a blue background", seed=1)
     assert (job["status"], job["progress"], job["type"]) == ("queued", 0, "text2img")
     done = wait_for(client, job["id"])
     assert done["status"] == "completed", done
     assert done["progress"] == 100 and done["startedAt"] and done["completedAt"]
     image = Image.open(io.BytesIO(png_of(done)))
-    assert (image.format, image.size) == ("PNG", (512, 512))
+    assert (image.format, image.size) == ("PNG", (64, 64))  # tiny-sd's defaults
     params = done["result"]["parameters"]
-    assert params["model"] == "tiny-sd" and params["steps"] == 30
+    assert params["model"] == "tiny-sd" and params["steps"] == 20
     assert done["result"]["timeTaken"] > 0 and isinstance(done["result"]["seed"], int)
+    shown = judge(image.convert("RGB"))  # colours: what the shipped model has learned
+    assert (shown.colour, shown.background) == ("red", "blue")
+
+
+def test_seed_curl_example_completes_with_a_png_of_the_requested_size(client) -> None:
+    job = submit(client, prompt="A serene lake surrounded by mountains at sunset",
+                 steps=4, width=256, height=192)
+    done = wait_for(client, job["id"])
+    assert done["status"] == "completed", done
+    image = Image.open(io.BytesIO(png_of(done)))
+    assert (image.format, image.size) == ("PNG", (256, 192))
 
 
 def test_same_seed_gives_identical_bytes_and_another_seed_differs(client) -> None:
@@ -64,7 +75,7 @@ def test_raw_image_endpoint_serves_the_same_bytes(client) -> None:
 
 
 def test_a_queued_job_can_be_cancelled(client) -> None:
-    running = submit(client, width=512, height=512, steps=40)
+    running = submit(client, width=192, height=192, steps=40)
     queued = submit(client, width=64, height=64, steps=2)
     resp = client.post(f"/jobs/{queued['id']}/cancel")
     assert resp.status_code == 200 and resp.json()["success"] is True

@@ -39,8 +39,10 @@ def harness(local_ray) -> ServeHarness:  # type: ignore[no-untyped-def]
     served: ServeHarness = local_ray.harness().for_module("test_e2e_adapters")
     flagging_model(served)
     models = shipped("tiny-sd", "tiny-sd-inpaint")["models"]
-    flagging = models[0] | {"id": "tiny-flagging", "inpainting_model": None, "loras": [],
-                            "control_nets": []}
+    # The seeded tiny SD (it ships a tiny safety checker; the trained model has none).
+    flagging = {k: v for k, v in models[0].items() if k != "path"} | {
+        "id": "tiny-flagging", "source": "tiny", "inpainting_model": None, "loras": [],
+        "control_nets": []}
     served.deploy({"models": [*models, flagging]}, enable_nsfw_filter=True)
     return served
 

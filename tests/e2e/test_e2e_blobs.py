@@ -21,8 +21,10 @@ import redis
 from serve_app.blobs import Blobs, open_blobs
 from serve_app.jobs.housekeeping import BlobSweep
 from serve_app.jobs.persistence import StoreIO
+from serve_app.registry import load_registry
 from serve_app.settings import Settings
 from serve_app.stores.redis import RedisStore
+from tests.support import ROOT
 from tests.support.blob_contract import check_contract
 from tests.support.chaos import all_terminal, kill_replica, replaced, stats, submit
 from tests.support.images import img2img, inpaint, style
@@ -37,6 +39,18 @@ PREFIX = "service"
 SMALL = {"prompt": "a lighthouse", "width": 64, "height": 64, "steps": 2}
 
 
+# The null model answering a 512² photo's bytes (~400 KB, incompressible): what Redis must
+# not hold. (The trained tiny-sd's flat pictures compress to a few hundred bytes.)
+PHOTO = {"id": "photo", "name": "Null (512² photo bytes)", "description": "no model",
+         "source": "null", "defaults": {"steps": 1, "width": 512, "height": 512},
+         "runtime": {"null_image_bytes": 400_000}}
+
+
+def with_photo_model() -> dict[str, Any]:
+    registry = load_registry(ROOT / "config" / "models.yaml")
+    return {"models": [*(m.model_dump(exclude_none=True) for m in registry.models), PHOTO]}
+
+
 def blob_settings(s3: S3Server, prefix: str = PREFIX) -> dict[str, Any]:
     return {"blob_url": f"s3://{BUCKET}/{prefix}", "s3_endpoint_url": s3.endpoint}
 
@@ -45,8 +59,8 @@ def blob_settings(s3: S3Server, prefix: str = PREFIX) -> dict[str, Any]:
 def harness(serve_harness: ServeHarness, s3: S3Server) -> ServeHarness:
     redis_store().close()  # flushes the test database, or skips without a server
     s3.bucket(BUCKET)
-    serve_harness.deploy(store="redis", redis_url=REDIS_URL, max_attempts=3,
-                         **blob_settings(s3))
+    serve_harness.deploy(with_photo_model(), store="redis", redis_url=REDIS_URL,
+                         max_attempts=3, **blob_settings(s3))
     return serve_harness
 
 
@@ -122,8 +136,8 @@ def test_the_openai_client_gets_presigned_urls_and_the_same_bytes_as_b64(
 def test_redis_holds_records_only_a_few_kb_per_512px_job(client: httpx.Client) -> None:
     server = redis.Redis.from_url(REDIS_URL)
     before = int(server.info("memory")["used_memory"])
-    ids = [submit(client, prompt="a harbour", width=512, height=512, steps=1,
-                  seed=100 + i)["id"] for i in range(16)]
+    ids = [submit(client, prompt="a harbour", model="photo", seed=100 + i)["id"]
+           for i in range(16)]
     final = all_terminal(client, ids, 300)
     assert all(j["status"] == "completed" for j in final.values()), final
     grown = int(server.info("memory")["used_memory"]) - before

@@ -131,7 +131,7 @@ def test_webuiapi_enable_hr_makes_twice_the_size_as_our_own_hires_fix(harness, s
 def test_webuiapi_watches_and_interrupts_its_running_job(harness, sdapi) -> None:
     box: dict[str, Any] = {}
     worker = threading.Thread(target=lambda: box.update(result=sdapi.txt2img(
-        prompt="a long one", width=512, height=512, steps=60, seed=5)))
+        prompt="a long one", width=192, height=192, steps=60, seed=5)))
     worker.start()
     deadline = time.monotonic() + 60
     # A1111's live preview: the latent thumbnail, every 60 // 8 = 7 steps.

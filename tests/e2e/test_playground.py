@@ -23,6 +23,7 @@ from PIL import Image, ImageChops
 
 from tests.support.serve_harness import ServeHarness, wait_for
 
+EXAMPLE_PROMPT = "a red circle on a blue background"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
 if not (CHROMIUM and CHROMEDRIVER):
@@ -150,7 +151,7 @@ def job_id(driver: WebDriver) -> str:
 
 
 def test_the_progress_bar_moves_and_cancel_stops_the_job(page, client, shots) -> None:
-    control(page, "Prompt").send_keys("a slow one")
+    fill(page, prompt="a slow one")
     fill(page, width=256, height=256, steps=64)  # ~0.3 s a step here: long enough to watch
     button(page, "Generate").click()
     bar = control(page, "Progress")
@@ -179,7 +180,7 @@ def test_the_progress_bar_moves_and_cancel_stops_the_job(page, client, shots) ->
 
 
 def test_server_errors_are_shown_from_their_error_bodies(page) -> None:
-    control(page, "Prompt").send_keys("x")
+    fill(page, prompt="x")
     fill(page, width=100)
     button(page, "Generate").click()
     alert = page.find_element(By.CSS_SELECTOR, "[role=alert]")
@@ -192,7 +193,7 @@ def test_img2img_with_an_uploaded_file(page, client, shots, tmp_path) -> None:
     gradient().save(source)
     label(page, "Image to image").click()
     control(page, "Input image").send_keys(str(source))
-    control(page, "Prompt").send_keys("watercolor")
+    fill(page, prompt="watercolor")
     # The uploaded image sets the output size (rounded down to multiples of 8).
     wait(page, 10).until(lambda d: control(d, "Width").get_attribute("value") == "128")
     assert control(page, "Height").get_attribute("value") == "96"
@@ -209,7 +210,7 @@ def test_inpainting_with_a_mask_painted_on_the_canvas(page, client, shots, tmp_p
     gradient().save(source)
     label(page, "Inpainting").click()
     control(page, "Image to inpaint").send_keys(str(source))
-    control(page, "Prompt").send_keys("a red boat")
+    fill(page, prompt="a red boat")
     canvas = page.find_element(By.ID, "mask-canvas")
     wait(page, 10).until(lambda d: canvas.get_attribute("width") == "128")
     ActionChains(page).move_to_element_with_offset(canvas, -80, -30).click_and_hold() \
@@ -264,8 +265,10 @@ def test_style_transfer_with_one_image_uploaded_and_one_dropped(page, client, tm
 
 
 def test_generate_through_the_page_by_its_labels(page, client, shots) -> None:
-    control(page, "Prompt").send_keys("a lake at dawn")
-    fill(page, width=192, height=192, steps=8, seed=1234, number_of_images=2)
+    # The page starts with an example prompt the embedded model can draw.
+    assert control(page, "Prompt").get_attribute("value") == EXAMPLE_PROMPT
+    fill(page, prompt="a yellow triangle on the left, purple background")
+    fill(page, steps=20, seed=1234, number_of_images=2)
     images = generate(page)
     assert [i.get_attribute("alt") for i in images] == [
         "Generated image 1 (seed 1234)", "Generated image 2 (seed 1235)"]
@@ -279,8 +282,9 @@ def test_generate_through_the_page_by_its_labels(page, client, shots) -> None:
         snap(page, ROOT / "docs" / "playground.png")
     # The page asked for exactly what the form said: the API gives the same bytes.
     resp = client.post("/generate/text2img", json={
-        "prompt": "a lake at dawn", "width": 192, "height": 192, "steps": 8, "seed": 1234,
-        "numImages": 2, "guidanceScale": 7.5, "sampler": "euler_a", "model": "tiny-sd"})
+        "prompt": "a yellow triangle on the left, purple background", "width": 64,
+        "height": 64, "steps": 20, "seed": 1234, "numImages": 2, "guidanceScale": 5.0,
+        "sampler": "ddim", "model": "tiny-sd"})
     same = wait_for(client, resp.json()["id"])
     assert [i.get_attribute("src") for i in images] == same["result"]["images"]
 

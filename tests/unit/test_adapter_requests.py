@@ -66,7 +66,7 @@ def test_an_unknown_lora_is_a_400_naming_it_and_the_models_loras(
         registry: Registry, settings: Settings) -> None:
     message = refused(registry, settings, loras=[{"name": "watercolor", "scale": 1}])
     assert message == ("loras: unknown LoRA 'watercolor' for model 'tiny-sd'; its LoRAs: "
-                       "tiny-style, tiny-detail (GET /models lists them)")
+                       "outline, tiny-style, tiny-detail (GET /models lists them)")
 
 
 def test_a_lora_of_another_model_family_is_a_400_saying_whose_it_is(
@@ -93,7 +93,7 @@ def test_malformed_loras_are_400s_naming_the_field(
 def test_a_dedicated_inpainting_model_takes_its_base_models_loras(
         registry: Registry, settings: Settings) -> None:
     assert [lo.name for lo in registry.get("tiny-sd-inpaint").loras] == [
-        "tiny-style", "tiny-detail"]
+        "outline", "tiny-style", "tiny-detail"]
     sub = submit(registry, settings, JobType.INPAINT, image=png((64, 64)),
                  mask=png((64, 64)), loras=[{"name": "tiny-style", "scale": 0.5}])
     assert sub.model == "tiny-sd-inpaint" and sub.task.loras == (("tiny-style", 0.5),)
@@ -182,7 +182,8 @@ async def test_get_models_lists_each_models_loras_and_controlnets(
     body = (await api.get("/models")).json()
     models = {m["id"]: m for m in ModelList.model_validate(body).model_dump(by_alias=True)[
         "models"]}
-    assert [lo["name"] for lo in models["tiny-sd"]["loras"]] == ["tiny-style", "tiny-detail"]
+    assert [lo["name"] for lo in models["tiny-sd"]["loras"]] == [
+        "outline", "tiny-style", "tiny-detail"]
     assert models["tiny-sd"]["loras"][0]["format"] == "diffusers"
     assert [c["id"] for c in models["tiny-sd"]["controlNets"]] == ["tiny-canny"]
     assert models["tiny-sdxl"]["controlNets"][0]["id"] == "tiny-xl-canny"

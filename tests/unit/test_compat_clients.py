@@ -255,7 +255,7 @@ def test_webuiapi_start_up_probes_and_listings_answer(server) -> None:
     assert model.keys() == {"title", "model_name", "hash", "sha256", "filename", "config"}
     assert api.get_options()["sd_model_checkpoint"] == model["title"]
     assert api.get_scripts() == {"txt2img": [], "img2img": []}
-    assert [lo["name"] for lo in api.get_loras()] == ["tiny-style", "tiny-detail"]
+    assert [lo["name"] for lo in api.get_loras()] == ["outline", "tiny-style", "tiny-detail"]
     assert api.get_sd_vae() == [] and api.get_embeddings() == {"loaded": {}, "skipped": {}}
     assert api.get_upscalers()[0]["name"] == "None" and api.get_cmd_flags()["api"] is True
     assert api.get_progress()["state"]["job_count"] == 0

@@ -288,7 +288,7 @@ def test_gpu_registry_entries_match_their_models() -> None:
 
 def test_gpu_registry_keeps_the_tiny_model_for_smoke_tests_off_the_gpu() -> None:
     tiny = gpu_registry().get("tiny-sd")
-    assert tiny is not None and tiny.source == "tiny"
+    assert tiny is not None and tiny.source == "trained"
     assert tiny.resources.num_gpus == 0
 
 

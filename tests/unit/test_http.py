@@ -246,5 +246,5 @@ async def test_models_and_health(client) -> None:
     assert ids[:2] == ["tiny-sd", "tiny-sd-inpaint"] and "stable-diffusion-v1.5" in ids
     tiny = models[0]
     assert {"id", "name", "description", "type", "loaded", "version"} <= tiny.keys()
-    assert "test model" in tiny["name"].lower()
+    assert "shapes" in tiny["name"].lower() and "circle" in tiny["description"]
     assert (await client.get("/healthz")).json() == {"status": "ok"}

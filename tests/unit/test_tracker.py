@@ -33,7 +33,7 @@ async def test_a_submitted_job_runs_to_completion_with_its_images(
     decoded = [base64.b64decode(uri.split(",", 1)[1]) for uri in result["images"]]
     assert decoded == [fake_image(sub.task, 7), fake_image(sub.task, 8)]
     assert result["parameters"]["model"] == "tiny-sd"
-    assert result["parameters"]["steps"] == 3 and result["parameters"]["sampler"] == "euler_a"
+    assert result["parameters"]["steps"] == 3 and result["parameters"]["sampler"] == "ddim"
     # The tracker's own record and image calls carry references, never image bytes.
     own = json.loads(await tracker.get(queued["id"]))["result"]["images"]
     second = fake_image(sub.task, 8)

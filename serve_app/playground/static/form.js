@@ -177,7 +177,7 @@ export class GenerateForm {
     }
     $('prompt').placeholder = mode === 'style-transfer'
       ? 'Optional for style transfer'
-      : 'A serene lake surrounded by mountains at sunset';
+      : 'a small yellow triangle at the top on a black background';
   }
 
   #syncOutput(range) {
