@@ -20,7 +20,7 @@ import pytest
 from PIL import Image
 
 from serve_app.generation.runner import ModelRunner
-from serve_app.messages import ControlInput, GenerationTask, JobType
+from serve_app.messages import ControlInput, GenerationTask, HiresFix, JobType
 from serve_app.registry import ModelSpec, Registry
 from serve_app.settings import Settings
 from serve_app.training import judge as judging
@@ -295,3 +295,22 @@ def test_a_batch_of_trained_model_jobs_is_byte_identical_to_each_alone(
     batched = [r.images[0] for r in runner.generate_batch(tasks)]
     alone = [runner.generate(t).images[0] for t in tasks]
     assert batched == alone
+
+
+# -- hires fix -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("upscaler", ["latent", "lanczos"])
+def test_a_hires_image_keeps_the_first_pass_picture_at_twice_the_size(
+    runner: ModelRunner, spec: ModelSpec, upscaler: str
+) -> None:
+    d = spec.defaults
+    fix = HiresFix(width=2 * d.width, height=2 * d.height, upscaler=upscaler, steps=d.steps,
+                   denoising_strength=0.5, sampler=d.sampler)
+    tasks = [task(spec, p, i) for i, (p, _) in enumerate(GRID[:6])]
+    first = draw(runner, tasks)
+    big = draw(runner, [dataclasses.replace(t, hires=fix) for t in tasks])
+    assert all(im.size == (2 * d.width, 2 * d.height) for im in big)
+    same = [(a.background, a.colour, a.position) == (b.background, b.colour, b.position)
+            for a, b in zip(map(judging.judge, first), map(judging.judge, big), strict=True)]
+    assert sum(same) >= 5, same
