@@ -47,9 +47,10 @@ class Cluster:
 def place(spec: ModelSpec, cluster: Cluster, job_timeout_s: float) -> tuple[ModelSpec, str | None]:
     """`spec` resolved for `cluster`, and why it cannot be served there (None: it can)."""
     runtime, resources = spec.runtime, spec.resources
-    wants_gpu = runtime.device == "cuda" or resources.num_gpus > 0
-    if runtime.device == "auto" and cluster.gpus and not spec.is_tiny:
-        wants_gpu = True
+    # `device: cpu` is kept as written, whatever Ray resources the model claims (a test
+    # cluster's GPUs may be Ray resources only).
+    wants_gpu = runtime.device == "cuda" or (runtime.device == "auto" and (
+        resources.num_gpus > 0 or (cluster.gpus and not spec.is_tiny)))
     if wants_gpu:
         if not cluster.gpus:
             return spec, (

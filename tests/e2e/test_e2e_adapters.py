@@ -35,7 +35,8 @@ def shipped(*ids: str, **changes: dict[str, Any]) -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def harness(local_ray) -> ServeHarness:  # type: ignore[no-untyped-def]
     """One deployment (a redeploy costs ~30 s here): the shipped tiny-sd with its adapters,
-    and a copy whose safety checker flags everything, with ENABLE_NSFW_FILTER on."""
+    and two seeded tiny models with a tiny safety checker, one of them lowered to flag
+    everything, with ENABLE_NSFW_FILTER on."""
     served: ServeHarness = local_ray.harness().for_module("test_e2e_adapters")
     flagging_model(served)
     models = shipped("tiny-sd", "tiny-sd-inpaint")["models"]
@@ -43,7 +44,8 @@ def harness(local_ray) -> ServeHarness:  # type: ignore[no-untyped-def]
     flagging = {k: v for k, v in models[0].items() if k != "path"} | {
         "id": "tiny-flagging", "source": "tiny", "inpainting_model": None, "loras": [],
         "control_nets": []}
-    served.deploy({"models": [*models, flagging]}, enable_nsfw_filter=True)
+    checked = flagging | {"id": "tiny-checked"}  # the same tiny checker, as built: no flags
+    served.deploy({"models": [*models, flagging, checked]}, enable_nsfw_filter=True)
     return served
 
 
@@ -133,8 +135,12 @@ def test_a_controlnet_job_with_canny_preprocessing_makes_the_requested_size(
 
 def test_with_the_nsfw_filter_each_image_is_flagged_and_flagged_ones_are_black(
         client: httpx.Client) -> None:
-    clean = wait_for(client, submit(client, {"seed": 5, "numImages": 2}))
+    clean = wait_for(client, submit(client, {"seed": 5, "numImages": 2,
+                                             "model": "tiny-checked"}))
     assert clean["result"]["nsfw"] == [False, False]
+    # The trained model ships no checker: nothing was checked, and the result says so.
+    unchecked = wait_for(client, submit(client, {"seed": 5}))
+    assert "nsfw" not in unchecked["result"]
     flagged = wait_for(client, submit(client, {"seed": 5, "model": "tiny-flagging"}))
     assert flagged["result"]["nsfw"] == [True]
     with Image.open(io.BytesIO(images(flagged)[0])) as img:

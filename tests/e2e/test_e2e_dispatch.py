@@ -40,9 +40,11 @@ def registry() -> dict[str, Any]:
          "resources": {"num_cpus": 1}},
         {"id": "tiny-b", "name": "Tiny B", "description": "test model", **tiny,
          "scaling": {"min_replicas": 1, "max_replicas": 1}, "resources": {"num_cpus": 0.5}},
-        # Asks for a GPU this cluster does not have: its replica is never placed.
-        {"id": "tiny-gpu", "name": "Tiny on a GPU", "description": "test model", **tiny,
-         "scaling": {"min_replicas": 0, "max_replicas": 1}, "resources": {"num_gpus": 1}},
+        # Asks for more memory than this machine has: its replica is never placed. (A GPU
+        # model on a cluster without GPUs is refused at submit: serve_app.placement.)
+        {"id": "tiny-gpu", "name": "Tiny, too big", "description": "test model", **tiny,
+         "scaling": {"min_replicas": 0, "max_replicas": 1},
+         "resources": {"num_cpus": 0.5, "memory_gb": 4096}},
     ]}
 
 

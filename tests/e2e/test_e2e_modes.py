@@ -117,7 +117,7 @@ def test_a_hires_job_makes_twice_the_size_and_names_its_second_pass(client) -> N
     assert opened(image_bytes(done)).size == (384, 256)
     assert done["request"]["hires"] == {"scale": 2, "width": 384, "height": 256,
                                         "upscaler": "latent", "steps": 24,
-                                        "denoisingStrength": 0.5, "sampler": "euler_a"}
+                                        "denoisingStrength": 0.5, "sampler": "ddim"}
     phases = [phase for phase, _ in seen if phase in ("generating", "hires")]
     # The second pass (12 steps at 384x256) shows as its own phase, after the first's.
     assert "hires" in phases and phases == sorted(phases, key=("generating", "hires").index)

@@ -44,7 +44,9 @@ def registry(num_gpus: float) -> dict[str, Any]:
         {"id": m, "name": m, "description": "tiny test model", "source": "tiny",
          "defaults": {"width": 64, "height": 64, "steps": 2},
          "scaling": {"min_replicas": 1, "max_replicas": 1},
-         "resources": {"num_gpus": num_gpus, "num_cpus": 0.5}}
+         "resources": {"num_gpus": num_gpus, "num_cpus": 0.5},
+         # The nodes' GPUs are Ray resources only: the replicas run on their CPUs.
+         "runtime": {"device": "cpu"}}
         for m in MODELS
     ]}
 
