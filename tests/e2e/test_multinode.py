@@ -198,7 +198,8 @@ def test_tracker_shards_each_run_their_models_jobs_and_losing_one_loses_nothing(
         # Shard 0 (`Tracker`) owns tiny-a's jobs, shard 1 (`Tracker-1`) tiny-b's.
         first = [submit(client, model=m, seed=1) for m in MODELS]
         done = all_terminal(client, [j["id"] for j in first], 120)
-        assert [done[j["id"]]["status"] for j in first] == ["completed"] * 2, done
+        assert [done[j["id"]]["status"] for j in first] == ["completed"] * 2, {
+            j_id: (r["status"], r.get("error"), r.get("attempts")) for j_id, r in done.items()}
 
         # Shard 1 has work queued and running when its actor dies (no graceful stop).
         slow = {"width": 128, "height": 128, "steps": 25}
