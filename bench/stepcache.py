@@ -34,7 +34,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def runner(model_id: str, every: int | None) -> Any:
     from serve_app.generation.runner import ModelRunner
-    from serve_app.registry import StepCacheSpec, load_registry
+    from serve_app.model_runtime import StepCacheSpec
+    from serve_app.registry import load_registry
     from serve_app.settings import load_settings
 
     settings = load_settings()

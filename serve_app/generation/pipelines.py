@@ -49,7 +49,8 @@ from serve_app.generation.speedups import fuse_qkv, quantize_denoiser
 from serve_app.generation.step_cache import attach as attach_step_cache
 from serve_app.generation.tiny import ensure_tiny_model
 from serve_app.model_families import HALF_DTYPES
-from serve_app.registry import ModelSpec, Runtime, StepCacheSpec
+from serve_app.model_runtime import Runtime, StepCacheSpec
+from serve_app.registry import ModelSpec
 from serve_app.settings import Settings
 
 log = logging.getLogger(__name__)

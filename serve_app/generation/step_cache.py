@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from serve_app.errors import ConfigError
-from serve_app.registry import StepCacheSpec
+from serve_app.model_runtime import StepCacheSpec
 
 UNET_KINDS = frozenset({"deepcache"})
 TRANSFORMER_KINDS = frozenset({"taylorseer", "first_block"})

@@ -21,7 +21,7 @@ from serve_app.jobs.batch_window import BatchWindow
 from serve_app.jobs.job import Job
 from serve_app.jobs.queues import JobQueues
 from serve_app.messages import GenerationTask
-from serve_app.registry import Scaling
+from serve_app.model_runtime import Scaling
 
 
 def batch_key(job: Job) -> Hashable:

@@ -48,7 +48,8 @@ from serve_app.jobs.reads import image_of, query_page, queue_counts
 from serve_app.jobs.results import gave_up
 from serve_app.jobs.webhooks import WebhookNotifier, image_urls
 from serve_app.messages import OPEN, Caller, Submission
-from serve_app.registry import Registry, Scaling
+from serve_app.model_runtime import Scaling
+from serve_app.registry import Registry
 from serve_app.settings import Settings
 from serve_app.shards import PRIMARY, ShardMap
 

@@ -17,7 +17,8 @@ pytestmark = [
 @pytest.mark.parametrize("dtype", ["float16", "float32"])
 def test_batched_images_equal_images_made_alone_on_cuda(tmp_path: Path, dtype: str) -> None:
     from serve_app.generation.runner import ModelRunner
-    from serve_app.registry import ModelSpec, Runtime
+    from serve_app.model_runtime import Runtime
+    from serve_app.registry import ModelSpec
     from serve_app.settings import Settings
     from tests.support.generation import make_task
 

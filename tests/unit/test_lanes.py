@@ -14,7 +14,7 @@ from serve_app.jobs.job import Job
 from serve_app.jobs.lanes import Lane
 from serve_app.jobs.queues import JobQueues
 from serve_app.messages import GenerationTask, JobType, Priority
-from serve_app.registry import Scaling
+from serve_app.model_runtime import Scaling
 from tests.support.fakes import FakeClock
 from tests.support.generation import make_task
 from tests.support.virtual_time import VIRTUAL_TIME

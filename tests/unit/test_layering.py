@@ -18,7 +18,8 @@ PACKAGES = ("serve_app", "deployments")
 KERNEL = ("serve_app.errors", "serve_app.settings", "serve_app.registry", "serve_app.messages",
           "serve_app.credentials", "serve_app.model_families", "serve_app.webhook_targets",
           "serve_app.model_adapters", "serve_app.shards", "serve_app.blobs",
-          "serve_app.lora_folders", "serve_app.hires_plan")
+          "serve_app.lora_folders", "serve_app.hires_plan",
+          "serve_app.model_runtime")
 ALLOWED: dict[str, tuple[str, ...]] = {
     # The tracker's interface is declared by `JobTracker` (serve_app.jobs.service); the
     # ingress derives its client and routing from it.
@@ -44,7 +45,10 @@ ALLOWED: dict[str, tuple[str, ...]] = {
     # What a local `imagegen serve` started (cli's helper; psutil, no Ray).
     "serve_app.runfile": ("serve_app.errors",),
     "serve_app.registry": ("serve_app.errors", "serve_app.settings", "serve_app.messages",
-                           "serve_app.model_families", "serve_app.model_adapters"),
+                           "serve_app.model_families", "serve_app.model_adapters",
+                           "serve_app.model_runtime"),
+    # A model's scaling, resources and runtime knobs (pydantic only).
+    "serve_app.model_runtime": (),
     "serve_app.model_families": ("serve_app.messages",),
     # The hires fix's upscaler names and sizes, for the ingress and the replica alike.
     "serve_app.hires_plan": (),

@@ -18,7 +18,8 @@ from serve_app.generation.pipelines import load_pipeline, resolve_device
 from serve_app.generation.runner import Interrupted, ModelRunner
 from serve_app.generation.tiny import build_tiny_ip_adapter
 from serve_app.messages import GenerationTask, JobType, OutputFormat
-from serve_app.registry import ModelSpec, Runtime
+from serve_app.model_runtime import Runtime
+from serve_app.registry import ModelSpec
 from serve_app.settings import Settings
 from tests.support.generation import (
     gradient,
