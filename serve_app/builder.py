@@ -22,6 +22,7 @@ from deployments.tracker import Tracker, model_deployment_name, pool_deployment_
 from serve_app.blobs import open_blobs
 from serve_app.errors import ConfigError
 from serve_app.generation.preload import model_runtime_env
+from serve_app.model_runtime import Resources, Scaling
 from serve_app.placement import Cluster, measure_cpu_gflops, needs_cpu_speed, place_all
 from serve_app.registry import ModelSpec, PoolSpec, Registry, load_registry, parse_registry
 from serve_app.settings import Settings, load_settings
@@ -59,31 +60,26 @@ TRACKER_OPTIONS: dict[str, Any] = {
 
 def model_options(spec: ModelSpec) -> dict[str, Any]:
     """Serve deployment options for one model, from its registry entry."""
-    return {
-        "name": model_deployment_name(spec.id),
-        "health_check_period_s": 10,
-        # The runtime env marks the replica's process as a model's: Ray then hands it one
-        # of the warm workers kept with the same env (deployments/warm_pool.py).
-        "ray_actor_options": spec.resources.ray_actor_options()
-        | {"runtime_env": model_runtime_env()},
-        "autoscaling_config": spec.scaling.autoscaling_config(),
-        # One call at a time per replica (a batch of jobs is one call): calls beyond the
-        # ready replicas queue in Serve's router, which is the demand autoscaling sees.
-        "max_ongoing_requests": 1,
-        "graceful_shutdown_timeout_s": spec.scaling.graceful_shutdown_timeout_s,
-    }
+    return _replica_options(model_deployment_name(spec.id), spec.resources, spec.scaling)
 
 
 def pool_options(pool: PoolSpec) -> dict[str, Any]:
     """Serve deployment options for a model pool: as a model's, from the pool's entry."""
+    return _replica_options(pool_deployment_name(pool.id), pool.resources, pool.scaling)
+
+
+def _replica_options(name: str, resources: Resources, scaling: Scaling) -> dict[str, Any]:
     return {
-        "name": pool_deployment_name(pool.id),
+        "name": name,
         "health_check_period_s": 10,
-        "ray_actor_options": pool.resources.ray_actor_options()
-        | {"runtime_env": model_runtime_env()},
-        "autoscaling_config": pool.scaling.autoscaling_config(),
+        # The runtime env marks the replica's process as a model's: Ray then hands it one
+        # of the warm workers kept with the same env (deployments/warm_pool.py).
+        "ray_actor_options": resources.ray_actor_options() | {"runtime_env": model_runtime_env()},
+        "autoscaling_config": scaling.autoscaling_config(),
+        # One call at a time per replica (a batch of jobs is one call): calls beyond the
+        # ready replicas queue in Serve's router, which is the demand autoscaling sees.
         "max_ongoing_requests": 1,
-        "graceful_shutdown_timeout_s": pool.scaling.graceful_shutdown_timeout_s,
+        "graceful_shutdown_timeout_s": scaling.graceful_shutdown_timeout_s,
     }
 
 
