@@ -41,9 +41,14 @@ class S3Server:
 
     def start(self, timeout_s: float = 60) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
+        # `-volume.max=0` (weed's "as many as the disk fits" at 30 GB a volume) gave a few
+        # volumes here, all taken by the first bucket's collection: the next bucket's PUTs
+        # failed with "no free volumes left" (a CI run's multinode test, after the blob
+        # tests). Small volumes, many of them: every bucket a session makes gets its own.
         args = [str(weed_binary()), "server", f"-dir={self.folder}", "-ip=127.0.0.1",
                 "-ip.bind=127.0.0.1", "-s3", "-s3.port.iceberg=0", "-s3.port.lance=0",
-                "-master.telemetry=false", "-iam=false", "-volume.max=0",
+                "-master.telemetry=false", "-iam=false", "-volume.max=100",
+                "-master.volumeSizeLimitMB=64",
                 *(f"-{name}={port}" for name, port in self.ports.items())]
         # Without AWS_* in its environment: weed would take them as its only identity and
         # refuse anonymous calls (the bucket's creation here); with none, it takes any.
