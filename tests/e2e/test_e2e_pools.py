@@ -32,7 +32,7 @@ JOB = {"prompt": "a lighthouse at dusk", "width": 64, "height": 64, "steps": 2, 
 SEEDS = range(1, 9)
 # 80 jobs with a Zipf-like popularity: model 1 gets 30, model 8 gets 3.
 COUNTS = dict(zip([f"pm-{k}" for k in SEEDS], [30, 15, 10, 8, 6, 5, 3, 3], strict=True))
-SWITCHES = 30  # probe calls, each of a model the replica does not hold (8 > 3: LRU misses)
+SWITCHES = 100  # probe calls, each of a model the replica does not hold (8 > 3: LRU misses)
 # What a replica's RSS may grow by between its first 3 loads and the last switch: the
 # tiny model's weights are ~5 MB, its pipeline objects a few more; a replica that kept
 # every evicted model would grow by ~20 MB a switch.

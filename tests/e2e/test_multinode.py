@@ -185,6 +185,70 @@ def test_half_gpu_models_pack_onto_one_gpu_node(whole_gpu_app: ServeHarness) -> 
     wait_for_free_gpus(1)  # the other GPU node's, whole
 
 
+POOLED = [f"pooled-{k}" for k in range(1, 5)]
+
+
+def pool_registry() -> dict[str, Any]:
+    """A pool of 4 seeded tiny models on 2 replicas that each claim a whole GPU (so one per
+    GPU node) and hold at most 2 models, and `solo-1`, pooled-1's checkpoint (same source,
+    same seed) in a deployment of its own, on the head's CPUs."""
+    tiny = {"description": "seeded tiny variant", "source": "tiny",
+            "defaults": {"width": 64, "height": 64, "steps": 2}, "runtime": {"device": "cpu"}}
+    return {
+        "pools": [{"id": "cluster", "max_models_per_replica": 2,
+                   "scaling": {"min_replicas": 2, "max_replicas": 2},
+                   "resources": {"num_gpus": 1, "num_cpus": 0.5}}],
+        "models": [tiny | {"id": m, "name": m, "seed": k, "pool": "cluster"}
+                   for k, m in enumerate(POOLED, start=1)]
+        + [tiny | {"id": "solo-1", "name": "solo-1", "seed": 1,
+                   "scaling": {"min_replicas": 1, "max_replicas": 1},
+                   "resources": {"num_cpus": 0.25}}],
+    }
+
+
+def pool_replica_actors(pool: str) -> list[ActorState]:
+    from ray.util.state import list_actors
+
+    prefix = f"SERVE_REPLICA::{APP_NAME}#pool-{pool}#"
+    actors = list_actors(filters=[("state", "=", "ALIVE")], detail=True, limit=1000)
+    return [a for a in actors if (a.name or "").startswith(prefix)]
+
+
+# After the packing test (it redeploys the models this one replaces), before the shards'.
+def test_a_pool_spreads_its_replicas_over_the_gpu_nodes_and_serves_every_model(
+        whole_gpu_app: ServeHarness) -> None:
+    whole_gpu_app.deploy(pool_registry(), default_model=POOLED[0])
+    wait_for_free_gpus(0)  # the pool's two replicas hold a GPU node each
+    actors = pool_replica_actors("cluster")
+    assert len(actors) == 2 and {a.node_id for a in actors} == gpu_nodes(), actors
+    with whole_gpu_app.client() as client:
+        # Three jobs of each model, interleaved: 4 models on 2 replicas holding 2 each
+        # means loads, hits and (unless Serve routes perfectly) evictions.
+        jobs = [(m, submit(client, model=m, seed=5)["id"]) for _ in range(3) for m in POOLED]
+        reference = submit(client, model="solo-1", seed=5)["id"]
+        done = all_terminal(client, [j for _, j in jobs] + [reference], 180)
+        images: dict[str, set[bytes]] = {m: set() for m in POOLED}
+        for model, job_id in jobs:
+            record = done[job_id]
+            assert record["status"] == "completed", record
+            params = record["result"]["parameters"]
+            replica_model, _, replica_id = params["replica"].partition("#")
+            assert params["model"] == replica_model == model, params
+            assert any(a.name.endswith(f"#{replica_id}") for a in actors), (params, actors)
+            images[model].add(base64.b64decode(record["result"]["images"][0].split(",")[1]))
+        # One image per model whichever replica drew it, a different one per checkpoint,
+        # and pooled-1's is the image its own deployment draws.
+        assert all(len(found) == 1 for found in images.values()), images
+        assert len(set().union(*images.values())) == len(POOLED)
+        solo = base64.b64decode(done[reference]["result"]["images"][0].split(",")[1])
+        assert images[POOLED[0]] == {solo}
+        metrics = client.get("/metrics").text
+    loads = sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
+                if line.startswith("imagegen_pool_model_loads_total{")
+                and 'pool="cluster"' in line)
+    assert loads >= len(POOLED), loads  # every model loaded somewhere, at least once
+
+
 def test_tracker_shards_each_run_their_models_jobs_and_losing_one_loses_nothing(
         cluster_app: ServeHarness, s3: S3Server) -> None:
     """...with their images in S3, as a cluster keeps them: every mode's images read back

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -98,3 +99,19 @@ def gradient(width: int, height: int) -> Image.Image:
 def noise(width: int, height: int, seed: int = 0) -> Image.Image:
     rng = np.random.default_rng(seed)
     return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+def kohya_copy(diffusers_file: Path, target: Path) -> None:
+    """The same weights under kohya (sd-scripts) names, as community LoRAs ship."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    out = {}
+    for key, tensor in load_file(str(diffusers_file)).items():
+        module, kind = key.rsplit(".lora_", 1)
+        name = "lora_unet_" + module.removeprefix("unet.").replace(".", "_")
+        out[f"{name}.lora_{'down' if kind.startswith('A') else 'up'}.weight"] = tensor
+        if kind.startswith("A"):
+            out[f"{name}.alpha"] = torch.tensor(float(tensor.shape[0]))  # alpha = rank: scale 1
+    target.parent.mkdir(parents=True, exist_ok=True)
+    save_file(out, str(target))

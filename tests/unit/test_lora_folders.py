@@ -161,3 +161,47 @@ def test_a_folder_lora_loads_on_first_use_and_the_lru_keeps_the_cap(
     again = runner.generate(make_task(steps=2, loras=(("first", 0.8),))).images
     assert again == first  # reloaded from the file, the same image
     assert runner.generate(make_task(steps=2)).images == base
+
+
+def test_each_of_two_hundred_folder_loras_loads_on_first_use(
+        tmp_path: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """200 files (one LoRA's weights, half of them under kohya names) in a model's folder:
+    each name is loaded from its file the first time a task names it, and each gives the
+    image of those weights; the LRU keeps `max_loaded_loras` of them."""
+    from serve_app.generation.runner import ModelRunner
+    from serve_app.generation.tiny_adapters import write_tiny_lora
+    from tests.support.generation import kohya_copy, make_task, tiny_settings, tiny_spec
+
+    settings = tiny_settings(tmp_path_factory).model_copy(update={"max_loaded_loras": 4})
+    folder = tmp_path / "loras"
+    runner = ModelRunner(tiny_spec("folder-model", lora_dirs=(str(folder),)), settings,
+                         device="cpu")
+    write_tiny_lora(tmp_path / "weights", runner.pipeline, "unet", 3)
+    weights = tmp_path / "weights" / "pytorch_lora_weights.safetensors"
+    folder.mkdir()
+    names = [f"style-{i:03d}" for i in range(200)]
+    for i, name in enumerate(names):
+        if i % 2:
+            kohya_copy(weights, folder / f"{name}.safetensors")
+        else:
+            shutil.copy(weights, folder / f"{name}.safetensors")
+    loads: list[str] = []
+    load = runner._loras._load
+    runner._loras._load = lambda name: (loads.append(name), load(name))[1]  # type: ignore[method-assign]
+
+    def draw(*loras: tuple[str, float]) -> list[bytes]:
+        return runner.generate(make_task(steps=1, width=32, height=32, loras=loras)).images
+
+    base = draw()
+    # Every name is named by a task; two in twenty of those tasks draw, one of each format
+    # (the load is what costs here, ~0.1 s each: diffusers' PEFT injection).
+    styled = {}
+    for i, name in enumerate(names):
+        if i % 20 in (0, 1):
+            styled[name] = draw((name, 0.8))
+        else:
+            runner._loras.activate(((name, 0.8),))
+    assert loads == names  # each one loaded once, when first named
+    assert len({tuple(images) for images in styled.values()}) == 1  # both formats alike
+    assert styled[names[0]] != base
+    assert runner._loras.loaded == names[-4:]

@@ -10,7 +10,7 @@ import pytest
 import torch
 from peft.tuners.lora import LoraLayer
 from PIL import Image
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from serve_app.errors import ModelNotAvailable
 from serve_app.generation.runner import ModelRunner
@@ -19,6 +19,7 @@ from serve_app.settings import Settings
 from tests.support.generation import (
     gradient,
     input_image,
+    kohya_copy,
     make_task,
     tiny_settings,
     tiny_spec,
@@ -100,19 +101,6 @@ def test_jobs_with_other_lora_sets_do_not_share_a_call(runner: ModelRunner) -> N
     results = runner.generate_batch(tasks)  # run one after another, each with its own set
     assert [r.job_id for r in results] == ["a", "b", "c"]
     assert [r.images for r in results] == [runner.generate(t).images for t in tasks]
-
-
-def kohya_copy(diffusers_file: Path, target: Path) -> None:
-    """The same weights under kohya (sd-scripts) names, as community LoRAs ship."""
-    out = {}
-    for key, tensor in load_file(str(diffusers_file)).items():
-        module, kind = key.rsplit(".lora_", 1)
-        name = "lora_unet_" + module.removeprefix("unet.").replace(".", "_")
-        out[f"{name}.lora_{'down' if kind.startswith('A') else 'up'}.weight"] = tensor
-        if kind.startswith("A"):
-            out[f"{name}.alpha"] = torch.tensor(float(tensor.shape[0]))  # alpha = rank: scale 1
-    target.parent.mkdir(parents=True, exist_ok=True)
-    save_file(out, str(target))
 
 
 def test_a_kohya_lora_makes_the_image_of_the_same_weights_in_diffusers_format(
