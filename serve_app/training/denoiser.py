@@ -41,6 +41,11 @@ from serve_app.training.pipeline import assemble
 
 CAPTION_DROPOUT = 0.1
 SHAPE_BOOST = 4.0
+# Where the layout is decided: from here to the last timestep (zero SNR) the shape cannot
+# be seen in the noisy latents (see `train_layout`).
+HIGH_FROM = 900
+LAYOUT_SHARE = 1.0
+SETTLE_SHARES = (0.5, 0.25)
 
 
 @dataclass
@@ -51,16 +56,30 @@ class DenoiserRun:
     history: list[dict[str, float]] = field(default_factory=list)
 
 
+def sample_timesteps(n: int, generator: torch.Generator, high_share: float = 0.0
+                     ) -> torch.Tensor:
+    """`n` training timesteps, uniform over the schedule but for the first `high_share` of
+    them, drawn from `HIGH_FROM` up."""
+    total = train_scheduler().config.num_train_timesteps
+    t = torch.randint(0, total, (n,), generator=generator)
+    high = round(high_share * n)
+    if high:
+        t[:high] = torch.randint(HIGH_FROM, total, (high,), generator=generator)
+    return t
+
+
 def velocity_loss(unet: UNet2DConditionModel, latents: torch.Tensor, states: torch.Tensor,
                   generator: torch.Generator, extra: torch.Tensor | None = None,
-                  weights: torch.Tensor | None = None) -> torch.Tensor:
-    """The v-prediction MSE of `unet` on `latents` at uniform random timesteps. `extra`
-    (inpainting: mask and masked-image latents) is concatenated to the noisy latents;
-    `weights` (B, 1, h, w) weight the squared error per latent pixel."""
+                  weights: torch.Tensor | None = None, high_share: float = 0.0
+                  ) -> torch.Tensor:
+    """The v-prediction MSE of `unet` on `latents` at random timesteps: uniform, except that
+    a fraction `high_share` of the batch is drawn from the top of the schedule
+    (`HIGH_FROM` and up, see `train_layout`). `extra` (inpainting: mask and masked-image
+    latents) is concatenated to the noisy latents; `weights` (B, 1, h, w) weight the squared
+    error per latent pixel."""
     scheduler = train_scheduler()
     noise = torch.randn(latents.shape, generator=generator)
-    t = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],),
-                      generator=generator)
+    t = sample_timesteps(latents.shape[0], generator, high_share)
     noisy = scheduler.add_noise(latents, noise, t)
     target = scheduler.get_velocity(latents, noise, t)
     model_input = noisy if extra is None else torch.cat([noisy, extra], dim=1)
@@ -72,13 +91,17 @@ def velocity_loss(unet: UNet2DConditionModel, latents: torch.Tensor, states: tor
 def train_denoiser(vae: AutoencoderKL, tokenizer: CLIPTokenizer, steps: int, batch: int = 64,
                    lr: float = 5e-4, pool: int = 20000, seed: int = 0, eval_every: int = 1000,
                    eval_n: int = 45, log_path: Path | None = None,
-                   ema_decay: float = 0.999, sheet_dir: Path | None = None) -> DenoiserRun:
+                   ema_decay: float = 0.999, sheet_dir: Path | None = None,
+                   init: tuple[CLIPTextModel, UNet2DConditionModel] | None = None,
+                   high_share: float = 0.0, stage: str = "denoiser",
+                   decay_lr: bool = True) -> DenoiserRun:
     rng = np.random.default_rng(seed)
     generator = torch.Generator().manual_seed(seed)
-    progress = Progress("denoiser", steps, log_path)
+    progress = Progress(stage, steps, log_path)
     cache = LatentCache.build(vae.eval(), scenes(rng, pool), IMAGE_SIZE)
     progress.log(f"encoded {len(cache)} scenes; latent std {float(cache.mean.std()):.3f}")
-    text_encoder, unet = new_text_encoder(tokenizer).train(), new_unet().train()
+    text_encoder, unet = init or (new_text_encoder(tokenizer), new_unet())
+    text_encoder, unet = text_encoder.train(), unet.train()
     modules = torch.nn.ModuleList([text_encoder, unet])
     optimizer = torch.optim.AdamW(modules.parameters(), lr=lr, weight_decay=0.01)
     ema = Ema(modules, ema_decay)
@@ -86,14 +109,17 @@ def train_denoiser(vae: AutoencoderKL, tokenizer: CLIPTokenizer, steps: int, bat
     run = DenoiserRun(text_encoder, unet)
     best_state = None
     for step in range(steps):
-        set_lr(optimizer, lr_at(step, steps, lr, warmup=min(300, steps // 10 + 1)))
+        warmup = min(300, steps // 10 + 1)
+        set_lr(optimizer, lr_at(step, steps, lr, warmup) if decay_lr
+               else lr * min(1.0, (step + 1) / warmup))
         index = torch.randint(0, len(cache), (batch,), generator=generator)
         latents = cache.sample(index, generator)
         batch_scenes = [cache.scenes[i] for i in index.tolist()]
         captions = captions_for(batch_scenes, rng, CAPTION_DROPOUT)
         states = text_encoder(tokenize(tokenizer, captions))[0]
         weights = shape_weights(batch_scenes, IMAGE_SIZE, VAE_FACTOR, SHAPE_BOOST)
-        loss = velocity_loss(unet, latents, states, generator, weights=weights)
+        loss = velocity_loss(unet, latents, states, generator, weights=weights,
+                             high_share=high_share)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(modules.parameters(), 1.0)
@@ -115,6 +141,54 @@ def train_denoiser(vae: AutoencoderKL, tokenizer: CLIPTokenizer, steps: int, bat
         ema.shadow = best_state
     ema.copy_to(modules)
     return run
+
+
+def train_layout(vae: AutoencoderKL, tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel,
+                 unet: UNet2DConditionModel, steps: int, batch: int = 32, lr: float = 2e-4,
+                 pool: int = 20000, seed: int = 0, eval_every: int = 500, eval_n: int = 45,
+                 log_path: Path | None = None) -> DenoiserRun:
+    """Stage 2b: the denoiser's training continued at the top of the schedule only
+    (t >= `HIGH_FROM`), at a constant learning rate.
+
+    Why: what is drawn where is decided in the first sampling steps, from pure noise. There
+    the model predicts the mean picture of the caption, and "on the left" moves that mean's
+    blob; at every lower timestep the noisy latents show where the shape is, so uniform
+    timesteps leave position words almost nothing to learn from. After the denoiser stage
+    the t=999 prediction was the same centred blur for every position word and the grid's
+    positions at chance (24 %); after this stage each word moves it to its anchor and the
+    grid's positions reach 64 % (45 prompts), while the colours, trained nowhere here, slip
+    (background 96 -> 71 %): `train_settle` brings them back."""
+    return train_denoiser(vae, tokenizer, steps, batch=batch, lr=lr, pool=pool,
+                          seed=seed + 1, eval_every=eval_every, eval_n=eval_n,
+                          log_path=log_path, init=(text_encoder, unet),
+                          high_share=LAYOUT_SHARE, stage="layout", ema_decay=0.99,
+                          decay_lr=False)
+
+
+def train_settle(vae: AutoencoderKL, tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel,
+                 unet: UNet2DConditionModel, steps: int, batch: int = 48, lr: float = 1e-4,
+                 pool: int = 20000, seed: int = 0, eval_every: int = 500, eval_n: int = 45,
+                 log_path: Path | None = None) -> DenoiserRun:
+    """Stage 2c: after `train_layout`, every timestep again, so the lower timesteps'
+    colours and sizes come back without the positions being forgotten: `steps` with half of
+    each batch still at the top (`SETTLE_SHARES[0]`), then 0.6 x `steps` with a quarter;
+    cosine learning rate, EMA.
+
+    Measured (45 prompts): after the layout stage background 71 %, colour 49 %, position
+    64 %; after the first part 100/82/100 %; after the second 100/82/100 % with sizes 76 ->
+    87 %. Not shipped yet: img2img at strength 0.2 no longer keeps the input picture (stray
+    pixels and a darker border where the denoiser-only model kept it), the lowest timesteps
+    need more of their own training."""
+    first = train_denoiser(vae, tokenizer, steps, batch=batch, lr=lr, pool=pool,
+                           seed=seed + 2, eval_every=eval_every, eval_n=eval_n,
+                           log_path=log_path, init=(text_encoder, unet),
+                           high_share=SETTLE_SHARES[0], stage="settle", ema_decay=0.995)
+    second = train_denoiser(vae, tokenizer, round(0.6 * steps), batch=batch, lr=lr, pool=pool,
+                            seed=seed + 3, eval_every=round(0.6 * steps), eval_n=eval_n,
+                            log_path=log_path, init=(first.text_encoder, first.unet),
+                            high_share=SETTLE_SHARES[1], stage="settle", ema_decay=0.995)
+    second.history = first.history + second.history
+    return second
 
 
 def evaluate_ema(ema: Ema, modules: torch.nn.ModuleList, vae: AutoencoderKL,

@@ -11,6 +11,7 @@ Contract (`run(out, plan, stages, ...)`):
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from pathlib import Path
@@ -29,10 +30,12 @@ from serve_app.training.common import setup
 from serve_app.training.evaluate import measure, quality_grid
 from serve_app.training.tokenizer import build_tokenizer_files, load_tokenizer
 
-FOLDERS = {"tokenizer": "tokenizer", "vae": "vae", "denoiser": "tiny-sd",
+FOLDERS = {"tokenizer": "tokenizer", "vae": "vae", "denoiser": "tiny-sd", "layout": "tiny-sd",
+           "settle": "tiny-sd",
            "inpaint": "tiny-sd-inpaint", "lora": "tiny-outline-lora",
            "controlnet": "tiny-canny"}
 MARKERS = {"tokenizer": "vocab.json", "vae": "config.json", "denoiser": "model_index.json",
+           "layout": "layout.json", "settle": "settle.json",
            "inpaint": "model_index.json", "lora": "pytorch_lora_weights.safetensors",
            "controlnet": "config.json"}
 
@@ -63,7 +66,7 @@ def run(out: Path, plan: Any, stages: tuple[str, ...], seed: int = 0, threads: i
         left = estimate_s(plan, stages[i + 1:]) * ratio
         _say(log_path, f"{stage}: done in {wall / 60:.1f} min (cpu {cpu / 60:.1f} min); "
                        f"about {left / 60:.1f} min left")
-    if "denoiser" in stages or "inpaint" in stages or "lora" in stages \
+    if set(stages) & {"denoiser", "layout", "settle", "inpaint"} or "lora" in stages \
             or "controlnet" in stages:
         wall = time.monotonic()
         report["final"] = final_figures(out, plan)
@@ -107,6 +110,37 @@ def stage_denoiser(out: Path, folder: Path, plan: Any, seed: int, log: Path) -> 
                             log_path=log)
     save(assemble(vae, result.text_encoder, tokenizer, result.unet), folder)
     return {"best": result.best, "history": result.history}
+
+
+def stage_layout(out: Path, folder: Path, plan: Any, seed: int, log: Path) -> dict:
+    """Continues DIR/tiny-sd (`denoiser.train_layout`) and saves it in place, with
+    `layout.json` (its figures) as the stage's marker."""
+    from serve_app.training.denoiser import train_layout
+
+    return _continue(out, folder, "layout", train_layout, plan.layout, plan.layout_batch,
+                     plan, seed, log)
+
+
+def stage_settle(out: Path, folder: Path, plan: Any, seed: int, log: Path) -> dict:
+    """As `stage_layout`, with `denoiser.train_settle`."""
+    from serve_app.training.denoiser import train_settle
+
+    return _continue(out, folder, "settle", train_settle, plan.settle, plan.batch, plan,
+                     seed, log)
+
+
+def _continue(out: Path, folder: Path, stage: str, train: Any, steps: int, batch: int,
+              plan: Any, seed: int, log: Path) -> dict:
+    from serve_app.training.pipeline import assemble, save
+
+    base = _base(out)
+    result = train(base.vae, base.tokenizer, base.text_encoder, base.unet, steps, batch=batch,
+                   pool=plan.pool, seed=seed, eval_every=max(1, steps // 2),
+                   eval_n=plan.eval_n, log_path=log)
+    save(assemble(base.vae, result.text_encoder, base.tokenizer, result.unet), folder)
+    figures = {"best": result.best, "history": result.history}
+    (folder / MARKERS[stage]).write_text(json.dumps(figures, indent=1) + "\n")
+    return figures
 
 
 def stage_inpaint(out: Path, folder: Path, plan: Any, seed: int, log: Path) -> dict:
@@ -163,4 +197,5 @@ def final_figures(out: Path, plan: Any) -> dict[str, Any]:
 
 
 STAGE_FUNCS = {"tokenizer": stage_tokenizer, "vae": stage_vae, "denoiser": stage_denoiser,
+               "layout": stage_layout, "settle": stage_settle,
                "inpaint": stage_inpaint, "lora": stage_lora, "controlnet": stage_controlnet}

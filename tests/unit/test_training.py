@@ -47,12 +47,14 @@ def test_every_caption_word_is_one_token_of_the_shipped_tokenizer() -> None:
 def test_a_smoke_run_trains_every_stage_into_loadable_checkpoints(tmp_path: Path) -> None:
     from diffusers import ControlNetModel, StableDiffusionInpaintPipeline, StableDiffusionPipeline
 
-    from serve_app.training.__main__ import main
+    from serve_app.training.__main__ import ALL_STAGES, main
 
-    assert main(["--out", str(tmp_path), "--smoke", "--threads", "1"]) == 0
+    assert main(["--out", str(tmp_path), "--smoke", "--threads", "1",
+                 "--stages", ",".join(ALL_STAGES)]) == 0
     report = json.loads((tmp_path / "report.json").read_text())
-    assert set(report["stages"]) == {"tokenizer", "vae", "denoiser", "inpaint", "lora",
-                                     "controlnet"}
+    assert tuple(report["stages"]) == ALL_STAGES
+    for stage in ("layout", "settle"):  # each continued tiny-sd and evaluated it
+        assert json.loads((tmp_path / "tiny-sd" / f"{stage}.json").read_text())["history"]
     assert set(report["final"]["quality"]) == set(judging.ATTRIBUTES)
     # What ships is what from_pretrained loads, as the service loads it.
     pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "tiny-sd")
@@ -60,3 +62,19 @@ def test_a_smoke_run_trains_every_stage_into_loadable_checkpoints(tmp_path: Path
     assert "outline" in pipe.get_list_adapters()["unet"]
     StableDiffusionInpaintPipeline.from_pretrained(tmp_path / "tiny-sd-inpaint")
     ControlNetModel.from_pretrained(tmp_path / "tiny-canny")
+
+
+def test_the_layout_stage_trains_at_the_top_of_the_schedule() -> None:
+    import torch
+
+    from serve_app.training.denoiser import HIGH_FROM, LAYOUT_SHARE, sample_timesteps
+
+    top = 1 - HIGH_FROM / 1000  # the share of uniform timesteps up there
+    layout = sample_timesteps(4000, torch.Generator().manual_seed(0), LAYOUT_SHARE)
+    assert bool((layout >= HIGH_FROM).all()) and int(layout.max()) == 999
+    mixed = sample_timesteps(4000, torch.Generator().manual_seed(0), 0.5)
+    assert bool((mixed[:2000] >= HIGH_FROM).all())
+    rest = float((mixed[2000:] >= HIGH_FROM).float().mean())
+    assert top - 0.03 < rest < top + 0.03 and int(mixed[2000:].min()) < 10
+    plain = sample_timesteps(4000, torch.Generator().manual_seed(0))
+    assert top - 0.03 < float((plain >= HIGH_FROM).float().mean()) < top + 0.03
