@@ -4,7 +4,8 @@ of weights, and a progress bar with a time estimate.
 Contract:
 - `setup(threads)` pins torch to `threads` intra-op threads (2 on this project's machines:
   more would only fight the other processes).
-- `lr_at(step, total, peak, warmup)`: linear warmup to `peak`, then cosine down to 10 %.
+- `lr_at(step, total, peak, warmup, decay)`: linear warmup to `peak`, then cosine down to
+  10 % (or `peak` throughout, without `decay`).
 - `Ema` keeps an exponential moving average of a module's parameters (decay ramps up
   from 0, so early averages are not dominated by the random start); `copy_to(module)`.
 - `Progress` is a tqdm bar (stderr) with the stage's ETA, and also appends a line per
@@ -27,9 +28,11 @@ def setup(threads: int = 2) -> None:
     torch.set_num_threads(threads)
 
 
-def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
+def lr_at(step: int, total: int, peak: float, warmup: int, decay: bool = True) -> float:
     if step < warmup:
         return peak * (step + 1) / warmup
+    if not decay:
+        return peak
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 

@@ -108,10 +108,9 @@ def train_denoiser(vae: AutoencoderKL, tokenizer: CLIPTokenizer, steps: int, bat
     grid = quality_grid(eval_n, seed=seed + 99)
     run = DenoiserRun(text_encoder, unet)
     best_state = None
+    warmup = min(300, steps // 10 + 1)
     for step in range(steps):
-        warmup = min(300, steps // 10 + 1)
-        set_lr(optimizer, lr_at(step, steps, lr, warmup) if decay_lr
-               else lr * min(1.0, (step + 1) / warmup))
+        set_lr(optimizer, lr_at(step, steps, lr, warmup, decay=decay_lr))
         index = torch.randint(0, len(cache), (batch,), generator=generator)
         latents = cache.sample(index, generator)
         batch_scenes = [cache.scenes[i] for i in index.tolist()]
