@@ -9,7 +9,9 @@ CPU cores and to draw a 64x64 picture in a fraction of a second:
 
 - `tokenizer`: a CLIP BPE tokenizer whose merges make every vocabulary word one token;
 - `vae`: stage 1, the AutoencoderKL (f=4: 64x64x3 <-> 16x16x4);
-- `denoiser`: stage 2, text encoder + UNet (v-prediction, zero terminal SNR, EMA);
+- `denoiser`: stage 2, text encoder + UNet (v-prediction, zero terminal SNR, EMA), then
+  continued by `layout` (the noisiest steps only: where positions are decided), `settle`
+  (every step again) and `polish` (the last steps, where the picture wins over the words);
 - `inpaint`, `lora`, `controlnet`: stages 3-5, the trained companions (9-channel
   inpainting UNet, an "outline" style LoRA, a canny ControlNet);
 - `judge` (numpy + Pillow only): pixel analysis of a picture, the measure of quality;

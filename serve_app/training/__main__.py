@@ -5,11 +5,11 @@ Stages, in order (each reads what the ones before it wrote into DIR):
   tokenizer   DIR/tokenizer/              (seconds)
   vae         DIR/vae/                    (AutoencoderKL, f=4)
   denoiser    DIR/tiny-sd/                (the text-to-image pipeline)
-  layout      DIR/tiny-sd/ again          (only with --stages: the denoiser continued at
-                                           the noisiest steps, where positions are
-                                           decided; + layout.json)
-  settle      DIR/tiny-sd/ again          (only with --stages: then at every step again;
-                                           + settle.json)
+  layout      DIR/tiny-sd/ again          (the denoiser continued at the noisiest steps,
+                                           where positions are decided; + layout.json)
+  settle      DIR/tiny-sd/ again          (then at every step again; + settle.json)
+  polish      DIR/tiny-sd/ again          (then the last steps, where the picture wins
+                                           over the words: img2img; + polish.json)
   inpaint     DIR/tiny-sd-inpaint/        (9-channel UNet, same VAE and text encoder)
   lora        DIR/tiny-outline-lora/pytorch_lora_weights.safetensors
   controlnet  DIR/tiny-canny/             (ControlNetModel)
@@ -43,6 +43,7 @@ class Plan:
     denoiser: int = 2500
     layout: int = 1500
     settle: int = 1000
+    polish: int = 600
     inpaint: int = 300
     lora: int = 600
     controlnet: int = 600
@@ -53,19 +54,18 @@ class Plan:
     vae_batch: int = 16
     batch: int = 64
     layout_batch: int = 32
+    polish_batch: int = 48
     quality_n: int = 180
 
 
-SMOKE = Plan(vae=3, denoiser=3, layout=2, settle=2, inpaint=2, lora=2, controlnet=2, pool=64,
-             companion_pool=32, eval_every=3, eval_n=4, vae_batch=4, batch=4, layout_batch=4,
-             quality_n=4)
-SECONDS_PER_STEP = {"vae": 0.33, "denoiser": 0.75, "layout": 0.45, "settle": 0.95,
-                    "inpaint": 0.8, "lora": 0.6, "controlnet": 0.9}
-# What `--stages` may name, in the order they run; the default leaves out `layout` and
-# `settle` (see serve_app.training.denoiser.train_settle: not shipped yet).
-ALL_STAGES = ("tokenizer", "vae", "denoiser", "layout", "settle", "inpaint", "lora",
-              "controlnet")
-STAGES = tuple(s for s in ALL_STAGES if s not in ("layout", "settle"))
+SMOKE = Plan(vae=3, denoiser=3, layout=2, settle=2, polish=2, inpaint=2, lora=2, controlnet=2,
+             pool=64, companion_pool=32, eval_every=3, eval_n=4, vae_batch=4, batch=4,
+             layout_batch=4, polish_batch=4, quality_n=4)
+SECONDS_PER_STEP = {"vae": 0.33, "denoiser": 0.75, "layout": 0.6, "settle": 0.93,
+                    "polish": 0.95, "inpaint": 0.8, "lora": 0.6, "controlnet": 0.9}
+# What `--stages` may name, in the order they run.
+STAGES = ("tokenizer", "vae", "denoiser", "layout", "settle", "polish", "inpaint", "lora",
+          "controlnet")
 
 
 def estimate_s(plan: Plan, stages: tuple[str, ...]) -> float:
@@ -83,9 +83,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resume", action="store_true")
     args = parser.parse_args(argv)
     stages = tuple(s for s in args.stages.split(",") if s)
-    unknown = set(stages) - set(ALL_STAGES)
+    unknown = set(stages) - set(STAGES)
     if unknown:
-        parser.error(f"unknown stages {sorted(unknown)}; valid: {', '.join(ALL_STAGES)}")
+        parser.error(f"unknown stages {sorted(unknown)}; valid: {', '.join(STAGES)}")
     # Before torch loads: waiting OpenMP threads sleep instead of spinning. On a shared
     # 2-core machine a niced process's spinning threads stall at every op (generation
     # measured 20x slower under load); on an idle machine this costs ~10 %.

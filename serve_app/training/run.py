@@ -31,11 +31,11 @@ from serve_app.training.evaluate import measure, quality_grid
 from serve_app.training.tokenizer import build_tokenizer_files, load_tokenizer
 
 FOLDERS = {"tokenizer": "tokenizer", "vae": "vae", "denoiser": "tiny-sd", "layout": "tiny-sd",
-           "settle": "tiny-sd",
+           "settle": "tiny-sd", "polish": "tiny-sd",
            "inpaint": "tiny-sd-inpaint", "lora": "tiny-outline-lora",
            "controlnet": "tiny-canny"}
 MARKERS = {"tokenizer": "vocab.json", "vae": "config.json", "denoiser": "model_index.json",
-           "layout": "layout.json", "settle": "settle.json",
+           "layout": "layout.json", "settle": "settle.json", "polish": "polish.json",
            "inpaint": "model_index.json", "lora": "pytorch_lora_weights.safetensors",
            "controlnet": "config.json"}
 
@@ -66,8 +66,7 @@ def run(out: Path, plan: Any, stages: tuple[str, ...], seed: int = 0, threads: i
         left = estimate_s(plan, stages[i + 1:]) * ratio
         _say(log_path, f"{stage}: done in {wall / 60:.1f} min (cpu {cpu / 60:.1f} min); "
                        f"about {left / 60:.1f} min left")
-    if set(stages) & {"denoiser", "layout", "settle", "inpaint"} or "lora" in stages \
-            or "controlnet" in stages:
+    if set(stages) - {"tokenizer", "vae"}:
         wall = time.monotonic()
         report["final"] = final_figures(out, plan)
         report["final"]["wall_s"] = round(time.monotonic() - wall, 1)
@@ -129,13 +128,23 @@ def stage_settle(out: Path, folder: Path, plan: Any, seed: int, log: Path) -> di
                      seed, log)
 
 
+def stage_polish(out: Path, folder: Path, plan: Any, seed: int, log: Path) -> dict:
+    """As `stage_layout`, with `denoiser.train_polish`."""
+    from serve_app.training.denoiser import train_polish
+
+    return _continue(out, folder, "polish", train_polish, plan.polish, plan.polish_batch,
+                     plan, seed, log, evals=1)
+
+
 def _continue(out: Path, folder: Path, stage: str, train: Any, steps: int, batch: int,
-              plan: Any, seed: int, log: Path) -> dict:
+              plan: Any, seed: int, log: Path, evals: int = 2) -> dict:
+    """Trains DIR/tiny-sd further with `train`, evaluated `evals` times (the best of those
+    evaluations' EMA weights is kept), and saves it in place with the stage's marker."""
     from serve_app.training.pipeline import assemble, save
 
     base = _base(out)
     result = train(base.vae, base.tokenizer, base.text_encoder, base.unet, steps, batch=batch,
-                   pool=plan.pool, seed=seed, eval_every=max(1, steps // 2),
+                   pool=plan.pool, seed=seed, eval_every=max(1, steps // evals),
                    eval_n=plan.eval_n, log_path=log)
     save(assemble(base.vae, result.text_encoder, base.tokenizer, result.unet), folder)
     figures = {"best": result.best, "history": result.history}
@@ -198,4 +207,5 @@ def final_figures(out: Path, plan: Any) -> dict[str, Any]:
 
 STAGE_FUNCS = {"tokenizer": stage_tokenizer, "vae": stage_vae, "denoiser": stage_denoiser,
                "layout": stage_layout, "settle": stage_settle,
+               "polish": stage_polish,
                "inpaint": stage_inpaint, "lora": stage_lora, "controlnet": stage_controlnet}

@@ -47,13 +47,12 @@ def test_every_caption_word_is_one_token_of_the_shipped_tokenizer() -> None:
 def test_a_smoke_run_trains_every_stage_into_loadable_checkpoints(tmp_path: Path) -> None:
     from diffusers import ControlNetModel, StableDiffusionInpaintPipeline, StableDiffusionPipeline
 
-    from serve_app.training.__main__ import ALL_STAGES, main
+    from serve_app.training.__main__ import STAGES, main
 
-    assert main(["--out", str(tmp_path), "--smoke", "--threads", "1",
-                 "--stages", ",".join(ALL_STAGES)]) == 0
+    assert main(["--out", str(tmp_path), "--smoke", "--threads", "1"]) == 0
     report = json.loads((tmp_path / "report.json").read_text())
-    assert tuple(report["stages"]) == ALL_STAGES
-    for stage in ("layout", "settle"):  # each continued tiny-sd and evaluated it
+    assert tuple(report["stages"]) == STAGES
+    for stage in ("layout", "settle", "polish"):  # each continued tiny-sd and evaluated it
         assert json.loads((tmp_path / "tiny-sd" / f"{stage}.json").read_text())["history"]
     assert set(report["final"]["quality"]) == set(judging.ATTRIBUTES)
     # What ships is what from_pretrained loads, as the service loads it.
@@ -64,10 +63,17 @@ def test_a_smoke_run_trains_every_stage_into_loadable_checkpoints(tmp_path: Path
     ControlNetModel.from_pretrained(tmp_path / "tiny-canny")
 
 
-def test_the_layout_stage_trains_at_the_top_of_the_schedule() -> None:
+def test_the_continued_stages_train_where_they_say() -> None:
     import torch
 
-    from serve_app.training.denoiser import HIGH_FROM, LAYOUT_SHARE, sample_timesteps
+    from serve_app.training.denoiser import (
+        HIGH_FROM,
+        LAYOUT_SHARE,
+        LOW_BELOW,
+        POLISH_HIGH,
+        POLISH_LOW,
+        sample_timesteps,
+    )
 
     top = 1 - HIGH_FROM / 1000  # the share of uniform timesteps up there
     layout = sample_timesteps(4000, torch.Generator().manual_seed(0), LAYOUT_SHARE)
@@ -78,3 +84,19 @@ def test_the_layout_stage_trains_at_the_top_of_the_schedule() -> None:
     assert top - 0.03 < rest < top + 0.03 and int(mixed[2000:].min()) < 10
     plain = sample_timesteps(4000, torch.Generator().manual_seed(0))
     assert top - 0.03 < float((plain >= HIGH_FROM).float().mean()) < top + 0.03
+    # polish: a quarter at the top, the last third-odd below LOW_BELOW, the rest uniform.
+    high, low = round(POLISH_HIGH * 4000), round(POLISH_LOW * 4000)
+    polish = sample_timesteps(4000, torch.Generator().manual_seed(0), POLISH_HIGH, POLISH_LOW)
+    assert bool((polish[:high] >= HIGH_FROM).all())
+    assert bool((polish[4000 - low:] < LOW_BELOW).all()) and int(polish[4000 - low:].min()) < 5
+    middle = polish[high:4000 - low]
+    assert 0.25 < float((middle < LOW_BELOW).float().mean()) < 0.35  # uniform: 30 %
+
+
+def test_the_low_noise_samples_get_their_neighbours_captions() -> None:
+    from serve_app.training.denoiser import neighbours_captions
+
+    captions = ["a", "b", "c", "d", "e"]
+    assert neighbours_captions(captions, 3) == ["a", "b", "d", "e", "c"]
+    assert neighbours_captions(captions, 1) == captions  # one sample: nobody to swap with
+    assert neighbours_captions(captions, 0) == captions
