@@ -208,8 +208,10 @@ def train_polish(vae: AutoencoderKL, tokenizer: CLIPTokenizer, text_encoder: CLI
     that is not the caption's. After `train_settle` the model had never been trained on
     that conflict and followed the words: at strength 0.2 the input's blue background turned
     purple (asked: yellow) inside a dark border, with stray pixels, where the denoiser-only
-    model kept it. Captioning the low-noise samples with other scenes' captions teaches that
-    there the picture wins; sizes also gain (76 -> 89 % on 45 prompts)."""
+    model kept it. The same shares with the true captions removed the stray pixels but not
+    the recolouring; captioning the low-noise samples with other scenes' captions teaches
+    that there the picture wins: the input is then kept up to strength 0.3, and the
+    180-prompt grid is the same either way (colour 83.3 / 82.8 %, position 99.4 %)."""
     return train_denoiser(vae, tokenizer, steps, batch=batch, lr=lr, pool=pool,
                           seed=seed + 3, eval_every=eval_every, eval_n=eval_n,
                           log_path=log_path, init=(text_encoder, unet),

@@ -4,7 +4,7 @@ the replica's own code path (ModelRunner), judged by pixel analysis
 (`serve_app.training.judge`).
 
 Everything is seeded, so each figure is exact on a given machine; the floors below sit a
-little under what the shipped weights measure (README: "The trained default model"), so
+little under what the shipped weights measure (README: "The embedded model: trained here"), so
 a change that breaks a feature's meaning fails while rounding differences between CPUs do
 not.
 """
