@@ -54,6 +54,7 @@ def run(out: Path, plan: Any, stages: tuple[str, ...], seed: int = 0, threads: i
         if resume and (folder / MARKERS[stage]).is_file():
             _say(log_path, f"{stage}: kept {folder}")
             continue
+        forget_later_stages(out, stage)
         wall, cpu = time.monotonic(), time.process_time()
         figures = STAGE_FUNCS[stage](out, folder, plan, seed, log_path)
         wall, cpu = time.monotonic() - wall, time.process_time() - cpu
@@ -72,6 +73,16 @@ def run(out: Path, plan: Any, stages: tuple[str, ...], seed: int = 0, threads: i
         report["final"]["wall_s"] = round(time.monotonic() - wall, 1)
         _say(log_path, f"final figures: {report['final']}")
     return report
+
+
+def forget_later_stages(out: Path, stage: str) -> None:
+    """Before `stage` rewrites its folder: the markers of the stages that continue that
+    folder after it (`denoiser` -> `layout`, `settle`, `polish`) go, so a later `--resume`
+    reruns them on the new weights instead of keeping what they no longer describe."""
+    order = list(STAGE_FUNCS)
+    for later in order[order.index(stage) + 1:]:
+        if FOLDERS[later] == FOLDERS[stage]:
+            (out / FOLDERS[later] / MARKERS[later]).unlink(missing_ok=True)
 
 
 def _say(log_path: Path, message: str) -> None:

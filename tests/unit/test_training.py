@@ -93,6 +93,22 @@ def test_the_continued_stages_train_where_they_say() -> None:
     assert 0.25 < float((middle < LOW_BELOW).float().mean()) < 0.35  # uniform: 30 %
 
 
+def test_rewriting_the_denoiser_makes_resume_rerun_the_stages_that_continue_it(
+    tmp_path: Path
+) -> None:
+    from serve_app.training.run import forget_later_stages
+
+    folder = tmp_path / "tiny-sd"
+    folder.mkdir()
+    for marker in ("model_index.json", "layout.json", "settle.json", "polish.json"):
+        (folder / marker).write_text("{}")
+    forget_later_stages(tmp_path, "settle")
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "layout.json", "model_index.json", "settle.json"]
+    forget_later_stages(tmp_path, "denoiser")
+    assert sorted(p.name for p in folder.iterdir()) == ["model_index.json"]
+
+
 def test_the_low_noise_samples_get_their_neighbours_captions() -> None:
     from serve_app.training.denoiser import neighbours_captions
 
