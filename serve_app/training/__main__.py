@@ -10,6 +10,8 @@ Stages, in order (each reads what the ones before it wrote into DIR):
   settle      DIR/tiny-sd/ again          (then at every step again; + settle.json)
   polish      DIR/tiny-sd/ again          (then the last steps, where the picture wins
                                            over the words: img2img; + polish.json)
+  decoder     DIR/tiny-sd/vae again       (the VAE's decoder fine-tuned on the
+                                           denoiser's latents; + decoder.json)
   inpaint     DIR/tiny-sd-inpaint/        (9-channel UNet, same VAE and text encoder)
   lora        DIR/tiny-outline-lora/pytorch_lora_weights.safetensors
   controlnet  DIR/tiny-canny/             (ControlNetModel)
@@ -44,6 +46,7 @@ class Plan:
     layout: int = 1500
     settle: int = 1000
     polish: int = 600
+    decoder: int = 2500
     inpaint: int = 300
     lora: int = 600
     controlnet: int = 600
@@ -55,17 +58,20 @@ class Plan:
     batch: int = 64
     layout_batch: int = 32
     polish_batch: int = 48
+    decoder_batch: int = 32
+    decoder_pool: int = 2400
     quality_n: int = 180
 
 
-SMOKE = Plan(vae=3, denoiser=3, layout=2, settle=2, polish=2, inpaint=2, lora=2, controlnet=2,
-             pool=64, companion_pool=32, eval_every=3, eval_n=4, vae_batch=4, batch=4,
-             layout_batch=4, polish_batch=4, quality_n=4)
+SMOKE = Plan(vae=3, denoiser=3, layout=2, settle=2, polish=2, decoder=2, inpaint=2, lora=2,
+             controlnet=2, pool=64, companion_pool=32, eval_every=3, eval_n=4, vae_batch=4,
+             batch=4, layout_batch=4, polish_batch=4, decoder_batch=4, decoder_pool=8,
+             quality_n=4)
 SECONDS_PER_STEP = {"vae": 0.33, "denoiser": 0.75, "layout": 0.6, "settle": 0.93,
-                    "polish": 0.95, "inpaint": 0.8, "lora": 0.6, "controlnet": 0.9}
+                    "polish": 0.95, "decoder": 0.32, "inpaint": 0.8, "lora": 0.6, "controlnet": 0.9}
 # What `--stages` may name, in the order they run.
-STAGES = ("tokenizer", "vae", "denoiser", "layout", "settle", "polish", "inpaint", "lora",
-          "controlnet")
+STAGES = ("tokenizer", "vae", "denoiser", "layout", "settle", "polish", "decoder", "inpaint",
+          "lora", "controlnet")
 
 
 def estimate_s(plan: Plan, stages: tuple[str, ...]) -> float:

@@ -31,11 +31,12 @@ from serve_app.training.evaluate import measure, quality_grid
 from serve_app.training.tokenizer import build_tokenizer_files, load_tokenizer
 
 FOLDERS = {"tokenizer": "tokenizer", "vae": "vae", "denoiser": "tiny-sd", "layout": "tiny-sd",
-           "settle": "tiny-sd", "polish": "tiny-sd",
+           "settle": "tiny-sd", "polish": "tiny-sd", "decoder": "tiny-sd",
            "inpaint": "tiny-sd-inpaint", "lora": "tiny-outline-lora",
            "controlnet": "tiny-canny"}
 MARKERS = {"tokenizer": "vocab.json", "vae": "config.json", "denoiser": "model_index.json",
            "layout": "layout.json", "settle": "settle.json", "polish": "polish.json",
+           "decoder": "decoder.json",
            "inpaint": "model_index.json", "lora": "pytorch_lora_weights.safetensors",
            "controlnet": "config.json"}
 
@@ -163,6 +164,20 @@ def _continue(out: Path, folder: Path, stage: str, train: Any, steps: int, batch
     return figures
 
 
+def stage_decoder(out: Path, folder: Path, plan: Any, seed: int, log: Path) -> dict:
+    """Fine-tunes DIR/tiny-sd's VAE decoder on its denoiser's latents
+    (`decoder.train_decoder`) and saves the pipeline in place, with `decoder.json`."""
+    from serve_app.training.decoder import train_decoder
+    from serve_app.training.pipeline import assemble, save
+
+    base = _base(out)
+    vae, figures = train_decoder(base, plan.decoder, batch=plan.decoder_batch,
+                                 pool=plan.decoder_pool, seed=seed, log_path=log)
+    save(assemble(vae, base.text_encoder, base.tokenizer, base.unet), folder)
+    (folder / MARKERS["decoder"]).write_text(json.dumps(figures, indent=1) + "\n")
+    return figures
+
+
 def stage_inpaint(out: Path, folder: Path, plan: Any, seed: int, log: Path) -> dict:
     from serve_app.training.inpaint import train_inpaint
     from serve_app.training.pipeline import assemble, save
@@ -218,5 +233,5 @@ def final_figures(out: Path, plan: Any) -> dict[str, Any]:
 
 STAGE_FUNCS = {"tokenizer": stage_tokenizer, "vae": stage_vae, "denoiser": stage_denoiser,
                "layout": stage_layout, "settle": stage_settle,
-               "polish": stage_polish,
+               "polish": stage_polish, "decoder": stage_decoder,
                "inpaint": stage_inpaint, "lora": stage_lora, "controlnet": stage_controlnet}

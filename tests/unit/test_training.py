@@ -54,6 +54,8 @@ def test_a_smoke_run_trains_every_stage_into_loadable_checkpoints(tmp_path: Path
     assert tuple(report["stages"]) == STAGES
     for stage in ("layout", "settle", "polish"):  # each continued tiny-sd and evaluated it
         assert json.loads((tmp_path / "tiny-sd" / f"{stage}.json").read_text())["history"]
+    decoder = json.loads((tmp_path / "tiny-sd" / "decoder.json").read_text())
+    assert decoder == report["stages"]["decoder"]["figures"] and "judge_shape" in decoder
     assert set(report["final"]["quality"]) == set(judging.ATTRIBUTES)
     # What ships is what from_pretrained loads, as the service loads it.
     pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "tiny-sd")
@@ -100,8 +102,12 @@ def test_rewriting_the_denoiser_makes_resume_rerun_the_stages_that_continue_it(
 
     folder = tmp_path / "tiny-sd"
     folder.mkdir()
-    for marker in ("model_index.json", "layout.json", "settle.json", "polish.json"):
+    for marker in ("model_index.json", "layout.json", "settle.json", "polish.json",
+                   "decoder.json"):
         (folder / marker).write_text("{}")
+    forget_later_stages(tmp_path, "polish")
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "layout.json", "model_index.json", "polish.json", "settle.json"]
     forget_later_stages(tmp_path, "settle")
     assert sorted(p.name for p in folder.iterdir()) == [
         "layout.json", "model_index.json", "settle.json"]
@@ -116,3 +122,45 @@ def test_the_low_noise_samples_get_their_neighbours_captions() -> None:
     assert neighbours_captions(captions, 3) == ["a", "b", "d", "e", "c"]
     assert neighbours_captions(captions, 1) == captions  # one sample: nobody to swap with
     assert neighbours_captions(captions, 0) == captions
+
+
+def test_the_decoder_stage_moves_the_decoder_only() -> None:
+    """The latent space every other stage was trained in stays put: encoder, quant_conv
+    and scaling factor are the shipped ones to the bit; the decoder did learn."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    from serve_app.training.decoder import train_decoder
+
+    torch.set_num_threads(1)
+    pipe = StableDiffusionPipeline.from_pretrained(
+        Path(__file__).parents[2] / "serve_app" / "trained" / "tiny-sd")
+    vae, figures = train_decoder(pipe, steps=2, batch=4, pool=4)
+    before, after = pipe.vae.state_dict(), vae.state_dict()
+    moved = {k for k in before if not torch.equal(before[k], after[k])}
+    assert moved and all(k.startswith(("decoder.", "post_quant_conv.")) for k in moved)
+    assert any(k.startswith("decoder.") for k in moved)
+    assert vae.config.scaling_factor == pipe.vae.config.scaling_factor
+    assert 0.0 <= figures["judge_min"] <= 1.0
+
+
+def test_decoder_windows_pair_a_latent_window_with_its_pixels() -> None:
+    import torch
+
+    from serve_app.training.decoder import WINDOW, windows
+    from serve_app.training.models import VAE_FACTOR
+
+    # Each latent pixel holds its grid coordinates; each picture pixel its own, over 4.
+    grid = 16
+    ys, xs = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
+    latents = torch.stack([ys, xs]).float()[None].repeat(3, 1, 1, 1)
+    py, px = torch.meshgrid(torch.arange(64), torch.arange(64), indexing="ij")
+    pictures = torch.stack([py // VAE_FACTOR, px // VAE_FACTOR]).float()[None].repeat(3, 1, 1, 1)
+    boxes = [(0.0, 0.0, 10.0, 10.0), (50.0, 50.0, 64.0, 64.0), (20.0, 28.0, 40.0, 44.0)]
+    z, x = windows(latents, pictures, boxes, np.random.default_rng(0))
+    assert z.shape == (3, 2, WINDOW // VAE_FACTOR, WINDOW // VAE_FACTOR)
+    assert x.shape == (3, 2, WINDOW, WINDOW)
+    assert torch.equal(x[:, :, ::VAE_FACTOR, ::VAE_FACTOR], z)  # aligned, inside the grid
+    for (x0, y0, x1, y1), window in zip(boxes, z, strict=True):  # around the shape
+        assert window[1].min() * 4 <= (x0 + x1) / 2 <= (window[1].max() + 1) * 4
+        assert window[0].min() * 4 <= (y0 + y1) / 2 <= (window[0].max() + 1) * 4
