@@ -165,8 +165,8 @@ def test_a_negative_prompt_moves_the_shape_colour_away_from_it(
 def test_adherence_rises_from_guidance_one_to_the_default(
     runner: ModelRunner, spec: ModelSpec
 ) -> None:
-    # 36 prompts: the model follows its captions well even unguided (25 of 36 with both
-    # colours right at guidance 1, 31 at the default 3, as measured); 12 leave a gap of one.
+    # 36 prompts: the model follows its captions well even unguided (26 of 36 with both
+    # colours right at guidance 1, 33 at the default 3, as measured); 12 leave a gap of one.
     grid = [(p, t) for p, t in quality_grid(108, seed=7) if t["size"] != "small"][:36]
     truths = [t for _, t in grid]
     unguided = draw(runner, [task(spec, p, i, guidance_scale=1.0)
@@ -186,7 +186,7 @@ def test_every_sampler_reaches_the_asked_colours_at_the_default_steps(
 ) -> None:
     assert sampler in spec.samplers
     images = draw(runner, [task(spec, p, i, sampler=sampler) for i, (p, _) in enumerate(GRID)])
-    assert colours_right(images, [t for _, t in GRID]) >= 9  # 9 or 10 of 12 measured
+    assert colours_right(images, [t for _, t in GRID]) >= 9  # 9 to 11 of 12 measured
 
 
 # -- img2img ---------------------------------------------------------------------------------
