@@ -1,6 +1,6 @@
 """Step caching on these CPUs: its speed and what it costs in quality, in one run.
 
-    .venv/bin/python -m bench.stepcache [--model tiny-sd] [--every 3] [--n 90] [--rounds 5]
+    .venv/bin/python -m bench.stepcache [--model tiny-sd] [--every 3] [--n 180] [--rounds 5]
 
 The model as its registry entry ships (default: the registry's default model, the trained
 shapes model), through the replica's own code (`ModelRunner`), at its default size, steps,
@@ -8,9 +8,10 @@ sampler and guidance, with `runtime.step_cache: {kind: deepcache, every: N}` aga
 same model without. Speed: one batch-1 job at a time, the two alternating, the median of
 `--rounds` each (warm-ups not counted); the figure is uncached ÷ cached seconds. Quality:
 the shapes world's quality grid (`serve_app.training.evaluate.quality_grid`: prompts over
-every attribute, judged by pixel analysis in `serve_app.training.judge`), the same prompts
-and seeds with and without the cache; issue 26's bar is the cached figures within 5 points
-of the uncached ones. Writes `bench/results/<date>-stepcache-<model>.json`.
+every attribute, judged by pixel analysis in `serve_app.training.judge`; 180 prompts, as
+`bench.quality` and issue 25 measure, since one image is 1.1 points of a 90-prompt grid),
+the same prompts and seeds with and without the cache; issue 26's bar is the cached
+figures within 5 points of the uncached ones. Writes `bench/results/<date>-stepcache-<model>.json`.
 """
 
 from __future__ import annotations
@@ -81,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bench.stepcache", description=__doc__.split("\n")[0])
     parser.add_argument("--model", default=load_settings().default_model)
     parser.add_argument("--every", type=int, default=3)
-    parser.add_argument("--n", type=int, default=90)
+    parser.add_argument("--n", type=int, default=180)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     opts = parser.parse_args(argv)
