@@ -42,7 +42,7 @@ from serve_app.training.common import Progress, lr_at, set_lr
 from serve_app.training.data import to_tensor, vae_batch
 from serve_app.training.evaluate import DEFAULTS, set_sampler
 from serve_app.training.models import IMAGE_SIZE, VAE_FACTOR
-from serve_app.training.vae import reconstruction_figures
+from serve_app.training.vae import reconstruction_figures, reconstruction_loss
 
 GENERATED_SHARE = 0.6
 STRENGTHS = (0.2, 0.6)
@@ -115,7 +115,7 @@ def train_decoder(pipe: StableDiffusionPipeline, steps: int, batch: int = 32,
         with torch.no_grad():  # the posterior's mode: the encoder's sharpest latents
             z_real = vae.encode(x_real).latent_dist.mode()
         error = vae.decode(torch.cat([z_gen, z_real])).sample - torch.cat([x_gen, x_real])
-        loss = error.abs().mean() + error.pow(2).mean()
+        loss = reconstruction_loss(error)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trained, 1.0)
