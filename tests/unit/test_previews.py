@@ -108,3 +108,29 @@ def test_a_jobs_thumbnails_are_the_same_batched_or_alone(runner: ModelRunner) ->
         runner.generate(task, on_preview=lambda s, t, th, got=alone: got.append((s, t, th)))
         assert [th[task.job_id] for _, _, th in alone] == [
             th[task.job_id] for _, _, th in batched if task.job_id in th]
+
+
+def test_a_vae_no_linear_map_reads_gets_previews_decoded_by_itself() -> None:
+    """The trained tiny-sd's VAE (attention in its middle block) draws colours no linear map
+    of its latents gives: a red square was previewed green. Its previews are decoded."""
+    from pathlib import Path
+
+    from diffusers import StableDiffusionPipeline
+
+    from serve_app.generation.previews import LINEAR_R2, DecodedPreview, Previewer
+    from serve_app.training import judge, world
+    from serve_app.training.data import to_tensor
+
+    pipe = StableDiffusionPipeline.from_pretrained(
+        Path(__file__).parents[2] / "serve_app" / "trained" / "tiny-sd")
+    fitted = Projection.fit(pipe)
+    assert fitted is not None and fitted.r2 < LINEAR_R2
+    previewer = Previewer()
+    assert isinstance(previewer.projection(pipe), DecodedPreview)
+    scene = world.Scene("square", "red", "blue", "left", "large")
+    with torch.no_grad():
+        latent = pipe.vae.encode(to_tensor([world.render(scene)])).latent_dist.mode()[0]
+    shown = previewer.projection(pipe).thumbnail(  # type: ignore[union-attr]
+        latent * pipe.vae.config.scaling_factor, 64, 64)
+    verdict = judge.judge(Image.open(io.BytesIO(shown)))
+    assert (verdict.background, verdict.colour, verdict.position) == ("blue", "red", "left")
