@@ -10,6 +10,9 @@ Stages, in order (each reads what the ones before it wrote into DIR):
   settle      DIR/tiny-sd/ again          (then at every step again; + settle.json)
   polish      DIR/tiny-sd/ again          (then the last steps, where the picture wins
                                            over the words: img2img; + polish.json)
+  contrast    DIR/tiny-sd/ again          (then each scene as a circle, a square and a
+                                           triangle with the same noise: the shape words;
+                                           + contrast.json)
   decoder     DIR/tiny-sd/vae again       (the VAE's decoder fine-tuned on the
                                            denoiser's latents; + decoder.json)
   inpaint     DIR/tiny-sd-inpaint/        (9-channel UNet, same VAE and text encoder)
@@ -46,6 +49,7 @@ class Plan:
     layout: int = 1500
     settle: int = 1000
     polish: int = 600
+    contrast: int = 600
     decoder: int = 2500
     inpaint: int = 300
     lora: int = 600
@@ -63,15 +67,16 @@ class Plan:
     quality_n: int = 180
 
 
-SMOKE = Plan(vae=3, denoiser=3, layout=2, settle=2, polish=2, decoder=2, inpaint=2, lora=2,
-             controlnet=2, pool=64, companion_pool=32, eval_every=3, eval_n=4, vae_batch=4,
+SMOKE = Plan(vae=3, denoiser=3, layout=2, settle=2, polish=2, contrast=2, decoder=2, inpaint=2,
+             lora=2, controlnet=2, pool=64, companion_pool=32, eval_every=3, eval_n=4, vae_batch=4,
              batch=4, layout_batch=4, polish_batch=4, decoder_batch=4, decoder_pool=8,
              quality_n=4)
 SECONDS_PER_STEP = {"vae": 0.33, "denoiser": 0.75, "layout": 0.6, "settle": 0.93,
-                    "polish": 0.95, "decoder": 0.32, "inpaint": 0.8, "lora": 0.6, "controlnet": 0.9}
+                    "polish": 0.95, "contrast": 0.78, "decoder": 0.32, "inpaint": 0.8,
+                    "lora": 0.6, "controlnet": 0.9}
 # What `--stages` may name, in the order they run.
-STAGES = ("tokenizer", "vae", "denoiser", "layout", "settle", "polish", "decoder", "inpaint",
-          "lora", "controlnet")
+STAGES = ("tokenizer", "vae", "denoiser", "layout", "settle", "polish", "contrast", "decoder",
+          "inpaint", "lora", "controlnet")
 
 
 def estimate_s(plan: Plan, stages: tuple[str, ...]) -> float:

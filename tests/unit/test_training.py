@@ -5,6 +5,7 @@ the world's own pictures."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -52,7 +53,7 @@ def test_a_smoke_run_trains_every_stage_into_loadable_checkpoints(tmp_path: Path
     assert main(["--out", str(tmp_path), "--smoke", "--threads", "1"]) == 0
     report = json.loads((tmp_path / "report.json").read_text())
     assert tuple(report["stages"]) == STAGES
-    for stage in ("layout", "settle", "polish"):  # each continued tiny-sd and evaluated it
+    for stage in ("layout", "settle", "polish", "contrast"):  # each continued tiny-sd
         assert json.loads((tmp_path / "tiny-sd" / f"{stage}.json").read_text())["history"]
     decoder = json.loads((tmp_path / "tiny-sd" / "decoder.json").read_text())
     assert decoder == report["stages"]["decoder"]["figures"] and "judge_shape" in decoder
@@ -103,7 +104,7 @@ def test_rewriting_the_denoiser_makes_resume_rerun_the_stages_that_continue_it(
     folder = tmp_path / "tiny-sd"
     folder.mkdir()
     for marker in ("model_index.json", "layout.json", "settle.json", "polish.json",
-                   "decoder.json"):
+                   "contrast.json", "decoder.json"):
         (folder / marker).write_text("{}")
     forget_later_stages(tmp_path, "polish")
     assert sorted(p.name for p in folder.iterdir()) == [
@@ -113,6 +114,26 @@ def test_rewriting_the_denoiser_makes_resume_rerun_the_stages_that_continue_it(
         "layout.json", "model_index.json", "settle.json"]
     forget_later_stages(tmp_path, "denoiser")
     assert sorted(p.name for p in folder.iterdir()) == ["model_index.json"]
+
+
+def test_a_triplets_captions_differ_in_the_shapes_word_alone() -> None:
+    from dataclasses import replace
+
+    from serve_app.training.denoiser import triplet_captions
+
+    rng = np.random.default_rng(3)
+    named, empty = 0, 0
+    for _ in range(200):
+        base = world.random_scene(rng)
+        captions = triplet_captions([replace(base, shape=s) for s in world.SHAPES], rng)
+        if captions == ["", "", ""]:  # classifier-free guidance's share: the whole triplet
+            empty += 1
+            continue
+        masked = {re.sub(r"\b(circle|square|triangle)\b", "SHAPE", c, flags=re.I)
+                  for c in captions}
+        assert len(masked) == 1, captions  # the same words but the shape's
+        named += all(s in c.lower() for s, c in zip(world.SHAPES, captions, strict=True))
+    assert 5 <= empty <= 40 and named >= 150  # a caption may leave the shape unnamed
 
 
 def test_the_low_noise_samples_get_their_neighbours_captions() -> None:
