@@ -6,6 +6,8 @@ Contract:
   more would only fight the other processes).
 - `lr_at(step, total, peak, warmup, decay)`: linear warmup to `peak`, then cosine down to
   10 % (or `peak` throughout, without `decay`).
+- `descend(optimizer, loss, parameters, ema)`: one step of every stage's loop (gradients
+  clipped to norm 1, then the EMA, if any, follows).
 - `Ema` keeps an exponential moving average of a module's parameters (decay ramps up
   from 0, so early averages are not dominated by the random start); `copy_to(module)`.
 - `Progress` is a tqdm bar (stderr) with the stage's ETA, and also appends a line per
@@ -17,6 +19,7 @@ from __future__ import annotations
 import math
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TextIO
 
@@ -40,6 +43,16 @@ def lr_at(step: int, total: int, peak: float, warmup: int, decay: bool = True) -
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr * group.get("lr_scale", 1.0)
+
+
+def descend(optimizer: torch.optim.Optimizer, loss: torch.Tensor,
+            parameters: Iterable[torch.nn.Parameter], ema: Ema | None = None) -> None:
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+    optimizer.step()
+    if ema is not None:
+        ema.update()
 
 
 class Ema:

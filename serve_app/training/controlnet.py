@@ -28,7 +28,7 @@ from PIL import Image
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from serve_app.training import world
-from serve_app.training.common import Ema, Progress, lr_at, set_lr
+from serve_app.training.common import Ema, Progress, descend, lr_at, set_lr
 from serve_app.training.data import LatentCache, tokenize
 from serve_app.training.denoiser import CAPTION_DROPOUT
 from serve_app.training.models import IMAGE_SIZE, SEEDS, new_controlnet, train_scheduler
@@ -95,11 +95,7 @@ def train_controlnet(vae: AutoencoderKL, text_encoder: CLIPTextModel,
         prediction = unet(noisy, t, states, down_block_additional_residuals=down,
                           mid_block_additional_residual=mid).sample
         loss = (prediction - scheduler.get_velocity(latents, noise, t)).pow(2).mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
-        optimizer.step()
-        ema.update()
+        descend(optimizer, loss, net.parameters(), ema)
         progress.step(loss=loss.item())
         if (step + 1) % max(1, steps // 5) == 0:
             progress.log(f"loss {loss.item():.4f}")

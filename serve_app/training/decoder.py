@@ -38,7 +38,7 @@ import torch
 from diffusers import AutoencoderKL, StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
 
 from serve_app.training import world
-from serve_app.training.common import Progress, lr_at, set_lr
+from serve_app.training.common import Progress, descend, lr_at, set_lr
 from serve_app.training.data import to_tensor, vae_batch
 from serve_app.training.evaluate import DEFAULTS, set_sampler
 from serve_app.training.models import IMAGE_SIZE, VAE_FACTOR
@@ -116,10 +116,7 @@ def train_decoder(pipe: StableDiffusionPipeline, steps: int, batch: int = 32,
             z_real = vae.encode(x_real).latent_dist.mode()
         error = vae.decode(torch.cat([z_gen, z_real])).sample - torch.cat([x_gen, x_real])
         loss = reconstruction_loss(error)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trained, 1.0)
-        optimizer.step()
+        descend(optimizer, loss, trained)
         progress.step(loss=loss.item())
         if (step + 1) % max(1, steps // 5) == 0:
             progress.log(f"loss {loss.item():.4f}")

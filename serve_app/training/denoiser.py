@@ -28,7 +28,7 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from serve_app.training import world
-from serve_app.training.common import Ema, Progress, lr_at, set_lr
+from serve_app.training.common import Ema, Progress, descend, lr_at, set_lr
 from serve_app.training.data import (
     LatentCache,
     captions_for,
@@ -148,11 +148,7 @@ def train_denoiser(vae: AutoencoderKL, tokenizer: CLIPTokenizer, steps: int, bat
         weights = shape_weights(batch_scenes, IMAGE_SIZE, VAE_FACTOR, SHAPE_BOOST)
         loss = velocity_loss(unet, latents, states, generator, weights=weights,
                              high_share=high_share, low_share=low_share)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(modules.parameters(), 1.0)
-        optimizer.step()
-        ema.update()
+        descend(optimizer, loss, modules.parameters(), ema)
         progress.step(loss=loss.item())
         if (step + 1) % eval_every == 0 or step + 1 == steps:
             scores = evaluate_ema(ema, modules, vae, tokenizer, grid, seed,
@@ -288,11 +284,7 @@ def train_contrast(vae: AutoencoderKL, tokenizer: CLIPTokenizer, text_encoder: C
         p, q = (x.view(k, n, *x.shape[1:]) for x in (prediction, target))
         contrast = ((p - p.mean(1, keepdim=True)) - (q - q.mean(1, keepdim=True))).pow(2).mean()
         loss = plain + CONTRAST_WEIGHT * contrast
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(modules.parameters(), 1.0)
-        optimizer.step()
-        ema.update()
+        descend(optimizer, loss, modules.parameters(), ema)
         progress.step(loss=loss.item())
         if (step + 1) % eval_every == 0 or step + 1 == steps:
             scores = evaluate_ema(ema, modules, vae, tokenizer, grid, seed)

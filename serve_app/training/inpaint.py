@@ -27,7 +27,7 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from serve_app.training import world
-from serve_app.training.common import Ema, Progress, lr_at, set_lr
+from serve_app.training.common import Ema, Progress, descend, lr_at, set_lr
 from serve_app.training.data import captions_for, random_mask, scenes, to_tensor, tokenize
 from serve_app.training.denoiser import CAPTION_DROPOUT, velocity_loss
 from serve_app.training.models import IMAGE_SIZE, SEEDS, VAE_FACTOR
@@ -84,11 +84,7 @@ def train_inpaint(vae: AutoencoderKL, text_encoder: CLIPTextModel, tokenizer: CL
             states = text_encoder(tokenize(tokenizer, captions_for(
                 batch_scenes, rng, CAPTION_DROPOUT)))[0]
         loss = velocity_loss(unet, latents, states, generator, extra=extra)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        optimizer.step()
-        ema.update()
+        descend(optimizer, loss, unet.parameters(), ema)
         progress.step(loss=loss.item())
         if (step + 1) % max(1, steps // 5) == 0:
             progress.log(f"loss {loss.item():.4f}")

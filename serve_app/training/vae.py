@@ -27,7 +27,7 @@ from diffusers import AutoencoderKL
 
 from serve_app.training import judge as judging
 from serve_app.training import world
-from serve_app.training.common import Progress, lr_at, set_lr
+from serve_app.training.common import Progress, descend, lr_at, set_lr
 from serve_app.training.data import to_images, to_tensor, vae_batch
 from serve_app.training.models import IMAGE_SIZE, new_vae
 
@@ -52,10 +52,7 @@ def train_vae(out: Path, steps: int, batch: int = 32, lr: float = 2e-3, seed: in
         error = reconstruction - x
         kl = posterior.kl().mean() / z[0].numel()
         loss = reconstruction_loss(error) + KL_WEIGHT * kl
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        optimizer.step()
+        descend(optimizer, loss, vae.parameters())
         progress.step(loss=loss.item(), mse=error.detach().pow(2).mean().item())
         if (step + 1) % max(1, steps // 10) == 0:
             progress.log(f"loss {loss.item():.4f} mse {error.detach().pow(2).mean().item():.5f} "
