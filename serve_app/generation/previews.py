@@ -71,8 +71,9 @@ class Projection:
         scaling = float(vae.config.scaling_factor or 1.0)
         shift = float(getattr(vae.config, "shift_factor", None) or 0.0)
         generator = torch.Generator(device="cpu").manual_seed(0)
+        encoded = hasattr(vae, "encode")
         with _decoding_precision(vae), torch.inference_mode():
-            if hasattr(vae, "encode"):
+            if encoded:
                 pictures = _colour_blocks(generator).to(vae.device, vae.dtype)
                 latents = (vae.encode(pictures).latent_dist.mean.float().cpu() - shift) * scaling
             else:
@@ -88,7 +89,7 @@ class Projection:
         pooled = F.avg_pool2d(decoded, factor) if factor > 1 else decoded
         x = latents.permute(0, 2, 3, 1).reshape(-1, channels)
         y = pooled.permute(0, 2, 3, 1).reshape(-1, 3)
-        return cls.least_squares(x, y, _RIDGE if hasattr(vae, "encode") else 0.0)
+        return cls.least_squares(x, y, _RIDGE if encoded else 0.0)
 
     @classmethod
     def least_squares(cls, x: torch.Tensor, y: torch.Tensor, ridge: float) -> Projection:

@@ -149,8 +149,8 @@ def stage_polish(out: Path, folder: Path, plan: Any, seed: int, log: Path) -> di
 
 
 def stage_contrast(out: Path, folder: Path, plan: Any, seed: int, log: Path) -> dict:
-    """As `stage_layout`, with `denoiser.train_contrast`."""
-    from serve_app.training.denoiser import train_contrast
+    """As `stage_layout`, with `contrast.train_contrast`."""
+    from serve_app.training.contrast import train_contrast
 
     return _continue(out, folder, "contrast", train_contrast, plan.contrast,
                      plan.polish_batch, plan, seed, log, evals=1)

@@ -119,7 +119,7 @@ def test_rewriting_the_denoiser_makes_resume_rerun_the_stages_that_continue_it(
 def test_a_triplets_captions_differ_in_the_shapes_word_alone() -> None:
     from dataclasses import replace
 
-    from serve_app.training.denoiser import triplet_captions
+    from serve_app.training.contrast import triplet_captions
 
     rng = np.random.default_rng(3)
     named, empty = 0, 0
