@@ -28,7 +28,8 @@ from serve_app.messages import (
     StreamItem,
     pack,
 )
-from serve_app.registry import ModelSpec, PoolSpec
+from serve_app.model_pools import PoolSpec
+from serve_app.registry import ModelSpec
 from serve_app.settings import Settings
 
 log = logging.getLogger(__name__)

@@ -22,9 +22,10 @@ from deployments.tracker import Tracker, model_deployment_name, pool_deployment_
 from serve_app.blobs import open_blobs
 from serve_app.errors import ConfigError
 from serve_app.generation.preload import model_runtime_env
+from serve_app.model_pools import PoolSpec
 from serve_app.model_runtime import Resources, Scaling
 from serve_app.placement import Cluster, measure_cpu_gflops, needs_cpu_speed, place_all
-from serve_app.registry import ModelSpec, PoolSpec, Registry, load_registry, parse_registry
+from serve_app.registry import ModelSpec, Registry, load_registry, parse_registry
 from serve_app.settings import Settings, load_settings
 from serve_app.shards import ShardMap, tracker_deployment_name
 

@@ -113,7 +113,7 @@ class ControlInput:
 
 @dataclass(frozen=True)
 class UpscalerRef:
-    """An upscaler as the replica needs it (`serve_app.registry.UpscalerSpec.ref`): a
+    """An upscaler as the replica needs it (`serve_app.model_upscalers.UpscalerSpec.ref`): a
     built-in resampler (`source` "builtin": lanczos, nearest), a weights file under
     MODEL_PATH (`path`), or the seeded tiny ESRGAN (`tiny-esrgan`); tiles in input pixels."""
 

@@ -26,9 +26,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
 from serve_app.model_families import TRAINED_DIR, Pipeline
+from serve_app.model_runtime import Strict
 
 # The families whose ControlNet pipelines the replicas drive (diffusers' SD 1.x and SDXL
 # ControlNet text2img / img2img pipelines).
@@ -37,11 +38,7 @@ ADAPTER_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 LORA_SUFFIX = ".safetensors"
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class LoraSpec(_Strict):
+class LoraSpec(Strict):
     """One LoRA of a model, as `config/models.yaml` lists it."""
 
     name: str = Field(pattern=ADAPTER_NAME)
@@ -60,7 +57,7 @@ class LoraSpec(_Strict):
         return self
 
 
-class ControlNetSpec(_Strict):
+class ControlNetSpec(Strict):
     """One ControlNet of a model, as `config/models.yaml` lists it."""
 
     id: str = Field(pattern=ADAPTER_NAME)

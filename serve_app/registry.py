@@ -1,10 +1,11 @@
 """The model registry: `config/models.yaml` parsed, checked and resolved against MODEL_PATH.
-(Over ~300 lines: one schema, and its checks belong beside the fields they check.)
 
 A model is *served* when its weights are present (or, for the embedded tiny models, when
 they can be built locally); the app builder creates one replica deployment per served model.
 Unknown keys anywhere stop the start with a message naming them: Ray silently ignores
-unknown autoscaling keys, so this is the only place a typo can be caught.
+unknown autoscaling keys, so this is the only place a typo can be caught. The entries'
+parts are schemas of their own: `model_runtime` (scaling, resources, runtime knobs),
+`model_adapters` (LoRAs, ControlNets), `model_upscalers`, `model_pools`.
 """
 
 from __future__ import annotations
@@ -13,10 +14,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
 
 from serve_app.errors import ConfigError
-from serve_app.messages import SAMPLERS, UpscalerRef
+from serve_app.messages import SAMPLERS
 from serve_app.model_adapters import (
     ControlNetSpec,
     LoraSpec,
@@ -33,12 +34,10 @@ from serve_app.model_families import (
     Source,
     samplers_for,
 )
-from serve_app.model_runtime import Resources, Runtime, Scaling
+from serve_app.model_pools import PoolSpec, pool_lora_dirs
+from serve_app.model_runtime import Resources, Runtime, Scaling, Strict
+from serve_app.model_upscalers import UpscalerSpec
 from serve_app.settings import PROJECT_ROOT, Settings
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class Defaults(Strict):
@@ -199,92 +198,9 @@ class ModelSpec(Strict):
         return path.is_file()
 
 
-# Resamplers every service has, without weights (PIL): not listed in the registry.
-BUILTIN_UPSCALERS: tuple[str, ...] = ("lanczos", "nearest")
-
-
-class UpscalerSpec(Strict):
-    """A model upscaler (`upscalers:` in the registry; `serve_app.generation.upscalers`):
-    a super-resolution weights file (ESRGAN-family `.pth`/`.safetensors`, or any
-    architecture spandrel knows when it is installed), path relative to MODEL_PATH or
-    absolute; or `tiny-esrgan`, the seeded test model built locally. `scale` is the
-    model's own factor (read from the weights; stated here for listings before load).
-    Tiles are in input pixels (see `serve_app.generation.tiling`)."""
-
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._+ -]{0,63}$")
-    description: str = ""
-    source: Literal["path", "tiny-esrgan"] = "path"
-    path: str | None = None
-    scale: int = Field(4, ge=1, le=8)
-    seed: int = Field(0, ge=0)
-    tile: int = Field(256, ge=32, le=4096)
-    tile_overlap: int = Field(32, ge=0, le=512)
-
-    @model_validator(mode="after")
-    def _sourced(self) -> UpscalerSpec:
-        if self.source == "path" and not self.path:
-            raise ValueError("an upscaler with source 'path' needs a 'path'")
-        if self.source != "path" and self.path:
-            raise ValueError(f"an upscaler with source {self.source!r} takes no 'path'")
-        if self.name.lower() in BUILTIN_UPSCALERS:
-            raise ValueError(f"upscaler name {self.name!r} is a built-in one")
-        return self
-
-    def weights_path(self, settings: Settings) -> Path:
-        if self.source != "path":
-            return Path(settings.cache_dir) / "upscalers" / f"{self.name}.safetensors"
-        path = Path(str(self.path)).expanduser()
-        return path if path.is_absolute() else Path(settings.model_path) / path
-
-    def present(self, settings: Settings) -> bool:
-        return self.source != "path" or self.weights_path(settings).is_file()
-
-    def ref(self) -> UpscalerRef:
-        return UpscalerRef(self.name, self.source, self.path or "", self.seed, self.tile,
-                           self.tile_overlap)
-
-
-class PoolSpec(Strict):
-    """A model pool (`pools:`): one deployment (`pool-<id>`) whose replicas load the pool's
-    models on demand through Serve's model multiplexing and keep the most recently used."""
-
-    id: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]{0,63}$")
-    description: str = ""
-    # Models one replica keeps loaded; the least recently used goes when another loads.
-    max_models_per_replica: int = Field(3, ge=1, le=1000)
-    # Optional memory budget: with `model_memory_gb` (one loaded model's footprint), a
-    # replica keeps at most floor(budget / footprint) models, if fewer than the count.
-    memory_budget_gb: float | None = Field(None, gt=0)
-    model_memory_gb: float | None = Field(None, gt=0)
-    # LoRA folders every model of the pool takes (beside each model's own lora_dirs).
-    lora_dirs: tuple[str, ...] = ()
-    scaling: Scaling = Scaling()
-    resources: Resources = Resources()
-
-    @model_validator(mode="after")
-    def _budget(self) -> PoolSpec:
-        if (self.memory_budget_gb is None) != (self.model_memory_gb is None):
-            raise ValueError("memory_budget_gb and model_memory_gb go together: the budget "
-                             "is counted in models of that size")
-        if self.memory_budget_gb is not None and self.models_per_replica < 1:
-            raise ValueError(f"memory_budget_gb {self.memory_budget_gb:g} does not hold one "
-                             f"model of model_memory_gb {self.model_memory_gb:g}")
-        return self
-
-    @property
-    def models_per_replica(self) -> int:
-        """How many models a replica keeps loaded: the count, or fewer if the budget says."""
-        if self.memory_budget_gb is None or self.model_memory_gb is None:
-            return self.max_models_per_replica
-        fits = int(self.memory_budget_gb / self.model_memory_gb + 1e-9)
-        return min(self.max_models_per_replica, fits)
-
-
 class Registry(Strict):
     models: list[ModelSpec]
     upscalers: list[UpscalerSpec] = []
-
-
     pools: list[PoolSpec] = []
     # Set at startup (serve_app.placement), never in a registry file: models that cannot
     # be served on this cluster, and why.
@@ -294,7 +210,7 @@ class Registry(Strict):
     @classmethod
     def _inherit_loras(cls, data: Any) -> Any:
         if isinstance(data, dict) and "models" in data:
-            data = {**data, "models": _pool_lora_dirs(inherit_loras(data["models"]),
+            data = {**data, "models": pool_lora_dirs(inherit_loras(data["models"]),
                                                       data.get("pools"))}
         return data
 
@@ -359,27 +275,12 @@ class Registry(Strict):
         pool = self.pool_of(model_id)
         return pool.scaling if pool is not None else spec.scaling
 
-
     def get(self, model_id: str) -> ModelSpec | None:
         return next((m for m in self.models if m.id == model_id), None)
 
     def served(self, settings: Settings) -> list[ModelSpec]:
         return [m for m in self.models
                 if m.id not in self.unavailable and m.weights_present(settings)]
-
-
-def _pool_lora_dirs(models: Any, pools: Any) -> Any:
-    """Raw registry models with each pool model given its pool's `lora_dirs` after its own."""
-    if not isinstance(models, list) or not isinstance(pools, list):
-        return models
-    dirs = {p.get("id"): p.get("lora_dirs") for p in pools if isinstance(p, dict)}
-    out = []
-    for m in models:
-        extra = dirs.get(m.get("pool")) if isinstance(m, dict) else None
-        if isinstance(extra, list) and extra and isinstance(m.get("lora_dirs", []), list):
-            m = {**m, "lora_dirs": list(m.get("lora_dirs", [])) + extra}
-        out.append(m)
-    return out
 
 
 def resolve_config_path(path: str | Path) -> Path:

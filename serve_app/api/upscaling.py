@@ -19,7 +19,8 @@ from serve_app.api.webhook_fields import webhook_request
 from serve_app.api.wire import UpscaleRequest
 from serve_app.errors import InvalidRequest, ModelNotAvailable
 from serve_app.messages import OPEN, Caller, GenerationTask, JobType, Submission, UpscalerRef
-from serve_app.registry import BUILTIN_UPSCALERS, Registry
+from serve_app.model_upscalers import BUILTIN_UPSCALERS
+from serve_app.registry import Registry
 from serve_app.settings import Limits, Settings
 
 MAX_SCALE = 8

@@ -6,7 +6,8 @@ from typing import Any
 
 from serve_app.lora_folders import model_loras
 from serve_app.model_adapters import describe_control_nets, describe_loras
-from serve_app.registry import ModelSpec, PoolSpec, Registry
+from serve_app.model_pools import PoolSpec
+from serve_app.registry import ModelSpec, Registry
 
 
 def describe_models(registry: Registry, served: frozenset[str], ready: dict[str, int],

@@ -19,7 +19,7 @@ KERNEL = ("serve_app.errors", "serve_app.settings", "serve_app.registry", "serve
           "serve_app.credentials", "serve_app.model_families", "serve_app.webhook_targets",
           "serve_app.model_adapters", "serve_app.shards", "serve_app.blobs",
           "serve_app.lora_folders", "serve_app.hires_plan",
-          "serve_app.model_runtime")
+          "serve_app.model_runtime", "serve_app.model_upscalers", "serve_app.model_pools")
 ALLOWED: dict[str, tuple[str, ...]] = {
     # The tracker's interface is declared by `JobTracker` (serve_app.jobs.service); the
     # ingress derives its client and routing from it.
@@ -46,13 +46,17 @@ ALLOWED: dict[str, tuple[str, ...]] = {
     "serve_app.runfile": ("serve_app.errors",),
     "serve_app.registry": ("serve_app.errors", "serve_app.settings", "serve_app.messages",
                            "serve_app.model_families", "serve_app.model_adapters",
-                           "serve_app.model_runtime"),
+                           "serve_app.model_runtime", "serve_app.model_upscalers",
+                           "serve_app.model_pools"),
     # A model's scaling, resources and runtime knobs (pydantic only).
     "serve_app.model_runtime": (),
     "serve_app.model_families": ("serve_app.messages",),
     # The hires fix's upscaler names and sizes, for the ingress and the replica alike.
     "serve_app.hires_plan": (),
-    "serve_app.model_adapters": ("serve_app.model_families",),
+    "serve_app.model_adapters": ("serve_app.model_families", "serve_app.model_runtime"),
+    "serve_app.model_upscalers": ("serve_app.messages", "serve_app.model_runtime",
+                                  "serve_app.settings"),
+    "serve_app.model_pools": ("serve_app.model_runtime",),
     # LoRA folders' files (torch-free: the ingress validates names with it).
     "serve_app.lora_folders": ("serve_app.model_adapters", "serve_app.registry"),
     "deployments.ingress": ("serve_app.api", "serve_app.jobs.reads", "serve_app.jobs.persistence",

@@ -33,7 +33,7 @@ from serve_app.api.images import ImageMode
 from serve_app.api.json_body import parse_json
 from serve_app.api.upscaling import available_upscalers, near_matches
 from serve_app.messages import JobType
-from serve_app.registry import BUILTIN_UPSCALERS
+from serve_app.model_upscalers import BUILTIN_UPSCALERS
 
 router = APIRouter(prefix="/sdapi/v1", tags=["AUTOMATIC1111 API"])
 # Our request fields as A1111 names them, for validation messages.
