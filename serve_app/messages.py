@@ -1,9 +1,12 @@
 """What crosses Ray handles: plain dataclasses and enums, no pydantic, no torch.
+(Over ~300 lines: the one schema of every message between the deployments, as
+`serve_app.api.wire` is the one schema of the HTTP bodies.)
 
 The ingress sends a `Submission` to the tracker; the tracker sends `GenerationTask`s to a
 model replica, which streams `Started`, `Progress` and `Finished` events back. Everything
-here pickles cheaply and carries images as bytes (house point 9). The HTTP wire models
-(camelCase, pydantic) are in `serve_app.api.wire`.
+here pickles cheaply; images travel as blob-store keys (`InputImage.key`, `ImageRef`),
+never as their bytes once the ingress has stored them (`serve_app.blobs`). The HTTP wire
+models (camelCase, pydantic) are in `serve_app.api.wire`.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
 """The HTTP wire: every request and response body, camelCase as the API document specifies.
+(Over ~300 lines: the service's one schema module, a short class per body.)
 
 Request models check types and shapes (`serve_app.api.validation` checks them against the
 configured limits and the model registry). Response models describe exactly what the routes
