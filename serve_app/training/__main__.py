@@ -44,7 +44,7 @@ class Plan:
     """Steps per stage, and the seconds a step took on an idle 2-core machine (for the
     time estimate printed before the run)."""
 
-    vae: int = 1200
+    vae: int = 3000
     denoiser: int = 2500
     layout: int = 1500
     settle: int = 1000
@@ -71,7 +71,7 @@ SMOKE = Plan(vae=3, denoiser=3, layout=2, settle=2, polish=2, contrast=2, decode
              lora=2, controlnet=2, pool=64, companion_pool=32, eval_every=3, eval_n=4, vae_batch=4,
              batch=4, layout_batch=4, polish_batch=4, decoder_batch=4, decoder_pool=8,
              quality_n=4)
-SECONDS_PER_STEP = {"vae": 0.33, "denoiser": 0.75, "layout": 0.6, "settle": 0.93,
+SECONDS_PER_STEP = {"vae": 0.18, "denoiser": 0.75, "layout": 0.6, "settle": 0.93,
                     "polish": 0.95, "contrast": 0.78, "decoder": 0.32, "inpaint": 0.8,
                     "lora": 0.6, "controlnet": 0.9}
 # What `--stages` may name, in the order they run.
