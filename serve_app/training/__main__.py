@@ -41,10 +41,11 @@ from typing import Any
 
 @dataclass(frozen=True)
 class Plan:
-    """Steps per stage, and the seconds a step took on an idle 2-core machine (for the
-    time estimate printed before the run)."""
+    """Steps per stage. `SECONDS_PER_STEP` below is each stage's wall time per step in the
+    shapes-5 run on a 2-core machine (its evaluations and encodes included), for the time
+    estimate printed before and during the run: ~119 min in all."""
 
-    vae: int = 1200
+    vae: int = 3000
     denoiser: int = 2500
     layout: int = 1500
     settle: int = 1000
@@ -71,9 +72,9 @@ SMOKE = Plan(vae=3, denoiser=3, layout=2, settle=2, polish=2, contrast=2, decode
              lora=2, controlnet=2, pool=64, companion_pool=32, eval_every=3, eval_n=4, vae_batch=4,
              batch=4, layout_batch=4, polish_batch=4, decoder_batch=4, decoder_pool=8,
              quality_n=4)
-SECONDS_PER_STEP = {"vae": 0.33, "denoiser": 0.75, "layout": 0.6, "settle": 0.93,
-                    "polish": 0.95, "contrast": 0.78, "decoder": 0.32, "inpaint": 0.8,
-                    "lora": 0.6, "controlnet": 0.9}
+SECONDS_PER_STEP = {"vae": 0.17, "denoiser": 0.82, "layout": 0.55, "settle": 0.78,
+                    "polish": 0.63, "contrast": 0.82, "decoder": 0.24, "inpaint": 1.5,
+                    "lora": 0.87, "controlnet": 0.9}
 # What `--stages` may name, in the order they run.
 STAGES = ("tokenizer", "vae", "denoiser", "layout", "settle", "polish", "contrast", "decoder",
           "inpaint", "lora", "controlnet")

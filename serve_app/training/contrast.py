@@ -54,8 +54,10 @@ def train_contrast(vae: AutoencoderKL, tokenizer: CLIPTokenizer, text_encoder: C
     size 85.6 -> 88.3 %, colour 89.4 -> 92.8 %. Squares still come out round, and the
     circle/square gap in the text encoder stays ~3 (an extra loss classifying the caption's
     shape from the pooled text state widened it to 8 but cost 8 points of colour; ten
-    times the contrast weight, at t >= 300 only, broke the colours and sizes). `pool` is
-    unused: the triplets are rendered and encoded as they are drawn."""
+    times the contrast weight, at t >= 300 only, broke the colours and sizes). In the
+    shapes-5 run (larger shapes, a 3,000-step VAE) it took the 45-prompt grid's shape
+    from 55.6 to 64.4 %. `pool` is unused: the triplets are rendered and encoded as they
+    are drawn."""
     rng = np.random.default_rng(seed + 5)
     generator = torch.Generator().manual_seed(seed + 5)
     progress = Progress("contrast", steps, log_path)

@@ -10,13 +10,15 @@ Contract:
   ellipses or brush strokes, or a box around the picture's shape: the masks people paint.
 - `LatentCache` encodes a seeded pool of scenes once with a frozen VAE (posterior mean
   and std) and hands out latents sampled from it, with each scene's attributes: the
-  denoiser's training never runs the VAE encoder.
+  denoiser's training never runs the VAE encoder. `encoded_pool` remembers the last one,
+  so the denoiser's stages in one run encode their shared pool once.
 Every function draws only from the `numpy.random.Generator` or `torch.Generator` it is
 given: seeded = reproducible.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -131,6 +133,25 @@ class LatentCache:
 
     def __len__(self) -> int:
         return len(self.scenes)
+
+
+# The last pool `encoded_pool` built: the denoiser's stages share it (one ~2 min encode of
+# 20,000 scenes instead of one per stage).
+_POOL: dict[tuple, LatentCache] = {}
+
+
+def encoded_pool(vae: torch.nn.Module, n: int, seed: int, px: int) -> LatentCache:
+    """`LatentCache.build` of `n` scenes drawn from `seed`, remembered while the same encoder
+    weights ask again (a stage loads the VAE afresh: equal weights, another object)."""
+    digest = hashlib.sha1()
+    for module in (vae.encoder, vae.quant_conv):
+        for tensor in module.state_dict().values():
+            digest.update(tensor.detach().cpu().numpy().tobytes())
+    key = (digest.hexdigest(), n, seed, px)
+    if key not in _POOL:
+        _POOL.clear()
+        _POOL[key] = LatentCache.build(vae.eval(), scenes(np.random.default_rng(seed), n), px)
+    return _POOL[key]
 
 
 def shape_weights(scenes_: Sequence[Scene], px: int, factor: int, boost: float

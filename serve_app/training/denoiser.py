@@ -29,9 +29,8 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from serve_app.training.common import Ema, Progress, descend, lr_at, set_lr
 from serve_app.training.data import (
-    LatentCache,
     captions_for,
-    scenes,
+    encoded_pool,
     shape_weights,
     tokenize,
 )
@@ -116,11 +115,14 @@ def train_denoiser(vae: AutoencoderKL, tokenizer: CLIPTokenizer, steps: int, bat
                    ema_decay: float = 0.999, sheet_dir: Path | None = None,
                    init: tuple[CLIPTextModel, UNet2DConditionModel] | None = None,
                    high_share: float = 0.0, low_share: float = 0.0,
-                   stage: str = "denoiser", decay_lr: bool = True) -> DenoiserRun:
-    rng = np.random.default_rng(seed)
+                   stage: str = "denoiser", decay_lr: bool = True,
+                   pool_seed: int | None = None) -> DenoiserRun:
+    """`pool_seed` (default `seed`) draws the pool of scenes; the stages that continue this
+    one pass the run's seed, so they share its encoded pool (`data.encoded_pool`)."""
+    rng = np.random.default_rng(seed + 1000)
     generator = torch.Generator().manual_seed(seed)
     progress = Progress(stage, steps, log_path)
-    cache = LatentCache.build(vae.eval(), scenes(rng, pool), IMAGE_SIZE)
+    cache = encoded_pool(vae, pool, seed if pool_seed is None else pool_seed, IMAGE_SIZE)
     progress.log(f"encoded {len(cache)} scenes; latent std {float(cache.mean.std()):.3f}")
     text_encoder, unet = init or (new_text_encoder(tokenizer), new_unet())
     text_encoder, unet = text_encoder.train(), unet.train()
@@ -177,7 +179,7 @@ def train_layout(vae: AutoencoderKL, tokenizer: CLIPTokenizer, text_encoder: CLI
     grid's positions reach 64 % (45 prompts), while the colours, trained nowhere here, slip
     (background 96 -> 71 %): `train_settle` brings them back."""
     return train_denoiser(vae, tokenizer, steps, batch=batch, lr=lr, pool=pool,
-                          seed=seed + 1, eval_every=eval_every, eval_n=eval_n,
+                          seed=seed + 1, pool_seed=seed, eval_every=eval_every, eval_n=eval_n,
                           log_path=log_path, init=(text_encoder, unet),
                           high_share=LAYOUT_SHARE, stage="layout", ema_decay=0.99,
                           decay_lr=False)
@@ -194,7 +196,7 @@ def train_settle(vae: AutoencoderKL, tokenizer: CLIPTokenizer, text_encoder: CLI
     Measured (45 prompts): after the layout stage background 71 %, colour 49 %, position
     64 %; after this one 100 / 82 / 100 %, sizes 76 %."""
     return train_denoiser(vae, tokenizer, steps, batch=batch, lr=lr, pool=pool,
-                          seed=seed + 2, eval_every=eval_every, eval_n=eval_n,
+                          seed=seed + 2, pool_seed=seed, eval_every=eval_every, eval_n=eval_n,
                           log_path=log_path, init=(text_encoder, unet),
                           high_share=SETTLE_HIGH, stage="settle", ema_decay=0.995)
 
@@ -216,7 +218,7 @@ def train_polish(vae: AutoencoderKL, tokenizer: CLIPTokenizer, text_encoder: CLI
     180-prompt grid is the same either way (at guidance 5: colour 83.3 / 82.8 %, position
     99.4 %)."""
     return train_denoiser(vae, tokenizer, steps, batch=batch, lr=lr, pool=pool,
-                          seed=seed + 3, eval_every=eval_every, eval_n=eval_n,
+                          seed=seed + 3, pool_seed=seed, eval_every=eval_every, eval_n=eval_n,
                           log_path=log_path, init=(text_encoder, unet),
                           high_share=POLISH_HIGH, low_share=POLISH_LOW, stage="polish",
                           ema_decay=0.995)

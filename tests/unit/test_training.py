@@ -66,6 +66,27 @@ def test_a_smoke_run_trains_every_stage_into_loadable_checkpoints(tmp_path: Path
     ControlNetModel.from_pretrained(tmp_path / "tiny-canny")
 
 
+def test_the_denoiser_stages_share_one_encoded_pool_per_encoder() -> None:
+    import torch
+
+    from serve_app.training.data import encoded_pool
+    from serve_app.training.models import new_vae
+
+    torch.manual_seed(0)
+    vae = new_vae()
+    again = new_vae()  # what the next stage loads: equal weights, another object
+    again.load_state_dict(vae.state_dict())
+    pool = encoded_pool(vae, 6, seed=3, px=64)
+    assert encoded_pool(again, 6, seed=3, px=64) is pool
+    other_seed = encoded_pool(vae, 6, seed=4, px=64)
+    assert other_seed is not pool and other_seed.scenes != pool.scenes
+    with torch.no_grad():
+        again.encoder.conv_in.weight.add_(0.1)  # another encoder: encoded afresh
+    changed = encoded_pool(again, 6, seed=4, px=64)
+    assert changed is not other_seed and changed.scenes == other_seed.scenes
+    assert not torch.equal(changed.mean, other_seed.mean)
+
+
 def test_the_continued_stages_train_where_they_say() -> None:
     import torch
 
