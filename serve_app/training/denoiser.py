@@ -119,11 +119,12 @@ def train_denoiser(vae: AutoencoderKL, tokenizer: CLIPTokenizer, steps: int, bat
                    pool_seed: int | None = None) -> DenoiserRun:
     """`pool_seed` (default `seed`) draws the pool of scenes; the stages that continue this
     one pass the run's seed, so they share its encoded pool (`data.encoded_pool`)."""
-    rng = np.random.default_rng(seed + 1000)
+    rng = np.random.default_rng(seed + 1000)  # captions (the pool draws from `pool_seed`)
     generator = torch.Generator().manual_seed(seed)
     progress = Progress(stage, steps, log_path)
     cache = encoded_pool(vae, pool, seed if pool_seed is None else pool_seed, IMAGE_SIZE)
-    progress.log(f"encoded {len(cache)} scenes; latent std {float(cache.mean.std()):.3f}")
+    progress.log(f"pool of {len(cache)} encoded scenes; latent std "
+                 f"{float(cache.mean.std()):.3f}")
     text_encoder, unet = init or (new_text_encoder(tokenizer), new_unet())
     text_encoder, unet = text_encoder.train(), unet.train()
     modules = torch.nn.ModuleList([text_encoder, unet])
