@@ -1,4 +1,5 @@
 """The model registry: `config/models.yaml` parsed, checked and resolved against MODEL_PATH.
+(Over ~300 lines: one entry's schema, and its checks belong beside the fields they check.)
 
 A model is *served* when its weights are present (or, for the embedded tiny models, when
 they can be built locally); the app builder creates one replica deployment per served model.
