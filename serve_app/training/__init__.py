@@ -14,6 +14,8 @@ CPU cores and to draw a 64x64 picture in a fraction of a second:
   (every step again) and `polish` (the last steps, where the picture wins over the words);
 - `contrast`: the model continued on each scene drawn as circle, square and triangle with
   the same noise and caption words, the triplet's differences in the loss (shape words);
+- `corners`: then the middle and last steps only, the loss weighted where the three shapes
+  differ (a square's corners, a triangle's sides);
 - `decoder`: the VAE's decoder fine-tuned on the denoiser's own latents (the encoder, so
   the latent space, stays as it is);
 - `inpaint`, `lora`, `controlnet`: stages 3-5, the trained companions (9-channel

@@ -13,6 +13,8 @@ Stages, in order (each reads what the ones before it wrote into DIR):
   contrast    DIR/tiny-sd/ again          (then each scene as a circle, a square and a
                                            triangle with the same noise: the shape words;
                                            + contrast.json)
+  corners     DIR/tiny-sd/ again          (then the middle and last steps, weighted where
+                                           the shapes differ: corners; + corners.json)
   decoder     DIR/tiny-sd/vae again       (the VAE's decoder fine-tuned on the
                                            denoiser's latents; + decoder.json)
   inpaint     DIR/tiny-sd-inpaint/        (9-channel UNet, same VAE and text encoder)
@@ -51,6 +53,7 @@ class Plan:
     settle: int = 1000
     polish: int = 600
     contrast: int = 600
+    corners: int = 1000
     decoder: int = 2500
     inpaint: int = 300
     lora: int = 600
@@ -68,16 +71,17 @@ class Plan:
     quality_n: int = 180
 
 
-SMOKE = Plan(vae=3, denoiser=3, layout=2, settle=2, polish=2, contrast=2, decoder=2, inpaint=2,
-             lora=2, controlnet=2, pool=64, companion_pool=32, eval_every=3, eval_n=4, vae_batch=4,
-             batch=4, layout_batch=4, polish_batch=4, decoder_batch=4, decoder_pool=8,
-             quality_n=4)
+SMOKE = Plan(vae=3, denoiser=3, layout=2, settle=2, polish=2, contrast=2, corners=2, decoder=2,
+             inpaint=2, lora=2, controlnet=2, pool=64, companion_pool=32, eval_every=3,
+             eval_n=4, vae_batch=4, batch=4, layout_batch=4, polish_batch=4, decoder_batch=4,
+             decoder_pool=8, quality_n=4)
 SECONDS_PER_STEP = {"vae": 0.17, "denoiser": 0.82, "layout": 0.55, "settle": 0.78,
-                    "polish": 0.63, "contrast": 0.82, "decoder": 0.24, "inpaint": 1.5,
+                    "polish": 0.63, "contrast": 0.82, "corners": 0.63, "decoder": 0.24,
+                    "inpaint": 1.5,
                     "lora": 0.87, "controlnet": 0.9}
 # What `--stages` may name, in the order they run.
-STAGES = ("tokenizer", "vae", "denoiser", "layout", "settle", "polish", "contrast", "decoder",
-          "inpaint", "lora", "controlnet")
+STAGES = ("tokenizer", "vae", "denoiser", "layout", "settle", "polish", "contrast", "corners",
+          "decoder", "inpaint", "lora", "controlnet")
 
 
 def estimate_s(plan: Plan, stages: tuple[str, ...]) -> float:

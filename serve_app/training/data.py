@@ -154,19 +154,39 @@ def encoded_pool(vae: torch.nn.Module, n: int, seed: int, px: int) -> LatentCach
     return _POOL[key]
 
 
-def shape_weights(scenes_: Sequence[Scene], px: int, factor: int, boost: float
-                  ) -> torch.Tensor:
+def shape_weights(scenes_: Sequence[Scene], px: int, factor: int, boost: float,
+                  corners: float = 0.0) -> torch.Tensor:
     """Per-latent-pixel loss weights (B, 1, px/factor, px/factor): 1 + `boost` on the
-    shape's box grown by one latent pixel, 1 elsewhere, normalised to mean 1 per picture.
+    shape's box grown by one latent pixel, + `corners` times `shape_disagreement` (where a
+    circle, a square and a triangle in that box differ), normalised to mean 1 per picture.
     Why: most of a picture is flat background, learned within a few hundred steps; the
-    shape (a few % of the pixels) is what carries colour, position, size and shape."""
+    shape (a few % of the pixels) is what carries colour, position, size and shape, and
+    what tells the three shapes apart is a few latent pixels at the box's corners and
+    sides (see `denoiser.train_corners`)."""
     grid = px // factor
     weights = torch.ones(len(scenes_), 1, grid, grid)
     for i, scene in enumerate(scenes_):
         x0, y0, x1, y1 = (v / factor for v in world.box(scene, px))
         weights[i, 0, max(0, int(y0) - 1):int(np.ceil(y1)) + 1,
                 max(0, int(x0) - 1):int(np.ceil(x1)) + 1] += boost
+        if corners:
+            weights[i, 0] += corners * torch.from_numpy(shape_disagreement(scene, px, factor))
     return weights / weights.mean(dim=(1, 2, 3), keepdim=True)
+
+
+def shape_disagreement(scene: Scene, px: int, factor: int) -> np.ndarray:
+    """(px/factor, px/factor): per latent pixel, the largest difference in covered area
+    between the three shapes drawn in `scene`'s box (0 outside the box and at its middle,
+    up to 1 at a square's corners, where a circle and a triangle leave the background)."""
+    grid = px // factor
+    covered = []
+    for shape in world.SHAPES:
+        mask = Image.new("L", (px, px), 0)
+        world.draw_shape(ImageDraw.Draw(mask), shape, world.box(scene, px), 255)
+        covered.append(np.asarray(mask, dtype=np.float32)
+                       .reshape(grid, factor, grid, factor).mean(axis=(1, 3)) / 255)
+    stacked = np.stack(covered)
+    return stacked.max(axis=0) - stacked.min(axis=0)
 
 
 def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:

@@ -31,12 +31,13 @@ from serve_app.training.evaluate import measure, quality_grid
 from serve_app.training.tokenizer import build_tokenizer_files, load_tokenizer
 
 FOLDERS = {"tokenizer": "tokenizer", "vae": "vae", "denoiser": "tiny-sd", "layout": "tiny-sd",
-           "settle": "tiny-sd", "polish": "tiny-sd", "contrast": "tiny-sd", "decoder": "tiny-sd",
+           "settle": "tiny-sd", "polish": "tiny-sd", "contrast": "tiny-sd", "corners": "tiny-sd",
+           "decoder": "tiny-sd",
            "inpaint": "tiny-sd-inpaint", "lora": "tiny-outline-lora",
            "controlnet": "tiny-canny"}
 MARKERS = {"tokenizer": "vocab.json", "vae": "config.json", "denoiser": "model_index.json",
            "layout": "layout.json", "settle": "settle.json", "polish": "polish.json",
-           "contrast": "contrast.json", "decoder": "decoder.json",
+           "contrast": "contrast.json", "corners": "corners.json", "decoder": "decoder.json",
            "inpaint": "model_index.json", "lora": "pytorch_lora_weights.safetensors",
            "controlnet": "config.json"}
 
@@ -156,6 +157,14 @@ def stage_contrast(out: Path, folder: Path, plan: Any, seed: int, log: Path) -> 
                      plan.polish_batch, plan, seed, log, evals=1)
 
 
+def stage_corners(out: Path, folder: Path, plan: Any, seed: int, log: Path) -> dict:
+    """As `stage_layout`, with `denoiser.train_corners`."""
+    from serve_app.training.denoiser import train_corners
+
+    return _continue(out, folder, "corners", train_corners, plan.corners, plan.polish_batch,
+                     plan, seed, log, evals=1)
+
+
 def _continue(out: Path, folder: Path, stage: str, train: Any, steps: int, batch: int,
               plan: Any, seed: int, log: Path, evals: int = 2) -> dict:
     """Trains DIR/tiny-sd further with `train`, evaluated `evals` times (the best of those
@@ -241,5 +250,6 @@ def final_figures(out: Path, plan: Any) -> dict[str, Any]:
 
 STAGE_FUNCS = {"tokenizer": stage_tokenizer, "vae": stage_vae, "denoiser": stage_denoiser,
                "layout": stage_layout, "settle": stage_settle,
-               "polish": stage_polish, "contrast": stage_contrast, "decoder": stage_decoder,
+               "polish": stage_polish, "contrast": stage_contrast, "corners": stage_corners,
+               "decoder": stage_decoder,
                "inpaint": stage_inpaint, "lora": stage_lora, "controlnet": stage_controlnet}

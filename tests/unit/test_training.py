@@ -53,7 +53,7 @@ def test_a_smoke_run_trains_every_stage_into_loadable_checkpoints(tmp_path: Path
     assert main(["--out", str(tmp_path), "--smoke", "--threads", "1"]) == 0
     report = json.loads((tmp_path / "report.json").read_text())
     assert tuple(report["stages"]) == STAGES
-    for stage in ("layout", "settle", "polish", "contrast"):  # each continued tiny-sd
+    for stage in ("layout", "settle", "polish", "contrast", "corners"):  # continued tiny-sd
         assert json.loads((tmp_path / "tiny-sd" / f"{stage}.json").read_text())["history"]
     decoder = json.loads((tmp_path / "tiny-sd" / "decoder.json").read_text())
     assert decoder == report["stages"]["decoder"]["figures"] and "judge_shape" in decoder
@@ -91,6 +91,7 @@ def test_the_continued_stages_train_where_they_say() -> None:
     import torch
 
     from serve_app.training.denoiser import (
+        CORNERS_BELOW,
         HIGH_FROM,
         LAYOUT_SHARE,
         LOW_BELOW,
@@ -115,6 +116,30 @@ def test_the_continued_stages_train_where_they_say() -> None:
     assert bool((polish[4000 - low:] < LOW_BELOW).all()) and int(polish[4000 - low:].min()) < 5
     middle = polish[high:4000 - low]
     assert 0.25 < float((middle < LOW_BELOW).float().mean()) < 0.35  # uniform: 30 %
+    # corners: uniform below CORNERS_BELOW, all of it.
+    corners = sample_timesteps(4000, torch.Generator().manual_seed(0), below=CORNERS_BELOW)
+    assert int(corners.max()) == CORNERS_BELOW - 1 and int(corners.min()) == 0
+    assert 0.47 < float((corners < CORNERS_BELOW // 2).float().mean()) < 0.53
+
+
+def test_the_corner_weights_fall_where_the_three_shapes_differ() -> None:
+    from serve_app.training.data import shape_disagreement, shape_weights
+
+    scene = world.Scene("square", "red", "blue", "center", "large")  # box 17.3..46.7 px
+    differ = shape_disagreement(scene, 64, 4)
+    assert differ.shape == (16, 16)
+    # The box's corner latent pixels: a square covers them, a circle and a triangle
+    # leave most of them; its middle and everything outside the box: all three agree.
+    assert differ[5, 5] > 0.9 and differ[5, 10] > 0.9
+    assert differ[8, 8] == 0.0 and differ[0, 0] == 0.0 and differ[15, 8] == 0.0
+    # The bottom corners: the triangle's base covers them, the circle does not.
+    assert 0.3 < differ[10, 5] < 0.6
+    plain = shape_weights([scene], 64, 4, 4.0)[0, 0]
+    boosted = shape_weights([scene], 64, 4, 4.0, corners=16.0)[0, 0]
+    for w in (plain, boosted):
+        assert abs(float(w.mean()) - 1.0) < 1e-5
+    assert float(plain[5, 5]) == float(plain[8, 8])  # the box: one weight
+    assert float(boosted[5, 5]) > 4 * float(boosted[8, 8])  # the corners: many times more
 
 
 def test_rewriting_the_denoiser_makes_resume_rerun_the_stages_that_continue_it(
@@ -125,7 +150,7 @@ def test_rewriting_the_denoiser_makes_resume_rerun_the_stages_that_continue_it(
     folder = tmp_path / "tiny-sd"
     folder.mkdir()
     for marker in ("model_index.json", "layout.json", "settle.json", "polish.json",
-                   "contrast.json", "decoder.json"):
+                   "contrast.json", "corners.json", "decoder.json"):
         (folder / marker).write_text("{}")
     forget_later_stages(tmp_path, "polish")
     assert sorted(p.name for p in folder.iterdir()) == [
