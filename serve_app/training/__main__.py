@@ -44,8 +44,9 @@ from typing import Any
 @dataclass(frozen=True)
 class Plan:
     """Steps per stage. `SECONDS_PER_STEP` below is each stage's wall time per step in the
-    shapes-5 run on a 2-core machine (its evaluations and encodes included), for the time
-    estimate printed before and during the run: ~119 min in all."""
+    shapes-5 run on a 2-core machine (its evaluations and encodes included; `corners` from
+    the shapes-6 run), for the time estimate printed before and during the run: ~131 min
+    in all."""
 
     vae: int = 3000
     denoiser: int = 2500
@@ -76,7 +77,7 @@ SMOKE = Plan(vae=3, denoiser=3, layout=2, settle=2, polish=2, contrast=2, corner
              eval_n=4, vae_batch=4, batch=4, layout_batch=4, polish_batch=4, decoder_batch=4,
              decoder_pool=8, quality_n=4)
 SECONDS_PER_STEP = {"vae": 0.17, "denoiser": 0.82, "layout": 0.55, "settle": 0.78,
-                    "polish": 0.63, "contrast": 0.82, "corners": 0.63, "decoder": 0.24,
+                    "polish": 0.63, "contrast": 0.82, "corners": 0.72, "decoder": 0.24,
                     "inpaint": 1.5,
                     "lora": 0.87, "controlnet": 0.9}
 # What `--stages` may name, in the order they run.
