@@ -248,10 +248,15 @@ def train_corners(vae: AutoencoderKL, tokenizer: CLIPTokenizer, text_encoder: CL
     too (fill 0.88): the corners are lost in the middle of the schedule, where the picture
     is already laid out, not for want of the word. There a square's corners are 4 of the
     ~250 latent pixels (1/60 of a batch's loss even with the box weighted), and the
-    model's best guess under the noise is the rounder average. Measured as a 500-step
-    continuation of shapes-5 at t < 600 with 16x the weight there: shape 62.8 -> 76.1 %
-    (squares 11 -> 25 of 60, small triangles 6 -> 14 of 20), colour 98.9 %, size 90 %;
-    more contrast steps instead: 60.0 %."""
+    model's best guess under the noise is the rounder average. In the shapes-6 run (1,000
+    steps, then the decoder stage rerun): shape 62.8 -> 76.7 % on the 180-prompt grid
+    (squares 11 -> 26 of 60, small triangles 6 -> 14 of 20), colour 100 %, size 93.9 %;
+    600 more contrast steps instead: 60.0 %. A trial that added the corner weight after
+    normalising the box weights (about twice this stage's) scored 80.6 % with the same
+    decoder (`bench/results/2026-12-06-train-shapes-6.json`). The cost: img2img at
+    strength 0.2-0.3 keeps the input's background and place but shifts its shape's colour
+    one step towards a prompt that asks for another (these timesteps are trained with
+    true captions, where `train_polish` gives other scenes')."""
     return train_denoiser(vae, tokenizer, steps, batch=batch, lr=lr, pool=pool,
                           seed=seed + 6, pool_seed=seed, eval_every=eval_every, eval_n=eval_n,
                           log_path=log_path, init=(text_encoder, unet), stage="corners",
