@@ -78,8 +78,7 @@ SMOKE = Plan(vae=3, denoiser=3, layout=2, settle=2, polish=2, contrast=2, corner
              decoder_pool=8, quality_n=4)
 SECONDS_PER_STEP = {"vae": 0.17, "denoiser": 0.82, "layout": 0.55, "settle": 0.78,
                     "polish": 0.63, "contrast": 0.82, "corners": 0.72, "decoder": 0.24,
-                    "inpaint": 1.5,
-                    "lora": 0.87, "controlnet": 0.9}
+                    "inpaint": 1.5, "lora": 0.87, "controlnet": 0.9}
 # What `--stages` may name, in the order they run.
 STAGES = ("tokenizer", "vae", "denoiser", "layout", "settle", "polish", "contrast", "corners",
           "decoder", "inpaint", "lora", "controlnet")
