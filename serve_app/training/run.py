@@ -32,8 +32,7 @@ from serve_app.training.tokenizer import build_tokenizer_files, load_tokenizer
 
 FOLDERS = {"tokenizer": "tokenizer", "vae": "vae", "denoiser": "tiny-sd", "layout": "tiny-sd",
            "settle": "tiny-sd", "polish": "tiny-sd", "contrast": "tiny-sd", "corners": "tiny-sd",
-           "decoder": "tiny-sd",
-           "inpaint": "tiny-sd-inpaint", "lora": "tiny-outline-lora",
+           "decoder": "tiny-sd", "inpaint": "tiny-sd-inpaint", "lora": "tiny-outline-lora",
            "controlnet": "tiny-canny"}
 MARKERS = {"tokenizer": "vocab.json", "vae": "config.json", "denoiser": "model_index.json",
            "layout": "layout.json", "settle": "settle.json", "polish": "polish.json",
@@ -249,7 +248,6 @@ def final_figures(out: Path, plan: Any) -> dict[str, Any]:
 
 
 STAGE_FUNCS = {"tokenizer": stage_tokenizer, "vae": stage_vae, "denoiser": stage_denoiser,
-               "layout": stage_layout, "settle": stage_settle,
-               "polish": stage_polish, "contrast": stage_contrast, "corners": stage_corners,
-               "decoder": stage_decoder,
+               "layout": stage_layout, "settle": stage_settle, "polish": stage_polish,
+               "contrast": stage_contrast, "corners": stage_corners, "decoder": stage_decoder,
                "inpaint": stage_inpaint, "lora": stage_lora, "controlnet": stage_controlnet}
