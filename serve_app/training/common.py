@@ -26,6 +26,8 @@ from typing import TextIO
 import torch
 from tqdm import tqdm
 
+from serve_app.training.parallel import average_gradients
+
 
 def setup(threads: int = 2) -> None:
     torch.set_num_threads(threads)
@@ -47,8 +49,10 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 
 def descend(optimizer: torch.optim.Optimizer, loss: torch.Tensor,
             parameters: Iterable[torch.nn.Parameter], ema: Ema | None = None) -> None:
+    parameters = list(parameters)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
+    average_gradients(parameters)  # the workers' mean, if more than one
     torch.nn.utils.clip_grad_norm_(parameters, 1.0)
     optimizer.step()
     if ema is not None:

@@ -28,6 +28,7 @@ from serve_app.training.denoiser import (
 )
 from serve_app.training.evaluate import quality_grid
 from serve_app.training.models import IMAGE_SIZE, VAE_FACTOR, train_scheduler
+from serve_app.training.parallel import stream
 
 # The weight of the triplet-difference term against the plain loss.
 CONTRAST_WEIGHT = 30.0
@@ -58,8 +59,8 @@ def train_contrast(vae: AutoencoderKL, tokenizer: CLIPTokenizer, text_encoder: C
     shapes-5 run (larger shapes, a 3,000-step VAE) it took the 45-prompt grid's shape
     from 55.6 to 64.4 %. `pool` is unused: the triplets are rendered and encoded as they
     are drawn."""
-    rng = np.random.default_rng(seed + 5)
-    generator = torch.Generator().manual_seed(seed + 5)
+    rng = np.random.default_rng(stream(seed + 5))
+    generator = torch.Generator().manual_seed(stream(seed + 5))
     progress = Progress("contrast", steps, log_path)
     scheduler, factor = train_scheduler(), vae.config.scaling_factor
     text_encoder, unet = text_encoder.train(), unet.train()

@@ -32,6 +32,7 @@ from serve_app.training.common import Ema, Progress, descend, lr_at, set_lr
 from serve_app.training.data import LatentCache, tokenize
 from serve_app.training.denoiser import CAPTION_DROPOUT
 from serve_app.training.models import IMAGE_SIZE, SEEDS, new_controlnet, train_scheduler
+from serve_app.training.parallel import stream
 
 CANNY_LOW, CANNY_HIGH = 100, 200  # the service's (serve_app.generation.controlnets)
 
@@ -66,8 +67,8 @@ def train_controlnet(vae: AutoencoderKL, text_encoder: CLIPTextModel,
                      tokenizer: CLIPTokenizer, base_unet: UNet2DConditionModel, steps: int,
                      batch: int = 64, lr: float = 5e-4, pool: int = 6000, seed: int = 0,
                      log_path: Path | None = None) -> ControlNetModel:
-    rng = np.random.default_rng(seed + SEEDS["controlnet"])
-    generator = torch.Generator().manual_seed(seed + SEEDS["controlnet"])
+    rng = np.random.default_rng(stream(seed + SEEDS["controlnet"]))
+    generator = torch.Generator().manual_seed(stream(seed + SEEDS["controlnet"]))
     progress = Progress("controlnet", steps, log_path)
     pool_scenes = [world.wide_scene(rng) for _ in range(pool)]
     cache = LatentCache.build(vae.eval(), pool_scenes, IMAGE_SIZE)

@@ -42,6 +42,7 @@ from serve_app.training.common import Progress, descend, lr_at, set_lr
 from serve_app.training.data import to_tensor, vae_batch
 from serve_app.training.evaluate import DEFAULTS, set_sampler
 from serve_app.training.models import IMAGE_SIZE, VAE_FACTOR
+from serve_app.training.parallel import stream
 from serve_app.training.vae import reconstruction_figures, reconstruction_loss
 
 GENERATED_SHARE = 0.6
@@ -91,8 +92,8 @@ def windows(latents: torch.Tensor, pictures: torch.Tensor, boxes: list[tuple[flo
 def train_decoder(pipe: StableDiffusionPipeline, steps: int, batch: int = 32,
                   pool: int = 2400, lr: float = 3e-4, seed: int = 0,
                   log_path: Path | None = None) -> tuple[AutoencoderKL, dict[str, float]]:
-    rng = np.random.default_rng(seed + 4)
-    generator = torch.Generator().manual_seed(seed + 4)
+    rng = np.random.default_rng(stream(seed + 4))
+    generator = torch.Generator().manual_seed(stream(seed + 4))
     progress = Progress("decoder", steps, log_path)
     scenes = [world.random_scene(rng) for _ in range(pool)]
     generated = denoiser_latents(pipe, scenes, rng)

@@ -42,6 +42,7 @@ from serve_app.training.models import (
     new_unet,
     train_scheduler,
 )
+from serve_app.training.parallel import stream
 from serve_app.training.pipeline import assemble
 
 CAPTION_DROPOUT = 0.1
@@ -127,10 +128,11 @@ def train_denoiser(vae: AutoencoderKL, tokenizer: CLIPTokenizer, steps: int, bat
     one pass the run's seed, so they share its encoded pool (`data.encoded_pool`).
     `below` bounds the timesteps, `corners` weights where the shapes differ
     (`train_corners`)."""
-    rng = np.random.default_rng(seed + 1000)  # captions (the pool draws from `pool_seed`)
-    generator = torch.Generator().manual_seed(seed)
+    rng = np.random.default_rng(stream(seed + 1000))  # captions (the pool: `pool_seed`)
+    generator = torch.Generator().manual_seed(stream(seed))
     progress = Progress(stage, steps, log_path)
-    cache = encoded_pool(vae, pool, seed if pool_seed is None else pool_seed, IMAGE_SIZE)
+    cache = encoded_pool(vae, pool, stream(seed if pool_seed is None else pool_seed),
+                         IMAGE_SIZE)
     progress.log(f"pool of {len(cache)} encoded scenes; latent std "
                  f"{float(cache.mean.std()):.3f}")
     text_encoder, unet = init or (new_text_encoder(tokenizer), new_unet())

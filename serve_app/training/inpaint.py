@@ -31,6 +31,7 @@ from serve_app.training.common import Ema, Progress, descend, lr_at, set_lr
 from serve_app.training.data import captions_for, random_mask, scenes, to_tensor, tokenize
 from serve_app.training.denoiser import CAPTION_DROPOUT, velocity_loss
 from serve_app.training.models import IMAGE_SIZE, SEEDS, VAE_FACTOR
+from serve_app.training.parallel import stream
 
 FULL_MASK = 0.15
 
@@ -70,8 +71,8 @@ def train_inpaint(vae: AutoencoderKL, text_encoder: CLIPTextModel, tokenizer: CL
                   base_unet: UNet2DConditionModel, steps: int, batch: int = 64,
                   lr: float = 2e-4, seed: int = 0, log_path: Path | None = None
                   ) -> UNet2DConditionModel:
-    rng = np.random.default_rng(seed + SEEDS["inpaint"])
-    generator = torch.Generator().manual_seed(seed + SEEDS["inpaint"])
+    rng = np.random.default_rng(stream(seed + SEEDS["inpaint"]))
+    generator = torch.Generator().manual_seed(stream(seed + SEEDS["inpaint"]))
     unet = inpaint_unet_from(copy.deepcopy(base_unet)).train()
     text_encoder = text_encoder.eval().requires_grad_(False)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.01)

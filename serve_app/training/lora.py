@@ -31,6 +31,7 @@ from serve_app.training.common import Ema, Progress, lr_at, set_lr
 from serve_app.training.data import LatentCache, captions_for, scenes, tokenize
 from serve_app.training.denoiser import CAPTION_DROPOUT, velocity_loss
 from serve_app.training.models import IMAGE_SIZE, SEEDS
+from serve_app.training.parallel import average_gradients, stream
 
 RANK = 8
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"]
@@ -44,8 +45,8 @@ def train_lora(vae: AutoencoderKL, text_encoder: CLIPTextModel, tokenizer: CLIPT
     """The base UNet (a copy) with the trained adapter `style` added."""
     from peft import LoraConfig
 
-    rng = np.random.default_rng(seed + SEEDS["lora"])
-    generator = torch.Generator().manual_seed(seed + SEEDS["lora"])
+    rng = np.random.default_rng(stream(seed + SEEDS["lora"]))
+    generator = torch.Generator().manual_seed(stream(seed + SEEDS["lora"]))
     progress = Progress("lora", steps, log_path)
     cache = LatentCache.build(vae.eval(), scenes(rng, pool), IMAGE_SIZE, style="outline")
     unet = copy.deepcopy(base_unet).requires_grad_(False)
@@ -69,6 +70,7 @@ def train_lora(vae: AutoencoderKL, text_encoder: CLIPTextModel, tokenizer: CLIPT
         loss = velocity_loss(unet, cache.sample(index, generator), states, generator)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        average_gradients(params)
         optimizer.step()
         ema.update()
         progress.step(loss=loss.item())

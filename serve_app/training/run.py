@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ from diffusers import (
     StableDiffusionPipeline,
 )
 
-from serve_app.training import checks
+from serve_app.training import checks, parallel
 from serve_app.training.common import setup
 from serve_app.training.evaluate import measure, quality_grid
 from serve_app.training.tokenizer import build_tokenizer_files, load_tokenizer
@@ -39,25 +40,36 @@ MARKERS = {"tokenizer": "vocab.json", "vae": "config.json", "denoiser": "model_i
            "contrast": "contrast.json", "corners": "corners.json", "decoder": "decoder.json",
            "inpaint": "model_index.json", "lora": "pytorch_lora_weights.safetensors",
            "controlnet": "config.json"}
+# The plan's fields split over the workers (`per_worker`).
+SPLIT = ("vae_batch", "batch", "layout_batch", "polish_batch", "decoder_batch", "pool",
+         "companion_pool", "decoder_pool")
 
 
 def run(out: Path, plan: Any, stages: tuple[str, ...], seed: int = 0, threads: int = 2,
         resume: bool = False) -> dict[str, Any]:
-    from serve_app.training.__main__ import SECONDS_PER_STEP, estimate_s
+    """One worker's run (`parallel.launch` starts them): worker 0 writes DIR, the others
+    theirs into `parallel.scratch(DIR)`."""
+    from serve_app.training.plan import SECONDS_PER_STEP, estimate_s
 
     setup(threads)
-    log_path = out / "train.log"
-    report: dict[str, Any] = {"seed": seed, "threads": threads, "plan": vars(plan),
-                              "stages": {}}
+    writer = parallel.rank() == 0
+    own = out if writer else parallel.scratch(out)
+    log_path = own / "train.log"
+    report: dict[str, Any] = {"seed": seed, "threads": threads,
+                              "workers": parallel.workers(), "plan": vars(plan), "stages": {}}
+    plan = per_worker(plan)
     expected_done, actual_done = 0.0, 0.0
     for i, stage in enumerate(stages):
-        folder = out / FOLDERS[stage]
-        if resume and (folder / MARKERS[stage]).is_file():
-            _say(log_path, f"{stage}: kept {folder}")
+        folder = own / FOLDERS[stage]
+        if resume and (out / FOLDERS[stage] / MARKERS[stage]).is_file():
+            _say(log_path, f"{stage}: kept {out / FOLDERS[stage]}")
             continue
-        forget_later_stages(out, stage)
+        if writer:
+            forget_later_stages(out, stage)
+        parallel.barrier()
         wall, cpu = time.monotonic(), time.process_time()
         figures = STAGE_FUNCS[stage](out, folder, plan, seed, log_path)
+        parallel.barrier()  # every worker's files written, DIR's ready for the next stage
         wall, cpu = time.monotonic() - wall, time.process_time() - cpu
         report["stages"][stage] = {"wall_s": round(wall, 1), "cpu_s": round(cpu, 1),
                                    "figures": figures}
@@ -74,6 +86,12 @@ def run(out: Path, plan: Any, stages: tuple[str, ...], seed: int = 0, threads: i
         report["final"]["wall_s"] = round(time.monotonic() - wall, 1)
         _say(log_path, f"final figures: {report['final']}")
     return report
+
+
+def per_worker(plan: Any) -> Any:
+    """`plan` with each batch and each pool drawn per step or per stage split over the
+    workers (`parallel.share`): together they see what one process would."""
+    return replace(plan, **{name: parallel.share(getattr(plan, name)) for name in SPLIT})
 
 
 def forget_later_stages(out: Path, stage: str) -> None:

@@ -30,6 +30,7 @@ from serve_app.training import world
 from serve_app.training.common import Progress, descend, lr_at, set_lr
 from serve_app.training.data import to_images, to_tensor, vae_batch
 from serve_app.training.models import IMAGE_SIZE, new_vae
+from serve_app.training.parallel import stream
 
 KL_WEIGHT = 1e-5
 
@@ -37,8 +38,8 @@ KL_WEIGHT = 1e-5
 def train_vae(out: Path, steps: int, batch: int = 32, lr: float = 2e-3, seed: int = 0,
               log_path: Path | None = None, crop: int | None = 32
               ) -> tuple[AutoencoderKL, dict[str, float]]:
-    rng = np.random.default_rng(seed)
-    generator = torch.Generator().manual_seed(seed)
+    rng = np.random.default_rng(stream(seed))
+    generator = torch.Generator().manual_seed(stream(seed))
     vae = new_vae().train()
     optimizer = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
     progress = Progress("vae", steps, log_path)

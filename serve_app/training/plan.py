@@ -1,0 +1,55 @@
+"""What a training run does and how long it takes: the steps, batches and pools of every
+stage (`Plan`, and `SMOKE`, CI's few steps of each), and each stage's measured seconds per
+step for the time estimate. A module of its own so that the run's worker processes
+(`parallel.launch`) can unpickle it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Steps per stage. `SECONDS_PER_STEP` below is each stage's wall time per step in the
+    shapes-5 run on a 2-core machine (its evaluations and encodes included; `corners` from
+    the shapes-6 run), for the time estimate printed before and during the run: ~131 min
+    in all."""
+
+    vae: int = 3000
+    denoiser: int = 2500
+    layout: int = 1000
+    settle: int = 800
+    polish: int = 600
+    contrast: int = 600
+    corners: int = 1000
+    decoder: int = 1500
+    inpaint: int = 300
+    lora: int = 400
+    controlnet: int = 400
+    pool: int = 20000
+    companion_pool: int = 3000
+    eval_every: int = 500
+    eval_n: int = 45
+    vae_batch: int = 16
+    batch: int = 64
+    layout_batch: int = 32
+    polish_batch: int = 48
+    decoder_batch: int = 32
+    decoder_pool: int = 2400
+    quality_n: int = 180
+
+
+SMOKE = Plan(vae=3, denoiser=3, layout=2, settle=2, polish=2, contrast=2, corners=2, decoder=2,
+             inpaint=2, lora=2, controlnet=2, pool=64, companion_pool=32, eval_every=3,
+             eval_n=4, vae_batch=4, batch=4, layout_batch=4, polish_batch=4, decoder_batch=4,
+             decoder_pool=8, quality_n=4)
+SECONDS_PER_STEP = {"vae": 0.17, "denoiser": 0.82, "layout": 0.55, "settle": 0.78,
+                    "polish": 0.63, "contrast": 0.82, "corners": 0.72, "decoder": 0.24,
+                    "inpaint": 1.5, "lora": 0.87, "controlnet": 0.9}
+# What `--stages` may name, in the order they run.
+STAGES = ("tokenizer", "vae", "denoiser", "layout", "settle", "polish", "contrast", "corners",
+          "decoder", "inpaint", "lora", "controlnet")
+
+
+def estimate_s(plan: Plan, stages: tuple[str, ...]) -> float:
+    return sum(getattr(plan, s) * SECONDS_PER_STEP[s] for s in stages if s in SECONDS_PER_STEP)
