@@ -2,9 +2,10 @@
 their gradients averaged over a gloo process group on 127.0.0.1.
 
 Contract:
-- `launch(main, workers, *args)` runs `main(*args)` in `workers` processes (one: in this
-  process, no process group). Each worker's stdout and stderr but the first's go to
-  `worker-<rank>.log` in the folder `scratch(out)`.
+- `launch(main, workers, out, *args)` runs `main(*args)` in `workers` processes (one: in
+  this process, no process group) and returns worker 0's result. Worker 0 prints to this
+  process's output, the others to `worker-<rank>.log` in the folder `scratch(out)`. A
+  worker that fails stops them all (`WorkerFailed`).
 - Every worker builds the same models (their seeds are fixed), draws its own data
   (`stream(seed)`: the seed itself on worker 0, so a one-worker run draws what the
   single-process trainer always drew) and trains on `share(n)` of each batch;
@@ -16,22 +17,23 @@ Contract:
   only), removed at the end.
 - `barrier()`, `rank()`, `workers()` are no-ops / 0 / 1 without a process group.
 
-Why: these machines have 2 cores, and one process with 2 intra-op threads keeps them
-busy only ~60 % of a step (the tiny UNet's ops are too small to split well; measured on
-the denoiser's step, batch 64: 1 thread 0.98 s, 2 threads 0.92 s, two 1-thread workers
-of 32 each 0.56 s).
+Why: these machines have 2 cores, and a second intra-op thread buys a process little (the
+tiny UNet's ops are too small to split well). The denoiser's training step, batch 64:
+1 thread 0.98 s, 2 threads 0.92 s; two 1-thread workers of 32 each, in the real loop with
+its data, the all-reduce (~18 ms for the UNet's 4.6 M gradients) and the waits for the
+slower worker, 0.71 s.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import pickle
 import shutil
 import socket
-import sys
-import threading
 from collections.abc import Callable, Iterable
 from datetime import timedelta
+from multiprocessing.connection import wait
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +41,7 @@ import torch
 import torch.distributed as dist
 
 STREAM_STRIDE = 7919  # a worker's data seeds: seed + rank * STREAM_STRIDE
+RESULT = "result.pickle"  # worker 0's result, for `launch` to return
 CHECK_EVERY = 100  # optimizer steps between the workers' weight comparisons
 _calls = 0
 
@@ -105,56 +108,58 @@ def scratch(out: Path) -> Path:
 
 
 def launch(main: Callable[..., Any], n: int, out: Path, *args: Any) -> Any:
-    """`main(*args)` in `n` workers (see the module docstring); returns worker 0's result."""
+    """`main(*args)` in `n` worker processes (see the module docstring), watched from this
+    one: when a worker fails the others are stopped at once (they would wait for it in
+    their next collective) and `WorkerFailed` names its log. Returns worker 0's result."""
     if n == 1:
         return main(*args)
     with socket.socket() as s:  # a free port on loopback for the process group
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    scratch(out).mkdir(parents=True, exist_ok=True)
+    folder = scratch(out)
+    folder.mkdir(parents=True, exist_ok=True)
     ctx = torch.multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=_worker, args=(r, n, port, out, main, args))
-             for r in range(1, n)]
+    procs = [ctx.Process(target=_worker, args=(r, n, port, folder, main, args), daemon=True)
+             for r in range(n)]
     for p in procs:
         p.start()
-    threading.Thread(target=_watch, args=(procs, out), daemon=True).start()
     try:
-        result = _worker(0, n, port, out, main, args)
+        running = list(procs)
+        while running:
+            wait([p.sentinel for p in running])
+            for p in [p for p in running if p.exitcode is not None]:
+                running.remove(p)
+                if p.exitcode:
+                    rank_ = procs.index(p)
+                    where = f"{folder}/worker-{rank_}.log" if rank_ else "its output above"
+                    raise WorkerFailed(f"training worker {rank_} failed (exit {p.exitcode}); "
+                                       f"see {where}")
     finally:
         for p in procs:
+            if p.is_alive():
+                p.terminate()
             p.join()
-    failed = [p.exitcode for p in procs if p.exitcode]
-    if failed:
-        raise RuntimeError(f"a training worker failed (exit {failed}); see "
-                           f"{scratch(out)}/worker-*.log")
-    shutil.rmtree(scratch(out))  # the other workers' copies, checked equal stage by stage
+    result = pickle.loads((folder / RESULT).read_bytes())
+    shutil.rmtree(folder)  # the other workers' copies and logs: the run went through
     return result
 
 
-def _watch(procs: list, out: Path) -> None:
-    """A worker that dies leaves the others waiting for it in their next collective (up to
-    the group's timeout): end the run at once instead."""
-    for p in procs:
-        p.join()
-        if p.exitcode:
-            print(f"training worker {procs.index(p) + 1} failed (exit {p.exitcode}); see "
-                  f"{scratch(out)}/worker-{procs.index(p) + 1}.log", file=sys.stderr,
-                  flush=True)
-            os._exit(1)
+class WorkerFailed(RuntimeError):
+    pass
 
 
-def _worker(r: int, n: int, port: int, out: Path, main: Callable[..., Any],
-            args: tuple) -> Any:
-    if r:
-        log = open(scratch(out) / f"worker-{r}.log", "w")  # noqa: SIM115 (the process's)
-        sys.stdout.flush()
-        sys.stderr.flush()
+def _worker(r: int, n: int, port: int, folder: Path, main: Callable[..., Any],
+            args: tuple) -> None:
+    if r:  # worker 0 writes to the run's terminal; the others to their logs
+        log = open(folder / f"worker-{r}.log", "w")  # noqa: SIM115 (the process's)
         os.dup2(log.fileno(), 1)
         os.dup2(log.fileno(), 2)
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=r,
                             world_size=n, timeout=timedelta(minutes=15))
     try:
-        return main(*args)
+        result = main(*args)
     finally:
         dist.destroy_process_group()
+    if r == 0:
+        (folder / RESULT).write_bytes(pickle.dumps(result))
