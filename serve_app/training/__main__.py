@@ -1,5 +1,8 @@
-"""`python -m serve_app.training --out DIR [--smoke] [--seed N] [--stages ...] [--resume]`:
-retrain every trained tiny model from scratch, seeded, on the CPU.
+"""`python -m serve_app.training --out DIR [--smoke] [--seed N] [--stages ...] [--resume]
+[--workers N] [--threads N]`: retrain every trained tiny model from scratch, seeded, on the
+CPU, in `--workers` data-parallel processes (default 2, one per core of these machines, of
+`--threads` torch threads each: 1; see `parallel`). What a run draws depends on its seed
+and on its number of workers (each worker draws its own data).
 
 Stages, in order (each reads what the ones before it wrote into DIR):
   tokenizer   DIR/tokenizer/              (seconds)
@@ -23,8 +26,8 @@ Stages, in order (each reads what the ones before it wrote into DIR):
 Then DIR/report.json: wall and CPU seconds per stage, the training figures, and the
 quality grid's figures of the final model (what `python -m bench.quality` reports).
 
-`--smoke` runs every stage for a handful of steps on tiny pools (well under a minute in
-all; what CI runs). `--resume` keeps stages whose output is already in DIR. Each stage
+`--smoke` runs every stage for a handful of steps on tiny pools (about a minute in all;
+what CI runs). `--resume` keeps stages whose output is already in DIR. Each stage
 shows a progress bar with its time estimate, and the whole run's estimate is printed at
 the start and after every stage; the log is also appended to DIR/train.log.
 """

@@ -2,12 +2,12 @@
 of weights, and a progress bar with a time estimate.
 
 Contract:
-- `setup(threads)` pins torch to `threads` intra-op threads (2 on this project's machines:
-  more would only fight the other processes).
+- `setup(threads)` pins torch to `threads` intra-op threads (each data-parallel worker's:
+  1 by default, see `parallel`).
 - `lr_at(step, total, peak, warmup, decay)`: linear warmup to `peak`, then cosine down to
   10 % (or `peak` throughout, without `decay`).
 - `descend(optimizer, loss, parameters, ema)`: one step of every stage's loop (gradients
-  clipped to norm 1, then the EMA, if any, follows).
+  averaged over the workers, clipped to norm 1, then the EMA, if any, follows).
 - `Ema` keeps an exponential moving average of a module's parameters (decay ramps up
   from 0, so early averages are not dominated by the random start); `copy_to(module)`.
 - `Progress` is a tqdm bar (stderr) with the stage's ETA, and also appends a line per

@@ -50,9 +50,11 @@ def test_a_smoke_run_trains_every_stage_into_loadable_checkpoints(tmp_path: Path
 
     from serve_app.training.__main__ import STAGES, main
 
-    assert main(["--out", str(tmp_path), "--smoke", "--threads", "1"]) == 0
+    assert main(["--out", str(tmp_path), "--smoke"]) == 0  # two workers of one thread
     report = json.loads((tmp_path / "report.json").read_text())
     assert tuple(report["stages"]) == STAGES
+    assert (report["workers"], report["threads"]) == (2, 1)
+    assert not (tmp_path / ".workers").exists()  # worker 1's copies, removed
     for stage in ("layout", "settle", "polish", "contrast", "corners"):  # continued tiny-sd
         assert json.loads((tmp_path / "tiny-sd" / f"{stage}.json").read_text())["history"]
     decoder = json.loads((tmp_path / "tiny-sd" / "decoder.json").read_text())
