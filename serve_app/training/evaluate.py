@@ -29,7 +29,7 @@ from diffusers import DiffusionPipeline
 from PIL import Image, ImageDraw
 
 from serve_app.training import judge as judging
-from serve_app.training import world
+from serve_app.training import parallel, world
 
 # What the shipped model was tuned for (see serve_app.training.__init__). Guidance 3:
 # on the 180-prompt grid, shapes-2 at 2 / 3 / 5 / 7 got shape colours 88 / 87 / 83 / 77 %
@@ -87,11 +87,28 @@ def _make_scheduler(name: str, base: Mapping[str, Any]) -> Any:
     return getattr(diffusers, cls_name).from_config(dict(base), **kwargs)
 
 
-@torch.no_grad()
 def generate(pipe: DiffusionPipeline, prompts: Sequence[str], seeds: Sequence[int],
              steps: int = DEFAULTS["steps"], guidance_scale: float = DEFAULTS["guidance_scale"],
              sampler: str | None = DEFAULTS["sampler"], size: int = DEFAULTS["width"],
              batch: int = 32, **kwargs: Any) -> list[Image.Image]:
+    """One image per prompt, each from its own seed. In a training run's workers
+    (`parallel`) each draws every `workers()`-th image and all of them get the whole list:
+    the same images, as each depends on its prompt and seed alone."""
+    mine = parallel.mine(len(prompts))
+    if len(mine) < len(prompts):
+        kwargs = {k: ([v[i] for i in mine] if isinstance(v, list) else v)
+                  for k, v in kwargs.items()}
+        images = _generate(pipe, [prompts[i] for i in mine], [seeds[i] for i in mine], steps,
+                           guidance_scale, sampler, size, batch, **kwargs)
+        return parallel.gather(mine, images, len(prompts))
+    return _generate(pipe, prompts, seeds, steps, guidance_scale, sampler, size, batch,
+                     **kwargs)
+
+
+@torch.no_grad()
+def _generate(pipe: DiffusionPipeline, prompts: Sequence[str], seeds: Sequence[int],
+              steps: int, guidance_scale: float, sampler: str | None, size: int, batch: int,
+              **kwargs: Any) -> list[Image.Image]:
     if sampler is not None:
         set_sampler(pipe, sampler)
     pipe.set_progress_bar_config(disable=True)

@@ -98,6 +98,25 @@ def check_equal(parameters: list[torch.nn.Parameter]) -> None:
                            f"(digests {digests}): a worker drew a model or stepped alone")
 
 
+def mine(n: int) -> list[int]:
+    """This worker's items of `n` (every `workers()`-th, from its rank)."""
+    return list(range(rank(), n, workers()))
+
+
+def gather(indices: list[int], items: list[Any], n: int) -> list[Any]:
+    """Every worker's `items` (its `indices` of `n`, as `mine` gives them) put together
+    in order, on every worker."""
+    if not dist.is_initialized():
+        return items
+    parts: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, list(zip(indices, items, strict=True)))
+    whole: list[Any] = [None] * n
+    for part in parts:
+        for i, item in part:
+            whole[i] = item
+    return whole
+
+
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()

@@ -76,3 +76,26 @@ def test_batches_and_pools_split_evenly_or_not_at_all(monkeypatch: pytest.Monkey
     assert parallel.share(64) == 32
     with pytest.raises(ValueError, match="5 does not split evenly over 2 workers"):
         parallel.share(5)
+
+
+TINY_SD = Path(__file__).parents[2] / "serve_app" / "trained" / "tiny-sd"
+PROMPTS = ["a red circle on a blue background", "a small green square at the top",
+           "large yellow triangle, black background", "a purple circle on the right",
+           "a white square in the middle"]
+
+
+def _draw() -> list[bytes]:
+    from diffusers import StableDiffusionPipeline
+
+    from serve_app.training.evaluate import generate
+
+    torch.set_num_threads(1)
+    pipe = StableDiffusionPipeline.from_pretrained(TINY_SD, torch_dtype=torch.float32)
+    return [im.tobytes() for im in generate(pipe, PROMPTS, range(10, 15), batch=2)]
+
+
+def test_workers_draw_an_evaluations_images_between_them_byte_for_byte(
+        tmp_path: Path) -> None:
+    """Each worker draws every other image of the grid and both get all of them: the
+    images one process draws, so the workers' evaluations agree with a lone run's."""
+    assert parallel.launch(_draw, 2, tmp_path) == _draw()
