@@ -42,6 +42,7 @@ import torch.distributed as dist
 
 STREAM_STRIDE = 7919  # a worker's data seeds: seed + rank * STREAM_STRIDE
 RESULT = "result.pickle"  # worker 0's result, for `launch` to return
+GRACE_S = 5.0  # after a worker fails, how long the others get to say why
 CHECK_EVERY = 100  # optimizer steps between the workers' weight comparisons
 _calls = 0
 
@@ -148,11 +149,13 @@ def launch(main: Callable[..., Any], n: int, out: Path, *args: Any) -> Any:
             wait([p.sentinel for p in running])
             for p in [p for p in running if p.exitcode is not None]:
                 running.remove(p)
-                if p.exitcode:
-                    rank_ = procs.index(p)
-                    where = f"{folder}/worker-{rank_}.log" if rank_ else "its output above"
-                    raise WorkerFailed(f"training worker {rank_} failed (exit {p.exitcode}); "
-                                       f"see {where}")
+                if p.exitcode:  # the others soon fail too (their peer is gone): name all
+                    for q in running:
+                        q.join(timeout=GRACE_S)
+                    raise WorkerFailed("; ".join(
+                        f"training worker {r} failed (exit {q.exitcode}), see "
+                        + (f"{folder}/worker-{r}.log" if r else "its output above")
+                        for r, q in enumerate(procs) if q.exitcode))
     finally:
         for p in procs:
             if p.is_alive():
