@@ -259,9 +259,10 @@ def final_figures(out: Path, plan: Any) -> dict[str, Any]:
         figures["quality"] = {k: round(v, 4) for k, v in scores.items()}
     if (out / FOLDERS["inpaint"] / MARKERS["inpaint"]).is_file():
         StableDiffusionInpaintPipeline.from_pretrained(out / FOLDERS["inpaint"])  # loads
-    figures["size_mb"] = round(sum(p.stat().st_size for p in out.rglob("*.safetensors")
-                                   if p.parent.name != "vae" or p.parent.parent != out)
-                               / 2**20, 2)
+    shipped = [p for p in out.rglob("*.safetensors")  # not the VAE stage's, nor a worker's
+               if (p.parent.name != "vae" or p.parent.parent != out)
+               and parallel.scratch(out) not in p.parents]
+    figures["size_mb"] = round(sum(p.stat().st_size for p in shipped) / 2**20, 2)
     return figures
 
 
