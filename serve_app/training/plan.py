@@ -11,9 +11,9 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class Plan:
     """Steps per stage. `SECONDS_PER_STEP` below is each stage's wall time per step in the
-    shapes-5 run on a 2-core machine (its evaluations and encodes included; `corners` from
-    the shapes-6 run), for the time estimate printed before and during the run: ~131 min
-    in all."""
+    `shapes-8` run from scratch (2026-12-07, two workers on a 2-core machine; its
+    evaluations, encodes and checks included), for the time estimate printed before and
+    during the run: ~100 min in all (`bench/results/2026-12-07-train-shapes-8.json`)."""
 
     vae: int = 3000
     denoiser: int = 2500
@@ -43,9 +43,9 @@ SMOKE = Plan(vae=3, denoiser=3, layout=2, settle=2, polish=2, contrast=2, corner
              inpaint=2, lora=2, controlnet=2, pool=64, companion_pool=32, eval_every=3,
              eval_n=4, vae_batch=4, batch=4, layout_batch=4, polish_batch=4, decoder_batch=4,
              decoder_pool=8, quality_n=4)
-SECONDS_PER_STEP = {"vae": 0.17, "denoiser": 0.82, "layout": 0.55, "settle": 0.78,
-                    "polish": 0.63, "contrast": 0.82, "corners": 0.72, "decoder": 0.24,
-                    "inpaint": 1.5, "lora": 0.87, "controlnet": 0.9}
+SECONDS_PER_STEP = {"vae": 0.16, "denoiser": 0.72, "layout": 0.51, "settle": 0.71,
+                    "polish": 0.54, "contrast": 0.64, "corners": 0.52, "decoder": 0.23,
+                    "inpaint": 1.09, "lora": 0.76, "controlnet": 0.87}
 # What `--stages` may name, in the order they run.
 STAGES = ("tokenizer", "vae", "denoiser", "layout", "settle", "polish", "contrast", "corners",
           "decoder", "inpaint", "lora", "controlnet")
