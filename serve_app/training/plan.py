@@ -13,7 +13,9 @@ class Plan:
     """Steps per stage. `SECONDS_PER_STEP` below is each stage's wall time per step in the
     `shapes-8` run from scratch (2026-12-07, two workers on a 2-core machine; its
     evaluations, encodes and checks included), for the time estimate printed before and
-    during the run: ~100 min in all (`bench/results/2026-12-07-train-shapes-8.json`)."""
+    during the run: ~100 min in all (`bench/results/2026-12-07-train-shapes-8.json`). The
+    decoder's is from its stage run alone since it draws half its pool from scratch
+    (`decoder.DRAWN_SHARE`; 6.6 min, 5.7 before)."""
 
     vae: int = 3000
     denoiser: int = 2500
@@ -44,7 +46,7 @@ SMOKE = Plan(vae=3, denoiser=3, layout=2, settle=2, polish=2, contrast=2, corner
              eval_n=4, vae_batch=4, batch=4, layout_batch=4, polish_batch=4, decoder_batch=4,
              decoder_pool=8, quality_n=4)
 SECONDS_PER_STEP = {"vae": 0.16, "denoiser": 0.72, "layout": 0.51, "settle": 0.71,
-                    "polish": 0.54, "contrast": 0.64, "corners": 0.52, "decoder": 0.23,
+                    "polish": 0.54, "contrast": 0.64, "corners": 0.52, "decoder": 0.26,
                     "inpaint": 1.09, "lora": 0.76, "controlnet": 0.87}
 # What `--stages` may name, in the order they run.
 STAGES = ("tokenizer", "vae", "denoiser", "layout", "settle", "polish", "contrast", "corners",

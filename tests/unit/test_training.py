@@ -233,3 +233,30 @@ def test_decoder_windows_pair_a_latent_window_with_its_pixels() -> None:
     for (x0, y0, x1, y1), window in zip(boxes, z, strict=True):  # around the shape
         assert window[1].min() * 4 <= (x0 + x1) / 2 <= (window[1].max() + 1) * 4
         assert window[0].min() * 4 <= (y0 + y1) / 2 <= (window[0].max() + 1) * 4
+
+
+def test_a_drawn_latents_target_is_its_scene_drawn_crisp_where_the_denoiser_put_it() -> None:
+    from PIL import ImageFilter
+
+    from serve_app.training.decoder import drawn_target
+
+    scene = world.Scene("square", "red", "blue", "left", "large", dx=0.02, dy=-0.01)
+    # What a denoiser draws: the scene, its edges blurred, and moved 3 pixels right.
+    moved = world.Scene("square", "red", "blue", "left", "large", dx=0.02 + 3 / 64, dy=-0.01)
+    soft = world.render(moved, 64).filter(ImageFilter.GaussianBlur(1.5))
+    assert judging.judge(soft).shape == "square"
+    target = drawn_target(scene, soft)
+    assert target is not None
+    picture, box = target
+    # The box is where it was drawn (not where the scene says), found at the blur's middle.
+    assert np.allclose(box, world.box(moved, 64), atol=1.0)
+    drawn, truth = (np.asarray(im, np.int16) for im in (picture, world.render(moved, 64)))
+    assert np.abs(drawn - truth).any(-1).mean() < 0.01  # the same square, to a pixel's rim
+    colours = {tuple(c) for c in drawn.reshape(-1, 3)}
+    assert colours == {world.PALETTE["red"], world.PALETTE["blue"]}  # crisp: two colours
+
+    # Left out: a picture in other colours, or one that plainly shows another shape.
+    green = world.Scene("square", "green", "blue", "left", "large", dx=0.02, dy=-0.01)
+    assert drawn_target(green, soft) is None
+    triangle = world.render(world.Scene("triangle", "red", "blue", "left", "large"), 64)
+    assert drawn_target(scene, triangle) is None
