@@ -81,15 +81,15 @@ def main(argv: list[str] | None = None) -> int:
     pipe = StableDiffusionPipeline.from_pretrained(args.model, torch_dtype=torch.float32)
     if args.repeats < 1:
         parser.error("--repeats must be at least 1")
-    prompts = quality_grid(args.n)
-    log(f"{args.model}: {len(prompts)} prompts x {args.repeats} seeds, {settings}")
+    one_grid = quality_grid(args.n)
+    log(f"{args.model}: {len(one_grid)} prompts x {args.repeats} seeds, {settings}")
     start = time.perf_counter()
     grid, images, verdicts, per_repeat = [], [], [], []
     for r in range(args.repeats):
-        scores, drawn, judged = measure(pipe, prompts, seed=args.seed + r * len(prompts),
+        scores, drawn, judged = measure(pipe, one_grid, seed=args.seed + r * len(one_grid),
                                         **settings)
         per_repeat.append({k: round(v, 4) for k, v in scores.items()})
-        grid += prompts
+        grid += one_grid
         images += drawn
         verdicts += judged
         log(f"repeat {r + 1}/{args.repeats}: {per_repeat[-1]}")
@@ -113,8 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     name = args.model.resolve().name
     args.out.mkdir(parents=True, exist_ok=True)
     sheet = args.out / f"quality-{name}.png"
-    first = len(prompts)
-    contact_sheet(images[:first], [p for p, _ in prompts], marks[:first]).save(sheet)
+    first = len(one_grid)
+    contact_sheet(images[:first], [p for p, _ in one_grid], marks[:first]).save(sheet)
     report["contact_sheet"] = str(sheet)
 
     companions: dict = {}
@@ -126,10 +126,10 @@ def main(argv: list[str] | None = None) -> int:
         contact_sheet(outs, prompts).save(args.out / f"quality-{name}-inpaint.png")
         log(f"inpaint {figures}")
     if args.lora:
-        figures, outs = checks.measure_lora(pipe, args.lora, prompts[:40], **settings)
+        figures, outs = checks.measure_lora(pipe, args.lora, one_grid[:40], **settings)
         companions["lora"] = figures
-        labels = ([f"scale 0: {p}" for p, _ in prompts[:40]]
-                  + [f"scale 1: {p}" for p, _ in prompts[:40]])
+        labels = ([f"scale 0: {p}" for p, _ in one_grid[:40]]
+                  + [f"scale 1: {p}" for p, _ in one_grid[:40]])
         contact_sheet(outs, labels).save(args.out / f"quality-{name}-lora.png")
         log(f"lora {figures}")
     if args.controlnet:
