@@ -104,6 +104,12 @@ def colours_right(images: Sequence[Image.Image], truths: Sequence[dict[str, str]
                for v, t in zip(map(judging.judge, images), truths, strict=True))
 
 
+def all_right(images: Sequence[Image.Image], truths: Sequence[dict[str, str]]) -> int:
+    """How many images show every attribute asked (colours, place, size, shape)."""
+    return sum(judging.judge(im).attributes() == t
+               for im, t in zip(images, truths, strict=True))
+
+
 def test_the_model_draws_the_colours_sizes_and_places_it_is_asked_for(
     runner: ModelRunner, spec: ModelSpec
 ) -> None:
@@ -189,15 +195,18 @@ def test_a_negative_prompt_moves_the_shape_colour_away_from_it(
 def test_adherence_rises_from_guidance_one_to_the_default(
     runner: ModelRunner, spec: ModelSpec
 ) -> None:
-    # 36 prompts: the model follows its captions well even unguided (26 of 36 with both
-    # colours right at guidance 1, 33 at the default 3, as measured); 12 leave a gap of one.
+    # 36 prompts: the model follows its captions well even unguided. As measured
+    # (`shapes-7`): every attribute right in 26 images at guidance 1, 31 at the default 3;
+    # both colours right in 34 and 36 (`shapes-6`, before the decoder learned from
+    # text-to-image latents: 26 and 33), too near the ceiling to tell the two apart.
     grid = [(p, t) for p, t in quality_grid(108, seed=7) if t["size"] != "small"][:36]
     truths = [t for _, t in grid]
     unguided = draw(runner, [task(spec, p, i, guidance_scale=1.0)
                              for i, (p, _) in enumerate(grid)])
     guided = draw(runner, [task(spec, p, i) for i, (p, _) in enumerate(grid)])
     assert spec.defaults.guidance_scale > 1.0
-    assert colours_right(guided, truths) >= colours_right(unguided, truths) + 3
+    assert all_right(guided, truths) >= all_right(unguided, truths) + 3
+    assert colours_right(guided, truths) >= colours_right(unguided, truths)
 
 
 # -- samplers -------------------------------------------------------------------------------
