@@ -260,3 +260,28 @@ def test_a_drawn_latents_target_is_its_scene_drawn_crisp_where_the_denoiser_put_
     assert drawn_target(green, soft) is None
     triangle = world.render(world.Scene("triangle", "red", "blue", "left", "large"), 64)
     assert drawn_target(scene, triangle) is None
+
+
+def test_the_denoiser_stage_encodes_with_the_vae_every_later_stage_loads(tmp_path: Path) -> None:
+    """Its VAE is the shipped one (float16 weights): the later stages, loading the saved
+    pipeline, get equal encoder bytes, so they reuse its encoded pool."""
+    import torch
+
+    from serve_app.training.data import encoded_pool
+    from serve_app.training.models import new_text_encoder, new_unet, new_vae
+    from serve_app.training.pipeline import assemble, save
+    from serve_app.training.run import FOLDERS, _base, vae_as_shipped
+    from serve_app.training.tokenizer import build_tokenizer_files, load_tokenizer
+
+    torch.manual_seed(0)
+    new_vae().save_pretrained(tmp_path / FOLDERS["vae"])  # the VAE stage's float32 output
+    vae = vae_as_shipped(tmp_path)
+    assert vae.dtype == torch.float32
+    tokenizer = load_tokenizer(build_tokenizer_files(tmp_path / FOLDERS["tokenizer"]))
+    save(assemble(vae, new_text_encoder(tokenizer), tokenizer, new_unet()),
+         tmp_path / FOLDERS["denoiser"])
+    later = _base(tmp_path).vae
+    first = encoded_pool(vae, 4, seed=5, px=64)
+    assert encoded_pool(later, 4, seed=5, px=64) is first
+    raw = type(vae).from_pretrained(tmp_path / FOLDERS["vae"])  # before: the float32 bytes
+    assert encoded_pool(raw, 4, seed=5, px=64) is not first
