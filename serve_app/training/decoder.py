@@ -116,8 +116,9 @@ def drawn_latents(pipe: StableDiffusionPipeline, scenes: list[world.Scene],
                 latents.append(latent)
                 pictures.append(target[0])
                 boxes.append(target[1])
-    if not latents:  # none kept (a smoke run's few)
-        return z[:0], pictures, boxes
+    if not latents:  # none kept (a smoke run's few), or none asked for
+        grid = IMAGE_SIZE // VAE_FACTOR
+        return torch.empty(0, pipe.vae.config.latent_channels, grid, grid), pictures, boxes
     return torch.stack(latents), pictures, boxes
 
 
