@@ -15,7 +15,9 @@ class Plan:
     evaluations, encodes and checks included), for the time estimate printed before and
     during the run: ~100 min in all (`bench/results/2026-12-07-train-shapes-8.json`). The
     decoder's is from its stage run alone since it draws half its pool from scratch
-    (`decoder.DRAWN_SHARE`; 6.6 min, 5.7 before)."""
+    (`decoder.DRAWN_SHARE`; 6.6 min, 5.7 before). The estimate is the slower of the two VMs
+    measured: `shapes-9`, the same plan on another VM of the same kind, took 84.3 min
+    (`-shapes-9.json`); the run's ETA scales to the machine as stages finish."""
 
     vae: int = 3000
     denoiser: int = 2500
