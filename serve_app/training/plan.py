@@ -10,26 +10,29 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Plan:
-    """Steps per stage. `SECONDS_PER_STEP` below is each stage's wall time per step in the
-    `shapes-8` run from scratch (2026-12-07, two workers on a 2-core machine; its
+    """Steps per stage: the longer plan (`shapes-10`, 2026-12-07,
+    `bench/results/2026-12-07-train-shapes-10.json`). The shorter one before it (layout
+    1,000, settle 800, decoder 1,500, LoRA and ControlNet 400 each: `shapes-9`, 84.3 min)
+    drew 3.5 points fewer shapes, 1.8 fewer colours and 2.8 fewer sizes over 900 images;
+    these steps cost ~15 min more. `SECONDS_PER_STEP` below is each stage's wall time per
+    step in the `shapes-8` run from scratch (two workers on a 2-core machine; its
     evaluations, encodes and checks included), for the time estimate printed before and
-    during the run: ~100 min in all (`bench/results/2026-12-07-train-shapes-8.json`). The
-    decoder's is from its stage run alone since it draws half its pool from scratch
-    (`decoder.DRAWN_SHARE`; 6.6 min, 5.7 before). The estimate is the slower of the two VMs
-    measured: `shapes-9`, the same plan on another VM of the same kind, took 84.3 min
-    (`-shapes-9.json`); the run's ETA scales to the machine as stages finish."""
+    during the run: ~116 min in all on that VM, the slowest measured (`shapes-10` took
+    ~107 on another). The decoder's is from its stage run alone since it draws half its
+    pool from scratch (`decoder.DRAWN_SHARE`). The run's ETA scales to the machine as
+    stages finish."""
 
     vae: int = 3000
     denoiser: int = 2500
-    layout: int = 1000
-    settle: int = 800
+    layout: int = 1500
+    settle: int = 1000
     polish: int = 600
     contrast: int = 600
     corners: int = 1000
-    decoder: int = 1500
+    decoder: int = 2500
     inpaint: int = 300
-    lora: int = 400
-    controlnet: int = 400
+    lora: int = 600
+    controlnet: int = 600
     pool: int = 20000
     companion_pool: int = 3000
     eval_every: int = 500
