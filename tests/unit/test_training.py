@@ -262,6 +262,35 @@ def test_a_drawn_latents_target_is_its_scene_drawn_crisp_where_the_denoiser_put_
     assert drawn_target(scene, triangle) is None
 
 
+def test_the_fill_bands_teach_rounded_squares_square_and_squarish_circles_nothing() -> None:
+    """A square drawn with corners rounded as far as a circle's fill ratio (the judge reads
+    a circle) still becomes a crisp square when a square was asked; a circle drawn squarish
+    (fill 0.88, just under the judge's cut) teaches nothing, so no latent on that border is
+    taught to be a circle."""
+    from PIL import Image, ImageDraw
+
+    from serve_app.training.decoder import FILL_BANDS, drawn_target
+
+    def rounded(radius: int) -> Image.Image:
+        picture = Image.new("RGB", (64, 64), world.PALETTE["blue"])
+        x0, y0, x1, y1 = (round(v) for v in world.box(square, 64))
+        ImageDraw.Draw(picture).rounded_rectangle((x0, y0, x1 - 1, y1 - 1), radius=radius,
+                                                  fill=world.PALETTE["red"])
+        return picture
+
+    square = world.Scene("square", "red", "blue", "center", "medium")
+    circle = world.Scene("circle", "red", "blue", "center", "medium")
+    round_square, squarish = rounded(10), rounded(7)
+    assert [judging.judge(p).fill for p in (round_square, squarish)] == [0.77, 0.88]
+    assert {judging.judge(p).shape for p in (round_square, squarish)} == {"circle"}
+    target = drawn_target(square, round_square)
+    assert target is not None and judging.judge(target[0]).shape == "square"
+    assert drawn_target(circle, round_square) is not None  # a circle's fill: taught a circle
+    assert drawn_target(circle, squarish) is None
+    assert drawn_target(square, squarish) is not None
+    assert FILL_BANDS["circle"][1] < 0.88 and FILL_BANDS["square"][0] < 0.77
+
+
 def test_the_denoiser_stage_encodes_with_the_vae_every_later_stage_loads(tmp_path: Path) -> None:
     """Its VAE is the shipped one (float16 weights): the later stages, loading the saved
     pipeline, get equal encoder bytes, so they reuse its encoded pool."""
